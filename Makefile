@@ -1,0 +1,32 @@
+# One entry point for set-up, tests, the main job and benchmarks.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast serve bench bench-handle clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m 'not slow'
+
+serve: install
+	$(VENV)/bin/shoal run examples.composition:app
+
+bench: bench-handle
+
+bench-handle: install
+	$(PY) benchmarks/handle_bench.py
+
+clean:
+	rm -rf $(VENV) .venv-ray build dist src/*.egg-info

@@ -1,0 +1,145 @@
+"""One side of the handle benchmark: the same code against shoal or Ray Serve.
+
+Run once per framework, each in its own process (and, for Ray, its own venv),
+so that neither framework's imports or background threads colour the other's
+numbers. The only difference between the two runs is where `serve` comes from.
+Prints one `RESULT {json}` line on stdout for handle_bench.py to parse; all
+else (framework logs included) is for humans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+
+def _load(framework: str) -> tuple[Any, str]:
+    """Import `serve` (and start Ray when needed); return it and the version."""
+    if framework == "ray":
+        import ray
+        from ray import serve
+
+        # Two CPUs matches the machine the targets were set on; no dashboard
+        # and no log forwarding, so neither competes with the measured calls.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        return serve, ray.__version__
+    import shoal
+    from shoal import serve
+
+    return serve, getattr(shoal, "__version__", "unknown")
+
+
+def _shutdown(framework: str, serve: Any) -> None:
+    serve.shutdown()
+    if framework == "ray":
+        import ray
+
+        ray.shutdown()
+
+
+def _deploy(serve: Any, max_ongoing_requests: int) -> Any:
+    """Deploy a no-op model, so the numbers are the framework's own overhead."""
+
+    @serve.deployment(max_ongoing_requests=max_ongoing_requests)
+    class Echo:
+        async def __call__(self, x: Any = None) -> Any:
+            return x
+
+    return serve.run(Echo.bind())
+
+
+def _sequential(handle: Any, seconds: float, warmup: int) -> dict[str, float]:
+    """Round trips from sync code, one at a time: the per-call latency floor."""
+    for _ in range(warmup):
+        handle.remote(1).result()
+    lat_ns: list[int] = []
+    start = time.perf_counter_ns()
+    deadline = start + int(seconds * 1e9)
+    now = start
+    while now < deadline:
+        t0 = now
+        handle.remote(1).result()
+        now = time.perf_counter_ns()
+        lat_ns.append(now - t0)
+    elapsed = (now - start) / 1e9
+    ms = sorted(x / 1e6 for x in lat_ns)
+    return {
+        "seq_calls": len(ms),
+        "seq_calls_per_s": len(ms) / elapsed,
+        "seq_mean_ms": statistics.fmean(ms),
+        "seq_p50_ms": ms[len(ms) // 2],
+        "seq_p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+    }
+
+
+async def _in_flight(
+    handle: Any, n: int, seconds: float, min_rounds: int
+) -> dict[str, float]:
+    """Throughput with `n` calls outstanding at once from asyncio code.
+
+    Runs for `seconds` but at least `min_rounds` bursts, since a slow framework
+    (Ray takes seconds per 2,000-call burst on 2 cores) would otherwise give a
+    one-sample number.
+    """
+
+    async def burst() -> None:
+        out = await asyncio.gather(*[handle.remote(i) for i in range(n)])
+        assert out[-1] == n - 1, "echo returned the wrong value"
+
+    await burst()  # warm-up: first burst pays for connection/queue set-up
+    rounds = 0
+    start = time.perf_counter()
+    while rounds < min_rounds or time.perf_counter() - start < seconds:
+        await burst()
+        rounds += 1
+    elapsed = time.perf_counter() - start
+    return {
+        "inflight": n,
+        "inflight_rounds": rounds,
+        "inflight_calls_per_s": rounds * n / elapsed,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--framework", choices=("shoal", "ray"), required=True)
+    p.add_argument("--max-ongoing-requests", type=int, default=100)
+    p.add_argument("--seq-seconds", type=float, default=4.0)
+    p.add_argument("--seq-warmup", type=int, default=200)
+    p.add_argument("--inflight", type=int, default=2000)
+    p.add_argument("--inflight-seconds", type=float, default=5.0)
+    p.add_argument("--inflight-min-rounds", type=int, default=3)
+    a = p.parse_args()
+
+    t0 = time.perf_counter()
+    serve, version = _load(a.framework)
+    handle = _deploy(serve, a.max_ongoing_requests)
+    startup_s = time.perf_counter() - t0
+    print(f"{a.framework} {version}: max_ongoing_requests={a.max_ongoing_requests}, "
+          f"started in {startup_s:.1f}s", file=sys.stderr)
+    try:
+        result: dict[str, Any] = {
+            "framework": a.framework,
+            "version": version,
+            "max_ongoing_requests": a.max_ongoing_requests,
+            "startup_s": startup_s,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        }
+        result.update(_sequential(handle, a.seq_seconds, a.seq_warmup))
+        burst = _in_flight(handle, a.inflight, a.inflight_seconds, a.inflight_min_rounds)
+        result.update(asyncio.run(burst))
+    finally:
+        _shutdown(a.framework, serve)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The top-level functions of `shoal.serve`: start, run, delete, status, handles, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any, Optional, Union
+
+from shoal import client as client_mod
+from shoal.common import SERVE_DEFAULT_APP_NAME, DeploymentID
+from shoal.config import HTTPOptions, validate_model
+from shoal.controller.specs import ApplicationSpec, DeploymentSpec
+from shoal.deployment import Application, Deployment
+from shoal.exceptions import DeployFailedError, RayServeException
+from shoal.handle import DeploymentHandle
+from shoal.status import ApplicationStatus, ServeStatus
+from shoal.transport import serialization as ser
+
+logger = logging.getLogger("shoal")
+_start_lock = threading.Lock()
+
+
+def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: Any = None,
+          logging_config: Any = None, **_ignored: Any) -> None:
+    """Start shoal on this machine (a controller process), or do nothing if it already runs."""
+    with _start_lock:
+        if client_mod.get_global_client(required=False) is not None:
+            return
+        if isinstance(http_options, HTTPOptions):
+            http_options = http_options.model_dump()
+        opts = validate_model(HTTPOptions, http_options or {}, "http_options").model_dump()
+        logs_dir = None
+        if isinstance(logging_config, dict):
+            logs_dir = logging_config.get("logs_dir")
+        elif logging_config is not None:
+            logs_dir = getattr(logging_config, "logs_dir", None)
+        client_mod.set_global_client(client_mod.start_controller(http_options=opts, logs_dir=logs_dir))
+
+
+def _validate_route_prefix(route_prefix: Optional[str]) -> None:
+    if route_prefix is None:
+        return
+    if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
+        raise ValueError(f"Invalid route_prefix {route_prefix!r}: it must start with '/'.")
+    if route_prefix != "/" and route_prefix.endswith("/"):
+        raise ValueError(f"Invalid route_prefix {route_prefix!r}: it must not end with '/' unless it is '/'.")
+    if re.search(r"[{}]", route_prefix):
+        raise ValueError(f"Invalid route_prefix {route_prefix!r}: it must not contain wildcards ('{{' or '}}').")
+
+
+def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) -> ApplicationSpec:
+    """Walk the bound graph: one spec per deployment, nested applications replaced by handles."""
+    specs: dict[str, DeploymentSpec] = {}
+    seen: dict[int, str] = {}
+    bound_by_name: dict[str, Deployment] = {}
+
+    def to_handle(app: Application) -> DeploymentHandle:
+        visit(app)
+        return DeploymentHandle(app.deployment.name, name)
+
+    def replace(value: Any) -> Any:
+        if isinstance(value, Application):
+            return to_handle(value)
+        if isinstance(value, list):
+            return [replace(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(replace(v) for v in value)
+        if isinstance(value, dict):
+            return {k: replace(v) for k, v in value.items()}
+        return value
+
+    def visit(app: Application) -> None:
+        if id(app) in seen:
+            return
+        d = app.deployment
+        other = bound_by_name.get(d.name)
+        if other is not None and other is not d:
+            raise RayServeException(
+                f"Deployment name '{d.name}' is used by two different bound deployments in application "
+                f"'{name}'. Give one of them another name with `.options(name=...)`."
+            )
+        seen[id(app)] = d.name
+        bound_by_name[d.name] = d
+        args = replace(d.init_args)
+        kwargs = replace(d.init_kwargs)
+        where = f"deployment '{d.name}'"
+        try:
+            serialized_def = ser.cloudpickle.dumps(d.func_or_class, ser.PROTOCOL)
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(f"Could not serialize the code of {where}: {e}") from e
+        specs[d.name] = DeploymentSpec(
+            name=d.name, serialized_def=serialized_def,
+            serialized_init_args=ser.dumps_call_args(tuple(args), kwargs, f"the constructor of {where}"),
+            config=d.config, user_configured_options=d._user_configured,
+        )
+
+    visit(target)
+    return ApplicationSpec(name=name, route_prefix=route_prefix, ingress=target.deployment.name,
+                           deployments=list(specs.values()))
+
+
+def _force_local_testing_mode() -> bool:
+    return any(os.environ.get(k) == "1" for k in ("SHOAL_FORCE_LOCAL_TESTING_MODE", "RAY_SERVE_FORCE_LOCAL_TESTING_MODE"))
+
+
+def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_APP_NAME,
+        route_prefix: Optional[str] = "/", logging_config: Any = None,
+        _local_testing_mode: bool = False) -> DeploymentHandle:
+    """Deploy an application, wait until it is RUNNING, and return a handle to its ingress."""
+    if isinstance(target, Deployment):
+        raise TypeError("serve.run expects an Application; call `.bind()` on the deployment first.")
+    if not isinstance(target, Application):
+        raise TypeError(f"serve.run expects an Application (from Deployment.bind()), got {type(target).__name__}.")
+    if not isinstance(name, str) or not name:
+        raise ValueError("Application name must be a non-empty string.")
+    _validate_route_prefix(route_prefix)
+    if _local_testing_mode or _force_local_testing_mode():
+        from shoal.local_testing import run_local
+
+        return run_local(target, name)
+    spec = build_app_spec(target, name, route_prefix)
+    start()
+    client = client_mod.get_global_client()
+    client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
+    status, message = client.call_sync("wait_for_app", name)  # type: ignore[union-attr]
+    if status == ApplicationStatus.DEPLOY_FAILED.value:
+        raise DeployFailedError(f"Application '{name}' failed to deploy:\n{message}")
+    if status != ApplicationStatus.RUNNING.value:
+        raise RayServeException(f"Application '{name}' did not reach RUNNING (status {status}): {message}")
+    handle = DeploymentHandle(spec.ingress, name)
+    if blocking:
+        _block_until_interrupted()
+    return handle
+
+
+def _block_until_interrupted() -> None:
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        logger.info("Got Ctrl-C; shutting down shoal.")
+        shutdown()
+
+
+def shutdown() -> None:
+    """Delete every application and stop the controller and all replicas."""
+    from shoal.local_testing import shutdown_local
+
+    shutdown_local()
+    client = client_mod.get_global_client(required=False)
+    if client is None:
+        return
+    client_mod.shutdown_client(client)
+    client_mod.set_global_client(None)
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete one application (idempotent); its replicas drain and run `__del__`."""
+    client = client_mod.get_global_client(required=False)
+    if client is None:
+        return
+    client.call_sync("delete_apps", [name], blocking=_blocking)
+
+
+def status() -> ServeStatus:
+    client = client_mod.get_global_client(required=False)
+    if client is None:
+        return ServeStatus()
+    return client.call_sync("status")
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    from shoal.local_testing import local_app_ingress
+
+    local = local_app_ingress(name)
+    if local is not None:
+        return local
+    client = client_mod.get_global_client(required=False)
+    if client is None:
+        raise RayServeException(f"Application '{name}' does not exist (shoal is not running).")
+    ingress = _call(client, "get_ingress", name)
+    return DeploymentHandle(ingress, name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: Optional[str] = None) -> DeploymentHandle:
+    from shoal.context import _replica_context
+
+    if app_name is None:
+        if _replica_context is None:
+            raise RayServeException("Please specify an application name when getting a deployment handle "
+                                    "outside of a replica.")
+        app_name = _replica_context.app_name
+    from shoal.handle import _running_loop
+    from shoal.local_testing import is_local_app
+
+    if is_local_app(app_name):
+        return DeploymentHandle(deployment_name, app_name)
+    client = client_mod.get_global_client(required=False)
+    if client is None:
+        raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
+    if _running_loop() is client.loop:
+        return DeploymentHandle(deployment_name, app_name)  # can't block the replica's loop to check
+    if not _call(client, "deployment_exists", DeploymentID(deployment_name, app_name)):
+        raise RayServeException(f"Deployment '{deployment_name}' in application '{app_name}' does not exist.")
+    return DeploymentHandle(deployment_name, app_name)
+
+
+def _call(client: "client_mod.ServeClient", method: str, *args: Any) -> Any:
+    """A controller call from sync code, also when that code runs on the client's own loop thread."""
+    from shoal.handle import _running_loop
+
+    if _running_loop() is client.loop:
+        raise RuntimeError(f"serve.{method} cannot block the replica's event loop; call it from a sync method "
+                           "or the constructor of a sync deployment.")
+    return client.call_sync(method, *args)

@@ -1,0 +1,260 @@
+"""The process-wide link to the controller: spawns or joins it, and feeds routers their replica sets.
+
+Every process that calls deployments (driver, proxy, replica) has one `ServeClient`. Its I/O loop
+is the replica's main loop inside a replica, and a daemon thread in a driver. Routers live on the
+loop of the code that calls through them; the client pushes each deployment's replica set to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, Optional
+
+from shoal.common import DeploymentID, DeploymentTargets
+from shoal.exceptions import RayServeException
+from shoal.handle import _running_loop
+from shoal.router.router import Router
+from shoal.transport.connection import Connection, RpcHandler, connect_unix
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_SOCKET = "controller.sock"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.new_event_loop()
+
+
+class _IoThread:
+    """A daemon thread running an event loop for sync callers in a driver."""
+
+    def __init__(self) -> None:
+        self.loop = new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(ready.set)
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="shoal-io", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class ClientHandler(RpcHandler):
+    """Serves what the controller sends this process: replica sets, and control calls for a replica."""
+
+    def __init__(self, client: "ServeClient", extra: Any = None):
+        self.client = client
+        self.extra = extra
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("rpc_") and self.extra is not None:
+            return getattr(self.extra, name)
+        raise AttributeError(name)
+
+    def notify_targets(self, conn: Connection, targets: DeploymentTargets) -> None:
+        self.client._on_targets(targets)
+
+    def notify_log(self, conn: Connection, line: str) -> None:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        super().on_connection_lost(conn, exc)
+        self.client._on_controller_lost()
+
+
+class ServeClient:
+    def __init__(self, loop: asyncio.AbstractEventLoop, session_dir: str, io_thread: Optional[_IoThread] = None,
+                 controller_proc: Optional[subprocess.Popen] = None):
+        self.loop = loop
+        self.session_dir = session_dir
+        self.io_thread = io_thread
+        self.controller_proc = controller_proc
+        self.conn: Optional[Connection] = None
+        self.closed = False
+        self.on_controller_lost = None
+        self._lock = threading.Lock()
+        self._targets: dict[DeploymentID, DeploymentTargets] = {}
+        self._routers: dict[DeploymentID, "weakref.WeakSet[Router]"] = {}
+
+    # --- connecting ---------------------------------------------------------------------------
+    async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
+        path = os.path.join(self.session_dir, CONTROLLER_SOCKET)
+        self.conn = await connect_unix(path, handler=ClientHandler(self, extra_handler), name="controller")
+        return await self.conn.call("hello", role=role, pid=os.getpid(), **hello)
+
+    def call_sync(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call the controller from sync code (not from the I/O loop itself)."""
+        if self.closed or self.conn is None:
+            raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
+        fut = asyncio.run_coroutine_threadsafe(self.conn.call(method, *args, **kwargs), self.loop)
+        return fut.result(timeout)
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if asyncio.get_running_loop() is self.loop:
+            return await self.conn.call(method, *args, **kwargs)  # type: ignore[union-attr]
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self.conn.call(method, *args, **kwargs), self.loop))  # type: ignore[union-attr]
+
+    # --- routers ------------------------------------------------------------------------------
+    def get_router(self, deployment_id: DeploymentID, loop: Optional[asyncio.AbstractEventLoop]) -> Router:
+        """A new router for `deployment_id` on `loop` (the I/O loop for sync callers)."""
+        if self.closed:
+            raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
+        router = Router(deployment_id, loop or self.loop)
+        with self._lock:
+            routers = self._routers.get(deployment_id)
+            first = routers is None
+            if first:
+                routers = self._routers[deployment_id] = weakref.WeakSet()
+            routers.add(router)
+            known = self._targets.get(deployment_id)
+        if first:
+            self.loop.call_soon_threadsafe(self._subscribe, deployment_id)
+        elif known is not None:
+            self._deliver(router, known)
+        return router
+
+    def _subscribe(self, deployment_id: DeploymentID) -> None:
+        if self.conn is not None:
+            self.conn.notify("subscribe", deployment_id)
+
+    def _deliver(self, router: Router, targets: DeploymentTargets) -> None:
+        try:
+            if _running_loop() is router.loop:
+                router.update(targets)
+            else:
+                router.loop.call_soon_threadsafe(router.update, targets)
+        except RuntimeError:  # the router's loop is closed: the router is gone with it
+            router.closed = True
+
+    def _on_targets(self, targets: DeploymentTargets) -> None:
+        with self._lock:
+            self._targets[targets.deployment_id] = targets
+            routers = list(self._routers.get(targets.deployment_id, ()))
+        for router in routers:
+            if not router.closed:
+                self._deliver(router, targets)
+
+    def _on_controller_lost(self) -> None:
+        if self.on_controller_lost is not None:
+            self.on_controller_lost()
+
+    def close_routers(self) -> None:
+        with self._lock:
+            routers = [r for rs in self._routers.values() for r in rs]
+            self._routers.clear()
+            self._targets.clear()
+        for r in routers:
+            r.closed = True
+            try:
+                r.loop.call_soon_threadsafe(r.close)
+            except RuntimeError:
+                pass
+
+
+_global_client: Optional[ServeClient] = None
+_global_lock = threading.Lock()
+
+
+def get_global_client(required: bool = True) -> Optional[ServeClient]:
+    client = _global_client
+    if client is None or client.closed:
+        if required:
+            raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
+        return None
+    return client
+
+
+def set_global_client(client: Optional[ServeClient]) -> None:
+    global _global_client
+    _global_client = client
+
+
+def _session_root() -> str:
+    root = os.path.join(tempfile.gettempdir(), f"shoal-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    return root
+
+
+def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str] = None) -> ServeClient:
+    """Spawn a private controller process for this driver and connect to it."""
+    session_dir = tempfile.mkdtemp(prefix=time.strftime("s%Y%m%d-%H%M%S-"), dir=_session_root())
+    os.chmod(session_dir, 0o700)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # The driver's import path reaches the controller and replicas, so user modules import there too.
+    env["PYTHONPATH"] = os.pathsep.join([p for p in [os.getcwd(), *sys.path] if p])
+    cmd = [sys.executable, "-m", "shoal.controller", "--session-dir", session_dir]
+    if logs_dir:
+        cmd += ["--logs-dir", logs_dir]
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    io = _IoThread()
+    client = ServeClient(io.loop, session_dir, io_thread=io, controller_proc=proc)
+    sock = os.path.join(session_dir, CONTROLLER_SOCKET)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        if proc.poll() is not None:
+            io.stop()
+            raise RayServeException(f"The shoal controller exited during start-up (exit code {proc.returncode}); "
+                                    "see its output above.")
+        if time.monotonic() > deadline:
+            proc.kill()
+            io.stop()
+            raise RayServeException("The shoal controller did not start within 60 s.")
+        time.sleep(0.005)
+    asyncio.run_coroutine_threadsafe(
+        client.connect("driver", owner=True, http_options=http_options), io.loop).result(30)
+    atexit.register(_shutdown_at_exit, client)
+    return client
+
+
+def _shutdown_at_exit(client: ServeClient) -> None:
+    if not client.closed:
+        shutdown_client(client, timeout=10)
+
+
+def shutdown_client(client: ServeClient, timeout: float = 60) -> None:
+    """Ask the controller to stop everything, wait for it to exit, and tear down this side."""
+    if client.closed:
+        return
+    try:
+        client.call_sync("shutdown", timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - controller already gone is fine
+        logger.debug("controller shutdown call failed: %r", e)
+    client.closed = True
+    client.close_routers()
+    proc = client.controller_proc
+    if proc is not None:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if client.conn is not None:
+        client.loop.call_soon_threadsafe(client.conn.close)
+    if client.io_thread is not None:
+        client.io_thread.stop()

@@ -1,0 +1,51 @@
+"""Small value types shared by the controller, routers and replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+SERVE_DEFAULT_APP_NAME = "default"
+SERVE_MULTIPLEXED_MODEL_ID = "serve_multiplexed_model_id"
+SERVE_HTTP_REQUEST_ID_HEADER = "x-request-id"
+CONTROL_LOOP_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class DeploymentID:
+    name: str
+    app_name: str = SERVE_DEFAULT_APP_NAME
+
+    def __str__(self) -> str:
+        return f"{self.app_name}#{self.name}"
+
+
+@dataclass(frozen=True)
+class ReplicaID:
+    unique_id: str
+    deployment_id: DeploymentID
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id}#{self.unique_id}"
+
+
+@dataclass(frozen=True)
+class RunningReplicaInfo:
+    """What a router needs to send requests to one replica."""
+
+    replica_id: ReplicaID
+    address: str
+    max_ongoing_requests: int
+    node_id: str = "local"
+    multiplexed_model_ids: tuple = ()
+
+
+@dataclass
+class DeploymentTargets:
+    """The replica set of a deployment as the controller publishes it to routers."""
+
+    deployment_id: DeploymentID
+    replicas: list[RunningReplicaInfo] = field(default_factory=list)
+    max_queued_requests: int = -1
+    exists: bool = True
+    is_generator_hint: Optional[bool] = None

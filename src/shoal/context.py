@@ -1,0 +1,69 @@
+"""Where user code asks "which replica am I, which request is this?" (`serve.get_replica_context`)."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from shoal.common import ReplicaID
+from shoal.exceptions import RayServeException
+
+
+@dataclass
+class ReplicaContext:
+    replica_id: ReplicaID
+    servable_object: Any
+    _deployment_config: Any = None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def app_name(self) -> str:
+        return self.replica_id.deployment_id.app_name
+
+    @property
+    def deployment(self) -> str:
+        return self.replica_id.deployment_id.name
+
+    @property
+    def replica_tag(self) -> str:
+        return self.replica_id.unique_id
+
+
+@dataclass
+class RequestContext:
+    request_id: str = ""
+    multiplexed_model_id: str = ""
+    app_name: str = ""
+    route: str = ""
+    cancel_on_parent: list = field(default_factory=list)
+
+
+_replica_context: Optional[ReplicaContext] = None
+_request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
+    "shoal_request_context", default=RequestContext()
+)
+
+
+def _set_replica_context(ctx: Optional[ReplicaContext]) -> None:
+    global _replica_context
+    _replica_context = ctx
+
+
+def get_replica_context() -> ReplicaContext:
+    """The context of the replica this code runs in; raises outside a replica."""
+    if _replica_context is None:
+        raise RayServeException(
+            "`serve.get_replica_context()` may only be called from within a shoal deployment replica."
+        )
+    return _replica_context
+
+
+def get_multiplexed_model_id() -> str:
+    """The model id the current request asked for (`""` when none)."""
+    return _request_context.get().multiplexed_model_id
+
+
+def current_request_context() -> RequestContext:
+    return _request_context.get()

@@ -1,0 +1,1 @@
+"""The controller reconciles desired state (apps, deployments, replica counts) with running replicas."""

@@ -1,0 +1,311 @@
+"""The controller process: desired state in, replica processes out. It never carries a request.
+
+Drivers deploy and delete applications and read status over control calls; routers subscribe to
+each deployment's replica set and get it pushed on every change; replicas report ready/failed.
+A reconcile loop runs every 100 ms and at once when something happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+from shoal.common import CONTROL_LOOP_INTERVAL_S, DeploymentID, DeploymentTargets
+from shoal.controller.deployment_state import DeploymentState, ReplicaRecord
+from shoal.controller.specs import ApplicationSpec
+from shoal.exceptions import RayServeException
+from shoal.runtime.base import Runtime
+from shoal.status import (
+    ApplicationStatus,
+    ApplicationStatusOverview,
+    DeploymentStatus,
+    DeploymentStatusOverview,
+    ProxyStatus,
+    ServeStatus,
+)
+from shoal.transport.connection import Connection, RpcHandler
+
+logger = logging.getLogger("shoal.controller")
+
+# Worst first: the application shows the worst status among its deployments.
+_RANK = {DeploymentStatus.DEPLOY_FAILED: 0, DeploymentStatus.UNHEALTHY: 1, DeploymentStatus.UPDATING: 2,
+         DeploymentStatus.UPSCALING: 3, DeploymentStatus.DOWNSCALING: 3, DeploymentStatus.HEALTHY: 4}
+
+
+class ApplicationState:
+    def __init__(self, spec: ApplicationSpec):
+        self.spec = spec
+        self.deleting = False
+        self.status = ApplicationStatus.DEPLOYING
+        self.message = ""
+        self.last_deployed_time_s = time.time()
+        self.deployment_names: set[str] = set()
+
+
+class Controller(RpcHandler):
+    def __init__(self, runtime: Runtime, http_options: Optional[dict] = None):
+        self.runtime = runtime
+        self.http_options = http_options or {}
+        self.apps: dict[str, ApplicationState] = {}
+        self.deployments: dict[DeploymentID, DeploymentState] = {}
+        self.replicas_by_uid: dict[str, ReplicaRecord] = {}
+        self.subscribers: dict[DeploymentID, set[Connection]] = {}
+        self.owner: Optional[Connection] = None
+        self.shutting_down = False
+        self.done = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._status_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._last_pending_log: dict[DeploymentID, float] = {}
+        self._status_waiters: list[asyncio.Future] = []
+
+    # --- helpers used by deployment states ------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def status_changed(self) -> None:
+        self._status_changed.set()
+        self._wake.set()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def publish(self, ds: DeploymentState) -> None:
+        targets = ds.targets()
+        for conn in self.subscribers.get(ds.id, ()):
+            conn.notify("targets", targets)
+
+    # --- the loop -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.reconcile()
+            except Exception:  # noqa: BLE001 - the loop must never die
+                logger.exception("reconcile step failed")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), CONTROL_LOOP_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def reconcile(self) -> None:
+        for ds in list(self.deployments.values()):
+            ds.reconcile()
+            if ds.is_gone():
+                del self.deployments[ds.id]
+                for conn in self.subscribers.pop(ds.id, ()):
+                    conn.notify("targets", DeploymentTargets(ds.id, exists=False))
+                self._status_changed.set()
+            elif ds.pending_reason:
+                now = time.monotonic()
+                if now - self._last_pending_log.get(ds.id, 0) > 10:
+                    self._last_pending_log[ds.id] = now
+                    logger.warning(ds.pending_reason)
+        for name, app in list(self.apps.items()):
+            self._update_app_status(app)
+            if app.deleting and not any(d in self.deployments for d in self._app_deployment_ids(app)):
+                del self.apps[name]
+                self._status_changed.set()
+        if self._status_changed.is_set():
+            self._status_changed.clear()
+            for fut in list(self._status_waiters):
+                if not fut.done():
+                    fut.set_result(None)
+            self._status_waiters.clear()
+
+    async def _next_status_change(self, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._status_waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _app_deployment_ids(self, app: ApplicationState) -> list[DeploymentID]:
+        return [DeploymentID(n, app.spec.name) for n in app.deployment_names]
+
+    def _update_app_status(self, app: ApplicationState) -> None:
+        if app.deleting:
+            status, message = ApplicationStatus.DELETING, ""
+        else:
+            states = [self.deployments[d] for d in self._app_deployment_ids(app) if d in self.deployments]
+            worst = min(states, key=lambda s: _RANK[s.status]) if states else None
+            if worst is None or all(s.status in (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING,
+                                                 DeploymentStatus.DOWNSCALING) for s in states) and not any(
+                    s.status == DeploymentStatus.UPDATING for s in states):
+                status, message = ApplicationStatus.RUNNING, ""
+            elif worst.status == DeploymentStatus.DEPLOY_FAILED:
+                status = ApplicationStatus.DEPLOY_FAILED
+                message = f"Deployment '{worst.id.name}' failed to deploy: {worst.message}"
+            elif worst.status == DeploymentStatus.UNHEALTHY:
+                status = ApplicationStatus.UNHEALTHY
+                message = f"Deployment '{worst.id.name}' is unhealthy: {worst.message}"
+            else:
+                status = ApplicationStatus.DEPLOYING if app.status != ApplicationStatus.RUNNING or any(
+                    s.status == DeploymentStatus.UPDATING for s in states) else ApplicationStatus.RUNNING
+                message = "; ".join(s.message for s in states if s.message)
+        if (status, message) != (app.status, app.message):
+            app.status, app.message = status, message
+            self._status_changed.set()
+
+    # --- control calls from drivers -------------------------------------------------------------
+    async def rpc_hello(self, conn: Connection, role: str, pid: int, owner: bool = False,
+                        unique_id: str = "", **extra: Any) -> Any:
+        conn.name = f"{role}(pid={pid})"
+        if role == "driver":
+            if owner and self.owner is None:
+                self.owner = conn
+            return {"http_options": self.http_options}
+        if role == "replica":
+            rec = self.replicas_by_uid.get(unique_id)
+            if rec is None:
+                raise RayServeException(f"unknown replica {unique_id}")
+            rec.conn = conn
+            conn.replica = rec  # type: ignore[attr-defined]
+            ds = self.deployments[rec.replica_id.deployment_id]
+            return {"replica_id": rec.replica_id, "address": rec.address, "config": ds.spec.config,
+                    "serialized_def": ds.spec.serialized_def,
+                    "serialized_init_args": ds.spec.serialized_init_args}
+        return None
+
+    async def rpc_deploy_app(self, conn: Connection, spec: ApplicationSpec) -> None:
+        if self.shutting_down:
+            raise RayServeException("shoal is shutting down.")
+        if spec.route_prefix is not None:
+            for other in self.apps.values():
+                if other.spec.name != spec.name and not other.deleting and other.spec.route_prefix == spec.route_prefix:
+                    raise RayServeException(
+                        f"Prefix {spec.route_prefix} is being used by application \"{other.spec.name}\". "
+                        f"Please specify a different route prefix."
+                    )
+        app = self.apps.get(spec.name)
+        if app is None or app.deleting:
+            if app is not None and app.deleting:
+                await self._wait_app_gone(spec.name)
+            app = self.apps[spec.name] = ApplicationState(spec)
+        else:
+            app.spec = spec
+            app.last_deployed_time_s = time.time()
+            app.status = ApplicationStatus.DEPLOYING
+        new_names = {d.name for d in spec.deployments}
+        for old_name in app.deployment_names - new_names:
+            ds = self.deployments.get(DeploymentID(old_name, spec.name))
+            if ds is not None:
+                ds.delete()
+        for dspec in spec.deployments:
+            did = DeploymentID(dspec.name, spec.name)
+            ds = self.deployments.get(did)
+            if ds is None or ds.deleting:
+                self.deployments[did] = DeploymentState(self, did, dspec)
+            else:
+                ds.set_spec(dspec)
+        app.deployment_names = new_names
+        self.status_changed()
+
+    async def _wait_app_gone(self, name: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while name in self.apps and time.monotonic() < deadline:
+            await self._next_status_change(0.2)
+
+    async def rpc_wait_for_app(self, conn: Connection, name: str, timeout: float = 3600) -> tuple:
+        """Return (status, message) once the app is RUNNING, failed, or gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            app = self.apps.get(name)
+            if app is None:
+                return (ApplicationStatus.NOT_STARTED.value, f"Application '{name}' does not exist.")
+            if app.status in (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED):
+                return (app.status.value, app.message)
+            if time.monotonic() >= deadline:
+                return (app.status.value, app.message)
+            await self._next_status_change(min(1.0, deadline - time.monotonic()))
+
+    async def rpc_delete_apps(self, conn: Connection, names: list[str], blocking: bool = True) -> None:
+        for name in names:
+            app = self.apps.get(name)
+            if app is None:
+                continue
+            app.deleting = True
+            for did in self._app_deployment_ids(app):
+                ds = self.deployments.get(did)
+                if ds is not None:
+                    ds.delete()
+        self.status_changed()
+        if blocking:
+            for name in names:
+                await self._wait_app_gone(name)
+
+    async def rpc_status(self, conn: Connection) -> ServeStatus:
+        apps = {}
+        for name, app in self.apps.items():
+            deps = {}
+            for did in self._app_deployment_ids(app):
+                ds = self.deployments.get(did)
+                if ds is not None:
+                    deps[did.name] = DeploymentStatusOverview(ds.status, ds.trigger, ds.replica_state_counts(),
+                                                              ds.message)
+            apps[name] = ApplicationStatusOverview(app.status, app.message, app.last_deployed_time_s, deps)
+        return ServeStatus(proxies={}, applications=apps)
+
+    async def rpc_get_ingress(self, conn: Connection, app_name: str) -> str:
+        app = self.apps.get(app_name)
+        if app is None or app.deleting:
+            raise RayServeException(f"Application '{app_name}' does not exist.")
+        return app.spec.ingress
+
+    async def rpc_deployment_exists(self, conn: Connection, deployment_id: DeploymentID) -> bool:
+        ds = self.deployments.get(deployment_id)
+        return ds is not None and not ds.deleting
+
+    async def rpc_list_apps(self, conn: Connection) -> dict:
+        return {name: {"route_prefix": a.spec.route_prefix, "ingress": a.spec.ingress}
+                for name, a in self.apps.items() if not a.deleting}
+
+    async def rpc_shutdown(self, conn: Connection) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self.shutting_down:
+            await self.done.wait()
+            return
+        self.shutting_down = True
+        await self.rpc_delete_apps(None, list(self.apps), blocking=True)  # type: ignore[arg-type]
+        for rec in list(self.replicas_by_uid.values()):
+            if rec.process is not None:
+                rec.process.kill()
+        self.done.set()
+
+    # --- calls from replicas --------------------------------------------------------------------
+    async def rpc_replica_ready(self, conn: Connection, unique_id: str) -> None:
+        rec = self.replicas_by_uid.get(unique_id)
+        if rec is not None:
+            self.deployments[rec.replica_id.deployment_id].on_replica_ready(rec)
+
+    async def rpc_replica_failed(self, conn: Connection, unique_id: str, error: str) -> None:
+        rec = self.replicas_by_uid.get(unique_id)
+        if rec is not None:
+            self.deployments[rec.replica_id.deployment_id].on_replica_failed(rec, error)
+
+    # --- router subscriptions -------------------------------------------------------------------
+    def notify_subscribe(self, conn: Connection, deployment_id: DeploymentID) -> None:
+        self.subscribers.setdefault(deployment_id, set()).add(conn)
+        ds = self.deployments.get(deployment_id)
+        conn.notify("targets", ds.targets() if ds is not None else DeploymentTargets(deployment_id, exists=False))
+
+    def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        super().on_connection_lost(conn, exc)
+        for subs in self.subscribers.values():
+            subs.discard(conn)
+        rec = getattr(conn, "replica", None)
+        if rec is not None:
+            rec.conn = None
+            ds = self.deployments.get(rec.replica_id.deployment_id)
+            if ds is not None:
+                ds.on_replica_disconnected(rec)
+        if conn is self.owner and not self.shutting_down:
+            logger.info("the driver that started shoal exited; shutting down")
+            self.spawn(self.shutdown())

@@ -1,0 +1,386 @@
+"""One deployment's replicas and the reconcile step that moves them toward the target.
+
+Each tick: notice exits, place and launch pending replicas, roll outdated ones over in steps,
+reconfigure in place where only light options changed, scale to the target count, and derive
+the status (with the constructor's traceback when replicas cannot start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from shoal.common import DeploymentID, DeploymentTargets, ReplicaID, RunningReplicaInfo
+from shoal.controller.specs import DeploymentSpec
+from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest
+from shoal.status import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+
+if TYPE_CHECKING:
+    from shoal.controller.controller import Controller
+    from shoal.transport.connection import Connection
+
+logger = logging.getLogger("shoal.controller")
+
+MAX_PER_REPLICA_RETRY_COUNT = 3
+MAX_BACKOFF_S = 64.0
+HEALTH_CHECK_UNHEALTHY_THRESHOLD = 3
+
+
+@dataclass
+class ReplicaRecord:
+    replica_id: ReplicaID
+    code_version: str
+    reconfigure_version: str
+    state: ReplicaState = ReplicaState.STARTING
+    placed: bool = False
+    reservation: Optional[Reservation] = None
+    process: Optional[ReplicaProcess] = None
+    conn: Optional["Connection"] = None
+    address: str = ""
+    start_time: float = field(default_factory=time.time)
+    stop_deadline: float = 0.0
+    health_failures: int = 0
+    last_health_check: float = field(default_factory=time.monotonic)
+    health_inflight: bool = False
+
+    @property
+    def unique_id(self) -> str:
+        return self.replica_id.unique_id
+
+
+class DeploymentState:
+    def __init__(self, controller: "Controller", deployment_id: DeploymentID, spec: DeploymentSpec):
+        self.controller = controller
+        self.id = deployment_id
+        self.replicas: dict[str, ReplicaRecord] = {}
+        self.deleting = False
+        self.status = DeploymentStatus.UPDATING
+        self.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
+        self.message = ""
+        self.start_failures = 0
+        self.last_failure = ""
+        self.backoff_until = 0.0
+        self.backoff_exp = 0
+        self.pending_reason = ""
+        self._published: Optional[tuple] = None
+        self.set_spec(spec)
+
+    # --- desired state ------------------------------------------------------------------------
+    def set_spec(self, spec: DeploymentSpec) -> None:
+        old = getattr(self, "spec", None)
+        self.spec = spec
+        self.code_version = spec.code_version()
+        self.reconfigure_version = spec.reconfigure_version()
+        self.request = ResourceRequest.from_actor_options(spec.config.ray_actor_options)
+        cfg = spec.config
+        if cfg.autoscaling_config is not None:
+            a = cfg.autoscaling_config
+            if old is None:
+                self.target = a.initial_replicas if a.initial_replicas is not None else a.min_replicas
+            else:
+                self.target = max(a.min_replicas, min(a.max_replicas, self.target))
+        else:
+            self.target = cfg.num_replicas or 1
+        if old is None or old.code_version() != self.code_version or old.reconfigure_version() != self.reconfigure_version:
+            self.start_failures = 0
+            self.backoff_until = 0.0
+            self.backoff_exp = 0
+            self._set_status(DeploymentStatus.UPDATING, DeploymentStatusTrigger.CONFIG_UPDATE_STARTED, "")
+        elif self.target != self._active_count():
+            up = self.target > self._active_count()
+            self._set_status(DeploymentStatus.UPSCALING if up else DeploymentStatus.DOWNSCALING,
+                             DeploymentStatusTrigger.CONFIG_UPDATE_STARTED, "")
+        self.controller.publish(self)
+
+    def delete(self) -> None:
+        self.deleting = True
+        self.target = 0
+        self._set_status(DeploymentStatus.UPDATING, DeploymentStatusTrigger.DELETING, "Deleting.")
+
+    def _set_status(self, status: DeploymentStatus, trigger: DeploymentStatusTrigger, message: str) -> None:
+        if (status, trigger, message) != (self.status, self.trigger, self.message):
+            self.status, self.trigger, self.message = status, trigger, message
+            self.controller.status_changed()
+
+    # --- what routers see ---------------------------------------------------------------------
+    def running_infos(self) -> list[RunningReplicaInfo]:
+        return [
+            RunningReplicaInfo(r.replica_id, r.address, self.spec.config.max_ongoing_requests,
+                               r.reservation.node_id if r.reservation else "local")
+            for r in self.replicas.values()
+            if r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING)
+        ]
+
+    def targets(self) -> DeploymentTargets:
+        return DeploymentTargets(self.id, self.running_infos(), self.spec.config.max_queued_requests, exists=True)
+
+    def publish_if_changed(self) -> None:
+        key = (tuple(r.replica_id.unique_id for r in self.running_infos()),
+               self.spec.config.max_ongoing_requests, self.spec.config.max_queued_requests)
+        if key != self._published:
+            self._published = key
+            self.controller.publish(self)
+
+    # --- replica lifecycle --------------------------------------------------------------------
+    def _active(self) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values() if r.state != ReplicaState.STOPPING]
+
+    def _active_count(self) -> int:
+        return len(self._active())
+
+    def _new_replica(self) -> ReplicaRecord:
+        uid = uuid.uuid4().hex[:8]
+        rec = ReplicaRecord(ReplicaID(uid, self.id), self.code_version, self.reconfigure_version)
+        self.replicas[uid] = rec
+        self.controller.replicas_by_uid[uid] = rec
+        return rec
+
+    def _try_place(self, rec: ReplicaRecord) -> bool:
+        runtime = self.controller.runtime
+        res = runtime.reserve(self.request)
+        if isinstance(res, str):
+            self.pending_reason = (
+                f"Deployment '{self.id.name}' in application '{self.id.app_name}' has replicas that cannot "
+                f"be placed: each {res}. They stay pending until resources free up."
+            )
+            return False
+        rec.reservation = res
+        rec.placed = True
+        rec.address = runtime.replica_address(rec.replica_id)
+        rec.start_time = time.time()
+        try:
+            rec.process = runtime.launch(rec.replica_id, res)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("launching replica %s failed", rec.replica_id)
+            self._on_start_failure(rec, f"The replica process could not be launched: {e!r}")
+        return True
+
+    def on_replica_ready(self, rec: ReplicaRecord) -> None:
+        if rec.state != ReplicaState.STARTING:
+            return
+        rec.state = ReplicaState.RUNNING
+        rec.last_health_check = time.monotonic()
+        self.start_failures = 0
+        self.backoff_exp = 0
+        self.controller.wake()
+
+    def on_replica_failed(self, rec: ReplicaRecord, error: str) -> None:
+        self._on_start_failure(rec, error)
+
+    def _on_start_failure(self, rec: ReplicaRecord, error: str) -> None:
+        if rec.state == ReplicaState.STOPPING:
+            return
+        self.start_failures += 1
+        self.last_failure = error
+        logger.warning("replica %s of %s failed to start:\n%s", rec.unique_id, self.id, error.rstrip())
+        self._stop(rec, graceful=False)
+        threshold = self._failure_threshold()
+        if self.start_failures >= threshold and not self._running(at_version=True):
+            delay = min(2 ** self.backoff_exp, MAX_BACKOFF_S) + random.uniform(0, 1)
+            self.backoff_exp += 1
+            self.backoff_until = time.monotonic() + delay
+        self.controller.wake()
+
+    def _failure_threshold(self) -> int:
+        return max(1, min(self.spec.config.max_constructor_retry_count, max(self.target, 1) * MAX_PER_REPLICA_RETRY_COUNT))
+
+    def _running(self, at_version: bool = False) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values() if r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING)
+                and (not at_version or r.code_version == self.code_version)]
+
+    def _stop(self, rec: ReplicaRecord, graceful: bool) -> None:
+        if rec.state == ReplicaState.STOPPING:
+            return
+        was_serving = rec.state in (ReplicaState.RUNNING, ReplicaState.UPDATING)
+        rec.state = ReplicaState.STOPPING
+        cfg = self.spec.config
+        rec.stop_deadline = time.monotonic() + (cfg.graceful_shutdown_timeout_s if graceful else 0.0)
+        if not rec.placed:
+            self._forget(rec)
+            return
+        if graceful and was_serving and rec.conn is not None:
+            self.publish_if_changed()  # routers stop sending before the replica drains
+            conn = rec.conn
+            self.controller.spawn(conn.call("graceful_shutdown", cfg.graceful_shutdown_wait_loop_s))
+        elif rec.process is not None:
+            rec.process.kill()
+
+    def _forget(self, rec: ReplicaRecord) -> None:
+        self.replicas.pop(rec.unique_id, None)
+        self.controller.replicas_by_uid.pop(rec.unique_id, None)
+        if rec.reservation is not None:
+            self.controller.runtime.release(rec.reservation)
+            rec.reservation = None
+
+    def on_replica_disconnected(self, rec: ReplicaRecord) -> None:
+        """The replica's control connection closed: the process is exiting or dead."""
+        self.controller.wake()
+
+    # --- the reconcile step -------------------------------------------------------------------
+    def reconcile(self) -> None:
+        now = time.monotonic()
+        self._reap(now)
+        self._roll_outdated()
+        self._reconfigure_outdated()
+        self._scale(now)
+        self._place_pending()
+        self._health_checks(now)
+        self.publish_if_changed()
+        self._update_status()
+
+    def _reap(self, now: float) -> None:
+        for rec in list(self.replicas.values()):
+            code = rec.process.exit_code() if rec.process is not None else None
+            if rec.state == ReplicaState.STOPPING:
+                if code is not None or not rec.placed:
+                    self._forget(rec)
+                elif now >= rec.stop_deadline:
+                    rec.process.kill()  # type: ignore[union-attr]
+                continue
+            if code is None:
+                continue
+            if rec.state == ReplicaState.STARTING:
+                out = rec.process.recent_output().strip()  # type: ignore[union-attr]
+                self._on_start_failure(rec, f"The replica process exited with code {code} before it was ready."
+                                       + (f" Its last output:\n{out}" if out else ""))
+                self._forget(rec)
+            else:
+                logger.warning("replica %s of %s died (exit code %s); replacing it", rec.unique_id, self.id, code)
+                rec.state = ReplicaState.STOPPING
+                self._forget(rec)
+
+    def _roll_outdated(self) -> None:
+        """Replace replicas of an older code version in steps of 20% of the target (at least one)."""
+        if self.target == 0:
+            return
+        outdated = [r for r in self._active() if r.code_version != self.code_version]
+        if not outdated:
+            return
+        new_running = len([r for r in self._running() if r.code_version == self.code_version])
+        old_running = len([r for r in self._running() if r.code_version != self.code_version])
+        pending = self.target - new_running - old_running
+        rollout = max(int(0.2 * self.target), 1)
+        max_to_stop = max(rollout - pending, 0)
+        # Replicas that are not serving yet go first: stopping them costs nothing.
+        outdated.sort(key=lambda r: r.state == ReplicaState.RUNNING)
+        for rec in outdated[:max_to_stop]:
+            self._stop(rec, graceful=rec.state == ReplicaState.RUNNING)
+
+    def _reconfigure_outdated(self) -> None:
+        for rec in self._running(at_version=True):
+            if rec.reconfigure_version != self.reconfigure_version and rec.state == ReplicaState.RUNNING and rec.conn:
+                rec.state = ReplicaState.UPDATING
+                self.controller.spawn(self._reconfigure(rec, self.reconfigure_version))
+
+    async def _reconfigure(self, rec: ReplicaRecord, version: str) -> None:
+        try:
+            await rec.conn.call("reconfigure", self.spec.config)  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001
+            logger.warning("reconfigure of replica %s failed: %s", rec.unique_id, e)
+            self.last_failure = f"reconfigure failed: {e}"
+            self._stop(rec, graceful=True)
+            return
+        if rec.state == ReplicaState.UPDATING:
+            rec.state = ReplicaState.RUNNING
+            rec.reconfigure_version = version
+        self.controller.wake()
+
+    def _scale(self, now: float) -> None:
+        active = self._active()
+        delta = self.target - len(active)
+        if delta > 0:
+            if now < self.backoff_until:
+                return
+            for _ in range(delta):
+                self._new_replica()
+        elif delta < 0:
+            # Stop the cheapest first: unplaced, then starting, then outdated, then the newest running.
+            def cost(r: ReplicaRecord) -> tuple:
+                return (r.placed, r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING),
+                        r.code_version == self.code_version, r.start_time)
+
+            for rec in sorted(active, key=cost)[:-delta]:
+                self._stop(rec, graceful=True)
+
+    def _place_pending(self) -> None:
+        self.pending_reason = ""
+        for rec in list(self.replicas.values()):
+            if rec.state == ReplicaState.STARTING and not rec.placed:
+                if not self._try_place(rec):
+                    break
+
+    def _health_checks(self, now: float) -> None:
+        cfg = self.spec.config
+        for rec in self._running():
+            if rec.health_inflight or rec.conn is None:
+                continue
+            if now - rec.last_health_check >= cfg.health_check_period_s * random.uniform(0.9, 1.1):
+                rec.health_inflight = True
+                rec.last_health_check = now
+                self.controller.spawn(self._check_health(rec, cfg.health_check_timeout_s))
+
+    async def _check_health(self, rec: ReplicaRecord, timeout: float) -> None:
+        try:
+            await rec.conn.call("check_health", timeout=timeout)  # type: ignore[union-attr]
+            rec.health_failures = 0
+        except Exception as e:  # noqa: BLE001
+            rec.health_failures += 1
+            logger.warning("health check of replica %s failed (%d/%d): %r", rec.unique_id, rec.health_failures,
+                           HEALTH_CHECK_UNHEALTHY_THRESHOLD, e)
+            if rec.health_failures >= HEALTH_CHECK_UNHEALTHY_THRESHOLD and rec.state != ReplicaState.STOPPING:
+                self.last_failure = f"replica {rec.unique_id} failed {rec.health_failures} health checks: {e!r}"
+                self._set_status(DeploymentStatus.UNHEALTHY, DeploymentStatusTrigger.HEALTH_CHECK_FAILED,
+                                 self.last_failure)
+                self._stop(rec, graceful=True)
+        finally:
+            rec.health_inflight = False
+            self.controller.wake()
+
+    def _update_status(self) -> None:
+        running_new = self._running(at_version=True)
+        if self.deleting:
+            return
+        if self.start_failures >= self._failure_threshold() and not running_new:
+            status = DeploymentStatus.DEPLOY_FAILED if self.status in (
+                DeploymentStatus.UPDATING, DeploymentStatus.DEPLOY_FAILED) else DeploymentStatus.UNHEALTHY
+            self._set_status(status, DeploymentStatusTrigger.REPLICA_STARTUP_FAILED, (
+                f"The deployment failed to start {self.start_failures} times in a row. This may be due to a "
+                f"problem with its constructor or initial health check failing. See the replica logs for "
+                f"details. Retrying after {max(0.0, self.backoff_until - time.monotonic()):.0f}s. "
+                f"Error:\n{self.last_failure}"))
+            return
+        settled = all(r.state == ReplicaState.RUNNING and r.code_version == self.code_version
+                      and r.reconfigure_version == self.reconfigure_version for r in self.replicas.values())
+        if settled and len(self.replicas) == self.target:
+            if self.status in (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING):
+                trigger = (DeploymentStatusTrigger.UPSCALE_COMPLETED if self.status == DeploymentStatus.UPSCALING
+                           else DeploymentStatusTrigger.DOWNSCALE_COMPLETED)
+            elif self.status == DeploymentStatus.HEALTHY:
+                trigger = self.trigger
+            else:
+                trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+            self._set_status(DeploymentStatus.HEALTHY, trigger, "")
+            return
+        if self.status == DeploymentStatus.HEALTHY:
+            # A replica died or failed health checks: replacing it.
+            self._set_status(DeploymentStatus.UPSCALING if self._active_count() < self.target
+                             else DeploymentStatus.UPDATING, DeploymentStatusTrigger.UNSPECIFIED, "")
+        if self.pending_reason and self.message != self.pending_reason:
+            self._set_status(self.status, self.trigger, self.pending_reason)
+        elif not self.pending_reason and self.message and self.status != DeploymentStatus.UNHEALTHY \
+                and self.trigger != DeploymentStatusTrigger.REPLICA_STARTUP_FAILED:
+            self._set_status(self.status, self.trigger, "")
+
+    def replica_state_counts(self) -> dict[ReplicaState, int]:
+        counts: dict[ReplicaState, int] = {}
+        for r in self.replicas.values():
+            counts[r.state] = counts.get(r.state, 0) + 1
+        return counts
+
+    def is_gone(self) -> bool:
+        return self.deleting and not self.replicas

@@ -1,0 +1,47 @@
+"""What a driver sends the controller to deploy: plain data plus the user code, already pickled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from shoal.config import DeploymentConfig
+
+
+@dataclass
+class DeploymentSpec:
+    name: str
+    serialized_def: bytes
+    serialized_init_args: bytes
+    config: DeploymentConfig
+    user_configured_options: frozenset = frozenset()
+    is_generator_hint: Optional[bool] = None
+
+    def code_version(self) -> str:
+        """Changes when replicas must restart: code, constructor args, or resources."""
+        h = hashlib.sha256(self.serialized_def)
+        h.update(self.serialized_init_args)
+        c = self.config
+        h.update(json.dumps([c.ray_actor_options.model_dump(), c.placement_group_bundles,
+                             c.placement_group_strategy, c.max_replicas_per_node, c.version],
+                            sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def reconfigure_version(self) -> str:
+        """Changes when running replicas only need `reconfigure` (user_config, concurrency...)."""
+        c = self.config
+        return hashlib.sha256(json.dumps(
+            [c.user_config, c.max_ongoing_requests, c.graceful_shutdown_wait_loop_s,
+             c.autoscaling_config.model_dump() if c.autoscaling_config else None,
+             c.logging_config.model_dump() if c.logging_config else None],
+            sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ApplicationSpec:
+    name: str
+    route_prefix: Optional[str]
+    ingress: str
+    deployments: list[DeploymentSpec] = field(default_factory=list)

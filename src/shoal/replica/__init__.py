@@ -1,0 +1,1 @@
+"""The replica: one process running one copy of the user's class or function."""

@@ -1,0 +1,186 @@
+"""The replica process: serves requests from routers on its Unix socket, and control calls from the controller.
+
+Start-up: connect to the controller, fetch the deployment spec, listen, run the constructor and
+`reconfigure`, then report ready (or the constructor's traceback). The replica exits when the
+controller asks it to stop or when the controller's connection goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any, Optional
+
+from shoal.common import ReplicaID
+from shoal.context import ReplicaContext, RequestContext, _request_context, _set_replica_context
+from shoal.replica.user_callable import UserCallable
+from shoal.transport import serialization as ser
+from shoal.transport.connection import Connection, serve_unix
+from shoal.transport.framing import Kind, pack
+
+logger = logging.getLogger("shoal.replica")
+_CAPACITY_FRAME = pack(Kind.CAPACITY, 0)
+
+
+class ReplicaServer:
+    """Handles data-plane requests (on the replica socket) and control calls (from the controller)."""
+
+    def __init__(self, replica_id: ReplicaID, spec: dict):
+        self.replica_id = replica_id
+        self.spec = spec
+        self.config = spec["config"]
+        self.max_ongoing = self.config.max_ongoing_requests
+        self.ongoing = 0
+        self.rejected: set[Connection] = set()
+        self.stopping = False
+        self.callable: Optional[UserCallable] = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._where = f"replica {replica_id.unique_id} of deployment '{replica_id.deployment_id.name}'"
+
+    # --- data plane ---------------------------------------------------------------------------
+    def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
+        if self.ongoing >= self.max_ongoing or self.stopping:
+            conn.reply(Kind.REJECT, rid)
+            self.rejected.add(conn)
+            return
+        self.ongoing += 1
+        self.idle.clear()
+        conn.tasks[rid] = asyncio.get_running_loop().create_task(self._handle(conn, rid, body))
+
+    async def _handle(self, conn: Connection, rid: int, body: bytes) -> None:
+        try:
+            method, args_blob, stream, model_id, request_id = ser.loads(body)
+            args, kwargs = ser.loads(args_blob)
+            _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
+            uc = self.callable
+            if stream:
+                async for item in uc.call_stream(method, args, kwargs):  # type: ignore[union-attr]
+                    conn.reply(Kind.ITEM, rid, ser.dumps(item))
+                conn.reply(Kind.END, rid)
+            else:
+                result = await uc.call(method, args, kwargs)  # type: ignore[union-attr]
+                conn.reply(Kind.OK, rid, ser.dumps(result))
+        except asyncio.CancelledError:
+            pass  # the caller cancelled or went away; it expects no reply
+        except BaseException as e:  # noqa: BLE001 - every user error goes back to the caller
+            logger.exception("request %s to %s failed", rid, self._where)
+            conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
+        finally:
+            conn.tasks.pop(rid, None)
+            self.ongoing -= 1
+            if self.ongoing == 0:
+                self.idle.set()
+            if self.rejected and not self.stopping:
+                for c in self.rejected:
+                    c.send(_CAPACITY_FRAME)
+                self.rejected.clear()
+
+    def on_cancel(self, conn: Connection, rid: int) -> None:
+        task = conn.tasks.get(rid)
+        if task is not None:
+            task.cancel()
+
+    def on_notify(self, conn: Connection, topic: str, payload: Any) -> None:
+        pass
+
+    def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        self.rejected.discard(conn)
+        for task in list(conn.tasks.values()):
+            task.cancel()
+
+    # --- control plane (called by the controller) ----------------------------------------------
+    async def rpc_check_health(self, conn: Connection) -> None:
+        await self.callable.check_health()  # type: ignore[union-attr]
+
+    async def rpc_reconfigure(self, conn: Connection, config: Any) -> None:
+        self.config = config
+        self.max_ongoing = config.max_ongoing_requests
+        await self.callable.reconfigure(config.user_config)  # type: ignore[union-attr]
+        if self.rejected:
+            for c in self.rejected:
+                c.send(_CAPACITY_FRAME)
+            self.rejected.clear()
+
+    async def rpc_num_ongoing(self, conn: Connection) -> int:
+        return self.ongoing
+
+    async def rpc_graceful_shutdown(self, conn: Connection, wait_loop_s: float) -> None:
+        """Finish in-flight requests (routers already stopped sending), run `__del__`, then exit."""
+        self.stopping = True
+        await asyncio.sleep(min(wait_loop_s, 0.05) if self.ongoing == 0 else 0)
+        await self.idle.wait()
+        await self._teardown()
+        asyncio.get_running_loop().call_later(0.01, _exit, 0)
+
+    async def _teardown(self) -> None:
+        if self.callable is not None:
+            try:
+                await self.callable.teardown()
+            except Exception:  # noqa: BLE001
+                logger.exception("__del__ of %s raised", self._where)
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def run_replica(session_dir: str, unique_id: str) -> None:
+    from shoal.client import ServeClient, set_global_client
+
+    loop = asyncio.get_running_loop()
+    client = ServeClient(loop, session_dir)
+    set_global_client(client)
+    holder: dict = {}
+
+    class _Control:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(holder["server"], name)
+
+    spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
+    client.on_controller_lost = lambda: loop.call_soon(_exit, 0)
+    replica_id: ReplicaID = spec["replica_id"]
+    server = ReplicaServer(replica_id, spec)
+    holder["server"] = server
+    listener = await serve_unix(spec["address"], lambda: server, name=str(replica_id))
+    try:
+        func_or_class = ser.loads(spec["serialized_def"])
+        init_args, init_kwargs = ser.loads(spec["serialized_init_args"])
+        uc = UserCallable(func_or_class, init_args, init_kwargs, replica_id.deployment_id.name,
+                          server.config.max_ongoing_requests)
+        _set_replica_context(ReplicaContext(replica_id, None, server.config))
+        await uc.initialize()
+        _set_replica_context(ReplicaContext(replica_id, uc.obj, server.config))
+        await uc.reconfigure(server.config.user_config)
+        server.callable = uc
+    except BaseException as e:  # noqa: BLE001 - report the traceback to the controller
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        sys.stderr.write(tb)
+        await client.conn.call("replica_failed", unique_id, tb)  # type: ignore[union-attr]
+        _exit(1)
+    await client.conn.call("replica_ready", unique_id)  # type: ignore[union-attr]
+    await client.conn.closed_future  # type: ignore[union-attr]
+    listener.close()
+    await server._teardown()
+    _exit(0)
+
+
+def main() -> None:
+    session_dir, unique_id = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver, which shuts us down
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
+    from shoal.client import new_event_loop
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(run_replica(session_dir, unique_id))
+
+
+if __name__ == "__main__":
+    main()

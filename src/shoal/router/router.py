@@ -1,0 +1,314 @@
+"""The per-caller router of one deployment: queue, choose a replica, send, account, retry.
+
+One `Router` exists per (deployment, event loop) in a process. It keeps its own count of requests
+in flight on each replica, sends to the replica with room (power of two choices), and holds requests
+in a FIFO queue while every replica is at `max_ongoing_requests`. A replica that refuses a request
+(other callers filled it) sends a CAPACITY frame as soon as it has room again, so a waiting request
+never sleeps on a backoff timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Optional
+
+from shoal.common import DeploymentID, DeploymentTargets, RunningReplicaInfo
+from shoal.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaDiedError,
+    RequestCancelledError,
+)
+from shoal.router.pow2 import PowerOfTwoChoicesRequestRouter
+from shoal.transport import serialization as ser
+from shoal.transport.connection import Connection, connect_unix
+from shoal.transport.framing import Kind
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaEntry:
+    """The router's view of one replica."""
+
+    __slots__ = ("info", "conn", "inflight", "max_ongoing", "blocked", "draining", "router")
+
+    def __init__(self, info: RunningReplicaInfo, router: "Router"):
+        self.info = info
+        self.conn: Optional[Connection] = None
+        self.inflight = 0
+        self.max_ongoing = info.max_ongoing_requests
+        self.blocked = False
+        self.draining = False
+        self.router = router
+
+    def has_capacity(self) -> bool:
+        return not self.blocked and self.inflight < self.max_ongoing
+
+    # Connection handler hooks (the replica never sends us requests).
+    def on_request(self, conn, rid, body):  # pragma: no cover - protocol violation
+        logger.warning("replica %s sent a request to a router", self.info.replica_id)
+
+    def on_cancel(self, conn, rid):  # pragma: no cover
+        pass
+
+    def on_notify(self, conn, topic, payload):
+        pass
+
+    def on_connection_lost(self, conn, exc):
+        self.router._on_replica_lost(self)
+
+
+class _Call:
+    """Routes the frames answering one request back to its response object."""
+
+    __slots__ = ("router", "entry", "resp", "rid")
+
+    def __init__(self, router: "Router", entry: ReplicaEntry, resp):
+        self.router = router
+        self.entry = entry
+        self.resp = resp
+        self.rid = 0
+
+    def on_frame(self, kind: int, body: bytes) -> None:
+        resp = self.resp
+        if kind == Kind.ITEM:
+            try:
+                resp._push(ser.loads(body))
+            except Exception as e:  # noqa: BLE001
+                resp._complete(exc=e)
+            return
+        router = self.router
+        if kind == Kind.REJECT:
+            router._on_reject(self.entry, resp)
+            return
+        if kind == Kind.OK:
+            try:
+                value = ser.loads(body)
+            except Exception as e:  # noqa: BLE001
+                resp._complete(exc=RuntimeError(f"Could not deserialize the result of request {resp.request_id}: {e!r}"))
+            else:
+                resp._complete(value)
+        elif kind == Kind.ERROR:
+            resp._complete(exc=ser.loads_exception(body))
+        elif kind == Kind.END:
+            resp._complete()
+        router._release(self.entry)
+
+    def on_lost(self, exc: BaseException) -> None:
+        entry = self.entry
+        rid = entry.info.replica_id
+        self.resp._complete(exc=ReplicaDiedError(
+            f"Replica '{rid.unique_id}' of deployment '{rid.deployment_id.name}' in application "
+            f"'{rid.deployment_id.app_name}' died while handling request {self.resp.request_id} "
+            f"(method '{self.resp.method_name}'). The replica is being replaced; retry the request."
+        ))
+        self.router._release(entry, lost=True)
+
+
+class Router:
+    def __init__(self, deployment_id: DeploymentID, loop: asyncio.AbstractEventLoop):
+        self.deployment_id = deployment_id
+        self.loop = loop
+        self.entries: dict[str, ReplicaEntry] = {}
+        self.ready: list[ReplicaEntry] = []
+        self.pending: deque = deque()
+        self.max_queued_requests = -1
+        self.exists: Optional[bool] = None
+        self.closed = False
+        self.policy = PowerOfTwoChoicesRequestRouter()
+        self.on_queued_without_replicas = None  # set by the client: tells the controller at once
+
+    # --- requests -----------------------------------------------------------------------------
+    def assign(self, resp) -> None:
+        """Send `resp` to a replica now, or queue it. Runs on `self.loop`."""
+        if resp._cancelled:
+            resp._complete(exc=RequestCancelledError(resp.request_id))
+            return
+        if self.exists is False:
+            resp._complete(exc=self._unavailable())
+            return
+        if self._has_response_args(resp):
+            self.loop.create_task(self._resolve_then_assign(resp))
+            return
+        if not self.pending:
+            entry = self.policy.choose_replica(self.ready, resp) if self.ready else None
+            if entry is not None:
+                self._send(entry, resp)
+                return
+        if self.max_queued_requests != -1 and len(self.pending) >= self.max_queued_requests:
+            resp._complete(exc=BackPressureError(num_queued_requests=len(self.pending),
+                                                 max_queued_requests=self.max_queued_requests))
+            return
+        self.pending.append(resp)
+        if not self.ready and self.on_queued_without_replicas is not None:
+            self.on_queued_without_replicas(self)
+
+    @staticmethod
+    def _has_response_args(resp) -> bool:
+        from shoal.handle import _Request
+
+        for a in resp.args:
+            if isinstance(a, _Request):
+                return True
+        for a in resp.kwargs.values():
+            if isinstance(a, _Request):
+                return True
+        return False
+
+    async def _resolve_then_assign(self, resp) -> None:
+        """Wait for upstream responses passed as top-level arguments, then send their values."""
+        from shoal.handle import DeploymentResponse, DeploymentResponseGenerator
+
+        try:
+            for a in list(resp.args) + list(resp.kwargs.values()):
+                if isinstance(a, DeploymentResponseGenerator):
+                    raise TypeError("`DeploymentResponseGenerator` cannot be passed to another deployment call; "
+                                    "only `DeploymentResponse` objects can be passed as arguments.")
+            resp.args = tuple([await a if isinstance(a, DeploymentResponse) else a for a in resp.args])
+            resp.kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in resp.kwargs.items()}
+        except BaseException as e:  # noqa: BLE001 - the upstream error becomes this call's error
+            resp._complete(exc=e)
+            return
+        self.assign(resp)
+
+    def _send(self, entry: ReplicaEntry, resp) -> None:
+        try:
+            body = ser.dumps_call_args(
+                resp.args, resp.kwargs,
+                f"the call to method '{resp.method_name}' of deployment '{self.deployment_id.name}'",
+            )
+            body = ser.dumps((resp.method_name, body, resp.stream, resp.multiplexed_model_id, resp.request_id))
+        except BaseException as e:  # noqa: BLE001
+            resp._complete(exc=e)
+            return
+        call = _Call(self, entry, resp)
+        entry.inflight += 1
+        call.rid = entry.conn.request(body, call)  # type: ignore[union-attr]
+        resp._call = call
+
+    def _release(self, entry: ReplicaEntry, lost: bool = False) -> None:
+        entry.inflight -= 1
+        entry.blocked = False
+        if entry.draining and entry.inflight == 0 and entry.conn is not None:
+            entry.conn.close()
+        if self.pending and not lost:
+            self._drain()
+
+    def _on_reject(self, entry: ReplicaEntry, resp) -> None:
+        """The replica was full (other callers): wait for its CAPACITY frame, retry this request first."""
+        entry.inflight -= 1
+        entry.blocked = True
+        resp._call = None
+        self.pending.appendleft(resp)
+        self._drain()
+
+    def _on_capacity(self, conn: Connection) -> None:
+        for entry in self.ready:
+            if entry.conn is conn:
+                entry.blocked = False
+        self._drain()
+
+    def _drain(self) -> None:
+        pending = self.pending
+        while pending:
+            resp = pending[0]
+            if resp._cancelled:
+                pending.popleft()
+                continue
+            entry = self.policy.choose_replica(self.ready, resp) if self.ready else None
+            if entry is None:
+                return
+            pending.popleft()
+            self._send(entry, resp)
+
+    def cancel(self, resp) -> None:
+        if resp._done():
+            return
+        try:
+            self.pending.remove(resp)
+        except ValueError:
+            pass
+        call = resp._call
+        if call is not None and call.entry.conn is not None:
+            call.entry.conn.cancel(call.rid)
+            self._release(call.entry)
+        resp._complete(exc=RequestCancelledError(resp.request_id))
+
+    # --- replica set --------------------------------------------------------------------------
+    def update(self, targets: DeploymentTargets) -> None:
+        """Apply the replica set the controller published. Runs on `self.loop`."""
+        self.exists = targets.exists
+        self.max_queued_requests = targets.max_queued_requests
+        if not targets.exists:
+            for entry in list(self.entries.values()):
+                self._retire(entry)
+            pending, self.pending = self.pending, deque()
+            for resp in pending:
+                resp._complete(exc=self._unavailable())
+            return
+        new_ids = {r.replica_id.unique_id: r for r in targets.replicas}
+        for uid, entry in list(self.entries.items()):
+            if uid not in new_ids:
+                self._retire(entry)
+            else:
+                entry.max_ongoing = new_ids[uid].max_ongoing_requests
+        for uid, info in new_ids.items():
+            if uid not in self.entries:
+                entry = ReplicaEntry(info, self)
+                self.entries[uid] = entry
+                self.loop.create_task(self._connect(entry))
+        self._drain()
+
+    async def _connect(self, entry: ReplicaEntry) -> None:
+        delay = 0.02
+        for attempt in range(8):
+            if entry.draining:
+                return
+            try:
+                conn = await connect_unix(entry.info.address, handler=entry, name=str(entry.info.replica_id),
+                                          on_capacity=self._on_capacity)
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            if entry.draining:
+                conn.close()
+                return
+            entry.conn = conn
+            self.ready.append(entry)
+            self._drain()
+            return
+        logger.warning("could not connect to replica %s at %s", entry.info.replica_id, entry.info.address)
+        self.entries.pop(entry.info.replica_id.unique_id, None)
+
+    def _retire(self, entry: ReplicaEntry) -> None:
+        """Stop sending to a replica the controller removed; close once its requests are done."""
+        entry.draining = True
+        self.entries.pop(entry.info.replica_id.unique_id, None)
+        if entry in self.ready:
+            self.ready.remove(entry)
+        if entry.conn is not None and entry.inflight == 0:
+            entry.conn.close()
+
+    def _on_replica_lost(self, entry: ReplicaEntry) -> None:
+        if entry in self.ready:
+            self.ready.remove(entry)
+        self.entries.pop(entry.info.replica_id.unique_id, None)
+        self._drain()
+
+    def _unavailable(self) -> DeploymentUnavailableError:
+        d = self.deployment_id
+        return DeploymentUnavailableError(f"Deployment '{d.name}' in application '{d.app_name}' does not exist.")
+
+    def num_queued(self) -> int:
+        return len(self.pending)
+
+    def close(self) -> None:
+        self.closed = True
+        for entry in list(self.entries.values()):
+            self._retire(entry)
+            if entry.conn is not None:
+                entry.conn.close()
+        self.ready.clear()

@@ -1,0 +1,1 @@
+"""Runtimes start, stop and place replica processes; nothing else differs between them."""

@@ -1,0 +1,92 @@
+"""The narrow interface between the controller and whatever starts replica processes.
+
+The controller asks a runtime to reserve resources for a replica, to launch it, to tell whether it
+still runs, and to stop it. Routing, autoscaling, batching and HTTP never see the runtime.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from shoal.common import ReplicaID
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What one replica reserves (Ray's `ray_actor_options` resource keys)."""
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    memory: float = 0.0
+    resources: tuple = ()  # sorted (name, amount) pairs, hashable
+
+    @classmethod
+    def from_actor_options(cls, opts) -> "ResourceRequest":
+        return cls(
+            num_cpus=float(opts.num_cpus or 0.0),
+            num_gpus=float(opts.num_gpus or 0.0),
+            memory=float(opts.memory or 0.0),
+            resources=tuple(sorted((k, float(v)) for k, v in (opts.resources or {}).items())),
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        d = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": self.memory, **dict(self.resources)}
+        return {k: v for k, v in d.items() if v}
+
+
+@dataclass
+class Reservation:
+    """Resources granted to one replica; `gpu_ids` become its CUDA_VISIBLE_DEVICES."""
+
+    request: ResourceRequest
+    gpu_ids: list[int] = field(default_factory=list)
+    node_id: str = "local"
+
+
+class ReplicaProcess(ABC):
+    """A started replica, as seen by the controller."""
+
+    pid: Optional[int] = None
+    node_id: str = "local"
+    log_file: Optional[str] = None
+
+    @abstractmethod
+    def exit_code(self) -> Optional[int]:
+        """None while it runs; the exit status once it has ended."""
+
+    @abstractmethod
+    def terminate(self) -> None: ...
+
+    @abstractmethod
+    def kill(self) -> None: ...
+
+    def recent_output(self) -> str:
+        """The last lines it printed, for error messages."""
+        return ""
+
+
+class Runtime(ABC):
+    name: str = "abstract"
+
+    @abstractmethod
+    def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
+        """Reserve resources, or return why they cannot be had now."""
+
+    @abstractmethod
+    def release(self, reservation: Reservation) -> None: ...
+
+    @abstractmethod
+    def replica_address(self, replica_id: ReplicaID) -> str:
+        """Where the replica will listen for requests."""
+
+    @abstractmethod
+    def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess: ...
+
+    @abstractmethod
+    def capacity(self) -> dict[str, float]:
+        """Total resources, for status messages."""
+
+    def close(self) -> None:
+        """Release anything the runtime holds (called when the controller exits)."""

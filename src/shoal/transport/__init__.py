@@ -1,0 +1,1 @@
+"""The framed protocol that carries both control calls and requests between shoal processes."""

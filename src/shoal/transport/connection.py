@@ -1,0 +1,252 @@
+"""One connection between two shoal processes: frames both ways, many requests in flight.
+
+Either side may send requests; replies are matched by request id. Writes made in one loop
+iteration are coalesced into one syscall, which is what keeps many small frames cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Optional, Protocol
+
+from shoal.transport import serialization as ser
+from shoal.transport.framing import HEADER, HEADER_SIZE, Kind, pack
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectionLost(ConnectionError):
+    """The peer went away (its process exited or closed the socket)."""
+
+
+class Sink(Protocol):
+    """Receives the frames that answer one outgoing request."""
+
+    def on_frame(self, kind: int, body: bytes) -> None: ...
+    def on_lost(self, exc: BaseException) -> None: ...
+
+
+class Handler(Protocol):
+    """Serves the requests a peer sends on a connection."""
+
+    def on_request(self, conn: "Connection", rid: int, body: bytes) -> None: ...
+    def on_cancel(self, conn: "Connection", rid: int) -> None: ...
+    def on_notify(self, conn: "Connection", topic: str, payload: Any) -> None: ...
+    def on_connection_lost(self, conn: "Connection", exc: Optional[BaseException]) -> None: ...
+
+
+class FutureSink:
+    """Resolves an asyncio future with the single reply to a control call."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future):
+        self.future = future
+
+    def on_frame(self, kind: int, body: bytes) -> None:
+        if self.future.done():
+            return
+        if kind == Kind.OK:
+            self.future.set_result(ser.loads(body))
+        elif kind == Kind.ERROR:
+            self.future.set_exception(ser.loads_exception(body))
+        else:
+            self.future.set_exception(RuntimeError(f"unexpected frame kind {kind} for a control call"))
+
+    def on_lost(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, handler: Optional[Handler] = None, name: str = "", on_capacity: Optional[Callable] = None):
+        self.handler = handler
+        self.name = name
+        self.on_capacity = on_capacity
+        self.transport: Optional[asyncio.Transport] = None
+        self.loop = asyncio.get_event_loop()
+        self.sinks: dict[int, Sink] = {}
+        self.closed = False
+        self.close_exc: Optional[BaseException] = None
+        self.closed_future: asyncio.Future = self.loop.create_future()
+        self._next_rid = 1
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        # Per-request state a server keeps for this peer (e.g. running tasks to cancel).
+        self.tasks: dict[int, asyncio.Task] = {}
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        while end - pos >= HEADER_SIZE:
+            length, kind, rid = unpack(buf, pos)
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break
+            body = bytes(buf[pos + HEADER_SIZE:stop])
+            pos = stop
+            try:
+                self._dispatch(kind, rid, body)
+            except Exception:  # noqa: BLE001 - one bad frame must not kill the connection
+                logger.exception("error handling frame kind=%s rid=%s on %s", kind, rid, self.name)
+        if pos:
+            del buf[:pos]
+
+    def _dispatch(self, kind: int, rid: int, body: bytes) -> None:
+        if kind == Kind.REQUEST:
+            self.handler.on_request(self, rid, body)  # type: ignore[union-attr]
+        elif kind == Kind.CANCEL:
+            self.handler.on_cancel(self, rid)  # type: ignore[union-attr]
+        elif kind == Kind.NOTIFY:
+            topic, payload = ser.loads(body)
+            self.handler.on_notify(self, topic, payload)  # type: ignore[union-attr]
+        elif kind == Kind.CAPACITY:
+            if self.on_capacity is not None:
+                self.on_capacity(self)
+        else:
+            sink = self.sinks.get(rid)
+            if sink is None:
+                return  # reply to a request we already gave up on (cancelled)
+            if kind != Kind.ITEM:
+                del self.sinks[rid]
+            sink.on_frame(kind, body)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self.close_exc = exc
+        lost = ConnectionLost(f"connection to {self.name or 'peer'} lost" + (f": {exc}" if exc else ""))
+        sinks, self.sinks = self.sinks, {}
+        for sink in sinks.values():
+            try:
+                sink.on_lost(lost)
+            except Exception:  # noqa: BLE001
+                logger.exception("error failing a request on lost connection")
+        if self.handler is not None:
+            try:
+                self.handler.on_connection_lost(self, exc)
+            except Exception:  # noqa: BLE001
+                logger.exception("error in connection-lost handler")
+        if not self.closed_future.done():
+            self.closed_future.set_result(None)
+
+    # --- sending ----------------------------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.closed or self.transport is None or not out:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def new_rid(self) -> int:
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        return rid
+
+    def request(self, body: bytes, sink: Sink) -> int:
+        """Send a request; `sink` gets every frame that answers it."""
+        if self.closed:
+            raise ConnectionLost(f"connection to {self.name or 'peer'} is closed")
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        self.sinks[rid] = sink
+        self.send(pack(Kind.REQUEST, rid, body))
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        self.sinks.pop(rid, None)
+        self.send(pack(Kind.CANCEL, rid))
+
+    def reply(self, kind: int, rid: int, body: bytes = b"") -> None:
+        self.send(pack(kind, rid, body))
+
+    def notify(self, topic: str, payload: Any) -> None:
+        self.send(pack(Kind.NOTIFY, 0, ser.dumps((topic, payload))))
+
+    async def call(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """A control-plane call: `await conn.call("name", ...)` runs `rpc_name` on the peer."""
+        fut = self.loop.create_future()
+        self.request(ser.dumps((method, args, kwargs, None)), FutureSink(fut))
+        if timeout is None:
+            return await fut
+        return await asyncio.wait_for(fut, timeout)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self._flush()
+            self.transport.close()
+
+
+class RpcHandler:
+    """Dispatches control calls `conn.call("x", ...)` to `async def rpc_x(self, conn, ...)`."""
+
+    def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn, rid, body))
+        conn.tasks[rid] = task
+        task.add_done_callback(lambda _t: conn.tasks.pop(rid, None))
+
+    async def _serve(self, conn: Connection, rid: int, body: bytes) -> None:
+        try:
+            method, args, kwargs, _meta = ser.loads(body)
+            fn = getattr(self, "rpc_" + method, None)
+            if fn is None:
+                raise AttributeError(f"{type(self).__name__} has no control method '{method}'")
+            result = await fn(conn, *args, **kwargs)
+            conn.reply(Kind.OK, rid, ser.dumps(result))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+            conn.reply(Kind.ERROR, rid, ser.dumps_exception(e))
+
+    def on_cancel(self, conn: Connection, rid: int) -> None:
+        task = conn.tasks.get(rid)
+        if task is not None:
+            task.cancel()
+
+    def on_notify(self, conn: Connection, topic: str, payload: Any) -> None:
+        fn = getattr(self, "notify_" + topic, None)
+        if fn is not None:
+            fn(conn, payload)
+
+    def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        for task in list(conn.tasks.values()):
+            task.cancel()
+
+
+async def connect_unix(path: str, handler: Optional[Handler] = None, name: str = "", **kw: Any) -> Connection:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_unix_connection(lambda: Connection(handler, name=name, **kw), path)
+    return conn
+
+
+async def serve_unix(path: str, handler_factory: Callable[[], Optional[Handler]], name: str = "") -> asyncio.AbstractServer:
+    """Listen on a Unix socket readable by this user alone; each peer gets its own `Connection`."""
+    import os
+
+    loop = asyncio.get_running_loop()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o177)
+    try:
+        server = await loop.create_unix_server(lambda: Connection(handler_factory(), name=name), path)
+    finally:
+        os.umask(old)
+    return server

@@ -1,0 +1,87 @@
+"""Pickling for the wire: plain pickle when it is safe, cloudpickle when values must travel by value.
+
+Classes and functions defined in `__main__` or a notebook pickle *by reference* with plain pickle and
+would fail to load in a replica, so anything that is not built from plain builtin values goes
+through cloudpickle. Plain values (the common case on the hot path) take the fast C pickler.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from shoal.exceptions import RayServeException, RemoteError
+
+PROTOCOL = 5
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, bytearray, complex})
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    t = type(value)
+    if t in _PLAIN:
+        return True
+    if depth < 2 and (t is list or t is tuple):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if depth < 2 and t is dict:
+        return all(type(k) in _PLAIN and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize a value for another process; raises `TypeError` naming what could not be pickled."""
+    if _is_plain(value):
+        return pickle.dumps(value, PROTOCOL)
+    return cloudpickle.dumps(value, PROTOCOL)
+
+
+def dumps_call_args(args: tuple, kwargs: dict, where: str) -> bytes:
+    """Serialize call arguments, with an error that says which argument failed and why."""
+    try:
+        return dumps((args, kwargs))
+    except Exception as e:  # noqa: BLE001 - any pickling failure becomes one clear error
+        for i, a in enumerate(args):
+            if not _can_pickle(a):
+                raise TypeError(f"Could not serialize argument {i} ({type(a).__name__}) of {where}: {e}") from e
+        for k, v in kwargs.items():
+            if not _can_pickle(v):
+                raise TypeError(f"Could not serialize keyword argument '{k}' ({type(v).__name__}) of {where}: {e}") from e
+        raise TypeError(f"Could not serialize the arguments of {where}: {e}") from e
+
+
+def _can_pickle(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value, PROTOCOL)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+loads = pickle.loads
+
+
+def dumps_exception(exc: BaseException, context: str = "") -> bytes:
+    """Serialize a user exception with its formatted traceback, falling back to a `RemoteError`."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return cloudpickle.dumps((exc, tb, context), PROTOCOL)
+    except Exception:  # noqa: BLE001 - the exception itself did not pickle
+        fallback = RemoteError(f"{type(exc).__name__}: {exc}")
+        return cloudpickle.dumps((fallback, tb, context), PROTOCOL)
+
+
+def loads_exception(data: bytes) -> BaseException:
+    """Rebuild an exception sent by `dumps_exception`, with the remote traceback as a note."""
+    try:
+        exc, tb, context = pickle.loads(data)
+    except Exception as e:  # noqa: BLE001
+        return RayServeException(f"An error happened remotely but could not be deserialized here: {e!r}")
+    if tb and isinstance(exc, BaseException):
+        where = f" in {context}" if context else ""
+        try:
+            exc.add_note(f"\nTraceback of the remote error{where}:\n{tb.rstrip()}")
+        except Exception:  # noqa: BLE001 - exotic exception types may refuse attributes
+            pass
+    return exc

@@ -45,7 +45,7 @@ METRICS = (
     Metric("seq_mean_ms", "sequential mean latency (ms)", False),
     Metric("seq_p50_ms", "sequential p50 latency (ms)", False),
     Metric("seq_p99_ms", "sequential p99 latency (ms)", False),
-    Metric("inflight_calls_per_s", "2,000-in-flight calls/s", True, 30.0),
+    Metric("inflight_calls_per_s", "in-flight calls/s (median burst)", True, 30.0),
     Metric("startup_s", "start-up to handle (s)", False),
 )
 
@@ -65,8 +65,11 @@ def ray_python() -> Path | None:
     print("creating .venv-ray (Ray Serve baseline); this takes a minute...", file=sys.stderr)
     setup = subprocess.run(["bash", str(SETUP_RAY)], capture_output=True, text=True)
     if setup.returncode != 0:
-        print(f"NOTE: could not create .venv-ray, showing shoal alone:\n"
-              f"{_tail(setup.stderr + setup.stdout)}", file=sys.stderr)
+        print(
+            f"NOTE: could not create .venv-ray, showing shoal alone:\n"
+            f"{_tail(setup.stderr + setup.stdout)}",
+            file=sys.stderr,
+        )
         return None
     return RAY_PY
 
@@ -77,8 +80,14 @@ def run_side(name: str, python: Path | str, framework: str, extra: list[str]) ->
     print(f"running {framework} side...", file=sys.stderr, flush=True)
     # Own session, so a timeout kills the whole group: a hung Ray driver would
     # otherwise leave its raylet and workers eating the next run's CPUs.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=SIDE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -87,8 +96,14 @@ def run_side(name: str, python: Path | str, framework: str, extra: list[str]) ->
         return Side(name, error=f"timed out after {SIDE_TIMEOUT_S}s\n{_tail(err + out)}")
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            return Side(name, result=json.loads(line[len("RESULT "):]))
+            return Side(name, result=json.loads(line[len("RESULT ") :]))
     return Side(name, error=f"exit {proc.returncode}, no RESULT line\n{_tail(err + out)}")
+
+
+def _stalled(result: dict[str, Any]) -> bool:
+    """Whether one in-flight burst took far longer than the typical one."""
+    times: list[float] = sorted(result["inflight_round_s"])
+    return times[-1] > 3 * times[len(times) // 2]
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -104,8 +119,10 @@ def _fmt(value: float | None) -> str:
 def table(shoal: Side, ray: Side) -> tuple[str, bool]:
     """Markdown table of both sides and their ratio; second value: all targets met."""
     ray_label = f"Ray Serve {ray.result['version']}" if ray.result else "Ray Serve"
-    rows = [f"| metric | shoal | {ray_label} | ratio | target |",
-            "| --- | ---: | ---: | ---: | --- |"]
+    rows = [
+        f"| metric | shoal | {ray_label} | ratio | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
     all_pass = True
     for m in METRICS:
         s = shoal.result.get(m.key) if shoal.result else None
@@ -140,11 +157,21 @@ def main() -> None:
     for side in (shoal, ray):
         if side.error:
             print(f"\n{side.name} side n/a: {side.error}", flush=True)
+        elif side.result and _stalled(side.result):
+            print(
+                f"\nnote: {side.name} had a stalled burst "
+                f"(burst times {side.result['inflight_round_s']} s); "
+                "the table uses the median burst",
+                flush=True,
+            )
     settings = next((s.result for s in (shoal, ray) if s.result), None)
     if settings:
-        print(f"\nmax_ongoing_requests={settings['max_ongoing_requests']}, "
-              f"{settings['cpus']} CPUs, Python {settings['python']}; "
-              "throughput ratio = shoal/Ray, latency ratio = Ray/shoal")
+        print(
+            f"\nmax_ongoing_requests={settings['max_ongoing_requests']}, "
+            f"{settings['inflight']} calls in flight, "
+            f"{settings['cpus']} CPUs, Python {settings['python']}; "
+            "throughput ratio = shoal/Ray, latency ratio = Ray/shoal"
+        )
     text, all_pass = table(shoal, ray)
     print("\n" + text, flush=True)
     if args.strict and not all_pass:

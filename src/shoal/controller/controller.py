@@ -25,7 +25,7 @@ from shoal.status import (
     ProxyStatus,
     ServeStatus,
 )
-from shoal.transport.connection import Connection, RpcHandler
+from shoal.transport.connection import Connection, ConnectionLost, RpcHandler
 
 logger = logging.getLogger("shoal.controller")
 
@@ -70,9 +70,19 @@ class Controller(RpcHandler):
         self._wake.set()
 
     def spawn(self, coro) -> None:
+        """Run a background task; its failure is logged (a replica that went away is expected)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, ConnectionLost):
+                logger.debug("background call ended with %r", exc)
+            else:
+                logger.warning("background task failed: %r", exc)
 
     def publish(self, ds: DeploymentState) -> None:
         targets = ds.targets()
@@ -97,7 +107,7 @@ class Controller(RpcHandler):
             ds.reconcile()
             if ds.is_gone():
                 del self.deployments[ds.id]
-                for conn in self.subscribers.pop(ds.id, ()):
+                for conn in self.subscribers.get(ds.id, ()):
                     conn.notify("targets", DeploymentTargets(ds.id, exists=False))
                 self._status_changed.set()
             elif ds.pending_reason:

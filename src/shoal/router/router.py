@@ -80,6 +80,7 @@ class _Call:
                 resp._complete(exc=e)
             return
         router = self.router
+        resp._call = None
         if kind == Kind.REJECT:
             router._on_reject(self.entry, resp)
             return
@@ -97,6 +98,7 @@ class _Call:
         router._release(self.entry)
 
     def on_lost(self, exc: BaseException) -> None:
+        self.resp._call = None
         entry = self.entry
         rid = entry.info.replica_id
         self.resp._complete(exc=ReplicaDiedError(
@@ -224,15 +226,16 @@ class Router:
             self._send(entry, resp)
 
     def cancel(self, resp) -> None:
-        if resp._done():
-            return
+        """Drop `resp` from the queue, or tell its replica to stop working on it."""
         try:
             self.pending.remove(resp)
         except ValueError:
             pass
         call = resp._call
-        if call is not None and call.entry.conn is not None:
-            call.entry.conn.cancel(call.rid)
+        if call is not None:
+            resp._call = None
+            if call.entry.conn is not None:
+                call.entry.conn.cancel(call.rid)
             self._release(call.entry)
         resp._complete(exc=RequestCancelledError(resp.request_id))
 

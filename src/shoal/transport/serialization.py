@@ -41,6 +41,8 @@ def dumps_call_args(args: tuple, kwargs: dict, where: str) -> bytes:
     """Serialize call arguments, with an error that says which argument failed and why."""
     try:
         return dumps((args, kwargs))
+    except RayServeException:
+        raise  # already says what is wrong (e.g. a nested DeploymentResponse)
     except Exception as e:  # noqa: BLE001 - any pickling failure becomes one clear error
         for i, a in enumerate(args):
             if not _can_pickle(a):

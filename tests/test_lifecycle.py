@@ -316,3 +316,20 @@ def test_classes_from_main_reach_replicas_by_value(tmp_path):
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "RESULT 42" in out.stdout, out.stderr
+
+
+def test_sync_constructor_can_call_other_deployments(serve_app):
+    @serve.deployment
+    class Config:
+        def get(self):
+            return {"threshold": 3}
+
+    @serve.deployment
+    class Uses:
+        def __init__(self, config):
+            self.threshold = config.get.remote().result()["threshold"]
+
+        def __call__(self):
+            return self.threshold
+
+    assert serve.run(Uses.bind(Config.bind())).remote().result() == 3

@@ -146,6 +146,8 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
     client.on_controller_lost = lambda: loop.call_soon(_exit, 0)
     replica_id: ReplicaID = spec["replica_id"]
+    if spec["config"].logging_config is not None:
+        logging.getLogger().setLevel(spec["config"].logging_config.log_level)
     server = ReplicaServer(replica_id, spec)
     holder["server"] = server
     listener = await serve_unix(spec["address"], lambda: server, name=str(replica_id))

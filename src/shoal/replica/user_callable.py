@@ -55,9 +55,18 @@ class UserCallable:
             return
         cls = self.func_or_class
         obj = cls.__new__(cls)
-        ret = obj.__init__(*self.init_args, **self.init_kwargs)
-        if inspect.isawaitable(ret):
-            await ret
+        init = obj.__init__
+        if inspect.iscoroutinefunction(init):
+            await init(*self.init_args, **self.init_kwargs)
+        else:
+            # A sync constructor runs in a worker thread, like sync methods: it may load a model for
+            # minutes or call other deployments with `.result()` without blocking the replica's loop.
+            ctx = contextvars.copy_context()
+            loop = asyncio.get_running_loop()
+            ret = await loop.run_in_executor(
+                self.executor, functools.partial(ctx.run, init, *self.init_args, **self.init_kwargs))
+            if inspect.isawaitable(ret):
+                await ret
         self.obj = obj
 
     def available_methods(self) -> list[str]:

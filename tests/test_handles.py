@@ -427,3 +427,15 @@ def test_calls_to_deleted_deployment_fail(serve_app):
     serve.delete("gone")
     with pytest.raises(DeploymentUnavailableError):
         h.remote(1).result(timeout_s=10)
+
+
+def test_many_event_loops_do_not_leak_connections(serve_app):
+    h = serve.run(Echo.bind())
+
+    async def call(i):
+        return await h.remote(i)
+
+    asyncio.run(call(0))
+    before = len(os.listdir("/proc/self/fd"))
+    assert [asyncio.run(call(i)) for i in range(20)] == list(range(20))
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

@@ -125,6 +125,8 @@ class ServeClient:
         if self.closed:
             raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
         router = Router(deployment_id, loop or self.loop)
+        if loop is not None and loop is not self.loop:
+            self._close_routers_of_closed_loops()
         with self._lock:
             routers = self._routers.get(deployment_id)
             first = routers is None
@@ -137,6 +139,13 @@ class ServeClient:
         elif known is not None:
             self._deliver(router, known)
         return router
+
+    def _close_routers_of_closed_loops(self) -> None:
+        """Routers die with their event loop (each `asyncio.run` has its own): free their sockets."""
+        with self._lock:
+            dead = [r for rs in self._routers.values() for r in rs if r.loop.is_closed() and not r.closed]
+        for router in dead:
+            router.close()
 
     def _subscribe(self, deployment_id: DeploymentID) -> None:
         if self.conn is not None:

@@ -94,6 +94,8 @@ class DeploymentHandle:
             router = local_router(self.deployment_id)
             if router is None:
                 router = get_global_client().get_router(self.deployment_id, loop)
+            for old_loop in [k for k, r in self._routers.items() if r.closed or r.loop.is_closed()]:
+                del self._routers[old_loop]
             self._routers[loop] = router
         return router
 

@@ -309,9 +309,24 @@ class Router:
         return len(self.pending)
 
     def close(self) -> None:
+        """Close every replica connection (also after the router's loop has been closed)."""
         self.closed = True
-        for entry in list(self.entries.values()):
-            self._retire(entry)
+        for entry in list(self.entries.values()) + self.ready:
+            entry.draining = True
             if entry.conn is not None:
-                entry.conn.close()
+                _close_connection(entry.conn, self.loop)
+        self.entries.clear()
         self.ready.clear()
+
+
+def _close_connection(conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+    if not loop.is_closed():
+        conn.close()
+        return
+    # The loop that owned it is gone (e.g. `asyncio.run` returned): close the socket itself.
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    raw = getattr(sock, "_sock", sock)
+    try:
+        raw.close()
+    except Exception:  # noqa: BLE001 - nothing more we can do for a foreign transport
+        pass

@@ -439,3 +439,42 @@ def test_many_event_loops_do_not_leak_connections(serve_app):
     before = len(os.listdir("/proc/self/fd"))
     assert [asyncio.run(call(i)) for i in range(20)] == list(range(20))
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+@serve.deployment
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+
+    def get(self):
+        return self.n
+
+
+def _get_from_asyncio(app_name: str) -> int:
+    """Read the counter through an asyncio caller (its own router, not the sync callers' loop)."""
+
+    async def main():
+        return await serve.get_app_handle(app_name).get.remote()
+
+    return asyncio.run(main())
+
+
+def test_fire_and_forget_calls_are_sent_eagerly(serve_app):
+    h = serve.run(Counter.bind(), name="counter", route_prefix="/c")
+    for _ in range(3):
+        h.incr.remote()  # never waited on: still sent, and executed
+    wait_for(lambda: _get_from_asyncio("counter") == 3, what="fire-and-forget calls to run")
+
+
+def test_sync_response_awaited_from_asyncio(serve_app):
+    h = serve.run(Counter.bind(), name="counter", route_prefix="/c")
+    h.incr.remote().result()
+    r = h.get.remote()  # made in sync code, awaited in an event loop
+
+    async def main():
+        return await r
+
+    assert asyncio.run(main()) == 1

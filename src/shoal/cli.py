@@ -182,6 +182,12 @@ def run(import_path: str, name: str, route_prefix: str, app_dir: str) -> None:
     """
     from shoal import api
 
+    try:
+        api._validate_route_prefix(route_prefix)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--route-prefix'") from None
+    if not name:
+        raise click.BadParameter("the application name must not be empty.", param_hint="'--name'")
     app = load_application(import_path, app_dir)
     signals = _Signals()
     signals.install()

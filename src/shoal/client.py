@@ -23,6 +23,7 @@ from shoal.common import DeploymentID, DeploymentTargets
 from shoal.exceptions import RayServeException
 from shoal.handle import _running_loop
 from shoal.router.router import Router
+from shoal.sync_loop import SyncLoop
 from shoal.transport.connection import Connection, RpcHandler, connect_unix
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class ServeClient:
         self._lock = threading.Lock()
         self._targets: dict[DeploymentID, DeploymentTargets] = {}
         self._routers: dict[DeploymentID, "weakref.WeakSet[Router]"] = {}
+        # In a driver, sync callers drive their own loop (no thread hop per call); see sync_loop.py.
+        # asyncio's own loop, not uvloop: uvloop re-installs signal handling on every run in the
+        # main thread (~30 us), and this loop is run once or twice per call.
+        self.sync_loop: Optional[SyncLoop] = SyncLoop(asyncio.new_event_loop()) if io_thread is not None else None
 
     # --- connecting ---------------------------------------------------------------------------
     async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
@@ -124,7 +129,12 @@ class ServeClient:
         """A new router for `deployment_id` on `loop` (the I/O loop for sync callers)."""
         if self.closed:
             raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
-        router = Router(deployment_id, loop or self.loop)
+        if loop is None and self.sync_loop is not None:
+            router = Router(deployment_id, self.sync_loop.loop)
+            router.sync_loop = self.sync_loop
+            self.sync_loop.routers.add(router)
+        else:
+            router = Router(deployment_id, loop or self.loop)
         if loop is not None and loop is not self.loop:
             self._close_routers_of_closed_loops()
         with self._lock:
@@ -179,10 +189,14 @@ class ServeClient:
             self._targets.clear()
         for r in routers:
             r.closed = True
+            if r.sync_loop is not None:
+                continue  # closed below, by running its loop
             try:
                 r.loop.call_soon_threadsafe(r.close)
             except RuntimeError:
                 pass
+        if self.sync_loop is not None:
+            self.sync_loop.close()
 
 
 _global_client: Optional[ServeClient] = None

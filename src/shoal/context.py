@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from shoal.common import ReplicaID
@@ -31,13 +31,16 @@ class ReplicaContext:
         return self.replica_id.unique_id
 
 
-@dataclass
 class RequestContext:
-    request_id: str = ""
-    multiplexed_model_id: str = ""
-    app_name: str = ""
-    route: str = ""
-    cancel_on_parent: list = field(default_factory=list)
+    """What user code may ask about the request it is serving (set once per request)."""
+
+    __slots__ = ("request_id", "multiplexed_model_id", "app_name", "route")
+
+    def __init__(self, request_id: str = "", multiplexed_model_id: str = "", app_name: str = "", route: str = ""):
+        self.request_id = request_id
+        self.multiplexed_model_id = multiplexed_model_id
+        self.app_name = app_name
+        self.route = route
 
 
 _replica_context: Optional[ReplicaContext] = None

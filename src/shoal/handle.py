@@ -21,11 +21,8 @@ _request_counter = itertools.count(1)
 _REQUEST_PREFIX = f"{os.getpid():x}-"
 
 
-def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+# The running loop of this thread, or None (no exception on the hot path).
+_running_loop = asyncio._get_running_loop
 
 
 class _HandleMeta:
@@ -110,6 +107,8 @@ class DeploymentHandle:
             resp = DeploymentResponse(self, meta, args, kwargs, router, on_loop)
         if on_loop:
             router.assign(resp)
+        elif router.sync_loop is not None:
+            router.sync_loop.submit(router.assign, resp)
         else:
             router.loop.call_soon_threadsafe(router.assign, resp)
         return resp
@@ -132,6 +131,8 @@ class _Request:
         self.request_id = _REQUEST_PREFIX + str(next(_request_counter))
         self._router = router
         self._on_loop = on_loop
+        # Set when this thread drives the router's loop itself (sync callers in a driver).
+        self._sync_loop = None if on_loop else router.sync_loop
         self._cancelled = False
         # Set by the router while the request is in flight (used to cancel it).
         self._call = None
@@ -148,6 +149,8 @@ class _Request:
         loop = _running_loop()
         if loop is self._router.loop:
             self._router.cancel(self)
+        elif self._sync_loop is not None:
+            self._sync_loop.submit(self._router.cancel, self)
         else:
             self._router.loop.call_soon_threadsafe(self._router.cancel, self)
 
@@ -175,6 +178,8 @@ class DeploymentResponse(_Request):
             fut.set_exception(exc)
             if isinstance(fut, asyncio.Future):
                 fut.exception()  # mark retrieved: an unawaited failure is not an "unhandled" error
+        if self._sync_loop is not None:
+            self._sync_loop.wake()
 
     def _done(self) -> bool:
         return self._fut.done()
@@ -186,6 +191,8 @@ class DeploymentResponse(_Request):
             waiter = fut
         else:
             waiter = asyncio.wrap_future(self._as_concurrent_future())
+            if self._sync_loop is not None and loop is not self._router.loop:
+                self._sync_loop.kick()  # nobody may be running the loop that completes it
         try:
             return (yield from waiter.__await__())
         except asyncio.CancelledError:
@@ -218,6 +225,11 @@ class DeploymentResponse(_Request):
                 "Use `await response` instead."
             )
         try:
+            if self._sync_loop is not None:
+                fut = self._fut
+                if not self._sync_loop.wait(fut.done, timeout_s):
+                    raise concurrent.futures.TimeoutError()
+                return fut.result(timeout=0)
             return self._as_concurrent_future().result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"Timed out waiting for the result of request {self.request_id} "
@@ -244,8 +256,9 @@ _END = object()
 class _StreamBuffer:
     """Items pushed by the router on its loop; read by async or sync consumers on any thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, sync_loop=None):
         self.loop = loop
+        self.sync_loop = sync_loop
         self.items: deque = deque()
         self.exc: Optional[BaseException] = None
         self.finished = False
@@ -271,6 +284,8 @@ class _StreamBuffer:
                 w.set_result(None)
         with self._cond:
             self._cond.notify_all()
+        if self.sync_loop is not None:
+            self.sync_loop.wake()
 
     async def next_async(self) -> Any:
         while not self.items:
@@ -282,7 +297,9 @@ class _StreamBuffer:
                 self._waiter = self.loop.create_future()
                 await self._waiter
             else:
-                await asyncio.get_running_loop().run_in_executor(None, self._wait_blocking, None)
+                if self.sync_loop is not None:
+                    self.sync_loop.kick()
+                await asyncio.get_running_loop().run_in_executor(None, self._wait_blocking, 0.1)
         return self.items.popleft()
 
     def _wait_blocking(self, timeout: Optional[float]) -> None:
@@ -295,7 +312,10 @@ class _StreamBuffer:
                 if self.exc is not None:
                     raise self.exc
                 raise StopIteration
-            self._wait_blocking(None)
+            if self.sync_loop is not None:
+                self.sync_loop.wait(lambda: bool(self.items) or self.finished)
+            else:
+                self._wait_blocking(None)
         return self.items.popleft()
 
 
@@ -304,7 +324,7 @@ class DeploymentResponseGenerator(_Request):
 
     def __init__(self, *a: Any):
         super().__init__(*a)
-        self._buffer = _StreamBuffer(self._router.loop)
+        self._buffer = _StreamBuffer(self._router.loop, self._sync_loop)
 
     # Called by the router on its loop.
     def _push(self, item: Any) -> None:

@@ -44,6 +44,7 @@ class LocalRouter:
         self.callable = callable_
         self.loop = loop
         self.closed = False
+        self.sync_loop = None
         self._tasks: dict[int, asyncio.Task] = {}
 
     def assign(self, resp: _Request) -> None:

@@ -8,6 +8,7 @@ controller asks it to stop or when the controller's connection goes away.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import traceback
 from typing import Any, Optional
 
 from shoal.common import ReplicaID
+from shoal.eager import start_eagerly
 from shoal.context import ReplicaContext, RequestContext, _request_context, _set_replica_context
 from shoal.replica.user_callable import UserCallable
 from shoal.transport import serialization as ser
@@ -40,6 +42,7 @@ class ReplicaServer:
         self.callable: Optional[UserCallable] = None
         self.idle = asyncio.Event()
         self.idle.set()
+        self.loop = asyncio.get_event_loop()
         self._where = f"replica {replica_id.unique_id} of deployment '{replica_id.deployment_id.name}'"
 
     # --- data plane ---------------------------------------------------------------------------
@@ -50,12 +53,13 @@ class ReplicaServer:
             return
         self.ongoing += 1
         self.idle.clear()
-        conn.tasks[rid] = asyncio.get_running_loop().create_task(self._handle(conn, rid, body))
+        task = start_eagerly(self._handle(conn, rid, body), self.loop, contextvars.copy_context())
+        if task is not None:
+            conn.tasks[rid] = task
 
     async def _handle(self, conn: Connection, rid: int, body: bytes) -> None:
         try:
-            method, args_blob, stream, model_id, request_id = ser.loads(body)
-            args, kwargs = ser.loads(args_blob)
+            method, stream, model_id, request_id, args, kwargs = ser.loads(body)
             _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
             uc = self.callable
             if stream:

@@ -121,6 +121,8 @@ class Router:
         self.closed = False
         self.policy = PowerOfTwoChoicesRequestRouter()
         self.on_queued_without_replicas = None  # set by the client: tells the controller at once
+        self.sync_loop = None  # set when sync callers drive this router's loop (see sync_loop.py)
+        self._background = 0  # connects and argument resolutions in progress
 
     # --- requests -----------------------------------------------------------------------------
     def assign(self, resp) -> None:
@@ -132,6 +134,7 @@ class Router:
             resp._complete(exc=self._unavailable())
             return
         if self._has_response_args(resp):
+            self._background += 1
             self.loop.create_task(self._resolve_then_assign(resp))
             return
         if not self.pending:
@@ -173,6 +176,8 @@ class Router:
         except BaseException as e:  # noqa: BLE001 - the upstream error becomes this call's error
             resp._complete(exc=e)
             return
+        finally:
+            self._background -= 1
         self.assign(resp)
 
     def _send(self, entry: ReplicaEntry, resp) -> None:
@@ -180,8 +185,8 @@ class Router:
             body = ser.dumps_call_args(
                 resp.args, resp.kwargs,
                 f"the call to method '{resp.method_name}' of deployment '{self.deployment_id.name}'",
+                (resp.method_name, resp.stream, resp.multiplexed_model_id, resp.request_id),
             )
-            body = ser.dumps((resp.method_name, body, resp.stream, resp.multiplexed_model_id, resp.request_id))
         except BaseException as e:  # noqa: BLE001
             resp._complete(exc=e)
             return
@@ -261,8 +266,15 @@ class Router:
             if uid not in self.entries:
                 entry = ReplicaEntry(info, self)
                 self.entries[uid] = entry
-                self.loop.create_task(self._connect(entry))
+                self._background += 1
+                task = self.loop.create_task(self._connect(entry))
+                task.add_done_callback(self._background_done)
         self._drain()
+
+    def _background_done(self, _task: asyncio.Task) -> None:
+        self._background -= 1
+        if self.sync_loop is not None:
+            self.sync_loop.wake()
 
     async def _connect(self, entry: ReplicaEntry) -> None:
         delay = 0.02
@@ -304,6 +316,10 @@ class Router:
     def _unavailable(self) -> DeploymentUnavailableError:
         d = self.deployment_id
         return DeploymentUnavailableError(f"Deployment '{d.name}' in application '{d.app_name}' does not exist.")
+
+    def busy(self) -> bool:
+        """Work in progress that needs the loop to run (queued, in flight, connecting)."""
+        return bool(self.pending) or self._background > 0 or any(e.inflight for e in self.ready)
 
     def num_queued(self) -> int:
         return len(self.pending)

@@ -74,6 +74,7 @@ class Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._dispatching = False
         # Per-request state a server keeps for this peer (e.g. running tasks to cancel).
         self.tasks: dict[int, asyncio.Task] = {}
 
@@ -84,6 +85,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self._buf
         buf += data
+        self._dispatching = True
         pos = 0
         end = len(buf)
         unpack = HEADER.unpack_from
@@ -100,6 +102,9 @@ class Connection(asyncio.Protocol):
                 logger.exception("error handling frame kind=%s rid=%s on %s", kind, rid, self.name)
         if pos:
             del buf[:pos]
+        self._dispatching = False
+        if self._out:
+            self._flush()  # replies made while handling these frames go out in one write
 
     def _dispatch(self, kind: int, rid: int, body: bytes) -> None:
         if kind == Kind.REQUEST:
@@ -143,7 +148,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self._out.append(frame)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._dispatching:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 

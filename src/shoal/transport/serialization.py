@@ -23,9 +23,9 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
     t = type(value)
     if t in _PLAIN:
         return True
-    if depth < 2 and (t is list or t is tuple):
+    if depth < 3 and (t is list or t is tuple):
         return all(_is_plain(v, depth + 1) for v in value)
-    if depth < 2 and t is dict:
+    if depth < 3 and t is dict:
         return all(type(k) in _PLAIN and _is_plain(v, depth + 1) for k, v in value.items())
     return False
 
@@ -37,10 +37,10 @@ def dumps(value: Any) -> bytes:
     return cloudpickle.dumps(value, PROTOCOL)
 
 
-def dumps_call_args(args: tuple, kwargs: dict, where: str) -> bytes:
-    """Serialize call arguments, with an error that says which argument failed and why."""
+def dumps_call_args(args: tuple, kwargs: dict, where: str, envelope: tuple = ()) -> bytes:
+    """Serialize `envelope + (args, kwargs)` in one pass; a failure names the argument and why."""
     try:
-        return dumps((args, kwargs))
+        return dumps(envelope + (args, kwargs))
     except RayServeException:
         raise  # already says what is wrong (e.g. a nested DeploymentResponse)
     except Exception as e:  # noqa: BLE001 - any pickling failure becomes one clear error

@@ -1,0 +1,142 @@
+"""The event loop that sync callers in a driver drive themselves.
+
+A sync `handle.remote(x).result()` through a background I/O thread costs two thread wake-ups per
+call, which on a small VM is as much as the whole trip to the replica. Instead, the thread that
+waits runs the loop: `remote()` takes the loop, sends, and returns; `result()` runs the loop until
+its response arrives. Only one thread runs the loop at a time; others queue work for the runner
+and sleep until their response is in. When nobody waits but work is still in flight (a
+fire-and-forget call, or a response awaited from asyncio code), a helper thread runs the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from typing import Any, Callable, Optional
+
+
+class SyncLoop:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.routers: "weakref.WeakSet" = weakref.WeakSet()
+        self.closed = False
+        self._lock = threading.Lock()          # held by whichever thread runs the loop
+        self._cond = threading.Condition()     # non-runners sleep here
+        self._waiters = 0
+        self._runner_waiting = False           # the runner is inside wait(): stop the loop on wake()
+        self._helper_event = threading.Event()
+        self._helper = threading.Thread(target=self._helper_main, name="shoal-sync-helper", daemon=True)
+        self._helper.start()
+
+    # --- entry points for sync callers ---------------------------------------------------------
+    def submit(self, fn: Callable, *args: Any) -> None:
+        """Run `fn(*args)` on the loop now (sending its writes), or hand it to the current runner."""
+        if self._lock.acquire(blocking=False):
+            try:
+                loop = self.loop
+
+                def step() -> None:
+                    fn(*args)
+                    loop.call_soon(loop.stop)  # after the write flushes `fn` scheduled
+
+                loop.call_soon(step)
+                loop.run_forever()  # earlier callbacks, `fn`, then its writes go out
+            finally:
+                self._release()
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def wait(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+        """Block until `done()`; run the loop meanwhile if no other thread does. False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._run_until(done, deadline)
+                finally:
+                    self._release()
+            else:
+                with self._cond:
+                    self._waiters += 1
+                    try:
+                        if not done() and self._lock.locked():
+                            self._cond.wait(0.1 if remaining is None else min(remaining, 0.1))
+                    finally:
+                        self._waiters -= 1
+        return True
+
+    def wake(self) -> None:
+        """Called on the loop when something a waiter may wait for happened."""
+        if self._runner_waiting:
+            self.loop.stop()
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Make sure someone runs the loop (a response is awaited from another event loop)."""
+        self._helper_event.set()
+
+    # --- internals -----------------------------------------------------------------------------
+    def _run_until(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
+        loop = self.loop
+        self._runner_waiting = True
+        try:
+            while not done():
+                timer = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    timer = loop.call_later(remaining, loop.stop)
+                loop.run_forever()
+                if timer is not None:
+                    timer.cancel()
+        finally:
+            self._runner_waiting = False
+
+    def _release(self, from_helper: bool = False) -> None:
+        self._lock.release()
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+        if not from_helper and not self.closed and self._busy():
+            self._helper_event.set()
+
+    def _busy(self) -> bool:
+        return any(r.busy() for r in list(self.routers))
+
+    def _helper_main(self) -> None:
+        while True:
+            self._helper_event.wait()
+            self._helper_event.clear()
+            time.sleep(0.002)  # grace: a caller about to call `.result()` drives the loop itself
+            while not self.closed and self._busy():
+                if not self._lock.acquire(blocking=False):
+                    time.sleep(0.005)  # a caller runs the loop; look again later
+                    continue
+                try:
+                    if self._waiters == 0 and self._busy():
+                        # Run a while, then re-check whether work remains or a caller wants the loop.
+                        self._runner_waiting = True
+                        timer = self.loop.call_later(0.02, self.loop.stop)
+                        self.loop.run_forever()
+                        timer.cancel()
+                finally:
+                    self._runner_waiting = False
+                    self._release(from_helper=True)
+            if self.closed:
+                return
+
+    def close(self) -> None:
+        """Close every router on this loop and stop the helper."""
+        routers = list(self.routers)
+        for r in routers:
+            self.submit(r.close)
+        self.closed = True
+        self._helper_event.set()

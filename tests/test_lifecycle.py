@@ -333,3 +333,45 @@ def test_sync_constructor_can_call_other_deployments(serve_app):
             return self.threshold
 
     assert serve.run(Uses.bind(Config.bind())).remote().result() == 3
+
+
+def test_constructor_traceback_names_the_users_file(serve_app, tmp_path, monkeypatch):
+    (tmp_path / "user_model.py").write_text(
+        "from shoal import serve\n\n"
+        "@serve.deployment\n"
+        "class Model:\n"
+        "    def __init__(self):\n"
+        "        raise RuntimeError('bad weights')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_model
+
+    with pytest.raises(DeployFailedError) as exc:
+        serve.run(user_model.Model.bind(), name="tb", route_prefix="/tb")
+    assert "user_model.py" in str(exc.value) and "bad weights" in str(exc.value)
+
+
+def test_blocking_run_shuts_down_on_sigterm(tmp_path):
+    import signal
+
+    script = tmp_path / "blocking.py"
+    started, drained = tmp_path / "started", tmp_path / "drained"
+    script.write_text(textwrap.dedent(f"""
+        from shoal import serve
+
+        @serve.deployment
+        class D:
+            def __init__(self):
+                open({str(started)!r}, "w").write("up")
+
+            def __del__(self):
+                open({str(drained)!r}, "w").write("drained")
+
+        serve.run(D.bind(), blocking=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    wait_for(started.exists, timeout=60, what="the replica to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert drained.read_text() == "drained"  # graceful: the replica ran __del__

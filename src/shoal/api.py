@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from typing import Any, Optional, Union
@@ -88,13 +89,13 @@ def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) 
         kwargs = replace(d.init_kwargs)
         where = f"deployment '{d.name}'"
         try:
-            serialized_def = ser.cloudpickle.dumps(d.func_or_class, ser.PROTOCOL)
+            serialized_def = ser.dumps_callable(d.func_or_class)
         except Exception as e:  # noqa: BLE001
             raise TypeError(f"Could not serialize the code of {where}: {e}") from e
         specs[d.name] = DeploymentSpec(
             name=d.name, serialized_def=serialized_def,
             serialized_init_args=ser.dumps_call_args(tuple(args), kwargs, f"the constructor of {where}"),
-            config=d.config, user_configured_options=d._user_configured,
+            config=d.config, user_configured_options=d._user_configured, python_path=tuple(sys.path),
         )
 
     visit(target)
@@ -137,12 +138,24 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
 
 
 def _block_until_interrupted() -> None:
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly (replicas drain and run `__del__`)."""
+    import signal
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        logger.info("Got Ctrl-C; shutting down shoal.")
+        logger.info("Got a signal to stop; shutting down shoal.")
         shutdown()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def shutdown() -> None:

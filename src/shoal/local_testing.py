@@ -87,7 +87,7 @@ def run_local(target: Any, name: str) -> DeploymentHandle:
 
     async def construct() -> None:
         for d in spec.deployments:
-            func_or_class = ser.loads(d.serialized_def)
+            func_or_class = ser.loads_callable(d.serialized_def)
             args, kwargs = ser.loads(d.serialized_init_args)
             uc = UserCallable(func_or_class, args, kwargs, d.name, d.config.max_ongoing_requests)
             await uc.initialize()

@@ -179,7 +179,7 @@ class Controller(RpcHandler):
             ds = self.deployments[rec.replica_id.deployment_id]
             return {"replica_id": rec.replica_id, "address": rec.address, "config": ds.spec.config,
                     "serialized_def": ds.spec.serialized_def,
-                    "serialized_init_args": ds.spec.serialized_init_args}
+                    "serialized_init_args": ds.spec.serialized_init_args, "python_path": ds.spec.python_path}
         return None
 
     async def rpc_deploy_app(self, conn: Connection, spec: ApplicationSpec) -> None:

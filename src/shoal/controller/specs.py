@@ -17,7 +17,8 @@ class DeploymentSpec:
     serialized_init_args: bytes
     config: DeploymentConfig
     user_configured_options: frozenset = frozenset()
-    is_generator_hint: Optional[bool] = None
+    # The driver's import path, so replicas can import the user's modules by name.
+    python_path: tuple = ()
 
     def code_version(self) -> str:
         """Changes when replicas must restart: code, constructor args, or resources."""

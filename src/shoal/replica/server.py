@@ -156,7 +156,8 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     holder["server"] = server
     listener = await serve_unix(spec["address"], lambda: server, name=str(replica_id))
     try:
-        func_or_class = ser.loads(spec["serialized_def"])
+        sys.path.extend(p for p in spec["python_path"] if p not in sys.path)
+        func_or_class = ser.loads_callable(spec["serialized_def"])
         init_args, init_kwargs = ser.loads(spec["serialized_init_args"])
         uc = UserCallable(func_or_class, init_args, init_kwargs, replica_id.deployment_id.name,
                           server.config.max_ongoing_requests)

@@ -8,6 +8,7 @@ through cloudpickle. Plain values (the common case on the hot path) take the fas
 from __future__ import annotations
 
 import pickle
+import sys
 import traceback
 from typing import Any
 
@@ -87,3 +88,52 @@ def loads_exception(data: bytes) -> BaseException:
         except Exception:  # noqa: BLE001 - exotic exception types may refuse attributes
             pass
     return exc
+
+
+def dumps_callable(obj: Any) -> bytes:
+    """Serialize a deployment's class or function: by import path when it can be imported, else by value.
+
+    By reference, replicas import the user's module themselves, so tracebacks show real file names
+    and module-level state is set up as the author expects. Code from `__main__`, a notebook or a
+    function body cannot be imported elsewhere, so it travels by value.
+    """
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    if module and module != "__main__" and "<locals>" not in qualname:
+        target: Any = sys.modules.get(module)
+        for part in qualname.split("."):
+            target = getattr(target, part, None)
+        if target is obj or getattr(target, "func_or_class", None) is obj:
+            # By value too, in case the replica cannot import the module after all.
+            return cloudpickle.dumps(("import", module, qualname, _by_value(obj)), PROTOCOL)
+    return cloudpickle.dumps(("value", _by_value(obj)), PROTOCOL)
+
+
+def _by_value(obj: Any) -> bytes:
+    module = getattr(obj, "__module__", None)
+    mod = sys.modules.get(module) if module and module != "__main__" else None
+    if mod is None:
+        return cloudpickle.dumps(obj, PROTOCOL)
+    cloudpickle.register_pickle_by_value(mod)
+    try:
+        return cloudpickle.dumps(obj, PROTOCOL)
+    finally:
+        cloudpickle.unregister_pickle_by_value(mod)
+
+
+def loads_callable(data: bytes) -> Any:
+    """Inverse of `dumps_callable`; unwraps a `Deployment` found at the import path."""
+    kind, *rest = pickle.loads(data)
+    if kind == "value":
+        return pickle.loads(rest[0])
+    import importlib
+
+    module, qualname, by_value = rest
+    try:
+        target: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        return pickle.loads(by_value)
+    return getattr(target, "func_or_class", target)
+

@@ -41,10 +41,12 @@ class Metric:
 
 
 METRICS = (
-    Metric("seq_calls_per_s", "sequential calls/s", True, 25.0),
+    Metric("seq_calls_per_s", "sequential calls/s from sync code (`.result()`)", True, 25.0),
     Metric("seq_mean_ms", "sequential mean latency (ms)", False),
     Metric("seq_p50_ms", "sequential p50 latency (ms)", False),
     Metric("seq_p99_ms", "sequential p99 latency (ms)", False),
+    Metric("aseq_calls_per_s", "sequential calls/s from asyncio (`await`)", True),
+    Metric("aseq_mean_ms", "sequential mean latency from asyncio (ms)", False),
     Metric("inflight_calls_per_s", "in-flight calls/s (best burst)", True, 30.0),
     Metric("startup_s", "start-up to handle (s)", False),
 )

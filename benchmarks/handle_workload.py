@@ -81,6 +81,20 @@ def _sequential(handle: Any, seconds: float, warmup: int) -> dict[str, float]:
     }
 
 
+async def _sequential_async(handle: Any, seconds: float, warmup: int) -> dict[str, float]:
+    """Round trips from asyncio code, one at a time (`await handle.remote()`)."""
+    for _ in range(warmup):
+        await handle.remote(1)
+    n = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        await handle.remote(1)
+        n += 1
+    elapsed = time.perf_counter() - start
+    return {"aseq_calls_per_s": n / elapsed, "aseq_mean_ms": elapsed / n * 1e3}
+
+
 async def _in_flight(handle: Any, n: int, seconds: float, min_rounds: int) -> dict[str, Any]:
     """Throughput with `n` calls outstanding at once from asyncio code.
 
@@ -143,8 +157,13 @@ def main() -> None:
             "python": platform.python_version(),
         }
         result.update(_sequential(handle, a.seq_seconds, a.seq_warmup))
-        burst = _in_flight(handle, a.inflight, a.inflight_seconds, a.inflight_min_rounds)
-        result.update(asyncio.run(burst))
+
+        async def from_asyncio() -> dict[str, Any]:
+            out = await _sequential_async(handle, a.seq_seconds, a.seq_warmup)
+            out.update(await _in_flight(handle, a.inflight, a.inflight_seconds, a.inflight_min_rounds))
+            return out
+
+        result.update(asyncio.run(from_asyncio()))
     finally:
         _shutdown(a.framework, serve)
     print("RESULT " + json.dumps(result), flush=True)

@@ -132,7 +132,7 @@ class ServeClient:
         if loop is None and self.sync_loop is not None:
             router = Router(deployment_id, self.sync_loop.loop)
             router.sync_loop = self.sync_loop
-            self.sync_loop.routers.add(router)
+            self.sync_loop.add_router(router)
         else:
             router = Router(deployment_id, loop or self.loop)
         if loop is not None and loop is not self.loop:

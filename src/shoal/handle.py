@@ -158,14 +158,66 @@ class _Request:
         return self._cancelled
 
 
+class _Outcome:
+    """A minimal future for responses whose waiters drive the loop themselves (see sync_loop.py).
+
+    Completed on the loop; read after `SyncLoop.wait` saw `done()`. Cheaper than a
+    `concurrent.futures.Future`, which allocates a condition variable per call.
+    """
+
+    __slots__ = ("_done", "_value", "_exc", "_callbacks")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._value: Any = None
+        self._exc: Optional[BaseException] = None
+        self._callbacks: list = []
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, value: Any) -> None:
+        self._value, self._done = value, True
+        self._run_callbacks()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc, self._done = exc, True
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    def add_done_callback(self, cb) -> None:  # called on the loop only
+        if self._done:
+            cb(self)
+        else:
+            self._callbacks.append(cb)
+
+    def exception(self) -> Optional[BaseException]:
+        return self._exc
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if self._exc is not None:
+            raise self._exc
+        return self._value
+
+
 class DeploymentResponse(_Request):
     """The future result of a unary call: awaitable, `.result()`-able, repeatable."""
 
     def __init__(self, *a: Any):
         super().__init__(*a)
-        self._fut: Union[asyncio.Future, concurrent.futures.Future] = (
-            self._router.loop.create_future() if self._on_loop else concurrent.futures.Future()
-        )
+        if self._on_loop:
+            self._fut: Any = self._router.loop.create_future()
+        elif self._sync_loop is not None:
+            self._fut = _Outcome()
+        else:
+            self._fut = concurrent.futures.Future()
 
     # Called by the router on its loop.
     def _complete(self, value: Any = None, exc: Optional[BaseException] = None) -> None:
@@ -206,7 +258,7 @@ class DeploymentResponse(_Request):
             return fut
         out: concurrent.futures.Future = concurrent.futures.Future()
 
-        def chain(f: asyncio.Future) -> None:
+        def chain(f: Any) -> None:
             if f.cancelled():
                 out.set_exception(RequestCancelledError(self.request_id))
             elif f.exception() is not None:
@@ -214,7 +266,10 @@ class DeploymentResponse(_Request):
             else:
                 out.set_result(f.result())
 
-        self._router.loop.call_soon_threadsafe(fut.add_done_callback, chain)
+        if self._sync_loop is not None:
+            self._sync_loop.submit(fut.add_done_callback, chain)
+        else:
+            self._router.loop.call_soon_threadsafe(fut.add_done_callback, chain)
         return out
 
     def result(self, timeout_s: Optional[float] = None, *, _skip_asyncio_check: bool = False) -> Any:
@@ -227,9 +282,9 @@ class DeploymentResponse(_Request):
         try:
             if self._sync_loop is not None:
                 fut = self._fut
-                if not self._sync_loop.wait(fut.done, timeout_s):
+                if not fut._done and not self._sync_loop.wait(fut.done, timeout_s):
                     raise concurrent.futures.TimeoutError()
-                return fut.result(timeout=0)
+                return fut.result()
             return self._as_concurrent_future().result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"Timed out waiting for the result of request {self.request_id} "

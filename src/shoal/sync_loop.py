@@ -20,33 +20,40 @@ from typing import Any, Callable, Optional
 class SyncLoop:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.routers: "weakref.WeakSet" = weakref.WeakSet()
+        self._router_refs: list[weakref.ref] = []
         self.closed = False
         self._lock = threading.Lock()          # held by whichever thread runs the loop
         self._cond = threading.Condition()     # non-runners sleep here
         self._waiters = 0
         self._runner_waiting = False           # the runner is inside wait(): stop the loop on wake()
         self._helper_event = threading.Event()
+        self._kicked = False        # a response is awaited from another event loop: run until none is in flight
+        self._queued_calls = False  # work handed over with call_soon_threadsafe, not yet run
         self._helper = threading.Thread(target=self._helper_main, name="shoal-sync-helper", daemon=True)
         self._helper.start()
 
     # --- entry points for sync callers ---------------------------------------------------------
     def submit(self, fn: Callable, *args: Any) -> None:
         """Run `fn(*args)` on the loop now (sending its writes), or hand it to the current runner."""
-        if self._lock.acquire(blocking=False):
+        if asyncio._get_running_loop() is None and self._lock.acquire(blocking=False):
             try:
                 loop = self.loop
 
                 def step() -> None:
-                    fn(*args)
-                    loop.call_soon(loop.stop)  # after the write flushes `fn` scheduled
+                    fn(*args)  # its connections write at once (`Connection.immediate`)
+                    loop.stop()
 
+                self._queued_calls = False
                 loop.call_soon(step)
-                loop.run_forever()  # earlier callbacks, `fn`, then its writes go out
+                loop.run_forever()  # one iteration: callbacks queued earlier (replica sets), then `fn`
             finally:
                 self._release()
         else:
+            # Another thread runs the loop (or this thread runs another loop): queue it for the runner.
+            self._queued_calls = True
             self.loop.call_soon_threadsafe(fn, *args)
+            if not self._lock.locked():
+                self._helper_event.set()
 
     def wait(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Block until `done()`; run the loop meanwhile if no other thread does. False on timeout."""
@@ -80,12 +87,14 @@ class SyncLoop:
 
     def kick(self) -> None:
         """Make sure someone runs the loop (a response is awaited from another event loop)."""
+        self._kicked = True
         self._helper_event.set()
 
     # --- internals -----------------------------------------------------------------------------
     def _run_until(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
         loop = self.loop
         self._runner_waiting = True
+        self._queued_calls = False
         try:
             while not done():
                 timer = None
@@ -108,8 +117,23 @@ class SyncLoop:
         if not from_helper and not self.closed and self._busy():
             self._helper_event.set()
 
+    def add_router(self, router: Any) -> None:
+        self._router_refs = [r for r in self._router_refs if r() is not None] + [weakref.ref(router)]
+
+    def routers(self) -> list:
+        return [r for r in (ref() for ref in self._router_refs) if r is not None]
+
     def _busy(self) -> bool:
-        return any(r.busy() for r in list(self.routers))
+        """Whether the loop must run with no caller waiting: unsent requests, or a kicked await."""
+        if self._queued_calls:
+            return True
+        for ref in self._router_refs:
+            r = ref()
+            if r is not None and (r.pending or r._background):
+                return True
+        if self._kicked:
+            self._kicked = any(r.in_flight() for r in self.routers())
+        return self._kicked
 
     def _helper_main(self) -> None:
         while True:
@@ -124,6 +148,7 @@ class SyncLoop:
                     if self._waiters == 0 and self._busy():
                         # Run a while, then re-check whether work remains or a caller wants the loop.
                         self._runner_waiting = True
+                        self._queued_calls = False
                         timer = self.loop.call_later(0.02, self.loop.stop)
                         self.loop.run_forever()
                         timer.cancel()
@@ -135,8 +160,7 @@ class SyncLoop:
 
     def close(self) -> None:
         """Close every router on this loop and stop the helper."""
-        routers = list(self.routers)
-        for r in routers:
+        for r in self.routers():
             self.submit(r.close)
         self.closed = True
         self._helper_event.set()

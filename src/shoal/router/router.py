@@ -283,7 +283,7 @@ class Router:
                 return
             try:
                 conn = await connect_unix(entry.info.address, handler=entry, name=str(entry.info.replica_id),
-                                          on_capacity=self._on_capacity)
+                                          on_capacity=self._on_capacity, immediate=self.sync_loop is not None)
             except OSError:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -318,8 +318,11 @@ class Router:
         return DeploymentUnavailableError(f"Deployment '{d.name}' in application '{d.app_name}' does not exist.")
 
     def busy(self) -> bool:
-        """Work in progress that needs the loop to run (queued, in flight, connecting)."""
-        return bool(self.pending) or self._background > 0 or any(e.inflight for e in self.ready)
+        """Work that must progress before requests are sent (queued, connecting, resolving arguments)."""
+        return bool(self.pending) or self._background > 0
+
+    def in_flight(self) -> bool:
+        return any(e.inflight for e in self.ready)
 
     def num_queued(self) -> int:
         return len(self.pending)

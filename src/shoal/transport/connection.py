@@ -60,8 +60,12 @@ class FutureSink:
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, handler: Optional[Handler] = None, name: str = "", on_capacity: Optional[Callable] = None):
+    def __init__(self, handler: Optional[Handler] = None, name: str = "", on_capacity: Optional[Callable] = None,
+                 immediate: bool = False):
         self.handler = handler
+        # Write each frame at once instead of coalescing per loop iteration: for loops that sync
+        # callers run just long enough to send (see sync_loop.py).
+        self.immediate = immediate
         self.name = name
         self.on_capacity = on_capacity
         self.transport: Optional[asyncio.Transport] = None
@@ -146,6 +150,9 @@ class Connection(asyncio.Protocol):
     # --- sending ----------------------------------------------------------------------------
     def send(self, frame: bytes) -> None:
         if self.closed:
+            return
+        if self.immediate and not self._out and self.transport is not None:
+            self.transport.write(frame)
             return
         self._out.append(frame)
         if not self._flush_scheduled and not self._dispatching:

@@ -165,6 +165,8 @@ class ServeClient:
         try:
             if _running_loop() is router.loop:
                 router.update(targets)
+            elif router.sync_loop is not None:
+                router.sync_loop.call_soon_threadsafe(router.update, targets)
             else:
                 router.loop.call_soon_threadsafe(router.update, targets)
         except RuntimeError:  # the router's loop is closed: the router is gone with it

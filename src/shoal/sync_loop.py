@@ -37,23 +37,30 @@ class SyncLoop:
         """Run `fn(*args)` on the loop now (sending its writes), or hand it to the current runner."""
         if asyncio._get_running_loop() is None and self._lock.acquire(blocking=False):
             try:
-                loop = self.loop
+                if not self._queued_calls:
+                    fn(*args)  # nothing else is due: no need to spin the loop (its writes go out at once)
+                else:
+                    loop = self.loop
 
-                def step() -> None:
-                    fn(*args)  # its connections write at once (`Connection.immediate`)
-                    loop.stop()
+                    def step() -> None:
+                        fn(*args)  # its connections write at once (`Connection.immediate`)
+                        loop.stop()
 
-                self._queued_calls = False
-                loop.call_soon(step)
-                loop.run_forever()  # one iteration: callbacks queued earlier (replica sets), then `fn`
+                    self._queued_calls = False
+                    loop.call_soon(step)
+                    loop.run_forever()  # one iteration: callbacks queued earlier (replica sets), then `fn`
             finally:
                 self._release()
         else:
             # Another thread runs the loop (or this thread runs another loop): queue it for the runner.
-            self._queued_calls = True
-            self.loop.call_soon_threadsafe(fn, *args)
-            if not self._lock.locked():
-                self._helper_event.set()
+            self.call_soon_threadsafe(fn, *args)
+
+    def call_soon_threadsafe(self, fn: Callable, *args: Any) -> None:
+        """Queue `fn` for whoever runs the loop next (a helper runs it if nobody waits)."""
+        self._queued_calls = True
+        self.loop.call_soon_threadsafe(fn, *args)
+        if not self._lock.locked():
+            self._helper_event.set()
 
     def wait(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Block until `done()`; run the loop meanwhile if no other thread does. False on timeout."""

@@ -59,7 +59,16 @@ class FutureSink:
             self.future.set_exception(exc)
 
 
-class Connection(asyncio.Protocol):
+_READ_CHUNK = 64 * 1024
+
+
+class Connection(asyncio.BufferedProtocol):
+    """A framed, bidirectional connection.
+
+    A `BufferedProtocol`: the loop reads straight into one reusable buffer. (A plain `Protocol`
+    under asyncio's own loop allocates and frees a 256 KiB bytes object for every read.)
+    """
+
     def __init__(self, handler: Optional[Handler] = None, name: str = "", on_capacity: Optional[Callable] = None,
                  immediate: bool = False):
         self.handler = handler
@@ -75,7 +84,9 @@ class Connection(asyncio.Protocol):
         self.close_exc: Optional[BaseException] = None
         self.closed_future: asyncio.Future = self.loop.create_future()
         self._next_rid = 1
-        self._buf = bytearray()
+        self._rbuf = bytearray(_READ_CHUNK)
+        self._rstart = 0  # first unparsed byte
+        self._rend = 0    # end of received bytes
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._dispatching = False
@@ -86,13 +97,29 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        self._dispatching = True
-        pos = 0
-        end = len(buf)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self._rbuf
+        start, end = self._rstart, self._rend
+        if start == end:
+            self._rstart = self._rend = start = end = 0
+        need = max(_READ_CHUNK, sizehint)
+        if end - start >= HEADER_SIZE:  # a frame is partly here: make room for all of it
+            need = max(need, HEADER_SIZE + HEADER.unpack_from(buf, start)[0] - (end - start))
+        if len(buf) - end < need:
+            if start:  # move the unparsed tail to the front
+                buf[:end - start] = buf[start:end]
+                self._rend = end = end - start
+                self._rstart = start = 0
+            if len(buf) - end < need:
+                buf.extend(bytes(need - (len(buf) - end)))
+        return memoryview(buf)[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._rend += nbytes
+        buf = self._rbuf
+        pos, end = self._rstart, self._rend
         unpack = HEADER.unpack_from
+        self._dispatching = True
         while end - pos >= HEADER_SIZE:
             length, kind, rid = unpack(buf, pos)
             stop = pos + HEADER_SIZE + length
@@ -104,11 +131,18 @@ class Connection(asyncio.Protocol):
                 self._dispatch(kind, rid, body)
             except Exception:  # noqa: BLE001 - one bad frame must not kill the connection
                 logger.exception("error handling frame kind=%s rid=%s on %s", kind, rid, self.name)
-        if pos:
-            del buf[:pos]
+        self._rstart = pos
         self._dispatching = False
+        if len(buf) > 4 * _READ_CHUNK and pos == end:
+            self._rbuf = bytearray(_READ_CHUNK)  # give back the room a large frame needed
+            self._rstart = self._rend = 0
         if self._out:
             self._flush()  # replies made while handling these frames go out in one write
+
+    def data_received(self, data: bytes) -> None:
+        """Feed bytes that arrived some other way (tests, foreign transports)."""
+        self.get_buffer(len(data))[:len(data)] = data
+        self.buffer_updated(len(data))
 
     def _dispatch(self, kind: int, rid: int, body: bytes) -> None:
         if kind == Kind.REQUEST:

@@ -102,6 +102,25 @@ def run_side(name: str, python: Path | str, framework: str, extra: list[str]) ->
     return Side(name, error=f"exit {proc.returncode}, no RESULT line\n{_tail(err + out)}")
 
 
+def best_of(sides: list[Side]) -> Side:
+    """Merge rounds of one side: per metric the best value (as timeit takes the best run).
+
+    This VM's speed drifts by tens of percent from minute to minute; alternating the two
+    frameworks over several rounds and keeping each one's best compares them at their best.
+    """
+    ok = [s for s in sides if s.result]
+    if not ok:
+        return sides[-1]
+    merged = dict(ok[0].result)  # type: ignore[arg-type]
+    for m in METRICS:
+        values = [s.result[m.key] for s in ok if s.result and m.key in s.result]
+        if values:
+            merged[m.key] = max(values) if m.higher_is_better else min(values)
+    merged["inflight_round_s"] = [t for s in ok for t in s.result["inflight_round_s"]]  # type: ignore[index]
+    merged["rounds"] = len(ok)
+    return Side(ok[0].name, result=merged)
+
+
 def _stalled(result: dict[str, Any]) -> bool:
     """Whether one in-flight burst took far longer than the typical one."""
     times: list[float] = sorted(result["inflight_round_s"])
@@ -146,15 +165,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-ray", action="store_true", help="run the shoal side only")
     p.add_argument("--strict", action="store_true", help="exit 1 unless every target passes")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs per framework; best kept")
     args, extra = p.parse_known_args()
 
-    # shoal first, so no process Ray leaves behind can slow it.
-    shoal = run_side("shoal", sys.executable, "shoal", extra)
+    ray_py = None if args.skip_ray else ray_python()
+    shoal_runs: list[Side] = []
+    ray_runs: list[Side] = []
+    for _ in range(max(1, args.rounds)):
+        # shoal first in each round, so no process Ray leaves behind can slow it.
+        shoal_runs.append(run_side("shoal", sys.executable, "shoal", extra))
+        if ray_py:
+            ray_runs.append(run_side("ray", ray_py, "ray", extra))
+    shoal = best_of(shoal_runs)
     if args.skip_ray:
         ray = Side("ray", error="skipped (--skip-ray)")
     else:
-        ray_py = ray_python()
-        ray = run_side("ray", ray_py, "ray", extra) if ray_py else Side("ray", error="no .venv-ray")
+        ray = best_of(ray_runs) if ray_runs else Side("ray", error="no .venv-ray")
 
     for side in (shoal, ray):
         if side.error:
@@ -171,7 +197,8 @@ def main() -> None:
         print(
             f"\nmax_ongoing_requests={settings['max_ongoing_requests']}, "
             f"{settings['inflight']} calls in flight, "
-            f"{settings['cpus']} CPUs, Python {settings['python']}; "
+            f"{settings['cpus']} CPUs, Python {settings['python']}, best of {settings.get('rounds', 1)} "
+            "alternating rounds; "
             "throughput ratio = shoal/Ray, latency ratio = Ray/shoal"
         )
     text, all_pass = table(shoal, ray)

@@ -29,6 +29,19 @@ from shoal.transport.framing import Kind
 logger = logging.getLogger(__name__)
 
 
+_REQUEST_TYPES: tuple = ()
+
+
+def _request_types() -> tuple:
+    """The response classes (imported lazily: handle.py imports this module)."""
+    global _REQUEST_TYPES
+    if not _REQUEST_TYPES:
+        from shoal.handle import _Request
+
+        _REQUEST_TYPES = (_Request,)
+    return _REQUEST_TYPES
+
+
 class ReplicaEntry:
     """The router's view of one replica."""
 
@@ -152,14 +165,13 @@ class Router:
 
     @staticmethod
     def _has_response_args(resp) -> bool:
-        from shoal.handle import _Request
-
         for a in resp.args:
-            if isinstance(a, _Request):
+            if isinstance(a, _request_types()):
                 return True
-        for a in resp.kwargs.values():
-            if isinstance(a, _Request):
-                return True
+        if resp.kwargs:
+            for a in resp.kwargs.values():
+                if isinstance(a, _request_types()):
+                    return True
         return False
 
     async def _resolve_then_assign(self, resp) -> None:

@@ -21,13 +21,22 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, bytearray, complex
 
 
 def _is_plain(value: Any, depth: int = 0) -> bool:
+    """True for builtin scalars and shallow lists/tuples/dicts of them: safe for the C pickler."""
     t = type(value)
     if t in _PLAIN:
         return True
-    if depth < 3 and (t is list or t is tuple):
-        return all(_is_plain(v, depth + 1) for v in value)
-    if depth < 3 and t is dict:
-        return all(type(k) in _PLAIN and _is_plain(v, depth + 1) for k, v in value.items())
+    if depth >= 3:
+        return False
+    if t is tuple or t is list:
+        for v in value:
+            if type(v) not in _PLAIN and not _is_plain(v, depth + 1):
+                return False
+        return True
+    if t is dict:
+        for k, v in value.items():
+            if type(k) not in _PLAIN or (type(v) not in _PLAIN and not _is_plain(v, depth + 1)):
+                return False
+        return True
     return False
 
 

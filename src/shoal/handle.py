@@ -282,7 +282,9 @@ class DeploymentResponse(_Request):
         try:
             if self._sync_loop is not None:
                 fut = self._fut
-                if not fut._done and not self._sync_loop.wait(fut.done, timeout_s):
+                call = self._call
+                if not fut._done and not self._sync_loop.wait(fut.done, timeout_s,
+                                                              call.entry.conn if call is not None else None):
                     raise concurrent.futures.TimeoutError()
                 return fut.result()
             return self._as_concurrent_future().result(timeout=timeout_s)

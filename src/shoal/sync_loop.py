@@ -11,6 +11,8 @@ fire-and-forget call, or a response awaited from asyncio code), a helper thread 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import threading
 import time
 import weakref
@@ -27,6 +29,10 @@ class SyncLoop:
         self._waiters = 0
         self._runner_waiting = False           # the runner is inside wait(): stop the loop on wake()
         self._helper_event = threading.Event()
+        # Written by call_soon_threadsafe, so a runner blocked on one socket notices queued work.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._kicked = False        # a response is awaited from another event loop: run until none is in flight
         self._queued_calls = False  # work handed over with call_soon_threadsafe, not yet run
         self._helper = threading.Thread(target=self._helper_main, name="shoal-sync-helper", daemon=True)
@@ -59,10 +65,14 @@ class SyncLoop:
         """Queue `fn` for whoever runs the loop next (a helper runs it if nobody waits)."""
         self._queued_calls = True
         self.loop.call_soon_threadsafe(fn, *args)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is pending anyway
         if not self._lock.locked():
             self._helper_event.set()
 
-    def wait(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+    def wait(self, done: Callable[[], bool], timeout: Optional[float] = None, conn: Any = None) -> bool:
         """Block until `done()`; run the loop meanwhile if no other thread does. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
@@ -71,7 +81,8 @@ class SyncLoop:
                 return False
             if self._lock.acquire(blocking=False):
                 try:
-                    self._run_until(done, deadline)
+                    if conn is None or not self._read_directly(conn, done, deadline):
+                        self._run_until(done, deadline)
                 finally:
                     self._release()
             else:
@@ -98,10 +109,53 @@ class SyncLoop:
         self._helper_event.set()
 
     # --- internals -----------------------------------------------------------------------------
+    def _read_directly(self, conn: Any, done: Callable[[], bool], deadline: Optional[float]) -> bool:
+        """Fast path: block on the one socket the awaited reply comes on, feeding it to its connection.
+
+        Skips the event loop's machinery while nothing else is due. Returns False to hand over to the
+        loop: when other work was queued, the peer closed, or the socket is not ours to read.
+        """
+        sock = conn.sock
+        if sock is None or conn.closed or self._queued_calls:
+            return False
+        poller = conn.__dict__.get("_sync_poller")
+        if poller is None:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            conn._sync_poller = poller
+        wake_r = self._wake_r
+        while not done():
+            ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            events = poller.poll(ms)
+            if not events:
+                return True  # timed out: the caller sees done() is false
+            for fd, _ in events:
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    return False  # queued work: let the loop run it
+            try:
+                n = sock.recv_into(conn.get_buffer(-1))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return False
+            if n == 0:
+                return False  # the peer closed: the loop reports it
+            conn.buffer_updated(n)
+        return True
+
     def _run_until(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
         loop = self.loop
         self._runner_waiting = True
         self._queued_calls = False
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
         try:
             while not done():
                 timer = None

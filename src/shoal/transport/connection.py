@@ -90,6 +90,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._dispatching = False
+        self.sock = None  # the socket, when we made it (connect_unix)
         # Per-request state a server keeps for this peer (e.g. running tasks to cancel).
         self.tasks: dict[int, asyncio.Task] = {}
 
@@ -276,8 +277,18 @@ class RpcHandler:
 
 
 async def connect_unix(path: str, handler: Optional[Handler] = None, name: str = "", **kw: Any) -> Connection:
+    import socket
+
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_unix_connection(lambda: Connection(handler, name=name, **kw), path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, path)
+        _, conn = await loop.create_unix_connection(lambda: Connection(handler, name=name, **kw), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    conn.sock = sock  # lets a sync caller that owns the loop read it directly (sync_loop.py)
     return conn
 
 

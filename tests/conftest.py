@@ -10,10 +10,13 @@ import pytest
 
 from shoal import serve
 
+# Every shoal started by the tests, in this process or a child, listens on a free port.
+os.environ.setdefault("SHOAL_HTTP_PORT", "0")
+
 
 @pytest.fixture(scope="module")
 def serve_instance():
-    serve.start()
+    serve.start(http_options={"port": 0})  # any free port: tests never fight over 8000
     yield
     serve.shutdown()
 

@@ -25,7 +25,7 @@ from shoal.deployment import Application
 
 STARTUP_TIMEOUT_S = 60
 EXIT_TIMEOUT_S = 30
-RUNNING_LINE = "is RUNNING (ingress: Greeter). Press Ctrl-C to stop."
+RUNNING_LINE = "Press Ctrl-C to stop."
 CONSTRUCTED = "GREETER-CONSTRUCTED"
 
 APP_MODULE = f"""
@@ -90,8 +90,10 @@ from myapp import app
 handle = serve.run(app, name="drv")
 assert handle.remote("there").result(timeout_s=30) == "hello there"
 controller = get_global_client().controller_proc.pid
-replicas = [p.pid for p in psutil.Process(controller).children(recursive=True)]
-print(json.dumps({"controller": controller, "replicas": replicas}), flush=True)
+children = psutil.Process(controller).children(recursive=True)
+replicas = [p.pid for p in children if "shoal.replica.server" in p.cmdline()]
+proxies = [p.pid for p in children if "shoal.http.proxy" in p.cmdline()]
+print(json.dumps({"controller": controller, "replicas": replicas, "proxies": proxies}), flush=True)
 if sys.argv[1] == "shutdown":
     serve.shutdown()
     print("SHUTDOWN-DONE", flush=True)
@@ -332,6 +334,7 @@ def test_run_until_signal(tmp_path, procs, sig, console_script):
     replicas = [p for p in tree if _is(p, "shoal.replica.server")]
     assert len(controllers) == 1, [p.cmdline() for p in tree]
     assert len(replicas) == 1, [p.cmdline() for p in tree]
+    assert len([p for p in tree if _is(p, "shoal.http.proxy")]) == 1, [p.cmdline() for p in tree]
     assert replicas[0].ppid() == controllers[0].pid
 
     # The replica's constructor output reaches the CLI's output, prefixed with app/deployment names.
@@ -409,9 +412,9 @@ def _start_driver(tmp_path, mode: str) -> tuple[_Proc, list[psutil.Process]]:
     driver = _Proc([sys.executable, "driver.py", mode], tmp_path)
     line = driver.wait_for_line('{"controller"')
     pids = json.loads(line)
-    assert len(pids["replicas"]) == 1, line
+    assert len(pids["replicas"]) == 1 and len(pids["proxies"]) == 1, line
     processes = []
-    for pid in [pids["controller"], *pids["replicas"]]:
+    for pid in [pids["controller"], *pids["replicas"], *pids["proxies"]]:
         try:
             processes.append(psutil.Process(pid))
         except psutil.NoSuchProcess:  # already gone (serve.shutdown() is fast): fine

@@ -31,14 +31,32 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
         if client_mod.get_global_client(required=False) is not None:
             return
         if isinstance(http_options, HTTPOptions):
-            http_options = http_options.model_dump()
+            http_options = http_options.model_dump(exclude_unset=True)
+        http_options = dict(http_options or {})
+        for key, env in (("host", "SHOAL_HTTP_HOST"), ("port", "SHOAL_HTTP_PORT")):
+            if key not in http_options and os.environ.get(env):
+                http_options[key] = os.environ[env]  # lets tests and ops pick a port without code changes
         opts = validate_model(HTTPOptions, http_options or {}, "http_options").model_dump()
         logs_dir = None
         if isinstance(logging_config, dict):
             logs_dir = logging_config.get("logs_dir")
         elif logging_config is not None:
             logs_dir = getattr(logging_config, "logs_dir", None)
-        client_mod.set_global_client(client_mod.start_controller(http_options=opts, logs_dir=logs_dir))
+        if proxy_location is not None:
+            opts["proxy_location"] = getattr(proxy_location, "value", proxy_location)
+        client = client_mod.start_controller(http_options=opts, logs_dir=logs_dir)
+        client_mod.set_global_client(client)
+        ok, error = client.call_sync("wait_for_proxies", 60)
+        if not ok:
+            client_mod.shutdown_client(client)
+            client_mod.set_global_client(None)
+            raise RayServeException(f"The HTTP proxy could not start: {error}")
+
+
+def get_http_url() -> Optional[str]:
+    """The base URL the HTTP proxy listens on (None when HTTP is disabled or shoal is not running)."""
+    client = client_mod.get_global_client(required=False)
+    return None if client is None else client.call_sync("http_url")
 
 
 def _validate_route_prefix(route_prefix: Optional[str]) -> None:

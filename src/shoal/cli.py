@@ -174,7 +174,11 @@ def main() -> None:
               help="Route prefix of the application's ingress.")
 @click.option("--app-dir", "-d", default=".", show_default=True,
               help="Directory put first on the Python path before importing IMPORT_PATH.")
-def run(import_path: str, name: str, route_prefix: str, app_dir: str) -> None:
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="SHOAL_HTTP_HOST",
+              help="Address the HTTP proxy listens on.")
+@click.option("--port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
+              help="Port the HTTP proxy listens on (0: any free port).")
+def run(import_path: str, name: str, route_prefix: str, app_dir: str, host: str, port: int) -> None:
     """Deploy the application at IMPORT_PATH and run it until Ctrl-C or SIGTERM.
 
     IMPORT_PATH is 'module:attribute' or 'module.attribute', naming an Application (from
@@ -195,7 +199,7 @@ def run(import_path: str, name: str, route_prefix: str, app_dir: str) -> None:
     try:
         # Spawning the controller is not interrupted half-way (that could orphan it); a signal in
         # that window is acted on right after.
-        api.start()
+        api.start(http_options={"host": host, "port": port})
         from shoal import client as client_mod
 
         lost: list[bool] = []
@@ -211,7 +215,10 @@ def run(import_path: str, name: str, route_prefix: str, app_dir: str) -> None:
             _err(f"Error: {e}")
             code = 1
         else:
-            click.echo(f"Application '{name}' is RUNNING (ingress: {app.deployment.name}). Press Ctrl-C to stop.")
+            url = api.get_http_url()
+            where = f" at {url}{route_prefix if route_prefix != '/' else ''}" if url and route_prefix else ""
+            click.echo(f"Application '{name}' is RUNNING (ingress: {app.deployment.name}){where}. "
+                       "Press Ctrl-C to stop.")
             while not lost:
                 time.sleep(0.2)
             signals.defer_interrupt()

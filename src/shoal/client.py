@@ -78,6 +78,10 @@ class ClientHandler(RpcHandler):
     def notify_targets(self, conn: Connection, targets: DeploymentTargets) -> None:
         self.client._on_targets(targets)
 
+    def notify_routes(self, conn: Connection, payload: Any) -> None:
+        if self.client.on_routes is not None:
+            self.client.on_routes(*payload)
+
     def notify_log(self, conn: Connection, line: str) -> None:
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -97,6 +101,7 @@ class ServeClient:
         self.conn: Optional[Connection] = None
         self.closed = False
         self.on_controller_lost = None
+        self.on_routes = None  # set by an HTTP proxy: called with (routes, version)
         self._lock = threading.Lock()
         self._targets: dict[DeploymentID, DeploymentTargets] = {}
         self._routers: dict[DeploymentID, "weakref.WeakSet[Router]"] = {}

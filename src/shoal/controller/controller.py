@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from shoal.common import CONTROL_LOOP_INTERVAL_S, DeploymentID, DeploymentTargets
 from shoal.controller.deployment_state import DeploymentState, ReplicaRecord
+from shoal.controller.proxy_state import ProxyManager
+from shoal.http.routes import Route
 from shoal.controller.specs import ApplicationSpec
 from shoal.exceptions import RayServeException
 from shoal.runtime.base import Runtime
@@ -60,6 +62,7 @@ class Controller(RpcHandler):
         self._tasks: set[asyncio.Task] = set()
         self._last_pending_log: dict[DeploymentID, float] = {}
         self._status_waiters: list[asyncio.Future] = []
+        self.proxies = ProxyManager(self)
 
     # --- helpers used by deployment states ------------------------------------------------------
     def wake(self) -> None:
@@ -103,6 +106,7 @@ class Controller(RpcHandler):
                 pass
 
     def reconcile(self) -> None:
+        self.proxies.reconcile(self.shutting_down)
         for ds in list(self.deployments.values()):
             ds.reconcile()
             if ds.is_gone():
@@ -169,7 +173,10 @@ class Controller(RpcHandler):
         if role == "driver":
             if owner and self.owner is None:
                 self.owner = conn
-            return {"http_options": self.http_options}
+            self.proxies.configure(extra.get("http_options"))
+            return {"http_options": self.proxies.options}
+        if role == "proxy":
+            return self.proxies.hello(conn, extra["index"])
         if role == "replica":
             rec = self.replicas_by_uid.get(unique_id)
             if rec is None:
@@ -214,6 +221,7 @@ class Controller(RpcHandler):
             else:
                 ds.set_spec(dspec)
         app.deployment_names = new_names
+        self._publish_routes()
         self.status_changed()
 
     async def _wait_app_gone(self, name: str, timeout: float = 120) -> None:
@@ -221,14 +229,23 @@ class Controller(RpcHandler):
         while name in self.apps and time.monotonic() < deadline:
             await self._next_status_change(0.2)
 
+    def _publish_routes(self) -> None:
+        self.proxies.set_routes(sorted(
+            (Route(a.spec.route_prefix, a.spec.name, a.spec.ingress) for a in self.apps.values()
+             if not a.deleting and a.spec.route_prefix is not None),
+            key=lambda r: r.prefix))
+
     async def rpc_wait_for_app(self, conn: Connection, name: str, timeout: float = 3600) -> tuple:
-        """Return (status, message) once the app is RUNNING, failed, or gone."""
+        """Return (status, message) once the app is RUNNING (and proxies route to it), failed, or gone."""
         deadline = time.monotonic() + timeout
         while True:
             app = self.apps.get(name)
             if app is None:
                 return (ApplicationStatus.NOT_STARTED.value, f"Application '{name}' does not exist.")
-            if app.status in (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED):
+            if app.status == ApplicationStatus.RUNNING:
+                await self.proxies.wait_routes(min(10.0, max(0.0, deadline - time.monotonic())))
+                return (app.status.value, app.message)
+            if app.status == ApplicationStatus.DEPLOY_FAILED:
                 return (app.status.value, app.message)
             if time.monotonic() >= deadline:
                 return (app.status.value, app.message)
@@ -244,6 +261,7 @@ class Controller(RpcHandler):
                 ds = self.deployments.get(did)
                 if ds is not None:
                     ds.delete()
+        self._publish_routes()
         self.status_changed()
         if blocking:
             for name in names:
@@ -259,7 +277,22 @@ class Controller(RpcHandler):
                     deps[did.name] = DeploymentStatusOverview(ds.status, ds.trigger, ds.replica_state_counts(),
                                                               ds.message)
             apps[name] = ApplicationStatusOverview(app.status, app.message, app.last_deployed_time_s, deps)
-        return ServeStatus(proxies={}, applications=apps)
+        return ServeStatus(proxies=self.proxies.statuses(), applications=apps)
+
+    async def rpc_wait_for_proxies(self, conn: Connection, timeout: float = 60) -> tuple[bool, str]:
+        return await self.proxies.wait_ready(timeout)
+
+    async def rpc_http_url(self, conn: Connection) -> Optional[str]:
+        return self.proxies.url()
+
+    async def rpc_proxy_ready(self, conn: Connection, index: int, port: int) -> None:
+        self.proxies.ready(index, port)
+
+    async def rpc_proxy_failed(self, conn: Connection, index: int, error: str) -> None:
+        self.proxies.failed(index, error)
+
+    def notify_routes_ack(self, conn: Connection, version: int) -> None:
+        self.proxies.acked(conn, version)
 
     async def rpc_get_ingress(self, conn: Connection, app_name: str) -> str:
         app = self.apps.get(app_name)
@@ -284,9 +317,11 @@ class Controller(RpcHandler):
             return
         self.shutting_down = True
         await self.rpc_delete_apps(None, list(self.apps), blocking=True)  # type: ignore[arg-type]
+        self.proxies.stop()
         for rec in list(self.replicas_by_uid.values()):
             if rec.process is not None:
                 rec.process.kill()
+        await self.proxies.wait_exited(timeout=3.0)
         self.done.set()
 
     # --- calls from replicas --------------------------------------------------------------------
@@ -310,6 +345,7 @@ class Controller(RpcHandler):
         super().on_connection_lost(conn, exc)
         for subs in self.subscribers.values():
             subs.discard(conn)
+        self.proxies.on_disconnect(conn)
         rec = getattr(conn, "replica", None)
         if rec is not None:
             rec.conn = None

@@ -117,7 +117,10 @@ class DeploymentState:
         ]
 
     def targets(self) -> DeploymentTargets:
-        return DeploymentTargets(self.id, self.running_infos(), self.spec.config.max_queued_requests, exists=True)
+        cfg = self.spec.config
+        return DeploymentTargets(self.id, self.running_infos(), cfg.max_queued_requests, exists=True,
+                                 backpressure_status_code=cfg.backpressure_config.status_code,
+                                 backpressure_retry_after_s=cfg.backpressure_config.retry_after_s)
 
     def publish_if_changed(self) -> None:
         key = (tuple(r.replica_id.unique_id for r in self.running_infos()),

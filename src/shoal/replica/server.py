@@ -19,6 +19,7 @@ from typing import Any, Optional
 from shoal.common import ReplicaID
 from shoal.eager import start_eagerly
 from shoal.context import ReplicaContext, RequestContext, _request_context, _set_replica_context
+from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
 from shoal.transport import serialization as ser
 from shoal.transport.connection import Connection, serve_unix
@@ -40,6 +41,7 @@ class ReplicaServer:
         self.rejected: set[Connection] = set()
         self.stopping = False
         self.callable: Optional[UserCallable] = None
+        self.http: Optional[HTTPAdapter] = None
         self.idle = asyncio.Event()
         self.idle.set()
         self.loop = asyncio.get_event_loop()
@@ -62,7 +64,9 @@ class ReplicaServer:
             method, stream, model_id, request_id, args, kwargs = ser.loads(body)
             _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
             uc = self.callable
-            if stream:
+            if method == HTTP_METHOD:
+                await self.http.handle(conn, rid, *args)  # type: ignore[union-attr]
+            elif stream:
                 async for item in uc.call_stream(method, args, kwargs):  # type: ignore[union-attr]
                     conn.reply(Kind.ITEM, rid, ser.dumps(item))
                 conn.reply(Kind.END, rid)
@@ -91,6 +95,11 @@ class ReplicaServer:
 
     def on_notify(self, conn: Connection, topic: str, payload: Any) -> None:
         pass
+
+    def on_push(self, conn: Connection, rid: int, body: bytes) -> None:
+        inbox = conn.inboxes.get(rid)
+        if inbox is not None:
+            inbox.push(ser.loads(body))
 
     def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
         self.rejected.discard(conn)
@@ -166,6 +175,7 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
         _set_replica_context(ReplicaContext(replica_id, uc.obj, server.config))
         await uc.reconfigure(server.config.user_config)
         server.callable = uc
+        server.http = HTTPAdapter(uc)
     except BaseException as e:  # noqa: BLE001 - report the traceback to the controller
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         sys.stderr.write(tb)

@@ -130,6 +130,8 @@ class Router:
         self.ready: list[ReplicaEntry] = []
         self.pending: deque = deque()
         self.max_queued_requests = -1
+        self.backpressure_status_code = 503
+        self.backpressure_retry_after_s: Optional[float] = None
         self.exists: Optional[bool] = None
         self.closed = False
         self.policy = PowerOfTwoChoicesRequestRouter()
@@ -261,6 +263,8 @@ class Router:
         """Apply the replica set the controller published. Runs on `self.loop`."""
         self.exists = targets.exists
         self.max_queued_requests = targets.max_queued_requests
+        self.backpressure_status_code = targets.backpressure_status_code
+        self.backpressure_retry_after_s = targets.backpressure_retry_after_s
         if not targets.exists:
             for entry in list(self.entries.values()):
                 self._retire(entry)

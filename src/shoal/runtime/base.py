@@ -85,6 +85,10 @@ class Runtime(ABC):
     def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess: ...
 
     @abstractmethod
+    def launch_proxy(self, index: int) -> ReplicaProcess:
+        """Start HTTP proxy number `index` (it fetches its options from the controller)."""
+
+    @abstractmethod
     def capacity(self) -> dict[str, float]:
         """Total resources, for status messages."""
 

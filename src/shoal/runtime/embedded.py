@@ -156,6 +156,21 @@ class EmbeddedRuntime(Runtime):
     def replica_address(self, replica_id: ReplicaID) -> str:
         return os.path.join(self.session_dir, "r", replica_id.unique_id + ".sock")
 
+    def _spawn(self, args: list[str], env: dict, log_file: str, prefix_fmt: str) -> EmbeddedReplicaProcess:
+        popen = subprocess.Popen([sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        tail: deque = deque(maxlen=40)
+        log = open(log_file, "a", encoding="utf-8")
+        loop = asyncio.get_running_loop()
+        prefix = prefix_fmt.format(pid=popen.pid)
+        loop.create_task(loop.connect_read_pipe(lambda: _LogPump(prefix, log, tail), popen.stdout))
+        return EmbeddedReplicaProcess(popen, log_file, tail)
+
+    def launch_proxy(self, index: int) -> ReplicaProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return self._spawn(["shoal.http.proxy", self.session_dir, str(index)], env,
+                           os.path.join(self.logs_dir, f"proxy_{index}.log"), f"(proxy {index} pid={{pid}})")
+
     def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
@@ -165,14 +180,5 @@ class EmbeddedRuntime(Runtime):
             env["CUDA_VISIBLE_DEVICES"] = ""  # a replica that asked for no GPU gets none
         d = replica_id.deployment_id
         log_file = os.path.join(self.logs_dir, f"replica_{d.app_name}_{d.name}_{replica_id.unique_id}.log")
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "shoal.replica.server", self.session_dir, replica_id.unique_id],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        tail: deque = deque(maxlen=40)
-        prefix = f"({d.app_name}/{d.name} replica={replica_id.unique_id} pid={popen.pid})"
-        log = open(log_file, "a", encoding="utf-8")
-        loop = asyncio.get_running_loop()
-        loop.create_task(loop.connect_read_pipe(lambda: _LogPump(prefix, log, tail), popen.stdout))
-        return EmbeddedReplicaProcess(popen, log_file, tail)
+        return self._spawn(["shoal.replica.server", self.session_dir, replica_id.unique_id], env, log_file,
+                           f"({d.app_name}/{d.name} replica={replica_id.unique_id} pid={{pid}})")

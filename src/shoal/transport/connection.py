@@ -93,6 +93,7 @@ class Connection(asyncio.BufferedProtocol):
         self.sock = None  # the socket, when we made it (connect_unix)
         # Per-request state a server keeps for this peer (e.g. running tasks to cancel).
         self.tasks: dict[int, asyncio.Task] = {}
+        self.inboxes: dict[int, Any] = {}  # requests that take pushed messages (WebSockets)
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,6 +157,8 @@ class Connection(asyncio.BufferedProtocol):
         elif kind == Kind.CAPACITY:
             if self.on_capacity is not None:
                 self.on_capacity(self)
+        elif kind == Kind.PUSH:
+            self.handler.on_push(self, rid, body)  # type: ignore[union-attr]
         else:
             sink = self.sinks.get(rid)
             if sink is None:
@@ -215,6 +218,10 @@ class Connection(asyncio.BufferedProtocol):
         self.sinks[rid] = sink
         self.send(pack(Kind.REQUEST, rid, body))
         return rid
+
+    def push(self, rid: int, message: Any) -> None:
+        """Send a message into a running request (the peer's `on_push`)."""
+        self.send(pack(Kind.PUSH, rid, ser.dumps(message)))
 
     def cancel(self, rid: int) -> None:
         self.sinks.pop(rid, None)

@@ -24,6 +24,7 @@ class Kind(IntEnum):
     REJECT = 7        # server -> caller: replica at max_ongoing_requests; body = its ongoing count
     CAPACITY = 8      # server -> caller: a replica that rejected you has room again (id 0)
     NOTIFY = 9        # either way: one-way message, body = (topic, payload)
+    PUSH = 10         # caller -> server: a message into a running request (WebSocket frames)
 
 
 def pack(kind: int, rid: int, body: bytes = b"") -> bytes:

@@ -1,0 +1,192 @@
+"""The HTTP proxies the controller runs: start, restart, route table distribution, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from shoal.http.routes import Route
+from shoal.status import ProxyStatus
+
+if TYPE_CHECKING:
+    from shoal.controller.controller import Controller
+    from shoal.runtime.base import ReplicaProcess
+    from shoal.transport.connection import Connection
+
+logger = logging.getLogger("shoal.controller")
+RESTART_BACKOFF_S = 1.0
+
+
+@dataclass
+class ProxyRecord:
+    index: int
+    process: Optional["ReplicaProcess"] = None
+    conn: Optional["Connection"] = None
+    status: ProxyStatus = ProxyStatus.STARTING
+    port: int = 0
+    error: str = ""
+    acked_version: int = -1
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class ProxyManager:
+    def __init__(self, controller: "Controller"):
+        self.controller = controller
+        self.options: Optional[dict] = None
+        self.proxies: dict[int, ProxyRecord] = {}
+        self.routes: list[Route] = []
+        self.version = 0
+        self.port = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return self.options is not None and self.options.get("proxy_location", "EveryNode") != "Disabled"
+
+    def configure(self, http_options: Optional[dict]) -> None:
+        """Set options once (the first driver's) and start the proxies."""
+        if self.options is not None or http_options is None:
+            return
+        self.options = http_options
+        if not self.enabled:
+            return
+        self.port = int(http_options.get("port", 8000))
+        n = int(http_options.get("num_proxies", 1))
+        # With port 0 the first proxy picks the port; the others share it once it is known.
+        first = [0] if self.port == 0 and n > 1 else range(n)
+        for i in first:
+            self._launch(i)
+
+    def _launch(self, index: int) -> None:
+        rec = self.proxies.get(index) or ProxyRecord(index)
+        rec.status, rec.error, rec.conn, rec.started_at = ProxyStatus.STARTING, "", None, time.monotonic()
+        rec.process = self.controller.runtime.launch_proxy(index)
+        self.proxies[index] = rec
+
+    def hello(self, conn: "Connection", index: int) -> dict:
+        rec = self.proxies[index]
+        rec.conn = conn
+        conn.proxy = rec  # type: ignore[attr-defined]
+        conn.notify("routes", (self.routes, self.version))
+        return {"http_options": self.options, "port": self.port,
+                "num_proxies": int(self.options.get("num_proxies", 1)) if self.options else 1}
+
+    def ready(self, index: int, port: int) -> None:
+        rec = self.proxies[index]
+        rec.status, rec.port = ProxyStatus.HEALTHY, port
+        if self.port == 0:
+            self.port = port
+            for i in range(1, int(self.options.get("num_proxies", 1))):  # type: ignore[union-attr]
+                if i not in self.proxies:
+                    self._launch(i)
+        self._signal()
+
+    def failed(self, index: int, error: str) -> None:
+        rec = self.proxies[index]
+        rec.status, rec.error = ProxyStatus.UNHEALTHY, error
+        logger.error("HTTP proxy %d failed: %s", index, error)
+        self._signal()
+
+    def acked(self, conn: "Connection", version: int) -> None:
+        rec = getattr(conn, "proxy", None)
+        if rec is not None:
+            rec.acked_version = max(rec.acked_version, version)
+            self._signal()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self.controller.status_changed()
+
+    def set_routes(self, routes: list[Route]) -> None:
+        if routes == self.routes:
+            return
+        self.routes = routes
+        self.version += 1
+        for rec in self.proxies.values():
+            if rec.conn is not None:
+                rec.conn.notify("routes", (routes, self.version))
+
+    def routes_applied(self) -> bool:
+        """Every healthy proxy has the current route table."""
+        return all(r.acked_version >= self.version for r in self.proxies.values()
+                   if r.status == ProxyStatus.HEALTHY)
+
+    async def wait_ready(self, timeout: float) -> tuple[bool, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.enabled:
+                return True, ""
+            errors = [r.error for r in self.proxies.values() if r.status == ProxyStatus.UNHEALTHY]
+            if errors:
+                return False, errors[0]
+            n = int(self.options.get("num_proxies", 1))  # type: ignore[union-attr]
+            healthy = [r for r in self.proxies.values() if r.status == ProxyStatus.HEALTHY]
+            if len(healthy) >= n:
+                return True, ""
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False, "the HTTP proxy did not start in time"
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_routes(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.routes_applied() and time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    def reconcile(self, shutting_down: bool) -> None:
+        for rec in list(self.proxies.values()):
+            code = rec.process.exit_code() if rec.process is not None else None
+            if code is None or shutting_down:
+                continue
+            if rec.status == ProxyStatus.UNHEALTHY and rec.error:
+                continue  # could not bind: restarting will not help
+            if time.monotonic() - rec.started_at < RESTART_BACKOFF_S:
+                continue
+            out = rec.process.recent_output().strip()[-2000:] if rec.process else ""
+            logger.warning("HTTP proxy %d exited with code %s; restarting it.%s", rec.index, code,
+                           f" Its last output:\n{out}" if out else "")
+            self._launch(rec.index)
+
+    def on_disconnect(self, conn: "Connection") -> None:
+        rec = getattr(conn, "proxy", None)
+        if rec is not None and rec.status == ProxyStatus.HEALTHY:
+            rec.status = ProxyStatus.UNHEALTHY
+            rec.conn = None
+
+    def stop(self) -> None:
+        for rec in self.proxies.values():
+            if rec.process is not None:
+                rec.process.terminate()
+
+    async def wait_exited(self, timeout: float) -> None:
+        """Wait for stopped proxies to exit (so their port is free), killing stragglers."""
+        deadline = time.monotonic() + timeout
+        procs = [r.process for r in self.proxies.values() if r.process is not None]
+        while any(p.exit_code() is None for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for p in procs:
+            if p.exit_code() is None:
+                p.kill()
+        while any(p.exit_code() is None for p in procs) and time.monotonic() < deadline + 2:
+            await asyncio.sleep(0.01)
+
+    def statuses(self) -> dict[str, ProxyStatus]:
+        return {f"local:{r.index}": r.status for r in self.proxies.values()}
+
+    def url(self) -> Optional[str]:
+        if not self.enabled or not self.port:
+            return None
+        host = self.options.get("host", "127.0.0.1")  # type: ignore[union-attr]
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.port}"

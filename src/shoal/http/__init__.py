@@ -1,0 +1,1 @@
+"""HTTP ingress: the proxy process, route matching, and request/response conversion."""

@@ -1,0 +1,408 @@
+"""The HTTP proxy: a plain ASGI app on uvicorn that forwards each request straight to a replica.
+
+Run by the controller as `python -m shoal.http.proxy SESSION_DIR INDEX`. It learns the route table
+from the controller, matches the longest route prefix, and sends the request through a router on
+its own event loop to a replica of the application's ingress deployment. Requests never pass
+through the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from typing import Any, Optional
+
+from shoal.common import SERVE_HTTP_REQUEST_ID_HEADER, SERVE_MULTIPLEXED_MODEL_ID, DeploymentID
+from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from shoal.http.routes import Route, RouteTable
+from shoal.replica.http_adapter import HTTP_METHOD
+
+logger = logging.getLogger("shoal.proxy")
+
+_REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
+_MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-"
+_WATCH_DISCONNECT_AFTER_S = 0.05
+
+
+class HTTPCall:
+    """One forwarded HTTP request, as the router sees it (same interface as a DeploymentResponse)."""
+
+    method_name = HTTP_METHOD
+    stream = True
+    kwargs: dict = {}
+    _sync_loop = None
+
+    __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
+                 "items", "finished", "_waiter", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, scope: dict, body: bytes, model_id: str, request_id: str):
+        self.loop = loop
+        self.args = (scope, body)
+        self.multiplexed_model_id = model_id
+        self.request_id = request_id
+        self._cancelled = False
+        self._call = None
+        self.result: Any = None
+        self.exc: Optional[BaseException] = None
+        self.items: deque = deque()
+        self.finished = False
+        self._waiter: Optional[asyncio.Future] = None
+
+    # Router-facing: called on this loop.
+    def _complete(self, value: Any = None, exc: Optional[BaseException] = None) -> None:
+        if self.finished:
+            return
+        self.result, self.exc, self.finished = value, exc, True
+        self._wake()
+
+    def _push(self, item: Any) -> None:
+        self.items.append(item)
+        self._wake()
+
+    def _done(self) -> bool:
+        return self.finished
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait(self) -> None:
+        """Until an item or the end arrives."""
+        if self.items or self.finished:
+            return
+        self._waiter = self.loop.create_future()
+        await self._waiter
+        self._waiter = None
+
+
+class ProxyApp:
+    """The ASGI app uvicorn serves."""
+
+    def __init__(self, client: Any, options: dict):
+        self.client = client
+        self.options = options
+        self.routes = RouteTable()
+        self.routes_ready = False
+        self.routers: dict[DeploymentID, Any] = {}
+        self.timeout_s: Optional[float] = options.get("request_timeout_s")
+        self.max_body = options.get("max_request_body_bytes") or 0
+        self.loop = asyncio.get_event_loop()
+
+    def set_routes(self, routes: list[Route]) -> None:
+        self.routes = RouteTable(routes)
+        self.routes_ready = True
+
+    def _router(self, route: Route) -> Any:
+        did = DeploymentID(route.ingress, route.app_name)
+        router = self.routers.get(did)
+        if router is None or router.closed:
+            router = self.routers[did] = self.client.get_router(did, self.loop)
+        return router
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        t = scope["type"]
+        if t == "http":
+            await self.http(scope, receive, send)
+        elif t == "websocket":
+            await self.websocket(scope, receive, send)
+        elif t == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if path.startswith("/-/"):
+            if path == "/-/healthz":
+                if self.routes_ready:
+                    return await _respond(send, 200, b"success")
+                return await _respond(send, 503, b"Route table is not populated yet.")
+            if path == "/-/routes":
+                body = json.dumps(self.routes.as_dict()).encode()
+                return await _respond(send, 200, body, [(b"content-type", b"application/json")])
+        route = self.routes.match(path)
+        if route is None:
+            return await _respond(send, 404, (
+                f"Path '{path}' not found. Ping http://{scope['server'][0]}:{scope['server'][1]}/-/routes "
+                "for available routes.").encode() if scope.get("server") else
+                f"Path '{path}' not found. Ping /-/routes for available routes.".encode())
+        request_id = ""
+        model_id = ""
+        for k, v in scope["headers"]:
+            if k == _REQUEST_ID_HEADER:
+                request_id = v.decode("latin-1")
+            elif k == _MODEL_ID_HEADER:
+                model_id = v.decode("latin-1")
+        if not request_id:
+            request_id = _ID_PREFIX + str(next(_ids))
+        rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
+        # The whole body, within the configured limit.
+        msg = await receive()
+        body = msg.get("body", b"")
+        if msg.get("more_body"):
+            chunks = [body]
+            size = len(body)
+            while msg.get("more_body"):
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if self.max_body and size > self.max_body:
+                    return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes."
+                                          .encode(), extra=[rid_header])
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        elif msg["type"] == "http.disconnect":
+            return
+        if self.max_body and len(body) > self.max_body:
+            return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
+                                  extra=[rid_header])
+        call = HTTPCall(self.loop, _scope_for_replica(scope, route), body, model_id, request_id)
+        router = self._router(route)
+        router.assign(call)
+        await self._relay(call, router, receive, send, rid_header)
+
+    async def _relay(self, call: HTTPCall, router: Any, receive: Any, send: Any, rid_header: tuple) -> None:
+        loop = self.loop
+        state = {"timed_out": False, "disconnected": False}
+        watcher: list = []
+
+        def watch() -> None:
+            watcher.append(loop.create_task(_watch_disconnect(receive, call, state)))
+
+        def on_timeout() -> None:
+            state["timed_out"] = True
+            call._cancelled = True
+            router.cancel(call)
+
+        watch_handle = loop.call_later(_WATCH_DISCONNECT_AFTER_S, watch)
+        timeout_handle = loop.call_later(self.timeout_s, on_timeout) if self.timeout_s else None
+        started = False
+        try:
+            while True:
+                if not call.items and not call.finished:
+                    await call.wait()
+                if call.items:
+                    item = call.items.popleft()
+                    if not started:
+                        status, headers = item
+                        await send({"type": "http.response.start", "status": status,
+                                    "headers": headers + [rid_header]})
+                        started = True
+                    else:
+                        await send({"type": "http.response.body", "body": item, "more_body": True})
+                    continue
+                break  # finished and drained
+            exc = call.exc
+            if exc is None:
+                if started:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                elif call.result is not None:
+                    status, headers, body = call.result
+                    await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
+                    await send({"type": "http.response.body", "body": body})
+                else:
+                    await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
+                return
+            if started:
+                raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
+            await self._error_response(exc, call, router, send, rid_header, state)
+        finally:
+            watch_handle.cancel()
+            if timeout_handle is not None:
+                timeout_handle.cancel()
+            for task in watcher:
+                task.cancel()
+
+    async def _error_response(self, exc: BaseException, call: HTTPCall, router: Any, send: Any,
+                              rid_header: tuple, state: dict) -> None:
+        if state["timed_out"]:
+            return await _respond(send, 408, f"Request {call.request_id} timed out after {self.timeout_s}s."
+                                  .encode(), extra=[rid_header])
+        if isinstance(exc, RequestCancelledError):
+            return  # the client went away
+        if isinstance(exc, BackPressureError):
+            status = getattr(router, "backpressure_status_code", 503) or 503
+            extra = [rid_header]
+            retry = getattr(router, "backpressure_retry_after_s", None)
+            if retry is not None:
+                extra.append((b"retry-after", str(int(retry) if float(retry).is_integer() else retry).encode()))
+            return await _respond(send, status, exc.message.encode(), extra=extra)
+        if isinstance(exc, DeploymentUnavailableError):
+            return await _respond(send, 503, str(exc).encode(), extra=[rid_header])
+        logger.warning("request %s failed in the replica: %s: %s", call.request_id, type(exc).__name__, exc)
+        await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
+
+    # --- WebSocket -----------------------------------------------------------------------------
+    async def websocket(self, scope: dict, receive: Any, send: Any) -> None:
+        route = self.routes.match(scope["path"])
+        if route is None:
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        call = HTTPCall(self.loop, _scope_for_replica(scope, route), b"", "", _ID_PREFIX + str(next(_ids)))
+        router = self._router(route)
+        router.assign(call)
+        pump = self.loop.create_task(self._pump_client(call, receive))
+        try:
+            while True:
+                if not call.items and not call.finished:
+                    await call.wait()
+                if call.items:
+                    await send(call.items.popleft())
+                    continue
+                break
+        finally:
+            pump.cancel()
+            if not call.finished:
+                router.cancel(call)
+
+    async def _pump_client(self, call: HTTPCall, receive: Any) -> None:
+        """Client messages into the replica's `receive()`."""
+        while True:
+            msg = await receive()
+            while call._call is None and not call.finished:
+                await asyncio.sleep(0.001)  # not yet sent to a replica
+            if call.finished:
+                return
+            c = call._call
+            c.entry.conn.push(c.rid, msg)
+            if msg["type"] == "websocket.disconnect":
+                return
+
+
+async def _watch_disconnect(receive: Any, call: HTTPCall, state: dict) -> None:
+    """Cancel the call (in the replica and downstream) when the client goes away."""
+    while not call.finished:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            state["disconnected"] = True
+            if not call.finished:
+                call._cancelled = True
+                call.loop.call_soon(_cancel_call, call)
+            return
+
+
+def _cancel_call(call: HTTPCall) -> None:
+    c = call._call
+    if c is not None:
+        c.router.cancel(call)
+    else:
+        call._complete(exc=RequestCancelledError(call.request_id))
+
+
+def _scope_for_replica(scope: dict, route: Route) -> dict:
+    """The plain-data part of the ASGI scope; the route prefix becomes `root_path`."""
+    prefix = "" if route.prefix == "/" else route.prefix
+    out = {
+        "type": scope["type"],
+        "asgi": {"version": "3.0", "spec_version": scope.get("asgi", {}).get("spec_version", "2.3")},
+        "http_version": scope.get("http_version", "1.1"),
+        "scheme": scope.get("scheme", "http"),
+        "path": scope["path"],
+        "raw_path": scope.get("raw_path"),
+        "query_string": scope.get("query_string", b""),
+        "root_path": scope.get("root_path", "") + prefix,
+        "headers": scope["headers"],
+        "client": scope.get("client"),
+        "server": scope.get("server"),
+    }
+    if scope["type"] == "http":
+        out["method"] = scope["method"]
+    else:
+        out["subprotocols"] = scope.get("subprotocols", [])
+    return out
+
+
+async def _respond(send: Any, status: int, body: bytes, headers: Optional[list] = None,
+                   extra: Optional[list] = None) -> None:
+    h = list(headers or _TEXT) + [(b"content-length", str(len(body)).encode())] + list(extra or ())
+    await send({"type": "http.response.start", "status": status, "headers": h})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def run_proxy(session_dir: str, index: int) -> None:
+    import uvicorn
+
+    from shoal.client import ServeClient, set_global_client
+
+    loop = asyncio.get_running_loop()
+    client = ServeClient(loop, session_dir)
+    set_global_client(client)
+    app_holder: dict = {}
+
+    class _Control:
+        """Control calls and notifications from the controller."""
+
+        def __getattr__(self, name: str) -> Any:
+            raise AttributeError(name)
+
+    info = await client.connect("proxy", extra_handler=_Control(), index=index)
+    options = info["http_options"]
+    app = ProxyApp(client, options)
+    app_holder["app"] = app
+    client.on_routes = lambda routes, version: (app.set_routes(routes), client.conn.notify("routes_ack", version))
+    client.on_controller_lost = lambda: os._exit(0)
+    try:
+        sock = _listen_socket(options["host"], info["port"], reuse_port=info["num_proxies"] > 1)
+    except OSError as e:
+        await client.conn.call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
+        os._exit(1)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, loop="none", http="httptools", ws="auto", lifespan="off",
+                            access_log=False, log_level="warning",
+                            timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
+                            root_path=options.get("root_path") or "")
+    server = uvicorn.Server(config)
+    serving = loop.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.005)
+    if serving.done():
+        await client.conn.call("proxy_failed", index, f"uvicorn exited: {serving.exception()!r}")
+        os._exit(1)
+    await client.conn.call("proxy_ready", index, port)
+    await serving
+
+
+def main() -> None:
+    session_dir, index = sys.argv[1], int(sys.argv[2])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
+    from shoal.client import new_event_loop
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(run_proxy(session_dir, index))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""HTTP options that need their own instance: request timeout, body limit, several proxies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from shoal import serve
+from shoal.api import get_http_url
+
+from conftest import wait_for
+from test_handles import Signal
+
+
+@pytest.fixture(scope="module")
+def limited():
+    serve.shutdown()
+    serve.start(http_options={"port": 0, "request_timeout_s": 1, "max_request_body_bytes": 1000,
+                              "num_proxies": 2})
+    yield get_http_url()
+    serve.shutdown()
+
+
+def test_request_timeout_is_408_and_cancels(limited):
+    sig = serve.run(Signal.bind(), name="signal", route_prefix=None)
+
+    @serve.deployment
+    class Slow:
+        def __init__(self, sig):
+            self.sig = sig
+            self.cancelled = 0
+
+        async def __call__(self, request):
+            try:
+                await self.sig.wait.remote()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+        def num_cancelled(self):
+            return self.cancelled
+
+    h = serve.run(Slow.bind(sig), name="slow", route_prefix="/slow")
+    r = httpx.get(limited + "/slow", timeout=30)
+    assert r.status_code == 408
+    assert "timed out after 1" in r.text and r.headers["x-request-id"] in r.text
+    wait_for(lambda: h.num_cancelled.remote().result() == 1, what="the timed-out request to be cancelled")
+    serve.delete("slow")
+    serve.delete("signal")
+
+
+def test_body_over_limit_is_413(limited):
+    @serve.deployment
+    class Size:
+        async def __call__(self, request):
+            return len(await request.body())
+
+    serve.run(Size.bind(), name="size", route_prefix="/size")
+    assert httpx.post(limited + "/size", content=b"x" * 1000).text == "1000"
+    r = httpx.post(limited + "/size", content=b"x" * 1001)
+    assert r.status_code == 413 and "1000 bytes" in r.text
+    # Sent in chunks (no content-length up front), the limit still holds.
+    r = httpx.post(limited + "/size", content=iter([b"x" * 600, b"x" * 600]))
+    assert r.status_code == 413
+    serve.delete("size")
+
+
+def test_several_proxies_share_the_port(limited):
+    @serve.deployment
+    class Hi:
+        def __call__(self, request):
+            return "hi"
+
+    serve.run(Hi.bind(), name="hi", route_prefix="/hi")
+    proxies = serve.status().proxies
+    assert len(proxies) == 2 and all(s == serve.ProxyStatus.HEALTHY for s in proxies.values())
+    # New connections are spread over both processes by the kernel; each must route.
+    assert all(httpx.get(limited + "/hi").text == "hi" for _ in range(20))
+    serve.delete("hi")

@@ -39,6 +39,7 @@ class HTTPCall:
 
     method_name = HTTP_METHOD
     stream = True
+    plain_args = True  # scope and body are builtin data: the C pickler suffices
     kwargs: dict = {}
     _sync_loop = None
 
@@ -378,7 +379,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
         os._exit(1)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, loop="none", http="httptools", ws="auto", lifespan="off",
-                            access_log=False, log_level="warning",
+                            access_log=False, log_level="warning", proxy_headers=False, server_header=False,
                             timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
                             root_path=options.get("root_path") or "")
     server = uvicorn.Server(config)

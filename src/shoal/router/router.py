@@ -196,11 +196,15 @@ class Router:
 
     def _send(self, entry: ReplicaEntry, resp) -> None:
         try:
-            body = ser.dumps_call_args(
-                resp.args, resp.kwargs,
-                f"the call to method '{resp.method_name}' of deployment '{self.deployment_id.name}'",
-                (resp.method_name, resp.stream, resp.multiplexed_model_id, resp.request_id),
-            )
+            if getattr(resp, "plain_args", False):
+                body = ser.pickle.dumps((resp.method_name, resp.stream, resp.multiplexed_model_id, resp.request_id,
+                                         resp.args, resp.kwargs), ser.PROTOCOL)
+            else:
+                body = ser.dumps_call_args(
+                    resp.args, resp.kwargs,
+                    f"the call to method '{resp.method_name}' of deployment '{self.deployment_id.name}'",
+                    (resp.method_name, resp.stream, resp.multiplexed_model_id, resp.request_id),
+                )
         except BaseException as e:  # noqa: BLE001
             resp._complete(exc=e)
             return

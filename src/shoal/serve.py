@@ -20,6 +20,7 @@ from shoal.exceptions import (
     RequestCancelledError,
 )
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal.http.ingress import ingress
 from shoal.status import (
     ApplicationStatus,
     DeploymentStatus,
@@ -35,6 +36,6 @@ __all__ = [
     "DeploymentStatus", "DeploymentStatusTrigger", "DeploymentUnavailableError", "HTTPOptions",
     "LoggingConfig", "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError",
     "ReplicaState", "RequestCancelledError", "RequestRouterConfig", "ServeStatus", "delete", "deployment",
-    "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "run",
+    "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "ingress", "run",
     "shutdown", "start", "status",
 ]

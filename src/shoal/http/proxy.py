@@ -278,6 +278,8 @@ class ProxyApp:
         """Client messages into the replica's `receive()`."""
         while True:
             msg = await receive()
+            if msg["type"] == "websocket.connect":
+                continue  # the replica's receive() starts with its own connect message
             while call._call is None and not call.finished:
                 await asyncio.sleep(0.001)  # not yet sent to a replica
             if call.finished:

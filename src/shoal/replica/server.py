@@ -19,6 +19,7 @@ from typing import Any, Optional
 from shoal.common import ReplicaID
 from shoal.eager import start_eagerly
 from shoal.context import ReplicaContext, RequestContext, _request_context, _set_replica_context
+from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
 from shoal.transport import serialization as ser
@@ -42,6 +43,7 @@ class ReplicaServer:
         self.stopping = False
         self.callable: Optional[UserCallable] = None
         self.http: Optional[HTTPAdapter] = None
+        self.ingress: Optional[ASGIIngress] = None
         self.idle = asyncio.Event()
         self.idle.set()
         self.loop = asyncio.get_event_loop()
@@ -131,6 +133,11 @@ class ReplicaServer:
         asyncio.get_running_loop().call_later(0.01, _exit, 0)
 
     async def _teardown(self) -> None:
+        if self.ingress is not None:
+            try:
+                await self.ingress.shutdown()
+            except Exception:  # noqa: BLE001
+                logger.exception("lifespan shutdown of %s raised", self._where)
         if self.callable is not None:
             try:
                 await self.callable.teardown()
@@ -175,7 +182,12 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
         _set_replica_context(ReplicaContext(replica_id, uc.obj, server.config))
         await uc.reconfigure(server.config.user_config)
         server.callable = uc
-        server.http = HTTPAdapter(uc)
+        asgi_app = None
+        if is_ingress(uc.obj):  # @serve.ingress: the ASGI app serves HTTP, bound to this instance
+            server.ingress = await ASGIIngress.create(uc.obj)
+            await server.ingress.startup()
+            asgi_app = server.ingress.app
+        server.http = HTTPAdapter(uc, asgi_app)
     except BaseException as e:  # noqa: BLE001 - report the traceback to the controller
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         sys.stderr.write(tb)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle clean
+.PHONY: install test test-fast serve bench bench-handle bench-http clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ test-fast: install
 serve: install
 	$(VENV)/bin/shoal run examples.composition:app
 
-bench: bench-handle
+bench: bench-handle bench-http
 
 bench-handle: install
-	$(PY) benchmarks/handle_bench.py
+	$(PY) benchmarks/handle_bench.py --rounds 3
+
+bench-http: install
+	bash benchmarks/ensure_wrk.sh
+	$(PY) benchmarks/http_bench.py --rounds 3
 
 clean:
 	rm -rf $(VENV) .venv-ray build dist src/*.egg-info

@@ -1,6 +1,7 @@
 """Model composition: a pipeline that retrieves documents, then generates an answer from them.
 
-Run it with `shoal run examples.composition:app`, or from Python:
+Run it with `shoal run examples.composition:app` and ask over HTTP
+(`curl 'http://127.0.0.1:8000/?query=what+do+fish+eat'`), or from Python:
 
     from shoal import serve
     from examples.composition import app
@@ -39,7 +40,9 @@ class RAGPipeline:
         self.retriever = retriever
         self.generator = generator
 
-    async def __call__(self, query: str) -> str:
+    async def __call__(self, query) -> str:
+        if hasattr(query, "query_params"):  # over HTTP: GET /?query=...
+            query = query.query_params.get("query", "")
         docs = await self.retriever.retrieve.remote(query)
         return await self.generator.generate.remote(docs, query)
 

@@ -18,7 +18,7 @@ from test_handles import Signal
 def limited():
     serve.shutdown()
     serve.start(http_options={"port": 0, "request_timeout_s": 1, "max_request_body_bytes": 1000,
-                              "num_proxies": 2})
+                              "num_proxies": 2, "root_path": "/base"})
     yield get_http_url()
     serve.shutdown()
 
@@ -65,6 +65,17 @@ def test_body_over_limit_is_413(limited):
     r = httpx.post(limited + "/size", content=iter([b"x" * 600, b"x" * 600]))
     assert r.status_code == 413
     serve.delete("size")
+
+
+def test_root_path_is_prepended_for_apps_behind_a_reverse_proxy(limited):
+    @serve.deployment
+    class Where:
+        def __call__(self, request):
+            return {"path": request.url.path, "root_path": request.scope["root_path"]}
+
+    serve.run(Where.bind(), name="where", route_prefix="/rp")
+    assert httpx.get(limited + "/rp/x").json() == {"path": "/base/rp/x", "root_path": "/base/rp"}
+    serve.delete("where")
 
 
 def test_several_proxies_share_the_port(limited):

@@ -137,7 +137,8 @@ class ProxyApp:
             if path == "/-/routes":
                 body = json.dumps(self.routes.as_dict()).encode()
                 return await _respond(send, 200, body, [(b"content-type", b"application/json")])
-        route = self.routes.match(path)
+        root = scope.get("root_path")
+        route = self.routes.match(path[len(root):] if root and path.startswith(root) else path)
         if route is None:
             return await _respond(send, 404, (
                 f"Path '{path}' not found. Ping http://{scope['server'][0]}:{scope['server'][1]}/-/routes "

@@ -359,9 +359,9 @@ def test_blocking_run_shuts_down_on_sigterm(tmp_path):
     script.write_text(textwrap.dedent(f"""
         from shoal import serve
 
-        @serve.deployment
+        @serve.deployment(health_check_period_s=0.1)
         class D:
-            def __init__(self):
+            def check_health(self):  # runs once the replica is RUNNING
                 open({str(started)!r}, "w").write("up")
 
             def __del__(self):

@@ -141,39 +141,59 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
 
         return run_local(target, name)
     spec = build_app_spec(target, name, route_prefix)
-    start()
-    client = client_mod.get_global_client()
-    client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
-    status, message = client.call_sync("wait_for_app", name)  # type: ignore[union-attr]
-    if status == ApplicationStatus.DEPLOY_FAILED.value:
-        raise DeployFailedError(f"Application '{name}' failed to deploy:\n{message}")
-    if status != ApplicationStatus.RUNNING.value:
-        raise RayServeException(f"Application '{name}' did not reach RUNNING (status {status}): {message}")
-    handle = DeploymentHandle(spec.ingress, name)
-    if blocking:
+    if not blocking:
+        return _deploy(spec)
+    with _SigtermAsInterrupt():  # installed first: a SIGTERM during the deploy also shuts down cleanly
+        try:
+            handle = _deploy(spec)
+        except KeyboardInterrupt:
+            shutdown()
+            return DeploymentHandle(spec.ingress, name)
         _block_until_interrupted()
     return handle
 
 
+def _deploy(spec: ApplicationSpec) -> DeploymentHandle:
+    start()
+    client = client_mod.get_global_client()
+    client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
+    status, message = client.call_sync("wait_for_app", spec.name)  # type: ignore[union-attr]
+    if status == ApplicationStatus.DEPLOY_FAILED.value:
+        raise DeployFailedError(f"Application '{spec.name}' failed to deploy:\n{message}")
+    if status != ApplicationStatus.RUNNING.value:
+        raise RayServeException(f"Application '{spec.name}' did not reach RUNNING (status {status}): {message}")
+    return DeploymentHandle(spec.ingress, spec.name)
+
+
+class _SigtermAsInterrupt:
+    """While serving in the foreground, SIGTERM stops shoal as Ctrl-C does (replicas drain)."""
+
+    def __enter__(self) -> "_SigtermAsInterrupt":
+        import signal
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigterm(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt
+
+            self.previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def _block_until_interrupted() -> None:
-    """Serve until Ctrl-C or SIGTERM, then shut down cleanly (replicas drain and run `__del__`)."""
-    import signal
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly."""
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         logger.info("Got a signal to stop; shutting down shoal.")
         shutdown()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def shutdown() -> None:

@@ -37,7 +37,7 @@ class RunningReplicaInfo:
     address: str
     max_ongoing_requests: int
     node_id: str = "local"
-    multiplexed_model_ids: tuple = ()
+    multiplexed_model_ids: frozenset = frozenset()
 
 
 @dataclass
@@ -51,3 +51,5 @@ class DeploymentTargets:
     # How an HTTP proxy answers when this deployment's queue is full (503, or 429 + Retry-After).
     backpressure_status_code: int = 503
     backpressure_retry_after_s: Optional[float] = None
+    request_router_class: str = "shoal.router.pow2:PowerOfTwoChoicesRequestRouter"
+    request_router_kwargs: tuple = ()  # sorted (name, value) pairs

@@ -28,12 +28,14 @@ _running_loop = asyncio._get_running_loop
 class _HandleMeta:
     """Per-call options; immutable so `.options()` copies can share them safely."""
 
-    __slots__ = ("method_name", "stream", "multiplexed_model_id")
+    __slots__ = ("method_name", "stream", "multiplexed_model_id", "session_id")
 
-    def __init__(self, method_name: str = "__call__", stream: bool = False, multiplexed_model_id: str = ""):
+    def __init__(self, method_name: str = "__call__", stream: bool = False, multiplexed_model_id: str = "",
+                 session_id: str = ""):
         self.method_name = method_name
         self.stream = stream
         self.multiplexed_model_id = multiplexed_model_id
+        self.session_id = session_id
 
 
 class DeploymentHandle:
@@ -55,17 +57,20 @@ class DeploymentHandle:
         return self.deployment_id.app_name
 
     def options(self, *, method_name: Optional[str] = None, stream: Optional[bool] = None,
-                multiplexed_model_id: Optional[str] = None, **unsupported: Any) -> "DeploymentHandle":
+                multiplexed_model_id: Optional[str] = None, session_id: Optional[str] = None,
+                **unsupported: Any) -> "DeploymentHandle":
+        """A handle with some call options changed. `session_id` feeds affinity routing."""
         if unsupported:
             raise TypeError(
                 f"DeploymentHandle.options() got unexpected option(s) {sorted(unsupported)}; "
-                "allowed: method_name, stream, multiplexed_model_id."
+                "allowed: method_name, stream, multiplexed_model_id, session_id."
             )
         m = self._meta
         meta = _HandleMeta(
             m.method_name if method_name is None else method_name,
             m.stream if stream is None else bool(stream),
             m.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id,
+            m.session_id if session_id is None else session_id,
         )
         return DeploymentHandle(self.deployment_id.name, self.deployment_id.app_name, _meta=meta, _routers=self._routers)
 
@@ -77,7 +82,7 @@ class DeploymentHandle:
     def __reduce__(self):
         m = self._meta
         return (_rebuild_handle, (self.deployment_id.name, self.deployment_id.app_name,
-                                  m.method_name, m.stream, m.multiplexed_model_id))
+                                  m.method_name, m.stream, m.multiplexed_model_id, m.session_id))
 
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment='{self.deployment_id.name}', app='{self.deployment_id.app_name}')"
@@ -114,8 +119,9 @@ class DeploymentHandle:
         return resp
 
 
-def _rebuild_handle(name: str, app: str, method: str, stream: bool, model_id: str) -> DeploymentHandle:
-    return DeploymentHandle(name, app, _meta=_HandleMeta(method, stream, model_id))
+def _rebuild_handle(name: str, app: str, method: str, stream: bool, model_id: str,
+                    session_id: str = "") -> DeploymentHandle:
+    return DeploymentHandle(name, app, _meta=_HandleMeta(method, stream, model_id, session_id))
 
 
 class _Request:
@@ -134,12 +140,21 @@ class _Request:
         # Set when this thread drives the router's loop itself (sync callers in a driver).
         self._sync_loop = None if on_loop else router.sync_loop
         self._cancelled = False
+        self.session_id = meta.session_id
+        self._queued_at = 0.0
         # Set by the router while the request is in flight (used to cancel it).
         self._call = None
 
     @property
     def request_id_str(self) -> str:
         return self.request_id
+
+    @property
+    def queued_for_s(self) -> float:
+        """How long the request has waited in its caller's queue (for router policies)."""
+        import time
+
+        return time.monotonic() - self._queued_at if self._queued_at else 0.0
 
     def cancel(self) -> None:
         """Best-effort cancel: drops it from the queue, or stops it in the replica."""

@@ -291,6 +291,16 @@ class Controller(RpcHandler):
     async def rpc_proxy_failed(self, conn: Connection, index: int, error: str) -> None:
         self.proxies.failed(index, error)
 
+    def notify_model_ids(self, conn: Connection, payload: tuple) -> None:
+        """A replica's multiplexed models changed: routers should prefer it for those models."""
+        unique_id, model_ids = payload
+        rec = self.replicas_by_uid.get(unique_id)
+        if rec is not None:
+            rec.model_ids = frozenset(model_ids)
+            ds = self.deployments.get(rec.replica_id.deployment_id)
+            if ds is not None:
+                ds.publish_if_changed()
+
     def notify_routes_ack(self, conn: Connection, version: int) -> None:
         self.proxies.acked(conn, version)
 

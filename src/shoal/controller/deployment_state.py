@@ -47,6 +47,7 @@ class ReplicaRecord:
     health_failures: int = 0
     last_health_check: float = field(default_factory=time.monotonic)
     health_inflight: bool = False
+    model_ids: frozenset = frozenset()  # multiplexed models loaded or loading (the replica reports them)
 
     @property
     def unique_id(self) -> str:
@@ -111,20 +112,25 @@ class DeploymentState:
     def running_infos(self) -> list[RunningReplicaInfo]:
         return [
             RunningReplicaInfo(r.replica_id, r.address, self.spec.config.max_ongoing_requests,
-                               r.reservation.node_id if r.reservation else "local")
+                               r.reservation.node_id if r.reservation else "local", r.model_ids)
             for r in self.replicas.values()
             if r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING)
         ]
 
     def targets(self) -> DeploymentTargets:
         cfg = self.spec.config
+        rc = cfg.request_router_config
         return DeploymentTargets(self.id, self.running_infos(), cfg.max_queued_requests, exists=True,
                                  backpressure_status_code=cfg.backpressure_config.status_code,
-                                 backpressure_retry_after_s=cfg.backpressure_config.retry_after_s)
+                                 backpressure_retry_after_s=cfg.backpressure_config.retry_after_s,
+                                 request_router_class=rc.request_router_class,
+                                 request_router_kwargs=tuple(sorted(rc.request_router_kwargs.items())))
 
     def publish_if_changed(self) -> None:
-        key = (tuple(r.replica_id.unique_id for r in self.running_infos()),
-               self.spec.config.max_ongoing_requests, self.spec.config.max_queued_requests)
+        cfg = self.spec.config
+        key = (tuple((r.replica_id.unique_id, r.multiplexed_model_ids) for r in self.running_infos()),
+               cfg.max_ongoing_requests, cfg.max_queued_requests, cfg.request_router_config.model_dump_json(),
+               cfg.backpressure_config.model_dump_json())
         if key != self._published:
             self._published = key
             self.controller.publish(self)

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ logger = logging.getLogger("shoal.proxy")
 
 _REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
 _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
+_SESSION_HEADER = b"x-session-id"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
@@ -44,10 +46,13 @@ class HTTPCall:
     _sync_loop = None
 
     __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
-                 "items", "finished", "_waiter", "loop")
+                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, scope: dict, body: bytes, model_id: str, request_id: str):
+    def __init__(self, loop: asyncio.AbstractEventLoop, scope: dict, body: bytes, model_id: str, request_id: str,
+                 session_id: str = ""):
         self.loop = loop
+        self.session_id = session_id
+        self._queued_at = 0.0
         self.args = (scope, body)
         self.multiplexed_model_id = model_id
         self.request_id = request_id
@@ -72,6 +77,10 @@ class HTTPCall:
 
     def _done(self) -> bool:
         return self.finished
+
+    @property
+    def queued_for_s(self) -> float:
+        return time.monotonic() - self._queued_at if self._queued_at else 0.0
 
     def _wake(self) -> None:
         w = self._waiter
@@ -146,11 +155,14 @@ class ProxyApp:
                 f"Path '{path}' not found. Ping /-/routes for available routes.".encode())
         request_id = ""
         model_id = ""
+        session_id = ""
         for k, v in scope["headers"]:
             if k == _REQUEST_ID_HEADER:
                 request_id = v.decode("latin-1")
             elif k == _MODEL_ID_HEADER:
                 model_id = v.decode("latin-1")
+            elif k == _SESSION_HEADER:
+                session_id = v.decode("latin-1")
         if not request_id:
             request_id = _ID_PREFIX + str(next(_ids))
         rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
@@ -176,7 +188,7 @@ class ProxyApp:
         if self.max_body and len(body) > self.max_body:
             return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
                                   extra=[rid_header])
-        call = HTTPCall(self.loop, _scope_for_replica(scope, route), body, model_id, request_id)
+        call = HTTPCall(self.loop, _scope_for_replica(scope, route), body, model_id, request_id, session_id)
         router = self._router(route)
         router.assign(call)
         await self._relay(call, router, receive, send, rid_header)

@@ -1,40 +1,54 @@
-"""The default replica choice: power of two choices over the router's own in-flight counts."""
+"""The default replica choice: power of two choices over this caller's in-flight counts.
+
+Two random probes give almost the balance of "least loaded" at constant cost, and avoid the herd
+effect of every caller choosing the same minimum. Multiplexed requests go to a replica that
+already holds their model; a model nobody holds goes to the replica holding the fewest models.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from shoal.router.base import ReplicaView, RequestRouter
+
+# How long a multiplexed request waits for a replica that holds its model before taking any.
+MODEL_MATCH_WINDOW_S = 1.0
 
 
-class PowerOfTwoChoicesRequestRouter:
-    """Pick two replicas at random and take the less loaded; fall back to a full scan when both are full.
+def pick_two(candidates: Sequence[ReplicaView]) -> Optional[ReplicaView]:
+    """The less loaded of two random replicas with room; a full scan when both are full."""
+    n = len(candidates)
+    if n == 0:
+        return None
+    if n == 1:
+        e = candidates[0]
+        return e if e.has_capacity() else None
+    a, b = random.sample(candidates, 2)
+    if a.queue_len > b.queue_len:
+        a, b = b, a
+    if a.has_capacity():
+        return a
+    if b.has_capacity():
+        return b
+    best = None
+    for e in candidates:
+        if e.has_capacity() and (best is None or e.queue_len < best.queue_len):
+            best = e
+    return best
 
-    Two random probes give almost the balance of "least loaded" at constant cost, and avoid the herd
-    effect of every caller choosing the same minimum.
-    """
 
-    def __init__(self, **kwargs) -> None:
-        self.initialize_state(**kwargs)
-
-    def initialize_state(self, **kwargs) -> None:
-        """Hook for custom routers' `request_router_kwargs`."""
-
-    def choose_replica(self, candidates: Sequence, request=None) -> Optional[object]:
-        n = len(candidates)
-        if n == 0:
+class PowerOfTwoChoicesRequestRouter(RequestRouter):
+    def choose_replica(self, candidates: Sequence[ReplicaView], request: Any) -> Optional[ReplicaView]:
+        model = getattr(request, "multiplexed_model_id", "")
+        if not model:
+            return pick_two(candidates)
+        holders = [c for c in candidates if model in c.multiplexed_model_ids]
+        if holders:
+            chosen = pick_two(holders)
+            if chosen is not None or getattr(request, "queued_for_s", 0.0) < MODEL_MATCH_WINDOW_S:
+                return chosen  # wait briefly for a replica that has the model
+        fewest = min((len(c.multiplexed_model_ids) for c in candidates if c.has_capacity()), default=None)
+        if fewest is None:
             return None
-        if n == 1:
-            e = candidates[0]
-            return e if e.has_capacity() else None
-        a, b = random.sample(candidates, 2)
-        if a.inflight > b.inflight:
-            a, b = b, a
-        if a.has_capacity():
-            return a
-        if b.has_capacity():
-            return b
-        best = None
-        for e in candidates:
-            if e.has_capacity() and (best is None or e.inflight < best.inflight):
-                best = e
-        return best
+        return pick_two([c for c in candidates if len(c.multiplexed_model_ids) == fewest])

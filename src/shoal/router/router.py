@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any, Optional
 
@@ -21,7 +22,8 @@ from shoal.exceptions import (
     ReplicaDiedError,
     RequestCancelledError,
 )
-from shoal.router.pow2 import PowerOfTwoChoicesRequestRouter
+from shoal.router.base import RequestRouter, load_router_class
+from shoal.router.pow2 import MODEL_MATCH_WINDOW_S, PowerOfTwoChoicesRequestRouter
 from shoal.transport import serialization as ser
 from shoal.transport.connection import Connection, connect_unix
 from shoal.transport.framing import Kind
@@ -43,21 +45,38 @@ def _request_types() -> tuple:
 
 
 class ReplicaEntry:
-    """The router's view of one replica."""
+    """The router's view of one replica (what router policies see as a `ReplicaView`)."""
 
-    __slots__ = ("info", "conn", "inflight", "max_ongoing", "blocked", "draining", "router")
+    __slots__ = ("info", "conn", "inflight", "max_ongoing", "blocked", "draining", "router", "models",
+                 "replica_id", "node_id")
 
     def __init__(self, info: RunningReplicaInfo, router: "Router"):
         self.info = info
+        self.replica_id = info.replica_id
+        self.node_id = info.node_id
         self.conn: Optional[Connection] = None
         self.inflight = 0
         self.max_ongoing = info.max_ongoing_requests
         self.blocked = False
         self.draining = False
         self.router = router
+        # Models the replica reported, plus those this caller just sent it (it is loading them).
+        self.models: set = set(info.multiplexed_model_ids)
 
     def has_capacity(self) -> bool:
         return not self.blocked and self.inflight < self.max_ongoing
+
+    @property
+    def queue_len(self) -> int:
+        return self.inflight
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.max_ongoing
+
+    @property
+    def multiplexed_model_ids(self) -> set:
+        return self.models
 
     # Connection handler hooks (the replica never sends us requests).
     def on_request(self, conn, rid, body):  # pragma: no cover - protocol violation
@@ -134,7 +153,9 @@ class Router:
         self.backpressure_retry_after_s: Optional[float] = None
         self.exists: Optional[bool] = None
         self.closed = False
-        self.policy = PowerOfTwoChoicesRequestRouter()
+        self.policy: RequestRouter = PowerOfTwoChoicesRequestRouter()
+        self._policy_key: tuple = ("shoal.router.pow2:PowerOfTwoChoicesRequestRouter", ())
+        self._rematch_timer: Optional[asyncio.TimerHandle] = None
         self.on_queued_without_replicas = None  # set by the client: tells the controller at once
         self.sync_loop = None  # set when sync callers drive this router's loop (see sync_loop.py)
         self._background = 0  # connects and argument resolutions in progress
@@ -161,7 +182,10 @@ class Router:
             resp._complete(exc=BackPressureError(num_queued_requests=len(self.pending),
                                                  max_queued_requests=self.max_queued_requests))
             return
+        resp._queued_at = time.monotonic()
         self.pending.append(resp)
+        if resp.multiplexed_model_id and self.ready:
+            self._schedule_rematch()
         if not self.ready and self.on_queued_without_replicas is not None:
             self.on_queued_without_replicas(self)
 
@@ -212,6 +236,10 @@ class Router:
         entry.inflight += 1
         call.rid = entry.conn.request(body, call)  # type: ignore[union-attr]
         resp._call = call
+        if resp.multiplexed_model_id:
+            entry.models.add(resp.multiplexed_model_id)  # it will load it; prefer it for the next one
+        if self._policy_hooks:
+            self.policy.on_request_routed(resp, entry)
 
     def _release(self, entry: ReplicaEntry, lost: bool = False) -> None:
         entry.inflight -= 1
@@ -236,17 +264,34 @@ class Router:
         self._drain()
 
     def _drain(self) -> None:
+        """Send queued requests in FIFO order; a request the policy holds back (e.g. waiting for the
+        replica with its model) does not block a few others behind it."""
         pending = self.pending
-        while pending:
-            resp = pending[0]
+        skipped = 0
+        while len(pending) > skipped and self.ready:
+            resp = pending[skipped]
             if resp._cancelled:
-                pending.popleft()
+                del pending[skipped]
                 continue
-            entry = self.policy.choose_replica(self.ready, resp) if self.ready else None
+            entry = self.policy.choose_replica(self.ready, resp)
             if entry is None:
-                return
-            pending.popleft()
+                if not resp.multiplexed_model_id or skipped >= 16 or not any(e.has_capacity() for e in self.ready):
+                    return
+                skipped += 1
+                continue
+            del pending[skipped]
             self._send(entry, resp)
+
+    def _schedule_rematch(self) -> None:
+        """Re-run the queue when a multiplexed request's wait for its model's replica runs out."""
+        if self._rematch_timer is None:
+            def fire() -> None:
+                self._rematch_timer = None
+                self._drain()
+                if any(r.multiplexed_model_id for r in self.pending):
+                    self._schedule_rematch()
+
+            self._rematch_timer = self.loop.call_later(MODEL_MATCH_WINDOW_S + 0.01, fire)
 
     def cancel(self, resp) -> None:
         """Drop `resp` from the queue, or tell its replica to stop working on it."""
@@ -269,6 +314,7 @@ class Router:
         self.max_queued_requests = targets.max_queued_requests
         self.backpressure_status_code = targets.backpressure_status_code
         self.backpressure_retry_after_s = targets.backpressure_retry_after_s
+        self._set_policy(targets.request_router_class, targets.request_router_kwargs)
         if not targets.exists:
             for entry in list(self.entries.values()):
                 self._retire(entry)
@@ -281,7 +327,10 @@ class Router:
             if uid not in new_ids:
                 self._retire(entry)
             else:
-                entry.max_ongoing = new_ids[uid].max_ongoing_requests
+                info = new_ids[uid]
+                entry.info = info
+                entry.max_ongoing = info.max_ongoing_requests
+                entry.models = set(info.multiplexed_model_ids)
         for uid, info in new_ids.items():
             if uid not in self.entries:
                 entry = ReplicaEntry(info, self)
@@ -289,7 +338,26 @@ class Router:
                 self._background += 1
                 task = self.loop.create_task(self._connect(entry))
                 task.add_done_callback(self._background_done)
+        if self._policy_hooks:
+            self.policy.update_replicas(self.ready)
         self._drain()
+
+    _policy_hooks = False  # whether the policy overrides the on_request_routed / update_replicas hooks
+
+    def _set_policy(self, class_path: str, kwargs: tuple) -> None:
+        key = (class_path, kwargs)
+        if key == self._policy_key:
+            return
+        self._policy_key = key
+        try:
+            self.policy = load_router_class(class_path)(**dict(kwargs))
+        except Exception as e:  # noqa: BLE001 - a bad policy must not take the deployment down
+            logger.error("could not load request router %s for %s (%r); using power of two choices",
+                         class_path, self.deployment_id, e)
+            self.policy = PowerOfTwoChoicesRequestRouter()
+        cls = type(self.policy)
+        self._policy_hooks = (cls.on_request_routed is not RequestRouter.on_request_routed
+                              or cls.update_replicas is not RequestRouter.update_replicas)
 
     def _background_done(self, _task: asyncio.Task) -> None:
         self._background -= 1

@@ -1,0 +1,693 @@
+"""`@serve.batch`: callers pass one item each; the decorated function receives them as lists.
+
+How a batch forms (per wrapped function, per instance for methods, per event loop):
+
+- Each call appends one request (its arguments, its request context, one future, or one stream for
+  async-generator functions) to a deque and awaits its own future. No task is made per call.
+- A runner task, started when a request arrives and none is running, takes requests from the front
+  of the deque until the batch holds `max_batch_size` of them (or, with `batch_size_fn`, until the
+  next one would push the summed size over `max_batch_size`: that one waits at the front for the
+  next batch), or until `batch_wait_timeout_s` has passed since the first request of the batch
+  arrived. Requests whose caller was cancelled meanwhile are dropped. The runner ends when the
+  deque is empty, so an idle batched function holds no task.
+- A batch runs under `max_concurrent_batches`: with 1 (the default) the runner runs each batch
+  itself, then forms the next from whatever queued up meanwhile; with more, each batch runs in its
+  own task and the runner forms the next batch while a slot is free.
+- A batch whose requests asked for different multiplexed model ids runs as one call per model id
+  (in order of first appearance), each with `serve.get_multiplexed_model_id()` returning that id.
+
+Arguments become per-argument lists: calls `f(x, y=z)` batch into `f([x1, x2], y=[z1, z2])`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import functools
+import inspect
+import logging
+import math
+import types
+import weakref
+from typing import Any, Callable, Optional
+
+from shoal import context as _context
+from shoal.context import RequestContext, _request_context
+from shoal.exceptions import RayServeException
+
+__all__ = ["batch", "get_batch_request_contexts"]
+
+logger = logging.getLogger("shoal.batching")
+
+_batch_request_contexts: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "shoal_batch_request_contexts", default=None
+)
+
+
+def get_batch_request_contexts() -> list[RequestContext]:
+    """The request contexts of the callers in the batch being run (one per list element), else `[]`.
+
+    Call it from inside a `@serve.batch` function: element `i` belongs to the caller whose item is
+    element `i` of the argument lists.
+    """
+    return list(_batch_request_contexts.get() or ())
+
+
+# Ray Serve's (private) name for the same thing, so ported code keeps working.
+_get_serve_batch_request_context = get_batch_request_contexts
+
+
+# --- option validation ------------------------------------------------------------------------------
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}).")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise TypeError(f"{name} must be an integer >= 1, got {value!r} (a float that is not a whole number).")
+        value = int(value)
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def _timeout(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number >= 0 (seconds), got {value!r} ({type(value).__name__}).")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0 (seconds), got {value!r}.")
+    return float(value)
+
+
+def _size_fn(value: Any) -> Optional[Callable]:
+    if value is not None and not callable(value):
+        raise TypeError(f"batch_size_fn must be a callable or None, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+class _Settings:
+    """The options of one decorated function; the runtime setters change them for all its queues."""
+
+    __slots__ = ("max_batch_size", "batch_wait_timeout_s", "max_concurrent_batches", "batch_size_fn", "checked")
+
+    def __init__(self, max_batch_size: int, batch_wait_timeout_s: float, max_concurrent_batches: int,
+                 batch_size_fn: Optional[Callable]):
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.max_concurrent_batches = max_concurrent_batches
+        self.batch_size_fn = batch_size_fn
+        self.checked = False  # the max_ongoing_requests check ran
+
+
+# --- per-caller sinks -------------------------------------------------------------------------------
+
+class _Stream:
+    """One caller's share of an async-generator batch: items in order, then end or an error."""
+
+    __slots__ = ("items", "waiter", "ended", "error", "closed")
+
+    def __init__(self) -> None:
+        self.items: collections.deque = collections.deque()
+        self.waiter: Optional[asyncio.Future] = None
+        self.ended = False    # the producer has no more items for this caller
+        self.error: Optional[BaseException] = None
+        self.closed = False   # the caller stopped listening (cancelled, or closed its generator)
+
+    def done(self) -> bool:
+        return self.closed or self.ended
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def push(self, item: Any) -> None:
+        self.items.append(item)
+        self._wake()
+
+    def end(self, error: Optional[BaseException] = None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.error = error
+            self._wake()
+
+
+def _fail(sink: Any, error: BaseException) -> None:
+    if isinstance(sink, _Stream):
+        sink.end(error)
+    elif not sink.done():
+        sink.set_exception(error)
+
+
+class _Request:
+    __slots__ = ("args", "kwargs", "ctx", "sink", "t", "size")
+
+    def __init__(self, args: tuple, kwargs: dict, ctx: RequestContext, sink: Any, t: float):
+        self.args = args
+        self.kwargs = kwargs
+        self.ctx = ctx
+        self.sink = sink   # an asyncio.Future, or a _Stream for async-generator functions
+        self.t = t         # loop time it was queued
+        self.size: Optional[int] = None  # from batch_size_fn, computed once
+
+
+def _is_stop(value: Any) -> bool:
+    return (value is StopIteration or value is StopAsyncIteration
+            or isinstance(value, (StopIteration, StopAsyncIteration)))
+
+
+def _wake_future(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --- the queue of one (function or instance, event loop) --------------------------------------------
+
+class _BatchQueue:
+    def __init__(self, call: Callable, settings: _Settings, loop: asyncio.AbstractEventLoop,
+                 is_gen: bool, name: str, signature: Optional[inspect.Signature]):
+        self.call = call          # the user's function, bound to its instance for methods
+        self.settings = settings
+        self.loop = loop
+        self.is_gen = is_gen
+        self.name = name
+        self.signature = signature  # without `self`; used only when callers pass different shapes
+        self.items: collections.deque[_Request] = collections.deque()
+        self.waiter: Optional[asyncio.Future] = None  # the runner waits on it for more requests
+        self.need = 1               # wake the runner once this many requests are queued
+        self.runner: Optional[asyncio.Task] = None
+        self.active = 0             # batches running
+        self.tasks: set[asyncio.Task] = set()
+
+    def put(self, req: _Request) -> None:
+        items = self.items
+        items.append(req)
+        w = self.waiter
+        if w is not None:
+            if len(items) >= self.need:
+                self.waiter = None
+                if not w.done():
+                    w.set_result(None)
+        elif self.runner is None and self.active < self.settings.max_concurrent_batches:
+            self.runner = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self.items:
+                settings = self.settings
+                if self.active >= settings.max_concurrent_batches:
+                    return  # the batch that finishes next starts a runner again
+                batch = await self._form_batch()
+                if not batch:
+                    continue
+                self.active += 1
+                if settings.max_concurrent_batches == 1:
+                    await self._execute(batch)
+                else:
+                    task = self.loop.create_task(self._execute(batch))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+        finally:
+            self.runner = None
+
+    async def _form_batch(self) -> list[_Request]:
+        settings = self.settings
+        loop = self.loop
+        items = self.items
+        batch: list[_Request] = []
+        total = 0
+        deadline = 0.0
+        while True:
+            max_size = settings.max_batch_size
+            size_fn = settings.batch_size_fn
+            while items:
+                req = items[0]
+                if req.sink.done():  # the caller went away before its batch started
+                    items.popleft()
+                    continue
+                if size_fn is None:
+                    items.popleft()
+                    batch.append(req)
+                    if len(batch) == 1:
+                        deadline = req.t + settings.batch_wait_timeout_s
+                    if len(batch) >= max_size:
+                        return batch
+                    continue
+                size = req.size
+                if size is None:
+                    try:
+                        size = req.size = self._size_of(size_fn, req)
+                    except Exception as e:  # noqa: BLE001 - the error belongs to that caller
+                        items.popleft()
+                        _fail(req.sink, e)
+                        continue
+                if size > max_size:
+                    items.popleft()
+                    _fail(req.sink, RuntimeError(
+                        f"A request to '{self.name}' has size {size} (from batch_size_fn), larger than "
+                        f"max_batch_size={max_size}: it can never fit in a batch."))
+                    continue
+                if total + size > max_size:
+                    return batch  # it stays at the front and starts the next batch
+                items.popleft()
+                batch.append(req)
+                total += size
+                if len(batch) == 1:
+                    deadline = req.t + settings.batch_wait_timeout_s
+                if total >= max_size:
+                    return batch
+            if not batch:
+                return batch
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return batch
+            # Wait for more requests, or the deadline.
+            waiter = loop.create_future()
+            self.need = max(1, max_size - len(batch)) if size_fn is None else 1
+            self.waiter = waiter
+            timer = loop.call_later(remaining, _wake_future, waiter) if remaining != math.inf else None
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+    @staticmethod
+    def _size_of(size_fn: Callable, req: _Request) -> int:
+        if req.args:
+            item = req.args[0]
+        elif req.kwargs:
+            item = next(iter(req.kwargs.values()))
+        else:
+            item = None
+        size = size_fn([item])
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 0:
+            raise TypeError(f"batch_size_fn must return a number >= 0, got {size!r}.")
+        return size
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        try:
+            model_id = batch[0].ctx.multiplexed_model_id
+            for req in batch:
+                if req.ctx.multiplexed_model_id != model_id:
+                    break
+            else:
+                await self._run_group(batch)
+                return
+            groups: dict[str, list[_Request]] = {}
+            for req in batch:
+                groups.setdefault(req.ctx.multiplexed_model_id, []).append(req)
+            for group in groups.values():
+                await self._run_group(group)
+        finally:
+            self.active -= 1
+            if self.items and self.runner is None and self.active < self.settings.max_concurrent_batches:
+                self.runner = self.loop.create_task(self._run())
+
+    def _arguments(self, group: list[_Request]) -> tuple[list, tuple, dict]:
+        """Per-argument lists for `group`; returns (group, args, kwargs) after dropping bad calls."""
+        first = group[0]
+        nargs = len(first.args)
+        keys = first.kwargs.keys()
+        for req in group:
+            if len(req.args) != nargs or req.kwargs.keys() != keys:
+                return self._normalized_arguments(group)
+        args = tuple([req.args[i] for req in group] for i in range(nargs))
+        kwargs = {k: [req.kwargs[k] for req in group] for k in keys}
+        return group, args, kwargs
+
+    def _normalized_arguments(self, group: list[_Request]) -> tuple[list, tuple, dict]:
+        """Callers passed the same arguments in different ways (positional vs keyword, defaults):
+        bind each call to the signature so each parameter becomes one list."""
+        sig = self.signature
+        ok: list[_Request] = []
+        bound_calls = []
+        for req in group:
+            try:
+                if sig is None:
+                    raise TypeError("the batched function's signature is unknown")
+                bound = sig.bind(*req.args, **req.kwargs)
+                bound.apply_defaults()
+            except TypeError as e:
+                _fail(req.sink, TypeError(f"Bad arguments for batched function '{self.name}': {e}"))
+                continue
+            ok.append(req)
+            bound_calls.append(bound)
+        if not ok:
+            return ok, (), {}
+        shapes = {(len(b.args), tuple(b.kwargs)) for b in bound_calls}
+        if len(shapes) != 1:
+            err = TypeError(
+                f"Calls batched together for '{self.name}' passed different numbers of arguments "
+                "(variable *args or **kwargs); they cannot be turned into one list per argument.")
+            for req in ok:
+                _fail(req.sink, err)
+            return [], (), {}
+        b0 = bound_calls[0]
+        args = tuple([b.args[i] for b in bound_calls] for i in range(len(b0.args)))
+        kwargs = {k: [b.kwargs[k] for b in bound_calls] for k in b0.kwargs}
+        return ok, args, kwargs
+
+    async def _run_group(self, group: list[_Request]) -> None:
+        if any(req.sink.done() for req in group):
+            group = [req for req in group if not req.sink.done()]
+            if not group:
+                return
+        group, args, kwargs = self._arguments(group)
+        if not group:
+            return
+        token = _request_context.set(group[0].ctx)
+        ctx_token = _batch_request_contexts.set([req.ctx for req in group])
+        try:
+            if self.is_gen:
+                await self._run_generator(group, args, kwargs)
+            else:
+                await self._run_function(group, args, kwargs)
+        finally:
+            _batch_request_contexts.reset(ctx_token)
+            _request_context.reset(token)
+
+    async def _run_function(self, group: list[_Request], args: tuple, kwargs: dict) -> None:
+        try:
+            results = await self.call(*args, **kwargs)
+        except asyncio.CancelledError:
+            for req in group:
+                req.sink.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
+            for req in group:
+                if not req.sink.done():
+                    req.sink.set_exception(e)
+            return
+        n = len(group)
+        try:
+            m = len(results)
+        except TypeError:
+            m = None
+        if m != n or isinstance(results, (str, bytes, dict)):
+            err = RayServeException(
+                f"Batched function doesn't preserve batch size. The input list has length {n} but the "
+                f"returned value is {_describe(results)}. '{self.name}' must return a list with one "
+                "element per input.")
+            for req in group:
+                if not req.sink.done():
+                    req.sink.set_exception(err)
+            return
+        for req, value in zip(group, results):
+            sink = req.sink
+            if not sink.done():
+                sink.set_result(value)
+
+    async def _run_generator(self, group: list[_Request], args: tuple, kwargs: dict) -> None:
+        streams = [req.sink for req in group]
+        n = len(streams)
+        agen = self.call(*args, **kwargs)
+        try:
+            async for out in agen:
+                try:
+                    m = len(out)
+                except TypeError:
+                    m = None
+                if m != n or isinstance(out, (str, bytes, dict)):
+                    err = RayServeException(
+                        f"Batched generator doesn't preserve batch size. The input list has length {n} "
+                        f"but it yielded {_describe(out)}. Each yield of '{self.name}' must be a list "
+                        "with one element per input.")
+                    for s in streams:
+                        s.end(err)
+                    return
+                live = 0
+                for s, value in zip(streams, out):
+                    if s.ended:
+                        continue
+                    if _is_stop(value):
+                        s.end()
+                    elif not s.closed:
+                        s.push(value)
+                        live += 1
+                if not live:
+                    return  # every caller has finished or gone away
+        except asyncio.CancelledError:
+            for s in streams:
+                s.end(asyncio.CancelledError())
+            raise
+        except Exception as e:  # noqa: BLE001 - every caller still listening gets the error
+            for s in streams:
+                s.end(e)
+        finally:
+            for s in streams:
+                s.end()
+            await agen.aclose()
+
+
+def _describe(value: Any) -> str:
+    try:
+        return f"a {type(value).__name__} of length {len(value)}"
+    except TypeError:
+        return f"a {type(value).__name__} (it has no length)"
+
+
+# --- where the queues live ----------------------------------------------------------------------------
+
+class _QueueTable:
+    """Queues by event loop (for plain functions; methods keep theirs in the instance's `__dict__`).
+    Never pickled with its contents: a function shipped to a replica starts with no queues."""
+
+    __slots__ = ("by_loop", "__weakref__")
+
+    def __init__(self) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, _BatchQueue] = {}
+
+    def __reduce__(self) -> tuple:
+        return (_QueueTable, ())
+
+
+def _prune_closed(by_loop: dict) -> None:
+    for loop in [lp for lp in by_loop if lp.is_closed()]:
+        del by_loop[loop]
+
+
+class _Batcher:
+    """What one decorated function shares across its calls: options, queues, the warning check."""
+
+    def __init__(self, func: Callable, settings: _Settings):
+        self.func = func
+        self.settings = settings
+        self.name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+        self.is_gen = inspect.isasyncgenfunction(func)
+        self.functions = _QueueTable()
+        self.attr = f"_shoal_batch_queues_{getattr(func, '__name__', 'fn')}_{id(self):x}"
+        # Owners without a __dict__ (__slots__ classes).
+        self.slotted: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+        self.slotted_strong: dict[int, tuple[Any, dict]] = {}
+        self._signatures: dict[bool, Optional[inspect.Signature]] = {}
+
+    def __reduce__(self) -> tuple:
+        return (_Batcher, (self.func, self.settings))
+
+    def signature(self, method: bool) -> Optional[inspect.Signature]:
+        if method not in self._signatures:
+            try:
+                sig = inspect.signature(self.func)
+                if method:
+                    params = list(sig.parameters.values())[1:]
+                    sig = sig.replace(parameters=params)
+            except (TypeError, ValueError):
+                sig = None
+            self._signatures[method] = sig
+        return self._signatures[method]
+
+    def owner_table(self, owner: Any) -> dict:
+        try:
+            d = owner.__dict__
+        except AttributeError:
+            d = None
+        if d is not None:
+            table = d.get(self.attr)
+            if table is None:
+                table = d[self.attr] = {}
+            return table
+        try:
+            table = self.slotted.get(owner)
+            if table is None:
+                table = self.slotted[owner] = {}
+            return table
+        except TypeError:  # neither weak-referenceable nor hashable: keep it (and the owner) alive
+            entry = self.slotted_strong.get(id(owner))
+            if entry is None or entry[0] is not owner:
+                entry = self.slotted_strong[id(owner)] = (owner, {})
+            return entry[1]
+
+    def new_queue(self, by_loop: dict, owner: Any, loop: asyncio.AbstractEventLoop) -> _BatchQueue:
+        if not self.settings.checked:
+            self.settings.checked = True
+            self.check_replica_limits()
+        _prune_closed(by_loop)
+        method = owner is not _NO_OWNER
+        call = types.MethodType(self.func, owner) if method else self.func
+        q = _BatchQueue(call, self.settings, loop, self.is_gen, self.name, self.signature(method))
+        by_loop[loop] = q
+        return q
+
+    def check_replica_limits(self) -> None:
+        """Warn once if the replica can never fill a batch (too few requests allowed at once)."""
+        replica = _context._replica_context
+        if replica is None:
+            return
+        try:
+            max_ongoing = replica._deployment_config.max_ongoing_requests
+        except AttributeError:
+            return
+        s = self.settings
+        wanted = s.max_batch_size * s.max_concurrent_batches
+        if isinstance(max_ongoing, int) and max_ongoing < wanted:
+            logger.warning(
+                "@serve.batch on '%s' has max_batch_size=%d and max_concurrent_batches=%d (up to %d requests "
+                "at once), but the deployment's max_ongoing_requests is %d, so batches can never be full. "
+                "Set max_ongoing_requests to at least %d.",
+                self.name, s.max_batch_size, s.max_concurrent_batches, wanted, max_ongoing, wanted)
+
+
+_NO_OWNER = object()
+
+
+def _in_class_body(func: Callable) -> bool:
+    """Whether `func` was defined in a class body (from its qualified name: `C.f`, `g.<locals>.C.f`)."""
+    parts = getattr(func, "__qualname__", "").split(".")
+    return len(parts) >= 2 and parts[-2] != "<locals>"
+
+
+def _make_wrapper(func: Callable, settings: _Settings) -> Callable:
+    batcher = _Batcher(func, settings)
+    functions = batcher.functions
+    attr = batcher.attr
+    name = getattr(func, "__name__", None)
+    defined_in_class = _in_class_body(func)
+    get_loop = asyncio.get_running_loop
+    get_ctx = _request_context.get
+
+    def find_queue(args: tuple) -> tuple[_BatchQueue, tuple]:
+        loop = get_loop()
+        if args and (defined_in_class or getattr(type(args[0]), name, None) is wrapper):
+            owner = args[0]
+            args = args[1:]
+            try:
+                table = owner.__dict__[attr]
+            except (AttributeError, KeyError):
+                table = batcher.owner_table(owner)
+        else:
+            owner = _NO_OWNER
+            table = functions.by_loop
+        q = table.get(loop)
+        if q is None:
+            q = batcher.new_queue(table, owner, loop)
+        return q, args
+
+    if batcher.is_gen:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            q, args = find_queue(args)
+            stream = _Stream()
+            q.put(_Request(args, kwargs, get_ctx(), stream, q.loop.time()))
+            items = stream.items
+            try:
+                while True:
+                    if items:
+                        yield items.popleft()
+                    elif stream.ended:
+                        if stream.error is not None:
+                            raise stream.error
+                        return
+                    else:
+                        waiter = stream.waiter = q.loop.create_future()
+                        await waiter
+            finally:
+                stream.closed = True
+    else:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            q, args = find_queue(args)
+            loop = q.loop
+            fut = loop.create_future()
+            q.put(_Request(args, kwargs, get_ctx(), fut, loop.time()))
+            return await fut
+
+    functools.update_wrapper(wrapper, func)
+
+    def set_max_batch_size(new_max_batch_size: int) -> None:
+        """Change max_batch_size for batches formed from now on."""
+        settings.max_batch_size = _positive_int("max_batch_size", new_max_batch_size)
+
+    def set_batch_wait_timeout_s(new_batch_wait_timeout_s: float) -> None:
+        """Change batch_wait_timeout_s for batches formed from now on."""
+        settings.batch_wait_timeout_s = _timeout("batch_wait_timeout_s", new_batch_wait_timeout_s)
+
+    def _get_max_batch_size() -> int:
+        return settings.max_batch_size
+
+    def _get_batch_wait_timeout_s() -> float:
+        return settings.batch_wait_timeout_s
+
+    def _get_max_concurrent_batches() -> int:
+        return settings.max_concurrent_batches
+
+    wrapper.set_max_batch_size = set_max_batch_size  # type: ignore[attr-defined]
+    wrapper.set_batch_wait_timeout_s = set_batch_wait_timeout_s  # type: ignore[attr-defined]
+    wrapper._get_max_batch_size = _get_max_batch_size  # type: ignore[attr-defined]
+    wrapper._get_batch_wait_timeout_s = _get_batch_wait_timeout_s  # type: ignore[attr-defined]
+    wrapper._get_max_concurrent_batches = _get_max_concurrent_batches  # type: ignore[attr-defined]
+    wrapper._shoal_batcher = batcher  # type: ignore[attr-defined]
+    return wrapper
+
+
+def batch(
+    _func: Optional[Callable] = None,
+    /,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+    batch_size_fn: Optional[Callable[[list], int]] = None,
+) -> Callable:
+    """Turn an `async def` that takes lists into one that callers call with single items.
+
+    Use as `@serve.batch` or `@serve.batch(max_batch_size=..., ...)` on a method or a function. Each
+    argument becomes a list across the batch; the function returns a list with one result per
+    caller (or, for an `async def ... yield` function, yields such lists; an element that is
+    `StopIteration` ends that caller's stream). Its error goes to every caller of the batch.
+
+    Args:
+        max_batch_size: the most requests in one batch (with `batch_size_fn`: the most total size).
+        batch_wait_timeout_s: how long a batch may wait for more requests after its first arrived.
+        max_concurrent_batches: how many batches of this function (per instance) may run at once.
+        batch_size_fn: `fn(items) -> size`, called with a one-element list per request (the
+            request's first argument) to give its size; a batch holds requests whose sizes sum to
+            at most `max_batch_size`, and a request larger than that on its own fails with
+            `RuntimeError`.
+
+    The wrapper also has `set_max_batch_size(n)` and `set_batch_wait_timeout_s(t)` to change the
+    options at run time (for every instance of a method), and `_get_max_batch_size()`,
+    `_get_batch_wait_timeout_s()`.
+    """
+    if _func is not None and not callable(_func):
+        raise TypeError(
+            f"@serve.batch takes the function to decorate as its only positional argument, got {_func!r}; "
+            "pass options as keywords, e.g. @serve.batch(max_batch_size=8).")
+    settings = _Settings(
+        _positive_int("max_batch_size", max_batch_size),
+        _timeout("batch_wait_timeout_s", batch_wait_timeout_s),
+        _positive_int("max_concurrent_batches", max_concurrent_batches),
+        _size_fn(batch_size_fn),
+    )
+
+    def decorator(func: Callable) -> Callable:
+        target = func.__func__ if isinstance(func, (staticmethod, classmethod)) else func
+        if not (inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target)):
+            name = getattr(target, "__qualname__", repr(target))
+            raise TypeError(f"Functions decorated with @serve.batch must be 'async def'; '{name}' is not.")
+        return _make_wrapper(func, settings)
+
+    if _func is not None:
+        return decorator(_func)
+    return decorator

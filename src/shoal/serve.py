@@ -21,6 +21,7 @@ from shoal.exceptions import (
 )
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal.http.ingress import ingress
+from shoal.multiplex import multiplexed
 from shoal.status import (
     ApplicationStatus,
     DeploymentStatus,
@@ -36,6 +37,7 @@ __all__ = [
     "DeploymentStatus", "DeploymentStatusTrigger", "DeploymentUnavailableError", "HTTPOptions",
     "LoggingConfig", "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError",
     "ReplicaState", "RequestCancelledError", "RequestRouterConfig", "ServeStatus", "delete", "deployment",
-    "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "ingress", "run",
+    "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "ingress",
+    "multiplexed", "run",
     "shutdown", "start", "status",
 ]

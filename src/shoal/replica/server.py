@@ -145,6 +145,27 @@ class ReplicaServer:
                 logger.exception("__del__ of %s raised", self._where)
 
 
+def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    """Tell the controller which multiplexed models this replica holds (coalesced, at most every 0.1 s)."""
+    from shoal import multiplex
+
+    state: dict = {"latest": frozenset(), "sent": frozenset(), "scheduled": False}
+
+    def push() -> None:
+        state["scheduled"] = False
+        if state["latest"] != state["sent"] and client.conn is not None:
+            state["sent"] = state["latest"]
+            client.conn.notify("model_ids", (unique_id, tuple(sorted(state["latest"]))))
+
+    def on_ids(ids: frozenset) -> None:
+        state["latest"] = ids
+        if not state["scheduled"]:
+            state["scheduled"] = True
+            loop.call_later(0.1, push)
+
+    multiplex.set_model_ids_listener(on_ids)
+
+
 def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -164,6 +185,7 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
             return getattr(holder["server"], name)
 
     spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
+    _report_model_ids(client, unique_id, loop)
     client.on_controller_lost = lambda: loop.call_soon(_exit, 0)
     replica_id: ReplicaID = spec["replica_id"]
     if spec["config"].logging_config is not None:

@@ -156,6 +156,9 @@ class Router:
         self.policy: RequestRouter = PowerOfTwoChoicesRequestRouter()
         self._policy_key: tuple = ("shoal.router.pow2:PowerOfTwoChoicesRequestRouter", ())
         self._rematch_timer: Optional[asyncio.TimerHandle] = None
+        # A new router holds requests until it has tried to connect to every replica it was told
+        # about, so policies see the whole set from the first request (affinity needs it).
+        self._warming = False
         self.on_queued_without_replicas = None  # set by the client: tells the controller at once
         self.sync_loop = None  # set when sync callers drive this router's loop (see sync_loop.py)
         self._background = 0  # connects and argument resolutions in progress
@@ -173,7 +176,7 @@ class Router:
             self._background += 1
             self.loop.create_task(self._resolve_then_assign(resp))
             return
-        if not self.pending:
+        if not self.pending and not self._warming:
             entry = self.policy.choose_replica(self.ready, resp) if self.ready else None
             if entry is not None:
                 self._send(entry, resp)
@@ -268,7 +271,7 @@ class Router:
         replica with its model) does not block a few others behind it."""
         pending = self.pending
         skipped = 0
-        while len(pending) > skipped and self.ready:
+        while len(pending) > skipped and self.ready and not self._warming:
             resp = pending[skipped]
             if resp._cancelled:
                 del pending[skipped]
@@ -331,6 +334,9 @@ class Router:
                 entry.info = info
                 entry.max_ongoing = info.max_ongoing_requests
                 entry.models = set(info.multiplexed_model_ids)
+        if not self.ready and any(uid not in self.entries for uid in new_ids):
+            self._warming = True
+            self.loop.call_later(1.0, self._end_warming)  # never hold requests longer than this
         for uid, info in new_ids.items():
             if uid not in self.entries:
                 entry = ReplicaEntry(info, self)
@@ -359,8 +365,15 @@ class Router:
         self._policy_hooks = (cls.on_request_routed is not RequestRouter.on_request_routed
                               or cls.update_replicas is not RequestRouter.update_replicas)
 
+    def _end_warming(self) -> None:
+        if self._warming:
+            self._warming = False
+            self._drain()
+
     def _background_done(self, _task: asyncio.Task) -> None:
         self._background -= 1
+        if self._warming and not any(e.conn is None and not e.draining for e in self.entries.values()):
+            self._end_warming()
         if self.sync_loop is not None:
             self.sync_loop.wake()
 

@@ -28,6 +28,7 @@ import functools
 import inspect
 import logging
 import math
+import time
 import types
 import weakref
 from typing import Any, Callable, Optional
@@ -39,6 +40,7 @@ from shoal.exceptions import RayServeException
 __all__ = ["batch", "get_batch_request_contexts"]
 
 logger = logging.getLogger("shoal.batching")
+_monotonic = time.monotonic  # queue times and deadlines (the loop's own clock may differ)
 
 _batch_request_contexts: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
     "shoal_batch_request_contexts", default=None
@@ -142,21 +144,16 @@ def _fail(sink: Any, error: BaseException) -> None:
         sink.set_exception(error)
 
 
-class _Request:
-    __slots__ = ("args", "kwargs", "ctx", "sink", "t", "size")
-
-    def __init__(self, args: tuple, kwargs: dict, ctx: RequestContext, sink: Any, t: float):
-        self.args = args
-        self.kwargs = kwargs
-        self.ctx = ctx
-        self.sink = sink   # an asyncio.Future, or a _Stream for async-generator functions
-        self.t = t         # loop time it was queued
-        self.size: Optional[int] = None  # from batch_size_fn, computed once
-
-
 def _is_stop(value: Any) -> bool:
     return (value is StopIteration or value is StopAsyncIteration
             or isinstance(value, (StopIteration, StopAsyncIteration)))
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task was asked to stop (as opposed to user code raising CancelledError)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return task is None or cancelling is None or cancelling() > 0
 
 
 def _wake_future(fut: asyncio.Future) -> None:
@@ -165,6 +162,9 @@ def _wake_future(fut: asyncio.Future) -> None:
 
 
 # --- the queue of one (function or instance, event loop) --------------------------------------------
+#
+# A queued request is a tuple (args, kwargs, request context, sink, monotonic time it was queued); the sink
+# is the caller's asyncio.Future, or its _Stream for async-generator functions.
 
 class _BatchQueue:
     def __init__(self, call: Callable, settings: _Settings, loop: asyncio.AbstractEventLoop,
@@ -175,14 +175,15 @@ class _BatchQueue:
         self.is_gen = is_gen
         self.name = name
         self.signature = signature  # without `self`; used only when callers pass different shapes
-        self.items: collections.deque[_Request] = collections.deque()
+        self.items: collections.deque[tuple] = collections.deque()
         self.waiter: Optional[asyncio.Future] = None  # the runner waits on it for more requests
         self.need = 1               # wake the runner once this many requests are queued
         self.runner: Optional[asyncio.Task] = None
         self.active = 0             # batches running
         self.tasks: set[asyncio.Task] = set()
+        self.head_size: Optional[tuple] = None  # (request, size) of a request deferred by batch_size_fn
 
-    def put(self, req: _Request) -> None:
+    def put(self, req: tuple) -> None:
         items = self.items
         items.append(req)
         w = self.waiter
@@ -205,63 +206,68 @@ class _BatchQueue:
                     continue
                 self.active += 1
                 if settings.max_concurrent_batches == 1:
-                    await self._execute(batch)
+                    await self._execute(batch, False)
                 else:
-                    task = self.loop.create_task(self._execute(batch))
+                    task = self.loop.create_task(self._execute(batch, True))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
         finally:
             self.runner = None
 
-    async def _form_batch(self) -> list[_Request]:
+    async def _form_batch(self) -> list[tuple]:
         settings = self.settings
         loop = self.loop
         items = self.items
-        batch: list[_Request] = []
+        batch: list[tuple] = []
         total = 0
         deadline = 0.0
         while True:
             max_size = settings.max_batch_size
             size_fn = settings.batch_size_fn
-            while items:
-                req = items[0]
-                if req.sink.done():  # the caller went away before its batch started
-                    items.popleft()
-                    continue
-                if size_fn is None:
-                    items.popleft()
-                    batch.append(req)
-                    if len(batch) == 1:
-                        deadline = req.t + settings.batch_wait_timeout_s
-                    if len(batch) >= max_size:
-                        return batch
-                    continue
-                size = req.size
-                if size is None:
-                    try:
-                        size = req.size = self._size_of(size_fn, req)
-                    except Exception as e:  # noqa: BLE001 - the error belongs to that caller
-                        items.popleft()
-                        _fail(req.sink, e)
-                        continue
-                if size > max_size:
-                    items.popleft()
-                    _fail(req.sink, RuntimeError(
-                        f"A request to '{self.name}' has size {size} (from batch_size_fn), larger than "
-                        f"max_batch_size={max_size}: it can never fit in a batch."))
-                    continue
-                if total + size > max_size:
-                    return batch  # it stays at the front and starts the next batch
-                items.popleft()
-                batch.append(req)
-                total += size
-                if len(batch) == 1:
-                    deadline = req.t + settings.batch_wait_timeout_s
-                if total >= max_size:
+            if size_fn is None:
+                while items and len(batch) < max_size:
+                    req = items.popleft()
+                    if not req[3].done():  # else its caller went away before the batch started
+                        if not batch:
+                            deadline = req[4] + settings.batch_wait_timeout_s
+                        batch.append(req)
+                if len(batch) >= max_size:
                     return batch
+            else:
+                while items:
+                    req = items[0]
+                    if req[3].done():
+                        items.popleft()
+                        continue
+                    head = self.head_size
+                    if head is not None and head[0] is req:
+                        size = head[1]
+                    else:
+                        try:
+                            size = self._size_of(size_fn, req)
+                        except Exception as e:  # noqa: BLE001 - the error belongs to that caller
+                            items.popleft()
+                            _fail(req[3], e)
+                            continue
+                    if size > max_size:
+                        items.popleft()
+                        _fail(req[3], RuntimeError(
+                            f"A request to '{self.name}' has size {size} (from batch_size_fn), larger than "
+                            f"max_batch_size={max_size}: it can never fit in a batch."))
+                        continue
+                    if total + size > max_size:
+                        self.head_size = (req, size)
+                        return batch  # it stays at the front and starts the next batch
+                    items.popleft()
+                    if not batch:
+                        deadline = req[4] + settings.batch_wait_timeout_s
+                    batch.append(req)
+                    total += size
+                    if total >= max_size:
+                        return batch
             if not batch:
                 return batch
-            remaining = deadline - loop.time()
+            remaining = deadline - _monotonic()
             if remaining <= 0:
                 return batch
             # Wait for more requests, or the deadline.
@@ -277,91 +283,92 @@ class _BatchQueue:
                     timer.cancel()
 
     @staticmethod
-    def _size_of(size_fn: Callable, req: _Request) -> int:
-        if req.args:
-            item = req.args[0]
-        elif req.kwargs:
-            item = next(iter(req.kwargs.values()))
+    def _size_of(size_fn: Callable, req: tuple) -> Any:
+        args, kwargs = req[0], req[1]
+        if args:
+            item = args[0]
+        elif kwargs:
+            item = next(iter(kwargs.values()))
         else:
             item = None
         size = size_fn([item])
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 0:
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size >= 0:
             raise TypeError(f"batch_size_fn must return a number >= 0, got {size!r}.")
         return size
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    async def _execute(self, batch: list[tuple], recheck: bool) -> None:
         try:
-            model_id = batch[0].ctx.multiplexed_model_id
+            model_id = batch[0][2].multiplexed_model_id
             for req in batch:
-                if req.ctx.multiplexed_model_id != model_id:
+                if req[2].multiplexed_model_id != model_id:
                     break
             else:
-                await self._run_group(batch)
+                await self._run_group(batch, recheck)
                 return
-            groups: dict[str, list[_Request]] = {}
+            groups: dict[str, list[tuple]] = {}
             for req in batch:
-                groups.setdefault(req.ctx.multiplexed_model_id, []).append(req)
+                groups.setdefault(req[2].multiplexed_model_id, []).append(req)
             for group in groups.values():
-                await self._run_group(group)
+                await self._run_group(group, recheck)
+                recheck = True  # later groups waited for the earlier ones
         finally:
             self.active -= 1
             if self.items and self.runner is None and self.active < self.settings.max_concurrent_batches:
                 self.runner = self.loop.create_task(self._run())
 
-    def _arguments(self, group: list[_Request]) -> tuple[list, tuple, dict]:
-        """Per-argument lists for `group`; returns (group, args, kwargs) after dropping bad calls."""
-        first = group[0]
-        nargs = len(first.args)
-        keys = first.kwargs.keys()
-        for req in group:
-            if len(req.args) != nargs or req.kwargs.keys() != keys:
-                return self._normalized_arguments(group)
-        args = tuple([req.args[i] for req in group] for i in range(nargs))
-        kwargs = {k: [req.kwargs[k] for req in group] for k in keys}
-        return group, args, kwargs
+    def _arguments(self, group: list[tuple]) -> tuple[list, tuple, dict]:
+        """Per-argument lists for `group`: returns (group, args, kwargs), without calls that failed."""
+        arg_tuples = [req[0] for req in group]
+        kw_dicts = [req[1] for req in group]
+        if len(set(map(len, arg_tuples))) == 1:
+            if not any(kw_dicts):
+                return group, tuple(map(list, zip(*arg_tuples))), {}
+            if len(set(map(frozenset, kw_dicts))) == 1:
+                return (group, tuple(map(list, zip(*arg_tuples))),
+                        {k: [kw[k] for kw in kw_dicts] for k in kw_dicts[0]})
+        return self._normalized_arguments(group)
 
-    def _normalized_arguments(self, group: list[_Request]) -> tuple[list, tuple, dict]:
-        """Callers passed the same arguments in different ways (positional vs keyword, defaults):
-        bind each call to the signature so each parameter becomes one list."""
+    def _normalized_arguments(self, group: list[tuple]) -> tuple[list, tuple, dict]:
+        """Callers passed the same arguments in different ways (positional or keyword, defaults left
+        out): bind each call to the signature, so each parameter becomes one list."""
         sig = self.signature
-        ok: list[_Request] = []
+        ok: list[tuple] = []
         bound_calls = []
         for req in group:
             try:
                 if sig is None:
                     raise TypeError("the batched function's signature is unknown")
-                bound = sig.bind(*req.args, **req.kwargs)
+                bound = sig.bind(*req[0], **req[1])
                 bound.apply_defaults()
             except TypeError as e:
-                _fail(req.sink, TypeError(f"Bad arguments for batched function '{self.name}': {e}"))
+                _fail(req[3], TypeError(f"Bad arguments for batched function '{self.name}': {e}"))
                 continue
             ok.append(req)
             bound_calls.append(bound)
         if not ok:
             return ok, (), {}
-        shapes = {(len(b.args), tuple(b.kwargs)) for b in bound_calls}
+        shapes = {(len(b.args), frozenset(b.kwargs)) for b in bound_calls}
         if len(shapes) != 1:
             err = TypeError(
                 f"Calls batched together for '{self.name}' passed different numbers of arguments "
-                "(variable *args or **kwargs); they cannot be turned into one list per argument.")
+                "(to *args or **kwargs), so they cannot be turned into one list per argument.")
             for req in ok:
-                _fail(req.sink, err)
+                _fail(req[3], err)
             return [], (), {}
-        b0 = bound_calls[0]
-        args = tuple([b.args[i] for b in bound_calls] for i in range(len(b0.args)))
-        kwargs = {k: [b.kwargs[k] for b in bound_calls] for k in b0.kwargs}
+        args = tuple(map(list, zip(*[b.args for b in bound_calls])))
+        kwargs = {k: [b.kwargs[k] for b in bound_calls] for k in bound_calls[0].kwargs}
         return ok, args, kwargs
 
-    async def _run_group(self, group: list[_Request]) -> None:
-        if any(req.sink.done() for req in group):
-            group = [req for req in group if not req.sink.done()]
+    async def _run_group(self, group: list[tuple], recheck: bool) -> None:
+        if recheck:
+            group = [req for req in group if not req[3].done()]
             if not group:
                 return
         group, args, kwargs = self._arguments(group)
         if not group:
             return
-        token = _request_context.set(group[0].ctx)
-        ctx_token = _batch_request_contexts.set([req.ctx for req in group])
+        token = _request_context.set(group[0][2])
+        ctx_token = _batch_request_contexts.set([req[2] for req in group])
         try:
             if self.is_gen:
                 await self._run_generator(group, args, kwargs)
@@ -371,19 +378,22 @@ class _BatchQueue:
             _batch_request_contexts.reset(ctx_token)
             _request_context.reset(token)
 
-    async def _run_function(self, group: list[_Request], args: tuple, kwargs: dict) -> None:
+    async def _run_function(self, group: list[tuple], args: tuple, kwargs: dict) -> None:
+        futures = [req[3] for req in group]
         try:
             results = await self.call(*args, **kwargs)
         except asyncio.CancelledError:
-            for req in group:
-                req.sink.cancel()
-            raise
+            for fut in futures:
+                fut.cancel()
+            if _being_cancelled():
+                raise
+            return  # the function itself raised CancelledError: its callers got it, the queue goes on
         except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
-            for req in group:
-                if not req.sink.done():
-                    req.sink.set_exception(e)
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(e)
             return
-        n = len(group)
+        n = len(futures)
         try:
             m = len(results)
         except TypeError:
@@ -393,17 +403,18 @@ class _BatchQueue:
                 f"Batched function doesn't preserve batch size. The input list has length {n} but the "
                 f"returned value is {_describe(results)}. '{self.name}' must return a list with one "
                 "element per input.")
-            for req in group:
-                if not req.sink.done():
-                    req.sink.set_exception(err)
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(err)
             return
-        for req, value in zip(group, results):
-            sink = req.sink
-            if not sink.done():
-                sink.set_result(value)
+        for fut, value in zip(futures, results):
+            try:
+                fut.set_result(value)
+            except asyncio.InvalidStateError:
+                pass  # that caller was cancelled while the batch ran
 
-    async def _run_generator(self, group: list[_Request], args: tuple, kwargs: dict) -> None:
-        streams = [req.sink for req in group]
+    async def _run_generator(self, group: list[tuple], args: tuple, kwargs: dict) -> None:
+        streams = [req[3] for req in group]
         n = len(streams)
         agen = self.call(*args, **kwargs)
         try:
@@ -434,14 +445,18 @@ class _BatchQueue:
         except asyncio.CancelledError:
             for s in streams:
                 s.end(asyncio.CancelledError())
-            raise
+            if _being_cancelled():
+                raise
         except Exception as e:  # noqa: BLE001 - every caller still listening gets the error
             for s in streams:
                 s.end(e)
         finally:
             for s in streams:
                 s.end()
-            await agen.aclose()
+            try:
+                await agen.aclose()
+            except Exception:  # noqa: BLE001 - its callers are served; only the cleanup failed
+                logger.exception("Closing the batched generator '%s' failed.", self.name)
 
 
 def _describe(value: Any) -> str:
@@ -485,6 +500,15 @@ class _Batcher:
         self.slotted: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
         self.slotted_strong: dict[int, tuple[Any, dict]] = {}
         self._signatures: dict[bool, Optional[inspect.Signature]] = {}
+        # Whether a call whose first argument has this type is a method call (`self` first).
+        self.method_types: dict[type, bool] = {}
+
+    def learn_type(self, cls: type, wrapper: Callable) -> bool:
+        is_method = _holds(cls, wrapper)
+        if len(self.method_types) >= 1024:
+            self.method_types.clear()
+        self.method_types[cls] = is_method
+        return is_method
 
     def __reduce__(self) -> tuple:
         return (_Batcher, (self.func, self.settings))
@@ -527,7 +551,7 @@ class _Batcher:
             self.settings.checked = True
             self.check_replica_limits()
         _prune_closed(by_loop)
-        method = owner is not _NO_OWNER
+        method = owner is not None
         call = types.MethodType(self.func, owner) if method else self.func
         q = _BatchQueue(call, self.settings, loop, self.is_gen, self.name, self.signature(method))
         by_loop[loop] = q
@@ -552,46 +576,56 @@ class _Batcher:
                 self.name, s.max_batch_size, s.max_concurrent_batches, wanted, max_ongoing, wanted)
 
 
-_NO_OWNER = object()
-
-
-def _in_class_body(func: Callable) -> bool:
-    """Whether `func` was defined in a class body (from its qualified name: `C.f`, `g.<locals>.C.f`)."""
-    parts = getattr(func, "__qualname__", "").split(".")
-    return len(parts) >= 2 and parts[-2] != "<locals>"
+def _holds(cls: type, fn: Callable) -> bool:
+    """Whether `fn` (or a decorator wrapping it) is a plain attribute of `cls` or a base class:
+    then a call whose first argument is an instance of `cls` is a method call."""
+    for klass in cls.__mro__:
+        for value in list(vars(klass).values()):
+            for _ in range(8):  # follow functools.wraps chains of decorators stacked on top
+                if value is fn:
+                    return True
+                value = getattr(value, "__wrapped__", None) if inspect.isfunction(value) else None
+                if value is None:
+                    break
+    return False
 
 
 def _make_wrapper(func: Callable, settings: _Settings) -> Callable:
+    # The wrappers below are pickled by value with the user's class or function when that lives in
+    # `__main__` (cloudpickle): they must name only picklable globals (modules, importable names),
+    # hence `_context._request_context` rather than the ContextVar itself.
     batcher = _Batcher(func, settings)
-    functions = batcher.functions
-    attr = batcher.attr
-    name = getattr(func, "__name__", None)
-    defined_in_class = _in_class_body(func)
-    get_loop = asyncio.get_running_loop
-    get_ctx = _request_context.get
 
     def find_queue(args: tuple) -> tuple[_BatchQueue, tuple]:
-        loop = get_loop()
-        if args and (defined_in_class or getattr(type(args[0]), name, None) is wrapper):
-            owner = args[0]
+        """The queue for this call (its instance's for a method call, on the running loop)."""
+        loop = asyncio.get_running_loop()
+        if args:
+            first = args[0]
+            is_method = batcher.method_types.get(type(first))
+            if is_method is None:
+                is_method = batcher.learn_type(type(first), wrapper)
+        else:
+            is_method = False
+        if is_method:
             args = args[1:]
             try:
-                table = owner.__dict__[attr]
+                table = first.__dict__[batcher.attr]
             except (AttributeError, KeyError):
-                table = batcher.owner_table(owner)
+                table = batcher.owner_table(first)
         else:
-            owner = _NO_OWNER
-            table = functions.by_loop
+            first = None
+            table = batcher.functions.by_loop
         q = table.get(loop)
         if q is None:
-            q = batcher.new_queue(table, owner, loop)
+            q = batcher.new_queue(table, first, loop)
         return q, args
 
     if batcher.is_gen:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             q, args = find_queue(args)
+            loop = q.loop
             stream = _Stream()
-            q.put(_Request(args, kwargs, get_ctx(), stream, q.loop.time()))
+            q.put((args, kwargs, _context._request_context.get(), stream, _monotonic()))
             items = stream.items
             try:
                 while True:
@@ -602,16 +636,43 @@ def _make_wrapper(func: Callable, settings: _Settings) -> Callable:
                             raise stream.error
                         return
                     else:
-                        waiter = stream.waiter = q.loop.create_future()
+                        waiter = stream.waiter = loop.create_future()
                         await waiter
             finally:
                 stream.closed = True
     else:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            q, args = find_queue(args)
-            loop = q.loop
+            # find_queue, inlined: this runs on every call.
+            loop = asyncio.get_running_loop()
+            q = None
+            if args:
+                first = args[0]
+                is_method = batcher.method_types.get(type(first))
+                if is_method is None:
+                    is_method = batcher.learn_type(type(first), wrapper)
+                if is_method:
+                    try:
+                        q = first.__dict__[batcher.attr].get(loop)
+                    except (AttributeError, KeyError):
+                        pass
+                    if q is not None:
+                        args = args[1:]
+                else:
+                    q = batcher.functions.by_loop.get(loop)
+            if q is None:
+                q, args = find_queue(args)
             fut = loop.create_future()
-            q.put(_Request(args, kwargs, get_ctx(), fut, loop.time()))
+            # q.put(...), inlined.
+            items = q.items
+            items.append((args, kwargs, _context._request_context.get(), fut, _monotonic()))
+            w = q.waiter
+            if w is not None:
+                if len(items) >= q.need:
+                    q.waiter = None
+                    if not w.done():
+                        w.set_result(None)
+            elif q.runner is None and q.active < settings.max_concurrent_batches:
+                q.runner = loop.create_task(q._run())
             return await fut
 
     functools.update_wrapper(wrapper, func)
@@ -674,7 +735,7 @@ def batch(
         raise TypeError(
             f"@serve.batch takes the function to decorate as its only positional argument, got {_func!r}; "
             "pass options as keywords, e.g. @serve.batch(max_batch_size=8).")
-    settings = _Settings(
+    options = (
         _positive_int("max_batch_size", max_batch_size),
         _timeout("batch_wait_timeout_s", batch_wait_timeout_s),
         _positive_int("max_concurrent_batches", max_concurrent_batches),
@@ -682,11 +743,13 @@ def batch(
     )
 
     def decorator(func: Callable) -> Callable:
-        target = func.__func__ if isinstance(func, (staticmethod, classmethod)) else func
-        if not (inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target)):
-            name = getattr(target, "__qualname__", repr(target))
+        if isinstance(func, (staticmethod, classmethod)):
+            raise TypeError(f"@serve.batch must be applied below @{type(func).__name__}, directly on the "
+                            "'async def' function.")
+        if not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)):
+            name = getattr(func, "__qualname__", repr(func))
             raise TypeError(f"Functions decorated with @serve.batch must be 'async def'; '{name}' is not.")
-        return _make_wrapper(func, settings)
+        return _make_wrapper(func, _Settings(*options))  # settings of its own, for the setters
 
     if _func is not None:
         return decorator(_func)

@@ -21,6 +21,7 @@ from shoal.exceptions import (
 )
 from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal.http.ingress import ingress
+from shoal.batching import batch
 from shoal.multiplex import multiplexed
 from shoal.status import (
     ApplicationStatus,
@@ -32,7 +33,7 @@ from shoal.status import (
 )
 
 __all__ = [
-    "Application", "ApplicationStatus", "AutoscalingConfig", "BackPressureError", "Deployment",
+    "Application", "ApplicationStatus", "batch", "AutoscalingConfig", "BackPressureError", "Deployment",
     "DeploymentConfig", "DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator",
     "DeploymentStatus", "DeploymentStatusTrigger", "DeploymentUnavailableError", "HTTPOptions",
     "LoggingConfig", "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError",

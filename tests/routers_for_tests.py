@@ -12,3 +12,8 @@ class LowestIdRouter(RequestRouter):
     def choose_replica(self, candidates, request):
         free = [c for c in candidates if c.has_capacity()]
         return min(free, key=lambda c: c.replica_id.unique_id) if free else None
+
+
+def two_replicas_policy(ctx):
+    """A custom autoscaling policy: always two replicas."""
+    return 2, {}

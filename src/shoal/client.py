@@ -114,7 +114,9 @@ class ServeClient:
     async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
         path = os.path.join(self.session_dir, CONTROLLER_SOCKET)
         self.conn = await connect_unix(path, handler=ClientHandler(self, extra_handler), name="controller")
-        return await self.conn.call("hello", role=role, pid=os.getpid(), **hello)
+        reply = await self.conn.call("hello", role=role, pid=os.getpid(), **hello)
+        self.start_load_reports()
+        return reply
 
     def call_sync(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
         """Call the controller from sync code (not from the I/O loop itself)."""
@@ -140,6 +142,7 @@ class ServeClient:
             self.sync_loop.add_router(router)
         else:
             router = Router(deployment_id, loop or self.loop)
+        router.on_queued_without_replicas = self._report_soon
         if loop is not None and loop is not self.loop:
             self._close_routers_of_closed_loops()
         with self._lock:
@@ -161,6 +164,42 @@ class ServeClient:
             dead = [r for rs in self._routers.values() for r in rs if r.loop.is_closed() and not r.closed]
         for router in dead:
             router.close()
+
+    # --- autoscaling load reports ---------------------------------------------------------------
+    _REPORT_PERIOD_S = 0.25
+
+    def start_load_reports(self) -> None:
+        """Report queued/running requests of autoscaled deployments to the controller (I/O loop)."""
+        self._last_report: dict = {}
+        self._report_scheduled = False
+        self.loop.call_later(self._REPORT_PERIOD_S, self._periodic_report)
+
+    def _periodic_report(self) -> None:
+        if self.closed:
+            return
+        self._send_report()
+        self.loop.call_later(self._REPORT_PERIOD_S, self._periodic_report)
+
+    def _report_soon(self, router: Router) -> None:
+        """A request waits with no replica: tell the controller now (cold start from zero)."""
+        if router.autoscaling and not getattr(self, "_report_scheduled", True):
+            self._report_scheduled = True
+            self.loop.call_soon_threadsafe(self._send_report)
+
+    def _send_report(self) -> None:
+        self._report_scheduled = False
+        with self._lock:
+            groups = {d: list(rs) for d, rs in self._routers.items()}
+        payload = {}
+        for dep_id, routers in groups.items():
+            loads = [r.load() for r in routers if r.autoscaling and not r.closed]
+            if loads:
+                payload[dep_id] = (sum(q for q, _ in loads), sum(n for _, n in loads))
+        # Send what changed, and keep repeating non-zero loads (the controller averages over time).
+        report = {d: v for d, v in payload.items() if v != (0, 0) or self._last_report.get(d) != v}
+        if report and self.conn is not None:
+            self.conn.notify("router_metrics", report)
+        self._last_report = payload
 
     def _subscribe(self, deployment_id: DeploymentID) -> None:
         if self.conn is not None:

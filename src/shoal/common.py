@@ -48,6 +48,7 @@ class DeploymentTargets:
     replicas: list[RunningReplicaInfo] = field(default_factory=list)
     max_queued_requests: int = -1
     exists: bool = True
+    autoscaling: bool = False  # callers report their queued and running counts when set
     # How an HTTP proxy answers when this deployment's queue is full (503, or 429 + Retry-After).
     backpressure_status_code: int = 503
     backpressure_retry_after_s: Optional[float] = None

@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional
 
 from shoal.common import CONTROL_LOOP_INTERVAL_S, DeploymentID, DeploymentTargets
+from shoal.controller.autoscaler import LoadReports
 from shoal.controller.deployment_state import DeploymentState, ReplicaRecord
 from shoal.controller.proxy_state import ProxyManager
 from shoal.http.routes import Route
@@ -63,6 +64,7 @@ class Controller(RpcHandler):
         self._last_pending_log: dict[DeploymentID, float] = {}
         self._status_waiters: list[asyncio.Future] = []
         self.proxies = ProxyManager(self)
+        self.load_reports = LoadReports()
 
     # --- helpers used by deployment states ------------------------------------------------------
     def wake(self) -> None:
@@ -291,6 +293,11 @@ class Controller(RpcHandler):
     async def rpc_proxy_failed(self, conn: Connection, index: int, error: str) -> None:
         self.proxies.failed(index, error)
 
+    def notify_router_metrics(self, conn: Connection, payload: dict) -> None:
+        """Queued and running requests a caller process holds for autoscaled deployments."""
+        if self.load_reports.update(conn, payload):
+            self.wake()  # requests may be waiting with no replica: decide now, not at the next tick
+
     def notify_model_ids(self, conn: Connection, payload: tuple) -> None:
         """A replica's multiplexed models changed: routers should prefer it for those models."""
         unique_id, model_ids = payload
@@ -356,6 +363,7 @@ class Controller(RpcHandler):
         for subs in self.subscribers.values():
             subs.discard(conn)
         self.proxies.on_disconnect(conn)
+        self.load_reports.forget(conn)
         rec = getattr(conn, "replica", None)
         if rec is not None:
             rec.conn = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from shoal.common import DeploymentID, DeploymentTargets, ReplicaID, RunningReplicaInfo
+from shoal.controller.autoscaler import DeploymentAutoscaler
 from shoal.controller.specs import DeploymentSpec
 from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest
 from shoal.status import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
@@ -69,6 +70,7 @@ class DeploymentState:
         self.backoff_exp = 0
         self.pending_reason = ""
         self._published: Optional[tuple] = None
+        self.autoscaler: Optional[DeploymentAutoscaler] = None
         self.set_spec(spec)
 
     # --- desired state ------------------------------------------------------------------------
@@ -81,11 +83,16 @@ class DeploymentState:
         cfg = spec.config
         if cfg.autoscaling_config is not None:
             a = cfg.autoscaling_config
+            if self.autoscaler is None:
+                self.autoscaler = DeploymentAutoscaler(a)
+            else:
+                self.autoscaler.configure(a)
             if old is None:
                 self.target = a.initial_replicas if a.initial_replicas is not None else a.min_replicas
             else:
                 self.target = max(a.min_replicas, min(a.max_replicas, self.target))
         else:
+            self.autoscaler = None
             self.target = cfg.num_replicas or 1
         if old is None or old.code_version() != self.code_version or old.reconfigure_version() != self.reconfigure_version:
             self.start_failures = 0
@@ -121,6 +128,7 @@ class DeploymentState:
         cfg = self.spec.config
         rc = cfg.request_router_config
         return DeploymentTargets(self.id, self.running_infos(), cfg.max_queued_requests, exists=True,
+                                 autoscaling=cfg.autoscaling_config is not None,
                                  backpressure_status_code=cfg.backpressure_config.status_code,
                                  backpressure_retry_after_s=cfg.backpressure_config.retry_after_s,
                                  request_router_class=rc.request_router_class,
@@ -234,6 +242,7 @@ class DeploymentState:
     def reconcile(self) -> None:
         now = time.monotonic()
         self._reap(now)
+        self._autoscale()
         self._roll_outdated()
         self._reconfigure_outdated()
         self._scale(now)
@@ -262,6 +271,21 @@ class DeploymentState:
                 logger.warning("replica %s of %s died (exit code %s); replacing it", rec.unique_id, self.id, code)
                 rec.state = ReplicaState.STOPPING
                 self._forget(rec)
+
+    def _autoscale(self) -> None:
+        if self.autoscaler is None or self.deleting:
+            return
+        queued, total = self.controller.load_reports.totals(self.id)
+        running = len(self._running())
+        desired = self.autoscaler.decide(self.id.name, self.id.app_name, running, self.target, queued, total)
+        if desired != self.target:
+            logger.info("autoscaling %s from %d to %d replicas (%.1f requests queued or running)",
+                        self.id, self.target, desired, total)
+            up = desired > self.target
+            self.target = desired
+            if self.status in (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING):
+                self._set_status(DeploymentStatus.UPSCALING if up else DeploymentStatus.DOWNSCALING,
+                                 DeploymentStatusTrigger.AUTOSCALING, "")
 
     def _roll_outdated(self) -> None:
         """Replace replicas of an older code version in steps of 20% of the target (at least one)."""

@@ -149,6 +149,7 @@ class Router:
         self.ready: list[ReplicaEntry] = []
         self.pending: deque = deque()
         self.max_queued_requests = -1
+        self.autoscaling = False
         self.backpressure_status_code = 503
         self.backpressure_retry_after_s: Optional[float] = None
         self.exists: Optional[bool] = None
@@ -314,6 +315,7 @@ class Router:
     def update(self, targets: DeploymentTargets) -> None:
         """Apply the replica set the controller published. Runs on `self.loop`."""
         self.exists = targets.exists
+        self.autoscaling = targets.autoscaling
         self.max_queued_requests = targets.max_queued_requests
         self.backpressure_status_code = targets.backpressure_status_code
         self.backpressure_retry_after_s = targets.backpressure_retry_after_s
@@ -427,6 +429,10 @@ class Router:
 
     def num_queued(self) -> int:
         return len(self.pending)
+
+    def load(self) -> tuple[int, int]:
+        """(queued, running) requests of this caller, for autoscaling."""
+        return len(self.pending), sum(e.inflight for e in self.entries.values())
 
     def close(self) -> None:
         """Close every replica connection (also after the router's loop has been closed)."""

@@ -46,13 +46,14 @@ class HTTPCall:
     _sync_loop = None
 
     __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
-                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at")
+                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, scope: dict, body: bytes, model_id: str, request_id: str,
                  session_id: str = ""):
         self.loop = loop
         self.session_id = session_id
         self._queued_at = 0.0
+        self._retries = 0
         self.args = (scope, body)
         self.multiplexed_model_id = model_id
         self.request_id = request_id

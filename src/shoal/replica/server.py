@@ -60,6 +60,7 @@ class ReplicaServer:
         task = start_eagerly(self._handle(conn, rid, body), self.loop, contextvars.copy_context())
         if task is not None:
             conn.tasks[rid] = task
+            conn.reply(Kind.STARTED, rid)  # so a caller never retries it if this process dies
 
     async def _handle(self, conn: Connection, rid: int, body: bytes) -> None:
         try:

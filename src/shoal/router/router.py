@@ -25,10 +25,11 @@ from shoal.exceptions import (
 from shoal.router.base import RequestRouter, load_router_class
 from shoal.router.pow2 import MODEL_MATCH_WINDOW_S, PowerOfTwoChoicesRequestRouter
 from shoal.transport import serialization as ser
-from shoal.transport.connection import Connection, connect_unix
+from shoal.transport.connection import Connection, ConnectionLost, connect_unix
 from shoal.transport.framing import Kind
 
 logger = logging.getLogger(__name__)
+MAX_RETRIES = 3  # times a request is re-sent after its replica died before starting it
 
 
 _REQUEST_TYPES: tuple = ()
@@ -95,16 +96,20 @@ class ReplicaEntry:
 class _Call:
     """Routes the frames answering one request back to its response object."""
 
-    __slots__ = ("router", "entry", "resp", "rid")
+    __slots__ = ("router", "entry", "resp", "rid", "started")
 
     def __init__(self, router: "Router", entry: ReplicaEntry, resp):
         self.router = router
         self.entry = entry
         self.resp = resp
         self.rid = 0
+        self.started = False  # the replica said it runs the request (or answered)
 
     def on_frame(self, kind: int, body: bytes) -> None:
         resp = self.resp
+        self.started = True
+        if kind == Kind.STARTED:
+            return
         if kind == Kind.ITEM:
             try:
                 resp._push(ser.loads(body))
@@ -133,6 +138,13 @@ class _Call:
         self.resp._call = None
         entry = self.entry
         rid = entry.info.replica_id
+        if not self.started and not self.resp._cancelled and getattr(self.resp, "_retries", 0) < MAX_RETRIES:
+            # The replica went away before it started this request: another replica takes it.
+            self.resp._retries = getattr(self.resp, "_retries", 0) + 1
+            self.router._on_replica_lost(entry, drain=False)  # never pick the dead replica again
+            self.router._release(entry, lost=True)
+            self.router._retry(self.resp)
+            return
         self.resp._complete(exc=ReplicaDiedError(
             f"Replica '{rid.unique_id}' of deployment '{rid.deployment_id.name}' in application "
             f"'{rid.deployment_id.app_name}' died while handling request {self.resp.request_id} "
@@ -237,8 +249,14 @@ class Router:
             resp._complete(exc=e)
             return
         call = _Call(self, entry, resp)
+        try:
+            call.rid = entry.conn.request(body, call)  # type: ignore[union-attr]
+        except ConnectionLost:  # the replica just went away: another one takes the request
+            self._on_replica_lost(entry, drain=False)
+            self.pending.appendleft(resp)
+            self.loop.call_soon(self._drain)
+            return
         entry.inflight += 1
-        call.rid = entry.conn.request(body, call)  # type: ignore[union-attr]
         resp._call = call
         if resp.multiplexed_model_id:
             entry.models.add(resp.multiplexed_model_id)  # it will load it; prefer it for the next one
@@ -252,6 +270,11 @@ class Router:
             entry.conn.close()
         if self.pending and not lost:
             self._drain()
+
+    def _retry(self, resp) -> None:
+        """Send a request again, ahead of the queue (its replica died before starting it)."""
+        self.pending.appendleft(resp)
+        self._drain()
 
     def _on_reject(self, entry: ReplicaEntry, resp) -> None:
         """The replica was full (other callers): wait for its CAPACITY frame, retry this request first."""
@@ -410,11 +433,13 @@ class Router:
         if entry.conn is not None and entry.inflight == 0:
             entry.conn.close()
 
-    def _on_replica_lost(self, entry: ReplicaEntry) -> None:
+    def _on_replica_lost(self, entry: ReplicaEntry, drain: bool = True) -> None:
         if entry in self.ready:
             self.ready.remove(entry)
-        self.entries.pop(entry.info.replica_id.unique_id, None)
-        self._drain()
+        if self.entries.get(entry.info.replica_id.unique_id) is entry:
+            del self.entries[entry.info.replica_id.unique_id]
+        if drain:
+            self._drain()
 
     def _unavailable(self) -> DeploymentUnavailableError:
         d = self.deployment_id

@@ -163,7 +163,7 @@ class Connection(asyncio.BufferedProtocol):
             sink = self.sinks.get(rid)
             if sink is None:
                 return  # reply to a request we already gave up on (cancelled)
-            if kind != Kind.ITEM:
+            if kind != Kind.ITEM and kind != Kind.STARTED:
                 del self.sinks[rid]
             sink.on_frame(kind, body)
 

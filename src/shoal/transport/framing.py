@@ -25,6 +25,7 @@ class Kind(IntEnum):
     CAPACITY = 8      # server -> caller: a replica that rejected you has room again (id 0)
     NOTIFY = 9        # either way: one-way message, body = (topic, payload)
     PUSH = 10         # caller -> server: a message into a running request (WebSocket frames)
+    STARTED = 11      # server -> caller: the request runs and did not finish at once (else its reply says so)
 
 
 def pack(kind: int, rid: int, body: bytes = b"") -> bytes:

@@ -375,3 +375,22 @@ def test_blocking_run_shuts_down_on_sigterm(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert drained.read_text() == "drained"  # graceful: the replica ran __del__
+
+
+def test_light_option_changes_reconfigure_in_place(serve_app):
+    @serve.deployment(max_ongoing_requests=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    class Light:
+        def __call__(self):
+            return os.getpid()
+
+    h = serve.run(Light.bind(), name="light", route_prefix="/light")
+    pid = h.remote().result()
+    h = serve.run(Light.options(max_ongoing_requests=7, autoscaling_config={"min_replicas": 1, "max_replicas": 3,
+                                                                          "upscale_delay_s": 5}).bind(),
+                  name="light", route_prefix="/light")
+    assert h.remote().result() == pid  # same process: reconfigured, not restarted
+    from shoal.client import get_global_client
+
+    # Routers learned the new limit.
+    wait_for(lambda: any(e.max_ongoing == 7 for r in get_global_client()._routers.get(h.deployment_id, ())
+                         for e in r.ready))

@@ -19,24 +19,39 @@ from handle_bench import ray_python  # noqa: E402
 WORKLOAD = ROOT / "benchmarks" / "autoscale_workload.py"
 
 
-def run(python: str, framework: str) -> dict | None:
+def run(python: str, framework: str, rounds: int, timeout_s: float) -> dict | None:
+    """One side in its own process group; n/a (None) when it fails or runs out of time."""
+    import os
+    import signal
+
     print(f"running {framework} side...", file=sys.stderr, flush=True)
-    out = subprocess.run([python, str(WORKLOAD), "--framework", framework], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    for line in out.stdout.splitlines():
+    proc = subprocess.Popen([python, str(WORKLOAD), "--framework", framework, "--rounds", str(rounds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        print(f"{framework} side did not finish within {timeout_s:.0f} s (n/a)", file=sys.stderr)
+        return None
+    for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    print(f"{framework} side failed:\n{(out.stderr + out.stdout)[-2000:]}", file=sys.stderr)
+    print(f"{framework} side failed:\n{(err + out)[-2000:]}", file=sys.stderr)
     return None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-ray", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="cold starts measured per side")
+    p.add_argument("--ray-timeout", type=float, default=420,
+                   help="seconds for the Ray side (its scale-down to zero takes minutes)")
     args = p.parse_args()
-    shoal = run(sys.executable, "shoal")
+    shoal = run(sys.executable, "shoal", args.rounds, 300)
     ray_py = None if args.skip_ray else ray_python()
-    ray = run(str(ray_py), "ray") if ray_py else None
+    ray = run(str(ray_py), "ray", 1, args.ray_timeout) if ray_py else None
 
     def cell(r: dict | None, key: str) -> str:
         return f"{r[key]:.2f}" if r else "n/a"

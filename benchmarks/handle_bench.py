@@ -76,30 +76,31 @@ def ray_python() -> Path | None:
     return RAY_PY
 
 
-def run_side(name: str, python: Path | str, framework: str, extra: list[str]) -> Side:
-    """Run the workload in a fresh process and parse its RESULT line."""
-    cmd = [str(python), str(WORKLOAD), "--framework", framework, *extra]
-    print(f"running {framework} side...", file=sys.stderr, flush=True)
-    # Own session, so a timeout kills the whole group: a hung Ray driver would
-    # otherwise leave its raylet and workers eating the next run's CPUs.
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+def run_command(name: str, cmd: list[str], timeout_s: float = SIDE_TIMEOUT_S) -> Side:
+    """Run one side in a fresh process and parse its RESULT line (shared by every benchmark here).
+
+    Own session, so a timeout kills the whole group: a hung Ray driver would otherwise leave its
+    raylet and workers eating the next run's CPUs and holding ports.
+    """
+    load = os.getloadavg()[0]
+    print(f"running {name} side (load avg {load:.1f})...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=SIDE_TIMEOUT_S)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        return Side(name, error=f"timed out after {SIDE_TIMEOUT_S}s\n{_tail(err + out)}")
+        return Side(name, error=f"timed out after {timeout_s:.0f}s\n{_tail(err + out)}")
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            return Side(name, result=json.loads(line[len("RESULT ") :]))
+            return Side(name, result=json.loads(line[len("RESULT "):]))
     return Side(name, error=f"exit {proc.returncode}, no RESULT line\n{_tail(err + out)}")
+
+
+def run_side(name: str, python: Path | str, framework: str, extra: list[str]) -> Side:
+    """Run the handle workload under `python` for `framework`."""
+    return run_command(name, [str(python), str(WORKLOAD), "--framework", framework, *extra])
 
 
 def best_of(sides: list[Side]) -> Side:

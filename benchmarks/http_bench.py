@@ -20,17 +20,14 @@ Extra arguments go to every side unchanged, e.g.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handle_bench import Side, _fmt, _tail, ray_python
+from handle_bench import Side, _fmt, _tail, ray_python, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -76,32 +73,8 @@ def ensure_wrk() -> None:
 
 
 def run_side(name: str, cmd: list[str]) -> Side:
-    """Run one side in a fresh process and parse its RESULT line.
-
-    As handle_bench.run_side, which is tied to handle_workload.py: its own session,
-    so a timeout kills the whole group (a hung Ray driver would otherwise leave
-    its raylet and workers eating the next side's CPUs and holding the port).
-    """
-    load = os.getloadavg()[0]
-    print(f"running {name} side (load avg {load:.1f})...", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=SIDE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return Side(name, error=f"timed out after {SIDE_TIMEOUT_S}s\n{_tail(err + out)}")
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return Side(name, result=json.loads(line[len("RESULT ") :]))
-    return Side(name, error=f"exit {proc.returncode}, no RESULT line\n{_tail(err + out)}")
+    """Run one side in a fresh process group and parse its RESULT line."""
+    return run_command(name, cmd, SIDE_TIMEOUT_S)
 
 
 def _error_detail(r: dict[str, Any]) -> dict[str, int]:

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle bench-http clean
+.PHONY: install test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ test-fast: install
 serve: install
 	$(VENV)/bin/shoal run examples.composition:app
 
-bench: bench-handle bench-http
+bench: bench-handle bench-http bench-batch
 
 bench-handle: install
 	$(PY) benchmarks/handle_bench.py --rounds 3
@@ -31,6 +31,13 @@ bench-handle: install
 bench-http: install
 	bash benchmarks/ensure_wrk.sh
 	$(PY) benchmarks/http_bench.py --rounds 3
+
+bench-batch: install
+	bash benchmarks/ensure_torch.sh
+	$(PY) benchmarks/batch_bench.py
+
+bench-autoscale: install
+	$(PY) benchmarks/autoscale_bench.py
 
 clean:
 	rm -rf $(VENV) .venv-ray build dist src/*.egg-info

@@ -8,6 +8,8 @@ already holds their model; a model nobody holds goes to the replica holding the 
 from __future__ import annotations
 
 import random
+
+_randrange = random.randrange
 from typing import Any, Optional, Sequence
 
 from shoal.router.base import ReplicaView, RequestRouter
@@ -24,7 +26,9 @@ def pick_two(candidates: Sequence[ReplicaView]) -> Optional[ReplicaView]:
     if n == 1:
         e = candidates[0]
         return e if e.has_capacity() else None
-    a, b = random.sample(candidates, 2)
+    i = _randrange(n)
+    j = _randrange(n - 1)
+    a, b = candidates[i], candidates[j + 1 if j >= i else j]  # two distinct replicas, cheaper than sample()
     if a.queue_len > b.queue_len:
         a, b = b, a
     if a.has_capacity():

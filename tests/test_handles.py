@@ -499,3 +499,15 @@ def test_sync_callers_in_threads_progress_while_one_waits(serve_app):
     sig.send.remote().result()
     t.join(timeout=30)
     assert not t.is_alive() and blocked["result"] is None
+
+
+def test_async_methods_run_inside_a_task(serve_app):
+    """`asyncio.timeout()` and `current_task()` work in user code, from the first line on."""
+
+    @serve.deployment
+    class UsesTimeout:
+        async def __call__(self):
+            async with asyncio.timeout(5):
+                return asyncio.current_task() is not None
+
+    assert serve.run(UsesTimeout.bind()).remote().result() is True

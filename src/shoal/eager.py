@@ -1,44 +1,24 @@
-"""Run a coroutine's first step at once, making a Task only if it has to wait.
+"""Start a request's coroutine, eagerly where Python supports it.
 
-Most requests to a fast async method finish without ever waiting; starting them eagerly saves a
-Task and a trip around the event loop per request (Python 3.12's eager tasks, for 3.10+).
+On Python 3.12+ the coroutine's first step runs at once inside a real Task (`eager_start`), so a fast
+async method finishes without a trip around the event loop. Older Pythons get a normal Task: running
+the first step outside a Task would break `asyncio.current_task()` and `asyncio.timeout()` in user code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import types
-from typing import Any, Coroutine, Optional
+import sys
+from typing import Coroutine, Optional
 
-
-@types.coroutine
-def _resume(coro: Coroutine, yielded: Any):
-    """Drive a coroutine that already ran its first step, as a Task would have."""
-    send, throw = coro.send, coro.throw
-    while True:
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as e:  # noqa: BLE001 - cancellation and errors go into the coroutine
-            try:
-                yielded = throw(e)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = send(value)
-            except StopIteration as stop:
-                return stop.value
+_EAGER = sys.version_info >= (3, 12)
 
 
 def start_eagerly(coro: Coroutine, loop: asyncio.AbstractEventLoop,
                   context: contextvars.Context) -> Optional[asyncio.Task]:
-    """Run `coro` until it first waits; return the Task that continues it, or None if it finished."""
-    try:
-        yielded = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    return loop.create_task(_resume(coro, yielded), context=context)
+    """Start `coro` as a Task; None if it already finished (only possible with eager start)."""
+    if _EAGER:
+        task = asyncio.Task(coro, loop=loop, context=context, eager_start=True)  # type: ignore[call-arg]
+        return None if task.done() else task
+    return loop.create_task(coro, context=context)

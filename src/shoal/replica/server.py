@@ -60,7 +60,9 @@ class ReplicaServer:
         task = start_eagerly(self._handle(conn, rid, body), self.loop, contextvars.copy_context())
         if task is not None:
             conn.tasks[rid] = task
-            conn.reply(Kind.STARTED, rid)  # so a caller never retries it if this process dies
+            # Runs after the task's first step: a request still running then is acknowledged, so a
+            # caller never re-sends it if this process dies; a quick one's reply says it all.
+            self.loop.call_soon(_acknowledge, conn, rid, task)
 
     async def _handle(self, conn: Connection, rid: int, body: bytes) -> None:
         try:
@@ -144,6 +146,11 @@ class ReplicaServer:
                 await self.callable.teardown()
             except Exception:  # noqa: BLE001
                 logger.exception("__del__ of %s raised", self._where)
+
+
+def _acknowledge(conn: Connection, rid: int, task: asyncio.Task) -> None:
+    if not task.done():
+        conn.reply(Kind.STARTED, rid)
 
 
 def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLoop) -> None:

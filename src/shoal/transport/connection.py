@@ -131,7 +131,7 @@ class Connection(asyncio.BufferedProtocol):
             pos = stop
             try:
                 self._dispatch(kind, rid, body)
-            except Exception:  # noqa: BLE001 - one bad frame must not kill the connection
+            except BaseException:  # noqa: BLE001 - one bad frame must not stall or kill the connection
                 logger.exception("error handling frame kind=%s rid=%s on %s", kind, rid, self.name)
         self._rstart = pos
         self._dispatching = False

@@ -105,7 +105,7 @@ class ProxyApp:
         self.options = options
         self.routes = RouteTable()
         self.routes_ready = False
-        self.routers: dict[DeploymentID, Any] = {}
+        self.routers: dict[Route, Any] = {}
         self.timeout_s: Optional[float] = options.get("request_timeout_s")
         self.max_body = options.get("max_request_body_bytes") or 0
         self.loop = asyncio.get_event_loop()
@@ -115,10 +115,10 @@ class ProxyApp:
         self.routes_ready = True
 
     def _router(self, route: Route) -> Any:
-        did = DeploymentID(route.ingress, route.app_name)
-        router = self.routers.get(did)
+        router = self.routers.get(route)  # keyed by the (hashable) route: no DeploymentID per request
         if router is None or router.closed:
-            router = self.routers[did] = self.client.get_router(did, self.loop)
+            router = self.routers[route] = self.client.get_router(DeploymentID(route.ingress, route.app_name),
+                                                                  self.loop)
         return router
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -196,19 +196,10 @@ class ProxyApp:
 
     async def _relay(self, call: HTTPCall, router: Any, receive: Any, send: Any, rid_header: tuple) -> None:
         loop = self.loop
-        state = {"timed_out": False, "disconnected": False}
-        watcher: list = []
-
-        def watch() -> None:
-            watcher.append(loop.create_task(_watch_disconnect(receive, call, state)))
-
-        def on_timeout() -> None:
-            state["timed_out"] = True
-            call._cancelled = True
-            router.cancel(call)
-
-        watch_handle = loop.call_later(_WATCH_DISCONNECT_AFTER_S, watch)
-        timeout_handle = loop.call_later(self.timeout_s, on_timeout) if self.timeout_s else None
+        state = _RelayState()
+        # Watch for a client disconnect only once the request has taken a while: most never need it.
+        watch_handle = loop.call_later(_WATCH_DISCONNECT_AFTER_S, state.watch, loop, receive, call)
+        timeout_handle = loop.call_later(self.timeout_s, state.time_out, router, call) if self.timeout_s else None
         started = False
         try:
             while True:
@@ -243,12 +234,12 @@ class ProxyApp:
             watch_handle.cancel()
             if timeout_handle is not None:
                 timeout_handle.cancel()
-            for task in watcher:
-                task.cancel()
+            if state.watcher is not None:
+                state.watcher.cancel()
 
     async def _error_response(self, exc: BaseException, call: HTTPCall, router: Any, send: Any,
-                              rid_header: tuple, state: dict) -> None:
-        if state["timed_out"]:
+                              rid_header: tuple, state: "_RelayState") -> None:
+        if state.timed_out:
             return await _respond(send, 408, f"Request {call.request_id} timed out after {self.timeout_s}s."
                                   .encode(), extra=[rid_header])
         if isinstance(exc, RequestCancelledError):
@@ -304,12 +295,29 @@ class ProxyApp:
                 return
 
 
-async def _watch_disconnect(receive: Any, call: HTTPCall, state: dict) -> None:
+class _RelayState:
+    """Per-request flags and the disconnect watcher of `_relay` (no closures per request)."""
+
+    __slots__ = ("timed_out", "watcher")
+
+    def __init__(self) -> None:
+        self.timed_out = False
+        self.watcher: Optional[asyncio.Task] = None
+
+    def watch(self, loop: asyncio.AbstractEventLoop, receive: Any, call: HTTPCall) -> None:
+        self.watcher = loop.create_task(_watch_disconnect(receive, call))
+
+    def time_out(self, router: Any, call: HTTPCall) -> None:
+        self.timed_out = True
+        call._cancelled = True
+        router.cancel(call)
+
+
+async def _watch_disconnect(receive: Any, call: HTTPCall) -> None:
     """Cancel the call (in the replica and downstream) when the client goes away."""
     while not call.finished:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            state["disconnected"] = True
             if not call.finished:
                 call._cancelled = True
                 call.loop.call_soon(_cancel_call, call)

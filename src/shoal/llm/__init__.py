@@ -1,0 +1,1 @@
+"""OpenAI-compatible LLM serving for shoal (the counterpart of `ray.serve.llm`)."""

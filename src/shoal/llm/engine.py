@@ -1,0 +1,1124 @@
+"""LLM engines: the protocol the OpenAI layer talks to, a `transformers` engine with continuous
+batching, and a sentence-transformers embedding engine.
+
+`TransformersEngine` in short:
+
+- One decode thread owns the model. Each iteration it (1) admits waiting requests into free batch
+  slots and prefills them, one prompt per forward, up to `max_prefill_tokens` prompt tokens per
+  iteration so running streams are not stalled for long; a prefill also yields the newcomer's first
+  token, which is streamed at once; then (2) runs ONE forward pass for every active sequence to
+  produce one more token each. Requests thus join between decode steps and leave as soon as they
+  finish (EOS, a stop string, `max_tokens`), and each streams its own tokens.
+- The KV cache is a preallocated, slot-indexed buffer per layer, ``[max_num_seqs, kv_heads, columns,
+  head_dim]`` (`_KVStore`), handed to transformers as a `Cache` whose layers write in place. Rows are
+  left-aligned: token i of every sequence sits in column i, a decode step writes each row's new K/V at
+  that row's own length (one indexed write per layer), and attention reads columns ``[0, width)``
+  with a boolean mask hiding each row's columns past its length; position ids are per row. Joining
+  copies only the new row in; leaving moves a tail row into the hole. transformers' `DynamicCache`
+  would instead concatenate the whole cache on every step (an O(cache) copy per token), needs
+  left-padding with shifts when a longer prompt joins, and has no cheap row removal.
+- Batch invariance (CPU): with the int8 weights (exact integer matmuls), prompts prefilled alone
+  and the chunked decode attention (`_chunked_decode_attention`), a request's tokens are
+  bit-identical whatever else is in the batch: greedy output does not change under load.
+- The asyncio side never runs model code: `generate()` tokenizes, validates (raising `ValueError` at
+  once for over-long prompts) and hands the request to the thread; deltas come back through
+  ``call_soon_threadsafe``, one call per event loop per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .models import (
+    DEFAULT_CHAT_MODEL,
+    DEFAULT_EMBEDDING_MODEL,
+    ModelSourceError,
+    Precision,
+    ResolvedModel,
+    choose_precision,
+    load_causal_lm,
+    prepare_weights,
+    resolve_model_source,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Delta",
+    "EmbeddingEngine",
+    "EmbeddingOutput",
+    "EngineShutdownError",
+    "GenerationRequest",
+    "LLMEngine",
+    "ModelSourceError",
+    "SamplingParams",
+    "TransformersEngine",
+    "Usage",
+    "build_engine",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Request / response types and the protocol
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. ``temperature=0`` is greedy; `seed` gives the request its own RNG."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in stops if s]
+
+
+@dataclass
+class GenerationRequest:
+    """A completion (`prompt`: text or token ids) or chat (`messages`) request."""
+
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Delta:
+    """New text of one stream. The last delta has `finish_reason` ("stop" | "length") and `usage`."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
+class EngineShutdownError(RuntimeError):
+    """Raised into streams still running when the engine shuts down."""
+
+
+@runtime_checkable
+class LLMEngine(Protocol):
+    """What the serving layer needs from an engine (vLLM, transformers, embeddings...)."""
+
+    model_id: str
+
+    async def start(self) -> None:
+        """Load weights and start background work; must be awaited before use."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Validate `request` (``ValueError`` at call time) and stream its deltas."""
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
+        """Embed `texts` (engines without embeddings raise ``NotImplementedError``)."""
+
+    async def shutdown(self) -> None:
+        """Stop background work; streams still running get `EngineShutdownError`."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Text helpers: incremental detokenizing and stop strings
+# --------------------------------------------------------------------------------------------------
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces that are never garbled.
+
+    A token may end inside a multi-byte character (the decoded text then ends with U+FFFD), and some
+    tokenizers decode a lone token differently from the same token in context (SentencePiece drops
+    a leading space). So each step decodes a short window -- the text already emitted for the last
+    few tokens plus the new ones -- and emits only what grew past that, and only once it no longer
+    ends in an incomplete character.
+    """
+
+    def __init__(self, decode: Any, context_ids: Sequence[int] = ()) -> None:
+        self._decode = decode
+        self._ids: list[int] = list(context_ids)[-4:]
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still pending (at the end of a stream), even if incomplete."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :] if len(after) > len(before) else ""
+
+
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
+    """Index of the earliest occurrence of any stop string in `text[start:]`, or -1."""
+    best = -1
+    for stop in stops:
+        i = text.find(stop, start)
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    return best
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string (not yet safe to
+    stream: if the stop completes, they must never have been sent)."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+# --------------------------------------------------------------------------------------------------
+# The batched KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+class _KVStore:
+    """Per-layer K/V buffers ``[max_rows, kv_heads, cols, head_dim]`` shared by all active rows.
+
+    Rows ``[0, rows)`` are live. Every row is left-aligned: its token ``i`` sits in column ``i``, and
+    its next token goes to column ``position`` (its length). Keeping each row's data at the same
+    columns whatever its batch-mates look like keeps attention's reductions in the same order, so
+    a request's output does not depend on who else is in the batch; the columns past a row's length
+    are hidden by the attention mask.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        max_rows: int,
+        dtype: "torch.dtype",
+        device: "torch.device",
+        initial_cols: int = 128,
+    ) -> None:
+        import torch
+
+        self._torch = torch
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.max_rows, self.dtype, self.device = max_rows, dtype, device
+        self.initial_cols = initial_cols
+        self.rows = 0
+        self.used_cols = 0  # columns holding data for some live row (max length)
+        # Set for the duration of one decode forward: where each row writes, and the width read.
+        self.step_rows: torch.Tensor | None = None
+        self.step_cols: torch.Tensor | None = None
+        self.step_width = 0
+        self._alloc(initial_cols)
+
+    def _alloc(self, cols: int) -> None:
+        torch = self._torch
+        shape = (self.max_rows, self.kv_heads, cols, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.cols = cols
+
+    @property
+    def nbytes(self) -> int:
+        per = self.max_rows * self.kv_heads * self.cols * self.head_dim * self.keys[0].element_size()
+        return 2 * self.n_layers * per
+
+    def ensure_cols(self, needed: int) -> None:
+        """Grow the column capacity (doubling) so `needed` columns fit."""
+        if needed <= self.cols:
+            return
+        cols = self.cols
+        while cols < needed:
+            cols *= 2
+        old_k, old_v, rows, used = self.keys, self.values, self.rows, self.used_cols
+        self._alloc(cols)
+        for layer in range(self.n_layers):
+            self.keys[layer][:rows, :, :used] = old_k[layer][:rows, :, :used]
+            self.values[layer][:rows, :, :used] = old_v[layer][:rows, :, :used]
+
+    def append_rows(self, kv: Sequence[tuple["torch.Tensor", "torch.Tensor"]], width: int) -> int:
+        """Copy `n` prefilled rows in (`kv[layer]` is ``[n, heads, width, dim]``, left-aligned).
+
+        Returns the first new row's index.
+        """
+        n = kv[0][0].shape[0]
+        self.ensure_cols(width + 1)
+        first = self.rows
+        for layer, (k, v) in enumerate(kv):
+            self.keys[layer][first : first + n, :, :width] = k
+            self.values[layer][first : first + n, :, :width] = v
+        self.rows += n
+        self.used_cols = max(self.used_cols, width)
+        return first
+
+    def remove_rows(self, gone: Sequence[int], used_cols: int) -> list[tuple[int, int]]:
+        """Drop rows; live rows from the tail move into the holes. Returns the (src, dst) moves.
+
+        `used_cols` is the longest live row after the removal (what needs copying).
+        """
+        if not gone:
+            return []
+        torch = self._torch
+        gone_set = set(gone)
+        keep = self.rows - len(gone_set)
+        holes = sorted(r for r in gone_set if r < keep)
+        movers = [r for r in range(keep, self.rows) if r not in gone_set]
+        if holes and used_cols:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            for buf in (*self.keys, *self.values):
+                buf[dst, :, :used_cols] = buf[src, :, :used_cols]
+        self.rows = keep
+        self.used_cols = used_cols if keep else 0
+        if keep == 0 and self.cols > self.initial_cols:
+            self._alloc(self.initial_cols)  # give back what a burst of long prompts took
+        return list(zip(movers, holes))
+
+    def write(
+        self, layer: int, k: "torch.Tensor", v: "torch.Tensor"
+    ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Store one decode step's K/V (``[rows, heads, 1, dim]``) at each row's own column and return
+        the live views ``[rows, heads, step_width, dim]``."""
+        keys, values = self.keys[layer], self.values[layer]
+        rows, cols = self.step_rows, self.step_cols
+        keys[rows, :, cols] = k[:, :, 0]
+        values[rows, :, cols] = v[:, :, 0]
+        return keys[: self.rows, :, : self.step_width], values[: self.rows, :, : self.step_width]
+
+
+def _make_store_cache(store: _KVStore) -> Any:
+    """A transformers `Cache` whose layers read and write `store` in place."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class _StoreLayer(CacheLayerMixin):
+        is_sliding = False
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:  # pragma: no cover
+            pass
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            self.keys, self.values = store.write(self.index, key_states, value_states)
+            return self.keys, self.values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return store.step_width, 0
+
+        def get_seq_length(self) -> int:
+            return max(store.step_width - 1, 0)
+
+        def get_max_length(self) -> int:
+            return -1
+
+    return Cache(layers=[_StoreLayer(i) for i in range(store.n_layers)])
+
+
+#: Width of the key/value chunks the CPU decode attention works in (see `_chunked_decode_attention`).
+ATTENTION_CHUNK = 128
+_ATTENTION_NAME = "shoal_batch_invariant"
+
+
+def _chunked_decode_attention(
+    module: Any,
+    query: "torch.Tensor",
+    key: "torch.Tensor",
+    value: "torch.Tensor",
+    attention_mask: "torch.Tensor | None",
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple["torch.Tensor", None]:
+    """Attention whose result for a row does not depend on the batch it runs in (CPU path).
+
+    BLAS kernels sum in an order that depends on the matrix sizes, so the same row attended over
+    100 columns alone or over 300 (padded, beside a longer batch-mate) differs in the last bits,
+    and greedy text can flip at near-ties. Here keys are taken in fixed ``ATTENTION_CHUNK``-column
+    chunks (the store hands out widths that are multiples of it), every matmul has the same shape
+    whatever the batch, and chunks are merged with the online-softmax recurrence; a chunk that is
+    padding for a row adds exactly nothing. Prompts (``query`` longer than 1) are prefilled one
+    request at a time, so they use transformers' SDPA unchanged.
+    """
+    import torch
+
+    b, heads, q_len, dim = query.shape
+    if q_len > 1 or attention_mask is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    kv_heads, width = key.shape[1], key.shape[2]
+    rep = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    chunk = ATTENTION_CHUNK
+    if width % chunk:  # not from the engine's store: pad to whole chunks
+        pad = chunk - width % chunk
+        key = torch.nn.functional.pad(key, (0, 0, 0, pad))
+        value = torch.nn.functional.pad(value, (0, 0, 0, pad))
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, pad), value=False)
+        width += pad
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    out_dtype = query.dtype
+    # Scores and softmax in float32 (bf16/fp16 weights only change the stored K/V).
+    grouped = query.reshape(b, kv_heads, rep, dim).float()  # query heads of one kv head side by side
+    keep = attention_mask.reshape(attention_mask.shape[0], 1, 1, width)
+    lowest = torch.finfo(torch.float32).min
+    run_max = run_sum = acc = None
+    for start in range(0, width, chunk):
+        end = start + chunk
+        k_chunk, v_chunk = key[:, :, start:end], value[:, :, start:end]
+        if k_chunk.dtype != torch.float32:
+            k_chunk, v_chunk = k_chunk.float(), v_chunk.float()
+        scores = torch.matmul(grouped, k_chunk.transpose(-1, -2)).mul_(scale)
+        scores.masked_fill_(~keep[..., start:end], lowest)
+        chunk_max = scores.amax(-1, keepdim=True)
+        if run_max is None:
+            run_max = chunk_max
+            probs = scores.sub_(run_max).exp_()
+            run_sum = probs.sum(-1, keepdim=True)
+            acc = torch.matmul(probs, v_chunk)
+        else:
+            new_max = torch.maximum(run_max, chunk_max)
+            correction = (run_max - new_max).exp_()
+            probs = scores.sub_(new_max).exp_()
+            run_sum = run_sum * correction + probs.sum(-1, keepdim=True)
+            acc = acc * correction + torch.matmul(probs, v_chunk)
+            run_max = new_max
+    out = acc.div_(run_sum).to(out_dtype)  # type: ignore[union-attr]
+    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _use_batch_invariant_attention(model: Any) -> bool:
+    """Register `_chunked_decode_attention` with transformers and switch `model` to it."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(_ATTENTION_NAME, _chunked_decode_attention)
+        AttentionMaskInterface.register(_ATTENTION_NAME, sdpa_mask)
+        model.set_attn_implementation(_ATTENTION_NAME)
+        return True
+    except Exception as exc:  # noqa: BLE001 - older transformers: keep SDPA (correct, not bit-invariant)
+        logger.warning("batch-invariant attention unavailable (%s); using SDPA", exc)
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformers engine
+# --------------------------------------------------------------------------------------------------
+
+
+class _Sequence:
+    """One request's state, owned by the decode thread once submitted."""
+
+    __slots__ = (
+        "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
+        "generator", "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token",
+        "position", "finish_reason", "loop", "queue", "aborted",
+    )  # fmt: skip
+
+    def __init__(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stops = params.stop_strings
+        self.max_stop_len = max((len(s) for s in self.stops), default=0)
+        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids or ())
+        self.generator: Any = None
+        self.detok: IncrementalDetokenizer | None = None
+        self.text = ""
+        self.sent = 0
+        self.pending_ids: list[int] = []
+        self.completion_tokens = 0
+        self.last_token = -1
+        self.position = 0  # tokens in the cache = next position id = the row's next column
+        self.finish_reason: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue[Any] | None = None
+        self.aborted = False
+
+
+def _put_all(items: list[tuple["asyncio.Queue[Any]", Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class TransformersEngine:
+    """A PyTorch/transformers engine with continuous batching (see the module docstring).
+
+    Options: `dtype` ("auto" | "float32" | "bfloat16" | "float16" | "int8"; "auto" is int8 on CPU,
+    bfloat16 on CUDA), `device` (default: CUDA when present), `max_num_seqs` (batch cap; more
+    requests wait in a queue), `max_model_len` (context; default the model's), `max_prefill_tokens`
+    (prompt tokens prefilled per iteration, at least one request), `seed` (for requests without
+    their own seed), `num_threads` (torch intra-op threads), `cache_converted` (keep converted GGUF
+    checkpoints, see `models`), `warmup` (run one tiny request in `start()`).
+    """
+
+    def __init__(
+        self,
+        model_source: str = DEFAULT_CHAT_MODEL,
+        *,
+        model_id: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        max_prefill_tokens: int | None = None,
+        seed: int | None = None,
+        num_threads: int | None = None,
+        cache_converted: bool = True,
+        warmup: bool = True,
+    ) -> None:
+        self.model_source = model_source
+        self.model_id = model_id or model_source
+        self._dtype_option = dtype
+        self._device_option = device
+        self._max_num_seqs_option = max_num_seqs
+        self._max_model_len_option = max_model_len
+        self._max_prefill_option = max_prefill_tokens
+        self._seed = seed
+        self._num_threads = num_threads
+        self._cache_converted = cache_converted
+        self._warmup = warmup
+
+        self.device = "cpu"
+        self.precision: Precision | None = None
+        self.max_num_seqs = 0
+        self.max_model_len = 0
+        self.max_prefill_tokens = 0
+        self.resolved: ResolvedModel | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._tok_lock = threading.Lock()
+        self._eos_ids: frozenset[int] = frozenset()
+        self._cache_kwarg = "cache"
+        self._chunked_attention = False
+        self._store: _KVStore | None = None
+        self._cache: Any = None
+        self._generator: Any = None
+
+        self._cv = threading.Condition()
+        self._incoming: collections.deque[_Sequence] = collections.deque()
+        self._aborts: set[_Sequence] = set()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []  # in KV-row order
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._started = False
+        # Every key exists up front, so stats() can copy the dict while the decode thread counts.
+        self._stats: dict[str, int] = dict.fromkeys(
+            ("requests", "prefill_tokens", "prefill_ms", "decode_steps", "decode_rows", "decode_ms",
+             "generated_tokens", "aborted", "finished_stop", "finished_length"),
+            0,
+        )  # fmt: skip
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model and start the decode loop, both in the engine's own thread.
+
+        Loading happens in that thread too because PyTorch's OpenMP pool is per calling thread:
+        each extra thread that ever ran parallel torch ops keeps an idle team, and with more
+        OpenMP threads than cores libgomp stops spinning between parallel regions, which made
+        every decode step ~1.5x slower on 2 cores.
+        """
+        if self._started:
+            return
+        self._stopping = False
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name=f"shoal-llm-{self.model_id}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            self._thread = None
+            raise
+        self._started = True
+        if self._warmup:
+            request = GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2, temperature=0))
+            async for _ in self.generate(request):
+                pass
+
+    def _thread_main(self, ready: "concurrent.futures.Future[None]") -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        self._run()
+
+    async def shutdown(self) -> None:
+        """Stop the decode thread; pending and running streams get `EngineShutdownError`."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+        self._thread = None
+        self._started = False
+
+    def _load(self) -> None:
+        import torch
+
+        device = self._device_option or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
+        self.precision = choose_precision(self._dtype_option, device)
+        if self._num_threads:
+            torch.set_num_threads(self._num_threads)
+        self.resolved = resolve_model_source(self.model_source)
+        started = time.perf_counter()
+        model, tokenizer = load_causal_lm(self.resolved, cache_converted=self._cache_converted)
+        self._check_architecture(model)
+        model = prepare_weights(model, self.precision, device)
+        model.eval()
+        self.model, self.tokenizer = model, tokenizer
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(self._max_model_len_option or limit, limit)
+        is_cuda = device.startswith("cuda")
+        self.max_num_seqs = self._max_num_seqs_option or (64 if is_cuda else 16)
+        self.max_prefill_tokens = self._max_prefill_option or (8192 if is_cuda else 256)
+        self._eos_ids = self._find_eos_ids(model, tokenizer)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # On CPU, decode with attention whose per-row result ignores batch-mates (exact with int8).
+        self._chunked_attention = not is_cuda and _use_batch_invariant_attention(model)
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(
+            self._seed if self._seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        )
+        logger.info(
+            "loaded %s (%s) on %s as %s in %.1fs; max_num_seqs=%d max_model_len=%d",
+            self.model_id, self.resolved.path, device, self.precision,
+            time.perf_counter() - started, self.max_num_seqs, self.max_model_len,
+        )  # fmt: skip
+
+    @staticmethod
+    def _check_architecture(model: Any) -> None:
+        """The engine's cache gives every layer full attention over the whole sequence."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(
+                f"{type(model).__name__} has {sorted(set(layer_types))} layers; the continuous-batching "
+                "engine supports full-attention decoder models only"
+            )
+        if getattr(config, "is_encoder_decoder", False):
+            raise NotImplementedError("encoder-decoder models are not supported")
+
+    @staticmethod
+    def _find_eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        # Chat models often also end turns with a generic end-of-text token.
+        vocab = tokenizer.get_vocab()
+        for name in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
+            token_id = vocab.get(name)
+            if token_id is not None and name in (tokenizer.all_special_tokens or []):
+                ids.add(token_id)
+        return frozenset(ids)
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Validate and tokenize now (``ValueError`` for bad requests); stream deltas when iterated."""
+        if not self._started:
+            raise RuntimeError("engine is not started; await engine.start() first")
+        seq = self._make_sequence(request)
+        return self._stream(seq)
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
+        raise NotImplementedError(f"{self.model_id} is a text-generation engine; use an EmbeddingEngine")
+
+    def render_prompt(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids (chat template applied for `messages`)."""
+        tokenizer = self.tokenizer
+        if request.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"model {self.model_id!r} has no chat template; send a plain prompt")
+            with self._tok_lock:
+                text = tokenizer.apply_chat_template(
+                    request.messages,
+                    tokenize=False,
+                    add_generation_prompt=request.add_generation_prompt,
+                    **(request.chat_template_kwargs or {}),
+                )
+                return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if isinstance(request.prompt, str):
+            with self._tok_lock:
+                return list(tokenizer(request.prompt)["input_ids"])
+        if isinstance(request.prompt, list) and all(isinstance(t, int) for t in request.prompt):
+            vocab = getattr(self.model.config, "vocab_size", None)
+            if vocab is not None and any(t < 0 or t >= vocab for t in request.prompt):
+                raise ValueError("prompt token id out of range")
+            return list(request.prompt)
+        raise ValueError("request needs `messages`, a `prompt` string, or a list of token ids")
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics and tests (requests, tokens, steps) plus current queue sizes."""
+        out = dict(self._stats)
+        out["active"] = len(self._active)
+        out["waiting"] = len(self._waiting) + len(self._incoming)
+        out["kv_cache_bytes"] = self._store.nbytes if self._store is not None else 0
+        return out
+
+    # -- request intake (event-loop side) ----------------------------------------------------------
+
+    def _make_sequence(self, request: GenerationRequest) -> _Sequence:
+        params = request.sampling
+        params.validate()
+        prompt_ids = self.render_prompt(request)
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                f"has {n} tokens"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} "
+                f"were requested ({n} in the prompt, {max_tokens} for the completion); lower max_tokens"
+            )
+        seq = _Sequence(request.request_id, prompt_ids, params, max_tokens)
+        seq.detok = IncrementalDetokenizer(self._decode, prompt_ids)
+        if params.seed is not None and params.temperature > 0:
+            import torch
+
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(params.seed)
+        return seq
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    async def _stream(self, seq: _Sequence) -> AsyncIterator[Delta]:
+        seq.loop = asyncio.get_running_loop()
+        seq.queue = asyncio.Queue()
+        with self._cv:
+            if self._stopping or not self._started:
+                raise EngineShutdownError("engine is shut down")
+            self._incoming.append(seq)
+            self._cv.notify()
+        finished = False
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._cv:
+                    self._aborts.add(seq)
+                    self._cv.notify()
+
+    # -- decode thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (
+                        self._stopping or self._incoming or self._aborts or self._active or self._waiting
+                    ):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    self._waiting.extend(self._incoming)
+                    self._incoming.clear()
+                    aborts, self._aborts = self._aborts, set()
+                outbox: list[tuple[_Sequence, Any]] = []
+                try:
+                    if aborts:
+                        self._apply_aborts(aborts)
+                    self._admit(outbox)
+                    if self._active:
+                        started = time.perf_counter()
+                        self._decode_step(outbox)
+                        self._stats["decode_ms"] += int(1000 * (time.perf_counter() - started))
+                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                    logger.exception("decode loop error; failing %d active requests", len(self._active))
+                    for seq in self._active:
+                        outbox.append((seq, RuntimeError(f"generation failed: {exc!r}")))
+                    self._active = []
+                    self._store = None
+                    self._cache = None
+                self._deliver(outbox)
+        # Shutting down: everything still known gets an error.
+        outbox = []
+        with self._cv:
+            pending = [*self._active, *self._waiting, *self._incoming]
+            self._active, self._incoming = [], collections.deque()
+            self._waiting.clear()
+        for seq in pending:
+            outbox.append((seq, EngineShutdownError("engine shut down")))
+        self._deliver(outbox)
+
+    def _deliver(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for seq, item in outbox:
+            if seq.loop is not None and seq.queue is not None:
+                by_loop.setdefault(seq.loop, []).append((seq.queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    def _apply_aborts(self, aborts: set[_Sequence]) -> None:
+        for seq in aborts:
+            seq.aborted = True
+        self._waiting = collections.deque(s for s in self._waiting if not s.aborted)
+        gone = [i for i, s in enumerate(self._active) if s.aborted]
+        if gone:
+            self._stats["aborted"] += len(gone)
+            self._remove_rows(gone)
+
+    def _admit(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+        """Prefill waiting requests into free slots, up to `max_prefill_tokens` prompt tokens (at
+        least one request) per iteration, so running streams are not stalled for long."""
+        free = self.max_num_seqs - len(self._active)
+        budget = self.max_prefill_tokens
+        admitted = 0
+        while self._waiting and admitted < free:
+            n = len(self._waiting[0].prompt_ids)
+            if admitted and n > budget:
+                break
+            seq = self._waiting.popleft()
+            budget -= n
+            admitted += 1
+            started = time.perf_counter()
+            try:
+                self._prefill(seq, outbox)
+            except Exception as exc:  # noqa: BLE001
+                if seq in self._active:  # failed after joining the batch: let _run fail the batch
+                    raise
+                logger.exception("prefill failed for request %s", seq.request_id)
+                outbox.append((seq, RuntimeError(f"prefill failed: {exc!r}")))
+            self._stats["prefill_ms"] += int(1000 * (time.perf_counter() - started))
+            self._deliver(outbox)  # first token out now, not after the other prefills
+            outbox.clear()
+
+    def _forward(self, **kwargs: Any) -> Any:
+        cache = kwargs.pop("cache")
+        kwargs[self._cache_kwarg] = cache
+        return self.model(use_cache=True, **kwargs)
+
+    def _prefill(self, seq: _Sequence, outbox: list[tuple[_Sequence, Any]]) -> None:
+        """Run one prompt (alone: no padding, so exactly as it would run by itself) and copy its
+        K/V into a new batch row; the prompt's last logits give the first token."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.device
+        length = len(seq.prompt_ids)
+        cache = DynamicCache()
+        out = self._forward(
+            input_ids=torch.tensor([seq.prompt_ids], dtype=torch.long, device=device),
+            position_ids=torch.arange(length, device=device).view(1, length),
+            cache=cache,
+            logits_to_keep=1,
+        )
+        kv = self._cache_tensors(cache)
+        if self._store is None:
+            k0 = kv[0][0]
+            self._store = _KVStore(
+                len(kv), k0.shape[1], k0.shape[3], self.max_num_seqs, k0.dtype, k0.device, ATTENTION_CHUNK
+            )
+            self._cache = _make_store_cache(self._store)
+        row = self._store.append_rows(kv, length)
+        seq.position = length
+        self._active.append(seq)
+        self._stats["prefill_tokens"] += length
+        self._stats["requests"] += 1
+        token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
+        if self._on_token(seq, token, outbox):
+            self._remove_rows([row])
+
+    @staticmethod
+    def _cache_tensors(cache: Any) -> list[tuple[Any, Any]]:
+        layers = getattr(cache, "layers", None)
+        if layers is not None:
+            return [(layer.keys, layer.values) for layer in layers]
+        return list(zip(cache.key_cache, cache.value_cache))  # older transformers
+
+    def _decode_step(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+        """One forward for every active row: each writes its K/V at its own column."""
+        import torch
+
+        store = self._store
+        assert store is not None
+        active = self._active
+        b, device = len(active), self.device
+        positions = torch.tensor([s.position for s in active], dtype=torch.long, device=device)
+        width = max(s.position for s in active) + 1
+        if self._chunked_attention:
+            width = -(-width // ATTENTION_CHUNK) * ATTENTION_CHUNK  # whole chunks (see the attention)
+        store.ensure_cols(width)
+        store.step_rows = torch.arange(b, device=device)
+        store.step_cols = positions
+        store.step_width = width
+        # Row r sees columns [0, position_r]; later columns are padding or a longer row's data.
+        mask = torch.arange(width, device=device).view(1, width) <= positions.view(b, 1)
+        ids = torch.tensor([[s.last_token] for s in active], dtype=torch.long, device=device)
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=mask.view(b, 1, 1, width),
+            position_ids=positions.view(b, 1),
+            cache=self._cache,
+        )
+        store.used_cols = max(s.position for s in active) + 1
+        for seq in active:
+            seq.position += 1
+        self._stats["decode_steps"] += 1
+        self._stats["decode_rows"] += b
+        tokens = self._sample(out.logits[:, -1, :].float(), active)
+        finished = [i for i, (seq, tok) in enumerate(zip(active, tokens)) if self._on_token(seq, tok, outbox)]
+        if finished:
+            self._remove_rows(finished)
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        """Take finished/aborted rows out of the batch and the cache."""
+        store = self._store
+        assert store is not None
+        gone = set(rows)
+        survivors = {i: s for i, s in enumerate(self._active) if i not in gone}
+        used = max((s.position for s in survivors.values()), default=0)
+        for src, dst in store.remove_rows(rows, used):
+            survivors[dst] = survivors.pop(src)
+        self._active = [survivors[i] for i in range(len(survivors))]
+
+    def _sample(self, logits: "torch.Tensor", seqs: Sequence[_Sequence]) -> list[int]:
+        """One token per row: greedy rows by argmax, others by temperature/top-p sampling with the
+        request's own generator when it has a seed."""
+        import torch
+
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            params = seq.params
+            if params.temperature <= 1e-5:
+                continue
+            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
+            generator = seq.generator if seq.generator is not None else self._generator
+            if params.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                cumulative = sorted_probs.cumsum(0)
+                sorted_probs[(cumulative - sorted_probs) >= params.top_p] = 0.0
+                pick = torch.multinomial(sorted_probs, 1, generator=generator)
+                chosen[i] = int(order[pick].item())
+            else:
+                chosen[i] = int(torch.multinomial(probs, 1, generator=generator).item())
+        return chosen
+
+    def _on_token(self, seq: _Sequence, token: int, outbox: list[tuple[_Sequence, Any]]) -> bool:
+        """Account one new token for `seq`; queue its delta; return True when it has finished."""
+        seq.completion_tokens += 1
+        seq.last_token = token
+        seq.pending_ids.append(token)
+        self._stats["generated_tokens"] += 1
+        finish: str | None = None
+        old_len = len(seq.text)
+        if token in seq.stop_ids or (token in self._eos_ids and not seq.params.ignore_eos):
+            finish = "stop"
+        else:
+            assert seq.detok is not None
+            seq.text += seq.detok.push(token)
+            if seq.completion_tokens >= seq.max_tokens:
+                finish = "length"
+        if finish is not None:
+            assert seq.detok is not None
+            seq.text += seq.detok.flush()
+        if seq.stops and len(seq.text) > old_len:
+            hit = find_stop(seq.text, seq.stops, max(0, old_len - seq.max_stop_len + 1))
+            if hit != -1:
+                seq.text = seq.text[:hit]
+                finish = "stop"
+        end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, seq.stops)
+        piece = seq.text[seq.sent : end] if end > seq.sent else ""
+        if piece or finish is not None:
+            seq.sent = max(seq.sent, end)
+            usage = Usage(len(seq.prompt_ids), seq.completion_tokens) if finish is not None else None
+            outbox.append((seq, Delta(piece, seq.pending_ids, finish, usage)))
+            seq.pending_ids = []
+        if finish is not None:
+            seq.finish_reason = finish
+            self._stats["finished_" + finish] += 1
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+class EmbeddingEngine:
+    """Sentence embeddings with sentence-transformers (all-MiniLM-L6-v2 by default).
+
+    Encoding runs in one dedicated worker thread, one call at a time (torch already uses every
+    core); concurrent calls queue there.
+    """
+
+    def __init__(
+        self,
+        model_source: str = DEFAULT_EMBEDDING_MODEL,
+        *,
+        model_id: str | None = None,
+        device: str | None = None,
+        normalize: bool = True,
+        batch_size: int = 32,
+    ) -> None:
+        self.model_source = model_source
+        self.model_id = model_id or model_source
+        self._device_option = device
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.model: Any = None
+        self.dimension = 0
+        # One dedicated thread for loading and encoding: one OpenMP pool (see TransformersEngine.start).
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        if self.model is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"shoal-embed-{self.model_id}"
+            )
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        resolved = resolve_model_source(self.model_source)
+        device = self._device_option or ("cuda" if torch.cuda.is_available() else "cpu")
+        if resolved.format == "gguf":
+            raise ModelSourceError(
+                f"{self.model_source!r} is a GGUF file; embeddings need a sentence-transformers model"
+            )
+        self.model = SentenceTransformer(str(resolved.path), device=device, local_files_only=True)
+        dim_fn = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        self.dimension = int(dim_fn() or 0)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        raise NotImplementedError(f"{self.model_id} is an embedding model; it cannot generate text")
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
+        if self.model is None:
+            raise RuntimeError("engine is not started; await engine.start() first")
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items:
+            return EmbeddingOutput([], 0)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, items)
+
+    def _embed(self, texts: list[str]) -> EmbeddingOutput:
+        vectors = self.model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True
+        )
+        tokenizer = self.model.tokenizer
+        limit = getattr(self.model, "max_seq_length", None)
+        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        tokens = sum(min(c, limit) if limit else c for c in counts)
+        return EmbeddingOutput([v.tolist() for v in vectors], tokens)
+
+    async def shutdown(self) -> None:
+        self.model = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+
+def build_engine(model_source: str, **kwargs: Any) -> LLMEngine:
+    """An engine for `model_source`: `EmbeddingEngine` for sentence-transformers models, else
+    `TransformersEngine`. Keyword options go to the engine's constructor."""
+    resolved = resolve_model_source(model_source)
+    if resolved.format == "sentence-transformers":
+        return EmbeddingEngine(model_source, **kwargs)
+    return TransformersEngine(model_source, **kwargs)

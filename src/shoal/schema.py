@@ -542,33 +542,14 @@ def load_config_file(path: Union[str, os.PathLike]) -> ServeDeploySchema:
 # Building applications from a config
 
 def import_attribute(import_path: str, base_dir: Optional[Union[str, os.PathLike]] = None) -> Any:
-    """Import `module:attr` / `module.attr` (attr may be dotted). `base_dir` goes first on `sys.path`
-    (and stays there, so replicas, which get the driver's `sys.path`, can import it too)."""
+    """Import `module:attr` / `module.attr` (attr may be dotted), as `shoal run` does; `base_dir` goes
+    first on `sys.path`. Failures become `ConfigError`s."""
     from shoal import cli
 
-    if base_dir is not None:
-        path = os.path.abspath(os.fspath(base_dir))
-        if not os.path.isdir(path):
-            raise ConfigError(f"Could not import '{import_path}': base dir '{os.fspath(base_dir)}' is not a "
-                              "directory.")
-        if path in sys.path:
-            sys.path.remove(path)
-        sys.path.insert(0, path)
-        import importlib
-
-        importlib.invalidate_caches()
     try:
-        module_name, attr_path = cli._split_import_path(import_path)
-        obj = cli._import_module(module_name, import_path)
+        return cli.import_attribute(import_path, None if base_dir is None else os.fspath(base_dir))
     except cli.ImportPathError as e:
         raise ConfigError(e.message) from None
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"Could not import '{import_path}': module '{module_name}' has no attribute "
-                              f"'{attr_path}'.") from None
-    return obj
 
 
 def _builder_model(builder: Any, param: inspect.Parameter) -> Optional[type]:

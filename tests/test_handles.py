@@ -40,6 +40,26 @@ class Signal:
 
 
 @serve.deployment
+class WaitsForSignal:
+    """A test helper deployment: each call waits on a `Signal` and counts how often it was cancelled."""
+
+    def __init__(self, sig):
+        self.sig = sig
+        self.cancelled = 0
+
+    async def __call__(self, *args):
+        try:
+            await self.sig.wait.remote()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return "done"
+
+    def num_cancelled(self):
+        return self.cancelled
+
+
+@serve.deployment
 class Echo:
     def __call__(self, x=None):
         return x
@@ -259,24 +279,8 @@ def test_unpicklable_argument_gives_clear_error(serve_app):
 def test_cancel_during_execution_reaches_replica(serve_app):
     sig = serve.run(Signal.bind(), name="signal", route_prefix=None)
 
-    @serve.deployment
-    class Blocker:
-        def __init__(self, sig):
-            self.sig = sig
-            self.cancelled = 0
-
-        async def block(self):
-            try:
-                await self.sig.wait.remote()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-
-        def num_cancelled(self):
-            return self.cancelled
-
-    h = serve.run(Blocker.bind(sig), name="blocker", route_prefix="/b")
-    r = h.block.remote()
+    h = serve.run(WaitsForSignal.bind(sig), name="blocker", route_prefix="/b")
+    r = h.remote()
     wait_for(lambda: sig.num_waiters.remote().result() == 1, what="the call to reach the signal")
     r.cancel()
     with pytest.raises(serve.RequestCancelledError):

@@ -17,7 +17,7 @@ from shoal import serve
 from shoal.api import get_http_url
 
 from conftest import wait_for
-from test_handles import Signal
+from test_handles import Signal, WaitsForSignal
 
 
 @pytest.fixture
@@ -207,24 +207,7 @@ def test_streaming_response_sse(url):
 def test_client_disconnect_cancels_replica_and_downstream(url):
     sig = serve.run(Signal.bind(), name="signal", route_prefix=None)
 
-    @serve.deployment
-    class Waits:
-        def __init__(self, sig):
-            self.sig = sig
-            self.cancelled = 0
-
-        async def __call__(self, request):
-            try:
-                await self.sig.wait.remote()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-            return "done"
-
-        def num_cancelled(self):
-            return self.cancelled
-
-    h = serve.run(Waits.bind(sig), name="waits", route_prefix="/waits")
+    h = serve.run(WaitsForSignal.bind(sig), name="waits", route_prefix="/waits")
     host, port = url.removeprefix("http://").split(":")
     s = socket.create_connection((host, int(port)))
     s.sendall(b"GET /waits HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ from shoal import serve
 from shoal.api import get_http_url
 
 from conftest import wait_for
-from test_handles import Signal
+from test_handles import Signal, WaitsForSignal
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +25,7 @@ def limited():
 def test_request_timeout_is_408_and_cancels(limited):
     sig = serve.run(Signal.bind(), name="signal", route_prefix=None)
 
-    @serve.deployment
-    class Slow:
-        def __init__(self, sig):
-            self.sig = sig
-            self.cancelled = 0
-
-        async def __call__(self, request):
-            try:
-                await self.sig.wait.remote()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-
-        def num_cancelled(self):
-            return self.cancelled
-
-    h = serve.run(Slow.bind(sig), name="slow", route_prefix="/slow")
+    h = serve.run(WaitsForSignal.bind(sig), name="slow", route_prefix="/slow")
     r = httpx.get(limited + "/slow", timeout=30)
     assert r.status_code == 408
     assert "timed out after 1" in r.text and r.headers["x-request-id"] in r.text

@@ -394,15 +394,10 @@ class _BatchQueue:
                     fut.set_exception(e)
             return
         n = len(futures)
-        try:
-            m = len(results)
-        except TypeError:
-            m = None
-        if m != n or isinstance(results, (str, bytes, dict)):
-            err = RayServeException(
-                f"Batched function doesn't preserve batch size. The input list has length {n} but the "
-                f"returned value is {_describe(results)}. '{self.name}' must return a list with one "
-                "element per input.")
+        err = self._size_error(results, n, (
+            "Batched function doesn't preserve batch size. The input list has length {n} but the returned "
+            f"value is {{got}}. '{self.name}' must return a list with one element per input."))
+        if err is not None:
             for fut in futures:
                 if not fut.done():
                     fut.set_exception(err)
@@ -413,21 +408,30 @@ class _BatchQueue:
             except asyncio.InvalidStateError:
                 pass  # that caller was cancelled while the batch ran
 
+    @staticmethod
+    def _size_error(out: Any, n: int, message: str) -> Optional[RayServeException]:
+        """The error every caller gets when a batch's output is not one element per input, else None.
+
+        `message` is formatted with `n` (the batch size) and `got` (a description of the output).
+        """
+        try:
+            m = len(out)
+        except TypeError:
+            m = None
+        if m == n and not isinstance(out, (str, bytes, dict)):
+            return None
+        return RayServeException(message.format(n=n, got=_describe(out)))
+
     async def _run_generator(self, group: list[tuple], args: tuple, kwargs: dict) -> None:
         streams = [req[3] for req in group]
         n = len(streams)
         agen = self.call(*args, **kwargs)
         try:
             async for out in agen:
-                try:
-                    m = len(out)
-                except TypeError:
-                    m = None
-                if m != n or isinstance(out, (str, bytes, dict)):
-                    err = RayServeException(
-                        f"Batched generator doesn't preserve batch size. The input list has length {n} "
-                        f"but it yielded {_describe(out)}. Each yield of '{self.name}' must be a list "
-                        "with one element per input.")
+                err = self._size_error(out, n, (
+                    "Batched generator doesn't preserve batch size. The input list has length {n} but it "
+                    f"yielded {{got}}. Each yield of '{self.name}' must be a list with one element per input."))
+                if err is not None:
                     for s in streams:
                         s.end(err)
                     return

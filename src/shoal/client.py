@@ -82,10 +82,6 @@ class ClientHandler(RpcHandler):
         if self.client.on_routes is not None:
             self.client.on_routes(*payload)
 
-    def notify_log(self, conn: Connection, line: str) -> None:
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
     def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
         super().on_connection_lost(conn, exc)
         self.client._on_controller_lost()

@@ -146,10 +146,6 @@ class _Request:
         self._call = None
 
     @property
-    def request_id_str(self) -> str:
-        return self.request_id
-
-    @property
     def queued_for_s(self) -> float:
         """How long the request has waited in its caller's queue (for router policies)."""
         import time

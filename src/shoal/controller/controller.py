@@ -48,9 +48,8 @@ class ApplicationState:
 
 
 class Controller(RpcHandler):
-    def __init__(self, runtime: Runtime, http_options: Optional[dict] = None):
+    def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self.http_options = http_options or {}
         self.apps: dict[str, ApplicationState] = {}
         self.deployments: dict[DeploymentID, DeploymentState] = {}
         self.replicas_by_uid: dict[str, ReplicaRecord] = {}

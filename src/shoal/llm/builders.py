@@ -1,0 +1,35 @@
+"""Application builders: one model as a deployment, or many models behind one OpenAI API."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from shoal.deployment import Application, deployment
+
+from .config import LLMConfig, LLMServingArgs, load_llm_config
+from .ingress import INGRESS_DEPLOYMENT_DEFAULTS, OpenAiIngress
+from .server import LLMServer
+
+
+def build_llm_deployment(
+    llm_config: Union[LLMConfig, dict[str, Any], str], *, name_prefix: str = "LLMServer:"
+) -> Application:
+    """One `LLMServer` deployment for `llm_config`, bound and ready for `serve.run` or composition."""
+    config = load_llm_config(llm_config)
+    return deployment(LLMServer).options(**config.deployment_options(name_prefix)).bind(config.model_dump())
+
+
+def build_openai_app(llm_serving_args: Union[LLMServingArgs, dict[str, Any], list[Any]]) -> Application:
+    """The OpenAI-compatible app: an `OpenAiIngress` in front of one `LLMServer` per model.
+
+    Accepts `LLMServingArgs`, its dict form (``{"llm_configs": [...]}``, as a config file's `args`
+    give it), or a plain list of configs.
+    """
+    if isinstance(llm_serving_args, list):
+        llm_serving_args = {"llm_configs": llm_serving_args}
+    args = LLMServingArgs.model_validate(
+        llm_serving_args.model_dump() if isinstance(llm_serving_args, LLMServingArgs) else llm_serving_args
+    )
+    servers = {config.model_id: build_llm_deployment(config) for config in args.configs()}
+    options = {**INGRESS_DEPLOYMENT_DEFAULTS, **args.ingress_deployment_config}
+    return deployment(OpenAiIngress).options(**options).bind(servers)

@@ -1,0 +1,179 @@
+"""`shoal llm serve`: the OpenAI-compatible server on the bundled models, in the foreground.
+
+It deploys `build_openai_app` on the embedded runtime, shows each model's replicas as they load,
+prints a ready-to-paste request once every model answers, and serves until Ctrl-C or SIGTERM.
+Only click is imported up front, so `shoal --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import click
+
+from .models import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+
+APP_NAME = "llm"
+_PROGRESS_POLL_S = 0.5
+
+
+@click.group("llm")
+def llm() -> None:
+    """Serve language models behind an OpenAI-compatible API."""
+
+
+@llm.command("serve")
+@click.option("--model", "models", multiple=True, metavar="SOURCE",
+              help="Model to serve: a bundled name, a local directory or .gguf file, package:<dist>, or a "
+                   f"hub id. Repeat for several. Default: {DEFAULT_CHAT_MODEL} and {DEFAULT_EMBEDDING_MODEL}.")
+@click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An LLMConfig YAML file (Ray Serve LLM's format); repeatable. Replaces the default models.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Replicas per model.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "int8", "bfloat16", "float16", "float32"]),
+              help="Weight precision of generation models (auto: int8 on CPU, bfloat16 on CUDA).")
+@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
+              help="Sequences decoded together per replica (continuous batching); more wait in a queue.")
+@click.option("--max-queued-requests", default=-1, show_default=True, type=int,
+              help="Requests a caller may queue per model before answering 429 (-1: no limit).")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="SHOAL_HTTP_HOST",
+              help="Address the HTTP server listens on.")
+@click.option("--port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
+              help="Port the HTTP server listens on (0: any free port).")
+def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: int, dtype: str,
+                  max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int) -> None:
+    """Serve models on http://HOST:PORT/v1 until Ctrl-C or SIGTERM."""
+    from shoal.llm import LLMConfig, build_openai_app
+    from shoal.llm.config import load_llm_config
+
+    try:
+        llm_configs = [load_llm_config(path) for path in configs]
+        sources = models or (() if configs else (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL))
+        deployment_config: dict[str, Any] = {"num_replicas": replicas}
+        if max_queued_requests != -1:
+            deployment_config["max_queued_requests"] = max_queued_requests
+        for source in sources:
+            engine_kwargs = _engine_kwargs_for(source, dtype, max_num_seqs)
+            llm_configs.append(LLMConfig(
+                model_loading_config={"model_id": _model_id(source), "model_source": source},
+                engine_kwargs=engine_kwargs, deployment_config=deployment_config,
+            ))
+        app = build_openai_app({"llm_configs": llm_configs})
+    except Exception as exc:  # noqa: BLE001 - a bad option is one clear line
+        raise click.ClickException(str(exc)) from None
+    chat_model = next((c.model_id for c in llm_configs if not _is_embedding(c.model_loading_config.source)), None)
+    sys.exit(_serve_in_foreground(app, [c.model_id for c in llm_configs], chat_model, host, port))
+
+
+def _is_embedding(source: str) -> bool:
+    from shoal.llm.models import resolve_model_source
+
+    try:
+        return resolve_model_source(source).format == "sentence-transformers"
+    except Exception:  # noqa: BLE001 - the replica reports a bad source with its reason
+        return False
+
+
+def _engine_kwargs_for(source: str, dtype: str, max_num_seqs: Optional[int]) -> dict[str, Any]:
+    """Generation-engine options; embedding models take none of them."""
+    if _is_embedding(source):
+        return {}
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
+    return kwargs
+
+
+def _model_id(source: str) -> str:
+    """The name clients send: a path's last part without `.gguf`, otherwise the source itself."""
+    from pathlib import Path
+
+    if source.startswith(("/", ".", "~")) or source.endswith(".gguf"):
+        return Path(source).name.removesuffix(".gguf")
+    return source.removeprefix("package:")
+
+
+def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[str], host: str, port: int) -> int:
+    """Deploy with progress, print how to call it, block; always shut down. Returns the exit code."""
+    from shoal import api
+    from shoal import client as client_mod
+    from shoal.cli import _Signals, _StopRequested
+
+    signals = _Signals()
+    signals.install()
+    code = 0
+    try:
+        api.start(http_options={"host": host, "port": port})
+        client = client_mod.get_global_client()
+        lost: list[bool] = []
+        client.on_controller_lost = lambda: lost.append(True)  # type: ignore[union-attr]
+        signals.allow_interrupt()
+        spec = api.build_app_spec(app, APP_NAME, "/")
+        client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
+        error = _watch_deploy(api, lost)
+        if error:
+            signals.defer_interrupt()
+            click.echo(f"Error: {error}", err=True)
+            return 1
+        click.echo(_ready_message(api.get_http_url() or f"http://{host}:{port}", model_ids, chat_model))
+        while not lost:
+            time.sleep(0.2)
+        signals.defer_interrupt()
+        click.echo("Error: the shoal controller exited unexpectedly; stopping.", err=True)
+        code = 1
+    except _StopRequested as stop:
+        signals.defer_interrupt()
+        sig = stop.args[0] if stop.args else signal.SIGINT
+        click.echo(f"Got {signal.Signals(sig).name}; shutting down.", err=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
+        signals.defer_interrupt()
+        click.echo(f"Error: {exc}", err=True)
+        code = 1
+    finally:
+        signals.defer_interrupt()
+        try:
+            api.shutdown()
+        finally:
+            signals.restore()
+    return code
+
+
+def _watch_deploy(api: Any, lost: list[bool]) -> Optional[str]:
+    """Print each deployment's replica states as they change until the app runs; the error, if any."""
+    started = time.monotonic()
+    last: dict[str, str] = {}
+    while not lost:
+        app_status = api.status().applications.get(APP_NAME)
+        if app_status is not None:
+            for name, dep in sorted(app_status.deployments.items()):
+                states = ", ".join(f"{n} {getattr(s, 'value', s)}" for s, n in sorted(
+                    dep.replica_states.items(), key=lambda kv: str(kv[0])) if n) or "waiting"
+                line = f"{name}: {states}"
+                if last.get(name) != line:
+                    last[name] = line
+                    click.echo(f"[{time.monotonic() - started:5.1f}s] {line}", err=True)
+            status = getattr(app_status.status, "value", app_status.status)
+            if status == "RUNNING":
+                return None
+            if status == "DEPLOY_FAILED":
+                return f"the models failed to load:\n{app_status.message}"
+        time.sleep(_PROGRESS_POLL_S)
+    return "the shoal controller exited unexpectedly"
+
+
+def _ready_message(url: str, model_ids: list[str], chat_model: Optional[str]) -> str:
+    base = url.rstrip("/") + "/v1"
+    lines = [f"\nServing {', '.join(model_ids)} at {base} (OpenAI-compatible). Press Ctrl-C to stop.\n"]
+    if chat_model:
+        body = {"model": chat_model, "messages": [{"role": "user", "content": "Say hello in five words."}],
+                "max_tokens": 32}
+        lines.append("Try:\n  curl " + shlex.quote(f"{base}/chat/completions")
+                     + " -H 'Content-Type: application/json' \\\n    -d " + shlex.quote(json.dumps(body)))
+    lines.append(f"Models: curl {base}/models")
+    return "\n".join(lines) + "\n"

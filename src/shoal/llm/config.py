@@ -1,0 +1,150 @@
+"""`LLMConfig` and `LLMServingArgs`: what one served model is, as typed models (Ray Serve LLM's shape).
+
+A config written for `ray.serve.llm` loads here unchanged: vLLM-only choices (`llm_engine="vLLM"`,
+`accelerator_type`, `runtime_env`, ...) are accepted and reported as ignored, never silently
+dropped, and unknown keys are rejected with the field named (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+#: Deployment options an LLM deployment gets unless its `deployment_config` says otherwise. The engine
+#: batches and queues by itself, so the replica admits many requests (Ray Serve LLM uses 1e9).
+LLM_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 256,
+    "health_check_period_s": 10.0,
+    "health_check_timeout_s": 10.0,
+    "graceful_shutdown_timeout_s": 20.0,
+}
+#: Engine choices; "auto" picks by the model's files (sentence-transformers -> embeddings).
+EngineName = Literal["auto", "transformers", "sentence-transformers"]
+_FOREIGN_ENGINES = {"vllm", "sglang"}
+#: Keys of `deployment_config` that the LLM layer owns (Ray Serve LLM forbids them there too).
+_FORBIDDEN_DEPLOYMENT_KEYS = ("placement_group_bundles", "placement_group_strategy", "name")
+
+
+class ModelLoadingConfig(BaseModel):
+    """Which model to serve: `model_id` is the name clients send, `model_source` where weights are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(min_length=1)
+    model_source: Optional[str] = None
+
+    @property
+    def source(self) -> str:
+        return self.model_source or self.model_id
+
+
+class LLMConfig(BaseModel):
+    """One served model: its files, its engine options and its deployment options."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_loading_config: ModelLoadingConfig
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    llm_engine: str = "auto"
+    deployment_config: dict[str, Any] = Field(default_factory=dict)
+    # Accepted so Ray Serve LLM configs load; they have no effect here (a warning says so).
+    accelerator_type: Optional[str] = None
+    runtime_env: Optional[dict[str, Any]] = None
+    placement_group_config: Optional[dict[str, Any]] = None
+    log_engine_metrics: bool = False
+    lora_config: Optional[dict[str, Any]] = None
+    experimental_configs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("llm_engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        allowed = ("auto", "transformers", "sentence-transformers")
+        if value in allowed:
+            return value
+        if value.lower() in _FOREIGN_ENGINES:
+            logger.warning("llm_engine=%r is not available in shoal; using its transformers engine", value)
+            return "auto"
+        raise ValueError(f"llm_engine must be one of {', '.join(allowed)} (got {value!r})")
+
+    @field_validator("deployment_config")
+    @classmethod
+    def _check_deployment_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in _FORBIDDEN_DEPLOYMENT_KEYS:
+            if key in value:
+                raise ValueError(f"deployment_config may not set {key!r}; the LLM layer sets it")
+        from shoal.deployment import _check_option_names
+
+        try:
+            _check_option_names(value)  # a wrong name is reported with the allowed ones
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _warn_ignored(self) -> "LLMConfig":
+        if self.lora_config:
+            raise ValueError("lora_config: LoRA adapters are not supported by shoal's engines yet")
+        for name in ("accelerator_type", "runtime_env", "placement_group_config"):
+            if getattr(self, name) is not None:
+                logger.warning("LLMConfig.%s is accepted for Ray Serve compatibility and ignored", name)
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.model_loading_config.model_id
+
+    def deployment_name(self, prefix: str = "LLMServer:") -> str:
+        """Ray Serve LLM's naming: prefix + model id with ``/`` -> ``--`` and ``.`` -> ``_``."""
+        return prefix + self.model_id.replace("/", "--").replace(".", "_")
+
+    def deployment_options(self, prefix: str = "LLMServer:") -> dict[str, Any]:
+        """Options for this model's `LLMServer` deployment: defaults, then `deployment_config`."""
+        options = dict(LLM_DEPLOYMENT_DEFAULTS)
+        options.update(self.deployment_config)
+        options["name"] = self.deployment_name(prefix)
+        return options
+
+
+class LLMServingArgs(BaseModel):
+    """Arguments of `build_openai_app`: the models, and options for the ingress deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm_configs: list[Union[LLMConfig, str, dict[str, Any]]] = Field(min_length=1)
+    ingress_deployment_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("llm_configs")
+    @classmethod
+    def _load_each(cls, value: list[Any]) -> list[LLMConfig]:
+        configs = [load_llm_config(item) for item in value]
+        seen: set[str] = set()
+        for config in configs:
+            if config.model_id in seen:
+                raise ValueError(f"model id {config.model_id!r} appears twice in llm_configs")
+            seen.add(config.model_id)
+        return configs
+
+    def configs(self) -> list[LLMConfig]:
+        return [c if isinstance(c, LLMConfig) else load_llm_config(c) for c in self.llm_configs]
+
+
+def load_llm_config(item: Union[LLMConfig, str, Path, dict[str, Any]]) -> LLMConfig:
+    """An `LLMConfig` from itself, a dict, or a YAML file's path (as Ray Serve LLM accepts)."""
+    if isinstance(item, LLMConfig):
+        return item
+    if isinstance(item, (str, Path)):
+        import yaml
+
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"llm config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"llm config file {str(path)!r} must hold a mapping")
+        return LLMConfig.model_validate(data)
+    return LLMConfig.model_validate(item)

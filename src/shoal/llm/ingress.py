@@ -1,0 +1,181 @@
+"""`OpenAiIngress`: the OpenAI-compatible HTTP API in front of one or more `LLMServer` deployments.
+
+The request path: the proxy hands the HTTP request to this FastAPI app; the body is parsed and
+validated here (400 naming the field), the `model` field picks the model's handle (404 if unknown),
+and the call goes straight to an `LLMServer` replica as a streaming handle call. The first item is
+awaited before any response is started, so errors raised up front (prompt too long, overload) still
+get their own status code; after that, each item is written out as one server-sent event.
+
+This module imports no torch: the ingress replica stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from shoal import serve
+from shoal.exceptions import BackPressureError
+from shoal.handle import DeploymentHandle
+
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    dumps,
+    from_validation_error,
+    model_not_found,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The ingress holds every open stream; its own concurrency limit must not be the bottleneck.
+INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {"max_ongoing_requests": 4096}
+_RETRY_AFTER_S = "1"
+
+app = FastAPI(title="shoal OpenAI-compatible API", docs_url="/docs", redoc_url=None)
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    headers = {"Retry-After": _RETRY_AFTER_S} if exc.status == 429 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _as_openai_error(exc: BaseException) -> OpenAIError:
+    """Any failure of a model call in OpenAI's shape; the full error goes to this replica's log."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return OpenAIError(
+            429, "The server is overloaded: too many requests are queued for this model. Retry later.",
+            type="rate_limit_error", code="rate_limit_exceeded",
+        )
+    logger.error("model call failed", exc_info=exc)
+    kind = type(exc).__name__
+    return OpenAIError(500, f"Internal server error ({kind}); see the server's logs.", type="server_error")
+
+
+@serve.ingress(app)
+class OpenAiIngress:
+    """Routes OpenAI requests by their `model` to that model's `LLMServer` handle."""
+
+    def __init__(self, llm_deployments: Union[dict[str, DeploymentHandle], list[DeploymentHandle]]) -> None:
+        self._pending_handles: list[DeploymentHandle] = []
+        self._handles: dict[str, DeploymentHandle] = {}
+        if isinstance(llm_deployments, dict):
+            self._handles = dict(llm_deployments)
+        else:
+            self._pending_handles = list(llm_deployments)
+        self._cards: dict[str, dict[str, Any]] = {}
+        self._cards_lock = asyncio.Lock()
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        cards = await self._model_cards()
+        return JSONResponse({"object": "list", "data": list(cards.values())})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> JSONResponse:
+        cards = await self._model_cards()
+        if model_id not in cards:
+            return error_response(model_not_found(model_id, list(cards)))
+        return JSONResponse(cards[model_id])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionRequest, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest, "completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            body, req = await self._parse(request, EmbeddingRequest)
+            handle = await self._handle_for(req.model)
+            text = await handle.embeddings.remote(body)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            return error_response(_as_openai_error(exc))
+        return Response(text, media_type="application/json")
+
+    # -- the request path --------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, model_cls: type, method: str) -> Response:
+        try:
+            body, req = await self._parse(request, model_cls)
+            handle = await self._handle_for(req.model)
+            stream = getattr(handle.options(stream=True), method).remote(body)
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return error_response(OpenAIError(500, "the model returned no output", type="server_error"))
+        except Exception as exc:  # noqa: BLE001
+            return error_response(_as_openai_error(exc))
+        if not req.stream:
+            return Response(first, media_type="application/json")
+        return StreamingResponse(
+            _server_sent_events(first, stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _parse(self, request: Request, model_cls: type) -> tuple[dict[str, Any], Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise OpenAIError(400, f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "The request body must be a JSON object.")
+        try:
+            return body, model_cls.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        except OpenAIError:
+            raise
+
+    async def _handle_for(self, model: str) -> DeploymentHandle:
+        if self._pending_handles:
+            await self._model_cards()
+        handle = self._handles.get(model)
+        if handle is None:
+            raise model_not_found(model, sorted(self._handles))
+        return handle
+
+    async def _model_cards(self) -> dict[str, dict[str, Any]]:
+        """Each model's card, asked once from its server (which also learns unnamed handles' ids)."""
+        async with self._cards_lock:
+            if self._pending_handles:
+                cards = await asyncio.gather(*(h.model_card.remote() for h in self._pending_handles))
+                for handle, card in zip(self._pending_handles, cards):
+                    self._handles[card["id"]] = handle
+                self._pending_handles = []
+            missing = [m for m in self._handles if m not in self._cards]
+            if missing:
+                cards = await asyncio.gather(*(self._handles[m].model_card.remote() for m in missing))
+                for model_id, card in zip(missing, cards):
+                    self._cards[model_id] = {**card, "id": model_id}
+        return dict(self._cards)
+
+
+async def _server_sent_events(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`data: <json>` events, an error event if the stream fails midway, then `data: [DONE]`."""
+    yield f"data: {first}\n\n"
+    try:
+        async for item in rest:
+            yield f"data: {item}\n\n"
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-band
+        yield f"data: {dumps(_as_openai_error(exc).body())}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,274 @@
+"""The OpenAI wire format: request models, response bodies, and OpenAI-shaped errors.
+
+Requests are validated here, in the ingress, so a bad field is a 400 that names it before any model
+is touched. Responses are built as plain dicts and serialized once, in the `LLMServer` replica; the
+ingress relays the JSON text without parsing it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+class OpenAIError(Exception):
+    """An error with an HTTP status, sent as ``{"error": {message, type, param, code}}``.
+
+    Raised in the `LLMServer` replica or the ingress; it pickles, so it crosses the handle as itself.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.quiet_in_logs = status < 500  # a client's mistake: no traceback in the replica's log
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (OpenAIError, (self.status, self.message, self.type, self.param, self.code))
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def model_not_found(model: str, available: list[str]) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist. Available models: {', '.join(available) or 'none'}.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def from_validation_error(exc: ValidationError) -> OpenAIError:
+    """The first pydantic error as a 400 naming its field, in OpenAI's words where they exist."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    if first.get("type") == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if first.get("type") == "missing":
+        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param)
+    message = str(first.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    return OpenAIError(400, f"Invalid value for '{param}': {message}", param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields common to chat and text completions."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    user: Optional[str] = None
+    # Accepted at their neutral values only: the engine does not implement them.
+    presence_penalty: Optional[float] = Field(0, ge=0, le=0)
+    frequency_penalty: Optional[float] = Field(0, ge=0, le=0)
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Optional[Union[bool, int]] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    # Extension (as in vLLM): keep generating past end-of-sequence, e.g. to benchmark fixed lengths.
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return value
+
+    @field_validator("logit_bias", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("not supported by this server")
+        return value
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `engine.SamplingParams` (OpenAI's defaults: temperature 1, top_p 1)."""
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "stop": self.stop,
+            "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @field_validator("messages")
+    @classmethod
+    def _text_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for i, message in enumerate(messages):
+            role = message.get("role")
+            if role not in ("system", "developer", "user", "assistant", "tool"):
+                raise ValueError(f"messages[{i}].role must be system, user, assistant or tool (got {role!r})")
+            out.append({"role": "system" if role == "developer" else role, "content": _text_of(message, i)})
+        return out
+
+    @field_validator("tools", "top_logprobs")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if value and value.get("type", "text") != "text":
+            raise ValueError("only {'type': 'text'} is supported")
+        return value
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kwargs = super().sampling_kwargs()
+        if self.max_completion_tokens is not None:
+            kwargs["max_tokens"] = self.max_completion_tokens
+        return kwargs
+
+
+def _text_of(message: dict[str, Any], index: int) -> str:
+    """A message's content as text: a string, or the text parts of a content list."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"messages[{index}].content: only text parts are supported (got {kind!r})")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    raise ValueError(f"messages[{index}].content must be a string or a list of parts")
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: Optional[bool] = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported_text(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("not supported by this server")
+        return value
+
+    def single_prompt(self) -> Union[str, list[int]]:
+        """The one prompt (text or token ids); several prompts in one request are refused."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        if len(prompt) == 1:
+            return prompt[0]  # type: ignore[return-value]
+        raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: Union[str, list[str]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be empty")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None:
+            raise ValueError("not supported by this server (the model's own size is used)")
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def model_card(model_id: str, created: int, owned_by: str = "shoal", **extra: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, **extra}

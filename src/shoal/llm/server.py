@@ -1,0 +1,217 @@
+"""`LLMServer`: the deployment that owns one model's engine and speaks OpenAI's response format.
+
+Its methods take validated request dicts from the ingress and yield JSON text (one string per SSE
+event when streaming, one body otherwise), so the ingress forwards bytes without re-encoding them.
+Engine errors become `OpenAIError`s with the right status (prompt too long: 400).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, Union
+
+from .config import LLMConfig, load_llm_config
+from .engine import (
+    EmbeddingEngine,
+    EngineShutdownError,
+    GenerationRequest,
+    LLMEngine,
+    PromptTooLongError,
+    SamplingParams,
+    TransformersEngine,
+    build_engine,
+)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    dumps,
+    model_card,
+    new_id,
+    now,
+    usage_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def make_engine(config: LLMConfig) -> LLMEngine:
+    """The engine `config` asks for (by `llm_engine`, else by the model's files)."""
+    source = config.model_loading_config.source
+    kwargs = dict(config.engine_kwargs)
+    kwargs.setdefault("model_id", config.model_id)
+    if config.llm_engine == "transformers":
+        return TransformersEngine(source, **kwargs)
+    if config.llm_engine == "sentence-transformers":
+        return EmbeddingEngine(source, **kwargs)
+    return build_engine(source, **kwargs)
+
+
+class LLMServer:
+    """One model behind OpenAI's chat, completions and embeddings methods (deploy it with
+    `build_llm_deployment`, or several behind one API with `build_openai_app`)."""
+
+    async def __init__(self, llm_config: Union[LLMConfig, dict[str, Any]]) -> None:
+        self.config = load_llm_config(llm_config)
+        self.model_id = self.config.model_id
+        self.created = now()
+        self.engine = make_engine(self.config)
+        logger.info("loading model %s from %s", self.model_id, self.config.model_loading_config.source)
+        await self.engine.start()
+        self.kind = "embedding" if isinstance(self.engine, EmbeddingEngine) else "generate"
+        logger.info("model %s ready", self.model_id)
+
+    # -- OpenAI methods ----------------------------------------------------------------------------
+
+    async def chat(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        """`/v1/chat/completions`: SSE event payloads when streaming, else one response body."""
+        req = ChatCompletionRequest.model_validate(request)
+        generation = GenerationRequest(
+            messages=req.messages,
+            sampling=SamplingParams(**req.sampling_kwargs()),
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        stream = self._generate(generation, param="messages")
+        rid, created = new_id("chatcmpl"), now()
+        if not req.stream:
+            text, finish, usage = await _collect(stream)
+            yield dumps({
+                "id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": text},
+                    "logprobs": None, "finish_reason": finish,
+                }],
+                "usage": usage,
+            })
+            return
+
+        def chunk(delta: dict[str, Any], finish: Any = None) -> dict[str, Any]:
+            body: dict[str, Any] = {
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            if req.include_usage:
+                body["usage"] = None
+            return body
+
+        first = True
+        async for delta in stream:
+            if first:
+                first = False
+                yield dumps(chunk({"role": "assistant", "content": delta.text}))
+            elif delta.text:
+                yield dumps(chunk({"content": delta.text}))
+            if delta.finish_reason is not None:
+                yield dumps(chunk({}, delta.finish_reason))
+                if req.include_usage and delta.usage is not None:
+                    yield dumps({
+                        "id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": req.model, "choices": [],
+                        "usage": usage_dict(delta.usage.prompt_tokens, delta.usage.completion_tokens),
+                    })
+
+    async def completions(self, request: dict[str, Any]) -> AsyncIterator[str]:
+        """`/v1/completions`: as `chat`, for a plain prompt (text or token ids)."""
+        req = CompletionRequest.model_validate(request)
+        generation = GenerationRequest(
+            prompt=req.single_prompt(), sampling=SamplingParams(**req.sampling_kwargs())
+        )
+        stream = self._generate(generation, param="prompt")
+        rid, created = new_id("cmpl"), now()
+        if not req.stream:
+            text, finish, usage = await _collect(stream)
+            yield dumps({
+                "id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": usage,
+            })
+            return
+        async for delta in stream:
+            if delta.text or delta.finish_reason is not None:
+                body: dict[str, Any] = {
+                    "id": rid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [{
+                        "index": 0, "text": delta.text, "logprobs": None,
+                        "finish_reason": delta.finish_reason,
+                    }],
+                }
+                if req.include_usage:
+                    body["usage"] = None
+                yield dumps(body)
+            if delta.finish_reason is not None and req.include_usage and delta.usage is not None:
+                yield dumps({
+                    "id": rid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [],
+                    "usage": usage_dict(delta.usage.prompt_tokens, delta.usage.completion_tokens),
+                })
+
+    async def embeddings(self, request: dict[str, Any]) -> str:
+        """`/v1/embeddings`: float lists, or base64 of little-endian float32 (the openai client's default)."""
+        req = EmbeddingRequest.model_validate(request)
+        if self.kind != "embedding":
+            raise OpenAIError(
+                400, f"model `{self.model_id}` does not support embeddings; use an embedding model",
+                param="model", code="model_not_supported",
+            )
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        output = await self.engine.embed(texts)
+        data = []
+        for i, vector in enumerate(output.embeddings):
+            value: Any = vector
+            if req.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return dumps({
+            "object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": output.prompt_tokens, "total_tokens": output.prompt_tokens},
+        })
+
+    def model_card(self) -> dict[str, Any]:
+        """This model's entry for `/v1/models`."""
+        return model_card(self.model_id, self.created, kind=self.kind)
+
+    def engine_stats(self) -> dict[str, Any]:
+        stats = getattr(self.engine, "stats", None)
+        return stats() if callable(stats) else {}
+
+    async def check_health(self) -> None:
+        thread = getattr(self.engine, "_thread", None)
+        if isinstance(self.engine, TransformersEngine) and (thread is None or not thread.is_alive()):
+            raise RuntimeError(f"the decode thread of {self.model_id} is not running")
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _generate(self, request: GenerationRequest, param: str) -> AsyncIterator[Any]:
+        if self.kind != "generate":
+            raise OpenAIError(
+                400, f"model `{self.model_id}` is an embedding model; it cannot generate text",
+                param="model", code="model_not_supported",
+            )
+        try:
+            return self.engine.generate(request)
+        except PromptTooLongError as exc:
+            raise OpenAIError(400, str(exc), param=param, code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param=param, code="invalid_value") from None
+        except EngineShutdownError as exc:
+            raise OpenAIError(503, str(exc), type="server_error", code="engine_shut_down") from None
+
+
+async def _collect(stream: AsyncIterator[Any]) -> tuple[str, str, dict[str, int]]:
+    """Drain a stream into (text, finish_reason, usage) for a non-streaming response."""
+    parts: list[str] = []
+    finish, usage = "stop", usage_dict(0, 0)
+    async for delta in stream:
+        parts.append(delta.text)
+        if delta.finish_reason is not None:
+            finish = delta.finish_reason
+            if delta.usage is not None:
+                usage = usage_dict(delta.usage.prompt_tokens, delta.usage.completion_tokens)
+    return "".join(parts), finish, usage

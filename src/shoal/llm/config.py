@@ -22,6 +22,8 @@ LLM_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "health_check_period_s": 10.0,
     "health_check_timeout_s": 10.0,
     "graceful_shutdown_timeout_s": 20.0,
+    # A model that fails to load (missing files, out of memory) rarely loads on the 20th try.
+    "max_constructor_retry_count": 3,
 }
 #: Engine choices; "auto" picks by the model's files (sentence-transformers -> embeddings).
 EngineName = Literal["auto", "transformers", "sentence-transformers"]

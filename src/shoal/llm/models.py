@@ -297,6 +297,20 @@ def load_causal_lm(
     return model.eval(), tokenizer
 
 
+def local_model_dir(source: str) -> Path:
+    """A directory of Hugging Face files for `source`, for code that loads models itself (e.g.
+    ``transformers.pipeline(model=...)``). A GGUF file is converted once into the cache."""
+    resolved = resolve_model_source(source)
+    if resolved.format != "gguf":
+        return resolved.path
+    cache_dir = _gguf_cache_dir(resolved.path, cache_root())
+    if not (cache_dir / _GGUF_COMPLETE_MARKER).is_file():
+        _, _, converted = _convert_gguf(resolved.path, cache_dir)
+        if converted is None:
+            raise ModelSourceError(f"could not write the converted checkpoint of {source!r} to {cache_dir}")
+    return cache_dir
+
+
 # --------------------------------------------------------------------------------------------------
 # Weight precision
 # --------------------------------------------------------------------------------------------------

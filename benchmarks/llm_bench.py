@@ -1,0 +1,94 @@
+"""LLM serving: shoal's engine against the naive and the batched baseline, side by side in one run.
+
+Each side runs in its own process (llm_workload.py), one after another, on the bundled default model
+(SmolLM2-135M-Instruct), at 1, 4 and 16 concurrent streams of 64 new tokens each. The baselines
+(llm_baselines.py) are what a Ray Serve user would deploy: a `transformers.pipeline` per request,
+and `model.generate` under `@serve.batch(max_batch_size=16)`; both run in float32, transformers'
+default, as in the issue's Ray Serve 2.60 measurements (naive 15.8 tokens/s, batched 107.7 tokens/s
+with 16 clients). shoal runs with default options (int8 weights on CPU). The shoal side also serves
+the embedding model, so its memory figure is that of `shoal llm serve` (both default models).
+
+Targets (2-core machine): 16 streams >= 1.8x batched; time to first token p50 < 1 s at 16 streams;
+1 stream >= 1.4x naive; all shoal processes < 2.5 GB. The machine must be otherwise idle: the
+decode step is compute-bound and OpenMP threads collapse when the cores are shared.
+
+    python benchmarks/llm_bench.py [--levels 1,4,16] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from handle_bench import Side, _tail, run_command
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = Path(__file__).resolve().parent / "llm_workload.py"
+PY = ROOT / ".venv" / "bin" / "python"
+SIDE_TIMEOUT_S = 1500
+
+
+def _level(side: Side, c: int) -> dict[str, Any] | None:
+    if not side.result:
+        return None
+    return next((lv for lv in side.result["levels"] if lv["concurrency"] == c), None)
+
+
+def _cell(level: dict[str, Any] | None, key: str, fmt: str) -> str:
+    return "n/a" if level is None else format(level[key], fmt)
+
+
+def table(shoal: Side, naive: Side, batched: Side, levels: list[int]) -> tuple[str, bool]:
+    rows = ["| streams | metric | shoal | naive | batched | shoal/naive | shoal/batched | target |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ok = True
+    for c in levels:
+        s, n, b = _level(shoal, c), _level(naive, c), _level(batched, c)
+        vs_n = f"{s['tokens_per_s'] / n['tokens_per_s']:.2f}x" if s and n else "n/a"
+        vs_b = f"{s['tokens_per_s'] / b['tokens_per_s']:.2f}x" if s and b else "n/a"
+        target = ""
+        if c == 1:
+            met = bool(s and n and s["tokens_per_s"] >= 1.4 * n["tokens_per_s"])
+            target, ok = f">= 1.4x naive: {'PASS' if met else 'FAIL'}", ok and met
+        if c == 16:
+            met = bool(s and b and s["tokens_per_s"] >= 1.8 * b["tokens_per_s"])
+            target, ok = f">= 1.8x batched: {'PASS' if met else 'FAIL'}", ok and met
+        rows.append(f"| {c} | output tokens/s | {_cell(s, 'tokens_per_s', '.1f')} | {_cell(n, 'tokens_per_s', '.1f')} "
+                    f"| {_cell(b, 'tokens_per_s', '.1f')} | {vs_n} | {vs_b} | {target} |")
+        ttft_target = ""
+        if c == 16:
+            met = bool(s and s["ttft_p50_s"] < 1.0)
+            ttft_target, ok = f"p50 < 1 s: {'PASS' if met else 'FAIL'}", ok and met
+        rows.append(f"| {c} | TTFT p50 / p99 (s) | {_cell(s, 'ttft_p50_s', '.2f')} / {_cell(s, 'ttft_p99_s', '.2f')} "
+                    f"| {_cell(n, 'ttft_p50_s', '.2f')} / {_cell(n, 'ttft_p99_s', '.2f')} "
+                    f"| {_cell(b, 'ttft_p50_s', '.2f')} / {_cell(b, 'ttft_p99_s', '.2f')} | | | {ttft_target} |")
+    memory = shoal.result.get("memory_mb") if shoal.result else None
+    met = memory is not None and memory < 2560
+    ok = ok and met
+    rows.append(f"| - | shoal memory, both default models (MiB RSS) | {memory:,.0f} | | | | | < 2.5 GB: "
+                f"{'PASS' if met else 'FAIL'} |" if memory is not None else "| - | memory | n/a | | | | | |")
+    return "\n".join(rows), ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--tokens", type=int, default=64)
+    a = ap.parse_args()
+    levels = [int(x) for x in a.levels.split(",")]
+    common = ["--levels", a.levels, "--tokens", str(a.tokens)]
+    sides = {}
+    for name, extra in (("shoal", ["--memory"]), ("naive", []), ("batched", [])):
+        cmd = [str(PY), str(WORKLOAD), "--side", name, *common, *extra]
+        sides[name] = run_command(name, cmd, SIDE_TIMEOUT_S)
+        if sides[name].error:
+            print(f"{name} side failed:\n{_tail(sides[name].error)}", file=sys.stderr)
+    text, ok = table(sides["shoal"], sides["naive"], sides["batched"], levels)
+    print(text)
+    print("\nAll targets met." if ok else "\nSome targets were not met (or a side failed).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""`shoal llm serve` (what `make serve` runs): both bundled models behind one OpenAI API, from the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from conftest import require_llm_stack  # noqa: E402
+
+require_llm_stack()
+
+import openai  # noqa: E402
+from test_cli import _is, _Proc, _shoal_cmd, _tree, _wait_all_gone, procs  # noqa: E402,F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_llm_serve_defaults_progress_example_and_clean_exit(tmp_path, procs):
+    started, recorded = procs
+    server = _Proc(_shoal_cmd() + ["llm", "serve", "--port", "0"], tmp_path)
+    started.append(server)
+    # Progress while the models load, one line per change of each deployment's replicas.
+    server.wait_for_line("LLMServer:SmolLM2-135M-Instruct: 1 STARTING", timeout=60)
+    ready = server.wait_for_line("(OpenAI-compatible)", timeout=240)
+    base = re.search(r"at (http://\S+/v1) ", ready).group(1)
+    # The ready-to-paste example names the chat model and the server's own address.
+    server.wait_for_line(f"curl {base}/chat/completions")
+    assert '"model": "SmolLM2-135M-Instruct"' in server.output
+
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+    assert sorted(m.id for m in client.models.list().data) == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert reply.choices[0].message.content
+    assert len(client.embeddings.create(model="all-MiniLM-L6-v2", input="hello").data[0].embedding) == 384
+
+    tree = _tree(server.popen.pid)
+    recorded.extend(tree)
+    assert len([p for p in tree if _is(p, "shoal.replica.server")]) == 3  # ingress + two models
+    server.popen.send_signal(signal.SIGINT)
+    assert server.wait(60) == 0, server.output
+    _wait_all_gone(tree, timeout=20)
+
+
+def test_llm_serve_bad_model_is_one_clear_line(tmp_path, procs):
+    started, _ = procs
+    server = _Proc(_shoal_cmd() + ["llm", "serve", "--port", "0", "--model", "/no/such/model.gguf"], tmp_path)
+    started.append(server)
+    assert server.wait(60) != 0
+    assert "/no/such/model.gguf" in server.output and "Traceback" not in server.output

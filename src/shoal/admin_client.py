@@ -50,8 +50,8 @@ class AdminClient:
             raise AdminError(problems, r.status_code)
         return r.json()
 
-    def status(self) -> dict:
-        return self._request("GET", "/api/serve/status")
+    def status(self, wait_routes: bool = False) -> dict:
+        return self._request("GET", "/api/serve/status", params={"wait_routes": "1"} if wait_routes else None)
 
     def applications(self) -> dict:
         return self._request("GET", "/api/serve/applications/")

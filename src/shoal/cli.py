@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Optional
 
@@ -221,19 +222,15 @@ def main() -> None:
     """shoal: Ray Serve's programming model on one machine."""
 
 
+@dataclass
 class _Target:
-    """What `shoal run` deploys: the config (as data, for rebuilding) and the first build."""
+    """What `shoal run` deploys: the config (as data, for rebuilding) and its build."""
 
-    def __init__(self, config: dict, specs: list, http_options: dict, watch: list[str], declarative: bool = True):
-        self.declarative = declarative  # False for an import path: deployed as `serve.run` would
-        self.config = config
-        self.specs = specs
-        self.http_options = http_options
-        self.watch = watch
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.specs]
+    config: dict
+    specs: list
+    http_options: dict
+    watch: list[str]
+    declarative: bool = True  # False for an import path: deployed as `serve.run` would
 
 
 def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefix: Optional[str],

@@ -149,6 +149,7 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
         progress.update(status)
         outcome = progress.outcome(status)
         if outcome is True:
+            _admin_call(client.status, wait_routes=True)  # so a request right after this reaches them
             click.echo("All applications are RUNNING.")
             return
         if outcome is False:

@@ -7,7 +7,8 @@ loopback address is refused (403) as well. Routes follow Ray's dashboard where o
     PUT    /api/serve/applications/   body: the config (JSON)  -> 200 {"warnings": [...]} | 400 {"errors": [...]}
     GET    /api/serve/applications/   -> {"status": <serve.status()>, "applications": {name: config}, "http_url"}
     DELETE /api/serve/applications/   -> 200, then the instance shuts down (as `serve.shutdown()`)
-    GET    /api/serve/status          -> serve.status() as plain data (enum values as their names)
+    GET    /api/serve/status          -> serve.status() as plain data (enum values as their names);
+                                         `?wait_routes=1`: once every proxy has the current route table
 
 A PUT is validated (schema) here, then built in a fresh `python -m shoal.builder` process
 (imports, builders, overrides), then applied declaratively; any error leaves the running
@@ -29,8 +30,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.websockets import WebSocketClose
 
 from shoal.builder import build_specs_async
+from shoal.exceptions import RayServeException
 from shoal.schema import ConfigError, ConfigWarning, parse_config
 
 if TYPE_CHECKING:
@@ -54,23 +57,28 @@ class _Auth:
         self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        if not _is_loopback(client[0] if client else None):
-            return await JSONResponse({"error": "the admin API serves loopback clients only"}, 403)(
-                scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if not secrets.compare_digest(given, self.expected):
-            return await JSONResponse({"error": "missing or wrong bearer token (see the instance's token file)"},
-                                      401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        await self.app(scope, receive, send)
+        if not _is_loopback(client[0] if client else None):
+            refusal: Any = JSONResponse({"error": "the admin API serves loopback clients only"}, 403)
+        elif not secrets.compare_digest(given, self.expected):
+            refusal = JSONResponse({"error": "missing or wrong bearer token (see the instance's token file)"},
+                                   401, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            refusal = WebSocketClose(code=1008)
+        await refusal(scope, receive, send)
 
 
 def make_app(controller: "Controller", token: str) -> Any:
     lock = asyncio.Lock()  # one deploy at a time: each sees the result of the previous one
 
     async def status(request: Request) -> Response:
+        if request.query_params.get("wait_routes"):  # after a deploy: answer once proxies route to it
+            await controller.proxies.wait_routes(10.0)
         return JSONResponse((await controller.rpc_status(None)).to_dict())  # type: ignore[arg-type]
 
     async def get_apps(request: Request) -> Response:
@@ -104,7 +112,10 @@ def make_app(controller: "Controller", token: str) -> Any:
             if changed:
                 notes.append(f"http_options: {', '.join(changed)} differ from the running instance's; "
                              "they take effect at the next `shoal start`")
-            await controller.rpc_apply_config(None, specs, configs)
+            try:
+                await controller.rpc_apply_config(None, specs, configs)
+            except RayServeException as e:
+                return JSONResponse({"errors": [str(e)]}, 503)
         return JSONResponse({"warnings": notes, "applications": [s.name for s in specs]})
 
     async def delete_apps(request: Request) -> Response:

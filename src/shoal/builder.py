@@ -37,11 +37,16 @@ def build_specs(schema: ServeDeploySchema, app_dir: Optional[str] = None,
             specs.append(build_app_spec(app, app_schema.name, app_schema.route_prefix))
         except Exception as e:  # noqa: BLE001 - e.g. code that cannot be pickled
             raise ConfigError(f"application '{app_schema.name}': {e}", source) from None
+    add_fingerprints(specs)
+    return specs
+
+
+def add_fingerprints(specs: list[ApplicationSpec]) -> None:
+    """Give every deployment a code version that a rebuild in another process reproduces."""
     sources = _user_sources_digest()
     for spec in specs:
         for d in spec.deployments:
             d.code_fingerprint = _fingerprint(d.serialized_def, sources)
-    return specs
 
 
 def _user_sources_digest() -> str:

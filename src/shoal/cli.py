@@ -273,6 +273,9 @@ def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefi
         spec = api.build_app_spec(app, name, route_prefix)
     except Exception as e:  # noqa: BLE001
         raise ImportPathError(f"Could not prepare '{target}': {_describe(e)}") from None
+    from shoal.builder import add_fingerprints
+
+    add_fingerprints([spec])  # a --reload rebuild of unchanged code then keeps the replicas
     config = {"applications": [{"name": name, "route_prefix": route_prefix, "import_path": target, "args": args}]}
     return _Target(config, [spec], {}, watch, declarative=False)
 

@@ -59,7 +59,7 @@ class Greeter:
 app = Greeter.bind()
 
 
-@serve.deployment(max_constructor_retry_count=1)
+@serve.deployment(max_constructor_retry_count=2)
 class Broken:
     def __init__(self):
         raise RuntimeError("boom-in-constructor")
@@ -311,6 +311,9 @@ def test_rejected_configs_leave_running_apps_untouched(inst):
           import_path: instapp:broken
         """)
     failed = inst.cli("deploy", "broken.yaml", check=1)
+    assert any(line.startswith("broken/Broken: UPDATING") and line.endswith(
+        " -- A replica failed to start (1 of 2 attempts); retrying. RuntimeError: boom-in-constructor")
+        for line in failed.stdout.splitlines()), failed.stdout
     assert "broken: DEPLOY_FAILED" in failed.stdout and "RuntimeError: boom-in-constructor" in failed.stdout, \
         failed.stdout
     # Declarative: `greet` is not in that file, so it was deleted.

@@ -64,11 +64,11 @@ class DeployProgress:
             for dep_name, d in sorted(app.get("deployments", {}).items()):
                 key = f"{app_name}/{dep_name}"
                 line = f"{key}: {d['status']}, {replica_summary(d.get('replica_states', {}))}"
+                message = d.get("message", "")
+                if message and d["status"] != "DEPLOY_FAILED":  # the app line below carries that one
+                    line += f" -- {_first_line(message, 200)}"
                 if self.seen.get(key) != line:
                     self.seen[key] = line
-                    message = d.get("message", "")
-                    if message and d["status"] != "DEPLOY_FAILED":  # the app line below carries that one
-                        line += f" -- {_first_line(message, 200)}"
                     self.echo(line)
             line = f"{app_name}: {app['status']}"
             if self.seen.get(app_name) != line:

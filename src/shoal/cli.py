@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Optional
 
@@ -231,6 +231,7 @@ class _Target:
     http_options: dict
     watch: list[str]
     declarative: bool = True  # False for an import path: deployed as `serve.run` would
+    start_options: dict = field(default_factory=dict)  # proxy_location, logging_config from the file
 
 
 def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefix: Optional[str],
@@ -258,7 +259,10 @@ def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefi
         for w in caught:
             _warn(str(w.message))
         watch.append(os.path.abspath(target))
-        return _Target(config, specs, config_schema.http_options.to_http_options(), watch)
+        start_options = {k: getattr(config_schema, k) for k in ("proxy_location", "logging_config")
+                         if k in config_schema.model_fields_set}
+        return _Target(config, specs, config_schema.http_options.to_http_options(), watch,
+                       start_options=start_options)
     args = parse_key_values(arguments)
     if args:
         from shoal.schema import ConfigError, call_app_builder
@@ -305,6 +309,10 @@ class _ProgressThread:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=2)
+        try:
+            self.progress.update(self.client.call_sync("status", timeout=10).to_dict())  # the final state
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _deploy_and_wait(client: Any, loaded: _Target) -> Optional[str]:
@@ -371,7 +379,7 @@ def _rebuild(target: str, loaded: _Target, app_dir: str) -> Optional[_Target]:
     except schema.ConfigError as e:
         _err(f"Error: not reloaded: {e}")
         return None
-    return _Target(config, specs, loaded.http_options, loaded.watch, loaded.declarative)
+    return _Target(config, specs, loaded.http_options, loaded.watch, loaded.declarative, loaded.start_options)
 
 
 @main.command("run")
@@ -422,7 +430,7 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
     try:
         # Spawning the controller is not interrupted half-way (that could orphan it); a signal in
         # that window is acted on right after.
-        api.start(http_options=http_options, **start_kwargs)
+        api.start(http_options=http_options, **loaded.start_options, **start_kwargs)
         from shoal import client as client_mod
 
         lost: list[bool] = []

@@ -1,7 +1,9 @@
 """The `shoal` command line (also `python -m shoal`), mirroring Ray Serve's `serve` CLI.
 
-`shoal run IMPORT_PATH` deploys an application and keeps it running until Ctrl-C or SIGTERM.
-More subcommands (start, deploy, status, shutdown, config, build) join the `main` group later.
+`shoal run IMPORT_PATH|CONFIG.yaml` deploys and keeps running until Ctrl-C or SIGTERM (a private
+instance, owned by this process). The commands that drive a detached instance (`start`, `deploy`,
+`status`, `config`, `shutdown`) and `build` live in `cli_admin.py`; `main` stays a click group so
+other command groups join it with one `main.add_command(...)`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Optional
 
@@ -167,29 +170,242 @@ def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+def is_config_file(target: str) -> bool:
+    return target.endswith((".yaml", ".yml", ".json")) or os.path.isfile(target)
+
+
+def parse_key_values(arguments: tuple[str, ...]) -> dict[str, str]:
+    """`key=value` command-line arguments -> the args dict a builder function receives."""
+    args: dict[str, str] = {}
+    for item in arguments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"Invalid argument {item!r}: expected key=value.")
+        args[key] = value
+    return args
+
+
+def runtime_kwargs(runtime: Optional[str], address: Optional[str]) -> dict[str, Any]:
+    """`--runtime` / `--address` as keyword arguments for `serve.start`, only those given; an error
+    when this shoal's `serve.start` does not take them yet (the Ray runtime, issue 8)."""
+    import inspect
+
+    from shoal import api
+
+    kwargs = {k: v for k, v in (("runtime", runtime), ("address", address)) if v is not None}
+    params = inspect.signature(api.start).parameters
+    missing = [k for k in kwargs if k not in params]
+    if missing == ["runtime"] and runtime == "embedded":
+        kwargs.pop("runtime")  # the only runtime there is: nothing to pass
+        missing = []
+    if missing:
+        what = " and ".join(f"--{k} {kwargs[k]}" for k in missing)
+        raise click.UsageError(f"{what}: not available yet in this version of shoal "
+                               "(only the embedded runtime is).")
+    return kwargs
+
+
+def runtime_options(f: Any) -> Any:
+    f = click.option("--address", "-a", default=None,
+                     help="Address of the cluster to run on (with --runtime ray); passed to serve.start.")(f)
+    return click.option("--runtime", type=click.Choice(["embedded", "ray"]), default=None,
+                        help="Where replicas run (default: embedded, processes on this machine).")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="shoal", message="%(prog)s %(version)s")
 def main() -> None:
     """shoal: Ray Serve's programming model on one machine."""
 
 
+@dataclass
+class _Target:
+    """What `shoal run` deploys: the config (as data, for rebuilding) and its build."""
+
+    config: dict
+    specs: list
+    http_options: dict
+    watch: list[str]
+    declarative: bool = True  # False for an import path: deployed as `serve.run` would
+    start_options: dict = field(default_factory=dict)  # proxy_location, logging_config from the file
+
+
+def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefix: Optional[str],
+                 app_dir: str) -> _Target:
+    """Build what `shoal run` was given, in this process, before anything starts."""
+    import warnings
+
+    from shoal import api, schema
+
+    watch = [os.path.abspath(app_dir)]
+    if is_config_file(target):
+        if arguments:
+            raise click.UsageError("key=value arguments go with an import path; with a config file, put them "
+                                   "under the application's `args:`.")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", schema.ConfigWarning)
+            try:
+                config_schema = schema.load_config_file(target)
+                config = config_schema.model_dump(mode="json", exclude_unset=True)
+                from shoal.builder import build_specs
+
+                specs = build_specs(config_schema, app_dir, target)
+            except schema.ConfigError as e:
+                raise click.ClickException(str(e)) from None
+        for w in caught:
+            _warn(str(w.message))
+        watch.append(os.path.abspath(target))
+        start_options = {k: getattr(config_schema, k) for k in ("proxy_location", "logging_config")
+                         if k in config_schema.model_fields_set}
+        return _Target(config, specs, config_schema.http_options.to_http_options(), watch,
+                       start_options=start_options)
+    args = parse_key_values(arguments)
+    if args:
+        from shoal.schema import ConfigError, call_app_builder
+
+        try:
+            app = call_app_builder(import_attribute(target, app_dir), args, target)
+        except ConfigError as e:
+            raise ImportPathError(str(e)) from None
+    else:
+        app = load_application(target, app_dir)
+    try:
+        spec = api.build_app_spec(app, name, route_prefix)
+    except Exception as e:  # noqa: BLE001
+        raise ImportPathError(f"Could not prepare '{target}': {_describe(e)}") from None
+    from shoal.builder import add_fingerprints
+
+    add_fingerprints([spec])  # a --reload rebuild of unchanged code then keeps the replicas
+    config = {"applications": [{"name": name, "route_prefix": route_prefix, "import_path": target, "args": args}]}
+    return _Target(config, [spec], {}, watch, declarative=False)
+
+
+class _ProgressThread:
+    """Prints deploy progress from `serve.status()` while the main thread waits for the deploy."""
+
+    def __init__(self, client: Any, names: list[str]):
+        import threading
+
+        from shoal.cli_output import DeployProgress
+
+        self.client = client
+        self.progress = DeployProgress(click.echo, names)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="shoal-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.progress.update(self.client.call_sync("status", timeout=10).to_dict())
+            except Exception:  # noqa: BLE001 - shutting down, or the controller is gone
+                return
+            self.stopped.wait(0.25)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=2)
+        try:
+            self.progress.update(self.client.call_sync("status", timeout=10).to_dict())  # the final state
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _deploy_and_wait(client: Any, loaded: _Target) -> Optional[str]:
+    """Apply the specs declaratively and wait for each application; an error text, or None."""
+    specs = loaded.specs
+    configs = {a.get("name", SERVE_DEFAULT_APP_NAME): a for a in loaded.config.get("applications", [])
+               } if loaded.declarative else {}
+    client.call_sync("apply_config", specs, configs)
+    progress = _ProgressThread(client, [s.name for s in specs])
+    try:
+        for spec in specs:
+            status, message = client.call_sync("wait_for_app", spec.name)
+            if status != "RUNNING":
+                verb = "failed to deploy" if status == "DEPLOY_FAILED" else f"did not reach RUNNING ({status})"
+                return f"Application '{spec.name}' {verb}:\n{message}"
+    finally:
+        progress.stop()
+    return None
+
+
+class _Watcher:
+    """`--reload`: a thread watching files; the main thread polls `changed()`."""
+
+    def __init__(self, paths: list[str]):
+        import threading
+
+        self.paths = [p for p in paths if os.path.exists(p)]
+        self.stop_event = threading.Event()
+        self.pending: set[str] = set()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="shoal-reload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import watchfiles
+
+        def wanted(change: Any, path: str) -> bool:
+            return path.endswith((".py", ".yaml", ".yml", ".json")) and "__pycache__" not in path
+
+        for changes in watchfiles.watch(*self.paths, watch_filter=wanted, stop_event=self.stop_event,
+                                        raise_interrupt=False, debounce=300):
+            with self.lock:
+                self.pending.update(path for _, path in changes)
+
+    def changed(self) -> list[str]:
+        with self.lock:
+            out, self.pending = sorted(self.pending), set()
+        return out
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+def _rebuild(target: str, loaded: _Target, app_dir: str) -> Optional[_Target]:
+    """Rebuild after a change, in a fresh process (edited modules are imported anew)."""
+    from shoal import schema
+    from shoal.builder import build_specs_in_subprocess
+
+    config = loaded.config
+    try:
+        if is_config_file(target):
+            config = schema.load_config_file(target).model_dump(mode="json", exclude_unset=True)
+        specs = build_specs_in_subprocess(config, os.path.abspath(app_dir))
+    except schema.ConfigError as e:
+        _err(f"Error: not reloaded: {e}")
+        return None
+    return _Target(config, specs, loaded.http_options, loaded.watch, loaded.declarative, loaded.start_options)
+
+
 @main.command("run")
-@click.argument("import_path")
+@click.argument("target", metavar="IMPORT_PATH|CONFIG")
+@click.argument("arguments", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--name", "-n", default=SERVE_DEFAULT_APP_NAME, show_default=True,
-              help="Name of the application.")
+              help="Name of the application (import path only).")
 @click.option("--route-prefix", default="/", show_default=True,
-              help="Route prefix of the application's ingress.")
+              help="Route prefix of the application's ingress (import path only).")
 @click.option("--app-dir", "-d", default=".", show_default=True,
-              help="Directory put first on the Python path before importing IMPORT_PATH.")
+              help="Directory put first on the Python path before importing.")
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="SHOAL_HTTP_HOST",
               help="Address the HTTP proxy listens on.")
 @click.option("--port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
               help="Port the HTTP proxy listens on (0: any free port).")
-def run(import_path: str, name: str, route_prefix: str, app_dir: str, host: str, port: int) -> None:
-    """Deploy the application at IMPORT_PATH and run it until Ctrl-C or SIGTERM.
+@click.option("--reload", "-r", "reload_", is_flag=True, help="Redeploy when a file under --app-dir changes.")
+@runtime_options
+@click.pass_context
+def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, route_prefix: str, app_dir: str,
+        host: str, port: int, reload_: bool, runtime: Optional[str], address: Optional[str]) -> None:
+    """Deploy IMPORT_PATH or the applications of CONFIG, and run until Ctrl-C or SIGTERM.
 
     IMPORT_PATH is 'module:attribute' or 'module.attribute', naming an Application (from
-    `.bind()`), a Deployment (bound with no arguments), or a function that builds an Application.
+    `.bind()`), a Deployment (bound with no arguments), or a function that builds an Application
+    (it receives the KEY=VALUE arguments as a dict, or as its annotated pydantic model).
+    CONFIG is a YAML file in Ray Serve's format (`shoal build` writes one).
     """
     from shoal import api
 
@@ -199,35 +415,51 @@ def run(import_path: str, name: str, route_prefix: str, app_dir: str, host: str,
         raise click.BadParameter(str(e), param_hint="'--route-prefix'") from None
     if not name:
         raise click.BadParameter("the application name must not be empty.", param_hint="'--name'")
-    app = load_application(import_path, app_dir)
+    start_kwargs = runtime_kwargs(runtime, address)
+    loaded = _load_target(target, arguments, name, route_prefix, app_dir)
+    http_options = dict(loaded.http_options)
+    for key, value in (("host", host), ("port", port)):
+        source = ctx.get_parameter_source(key)
+        if key not in http_options or source in (click.core.ParameterSource.COMMANDLINE,
+                                                 click.core.ParameterSource.ENVIRONMENT):
+            http_options[key] = value
     signals = _Signals()
     signals.install()
     code = 0
+    watcher: Optional[_Watcher] = None
     try:
         # Spawning the controller is not interrupted half-way (that could orphan it); a signal in
         # that window is acted on right after.
-        api.start(http_options={"host": host, "port": port})
+        api.start(http_options=http_options, **loaded.start_options, **start_kwargs)
         from shoal import client as client_mod
 
         lost: list[bool] = []
         client = client_mod.get_global_client()
         client.on_controller_lost = lambda: lost.append(True)  # type: ignore[union-attr]
         signals.allow_interrupt()
-        try:
-            api.run(app, name=name, route_prefix=route_prefix)
-        except _StopRequested:
-            raise
-        except Exception as e:  # noqa: BLE001 - a failed deploy is reported, not a traceback
+        error = _deploy_and_wait(client, loaded)
+        if error is not None:
             signals.defer_interrupt()
-            _err(f"Error: {e}")
+            _err(f"Error: {error}")
             code = 1
         else:
-            url = api.get_http_url()
-            where = f" at {url}{route_prefix if route_prefix != '/' else ''}" if url and route_prefix else ""
-            click.echo(f"Application '{name}' is RUNNING (ingress: {app.deployment.name}){where}. "
-                       "Press Ctrl-C to stop.")
+            _announce(loaded)
+            if reload_:
+                watcher = _Watcher(loaded.watch)
             while not lost:
                 time.sleep(0.2)
+                changed = watcher.changed() if watcher is not None else []
+                if changed:
+                    click.echo(f"Files changed ({', '.join(os.path.relpath(p) for p in changed[:3])}"
+                               f"{', ...' if len(changed) > 3 else ''}); redeploying.")
+                    rebuilt = _rebuild(target, loaded, app_dir)
+                    if rebuilt is not None:
+                        error = _deploy_and_wait(client, rebuilt)
+                        if error is not None:
+                            _err(f"Error: {error}")
+                        else:
+                            loaded = rebuilt
+                            _announce(loaded)
             signals.defer_interrupt()
             _err("Error: the shoal controller exited unexpectedly; stopping.")
             code = 1
@@ -241,11 +473,28 @@ def run(import_path: str, name: str, route_prefix: str, app_dir: str, host: str,
         code = 1
     finally:
         signals.defer_interrupt()
+        if watcher is not None:
+            watcher.stop()
         try:
             api.shutdown()
         finally:
             signals.restore()
     sys.exit(code)
+
+
+def _announce(loaded: _Target) -> None:
+    from shoal import api
+
+    url = api.get_http_url()
+    for spec in loaded.specs:
+        prefix = spec.route_prefix
+        where = f" at {url}{prefix if prefix != '/' else ''}" if url and prefix else ""
+        click.echo(f"Application '{spec.name}' is RUNNING (ingress: {spec.ingress}){where}. Press Ctrl-C to stop.")
+
+
+from shoal import cli_admin  # noqa: E402 - registers the instance commands on `main`
+
+cli_admin.register(main)
 
 
 from shoal.llm.cli import llm as _llm_commands  # noqa: E402 - registered after `main` exists

@@ -713,12 +713,21 @@ def build_applications(schema: ServeDeploySchema, base_dir: Optional[Union[str, 
                        source: Optional[str] = None) -> List[Tuple[ServeApplicationSchema, Application]]:
     """`build_application` for every application of a config, in order (errors prefixed with `source`)."""
     built = []
-    for app_schema in schema.applications:
+    for i, app_schema in enumerate(schema.applications):
         try:
             built.append((app_schema, build_application(app_schema, base_dir)))
         except ConfigError as e:
-            raise e.with_source(source) from None
+            raise ConfigError([_config_path(i, p) for p in e.problems], source) from None
     return built
+
+
+def _config_path(index: int, problem: str) -> str:
+    """`application 'a': args.x: reason` -> `applications[0].args.x: reason`; a problem with no field
+    of its own (an import or a builder that failed) belongs to `applications[0].import_path`."""
+    problem = re.sub(r"^application '[^']*': ", "", problem)
+    if re.match(r"^(args|deployments\[\d+\]|logging_config)\b", problem):
+        return f"applications[{index}].{problem}"
+    return f"applications[{index}].import_path: {problem}"
 
 
 # ----------------------------------------------------------------------------------------------

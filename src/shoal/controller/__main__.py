@@ -1,13 +1,20 @@
-"""Entry point of the controller process: `python -m shoal.controller --session-dir DIR`."""
+"""Entry point of the controller process: `python -m shoal.controller --session-dir DIR`.
+
+With `--instance-dir` it is a detached instance (`shoal start`): no driver owns it, it starts the
+HTTP proxies with `--http-options` at once, serves the admin API on loopback, records itself in
+`instance.json` and runs until asked to shut down (admin API, SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
+from typing import Optional
 
 from shoal.client import CONTROLLER_SOCKET, new_event_loop
 from shoal.controller.controller import Controller
@@ -15,7 +22,7 @@ from shoal.runtime.embedded import EmbeddedRuntime
 from shoal.transport.connection import serve_unix
 
 
-async def _main(session_dir: str, logs_dir: str) -> None:
+async def _main(session_dir: str, logs_dir: str, args: argparse.Namespace) -> None:
     runtime = EmbeddedRuntime(session_dir, logs_dir)
     controller = Controller(runtime)
     path = os.path.join(session_dir, CONTROLLER_SOCKET)
@@ -25,17 +32,45 @@ async def _main(session_dir: str, logs_dir: str) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: controller.spawn(controller.shutdown()))
     runner = loop.create_task(controller.run())
+    admin = None
+    if args.instance_dir:
+        admin = await _start_detached(controller, session_dir, args)
     await controller.done.wait()
+    if admin is not None:
+        from shoal import instance
+
+        instance.remove_info(args.instance_dir, os.getpid())
+        await admin.stop()
     await asyncio.sleep(0.05)  # let the shutdown reply reach the driver
     server.close()
     runner.cancel()
     runtime.close()
 
 
+async def _start_detached(controller: Controller, session_dir: str, args: argparse.Namespace) -> Optional[object]:
+    from shoal import instance
+    from shoal.controller.admin_api import AdminServer
+
+    http_options = json.loads(args.http_options or "{}")
+    controller.proxies.configure(http_options)
+    admin = AdminServer(controller, instance.read_token(args.instance_dir), args.admin_port)
+    await admin.start()
+    instance.write_info(args.instance_dir, instance.InstanceInfo(
+        pid=os.getpid(), session_dir=session_dir, admin_url=admin.url, http_options=http_options,
+        runtime=args.runtime, address=args.address))
+    logging.getLogger("shoal.controller").info("detached instance ready; admin API at %s", admin.url)
+    return admin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m shoal.controller")
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--logs-dir", default=None)
+    parser.add_argument("--instance-dir", default=None, help="run detached, recorded in this directory")
+    parser.add_argument("--http-options", default=None, help="JSON; detached instances only")
+    parser.add_argument("--admin-port", type=int, default=0)
+    parser.add_argument("--runtime", default="embedded", choices=["embedded"])
+    parser.add_argument("--address", default=None)
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver, which shuts us down
     logs_dir = args.logs_dir or os.path.join(args.session_dir, "logs")
@@ -44,7 +79,7 @@ def main() -> None:
                         format="(shoal controller) %(levelname)s %(asctime)s -- %(message)s")
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(_main(args.session_dir, logs_dir))
+    loop.run_until_complete(_main(args.session_dir, logs_dir, args))
     sys.stderr.flush()
     os._exit(0)
 

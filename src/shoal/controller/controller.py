@@ -45,6 +45,8 @@ class ApplicationState:
         self.message = ""
         self.last_deployed_time_s = time.time()
         self.deployment_names: set[str] = set()
+        # The app's entry of the config file it was deployed from (None: deployed by `serve.run`).
+        self.config: Optional[dict] = None
 
 
 class Controller(RpcHandler):
@@ -191,9 +193,26 @@ class Controller(RpcHandler):
         return None
 
     async def rpc_deploy_app(self, conn: Connection, spec: ApplicationSpec) -> None:
+        await self.deploy_app(spec)
+
+    async def rpc_apply_config(self, conn: Optional[Connection], specs: list[ApplicationSpec],
+                               configs: dict[str, Optional[dict]]) -> None:
+        """Declarative deploy: `specs` become the full set of applications (others are deleted).
+
+        Route prefixes are unique within the config (the schema checks it), and every app absent
+        from it is deleted first, so an app may take over another's prefix in one step."""
         if self.shutting_down:
             raise RayServeException("shoal is shutting down.")
-        if spec.route_prefix is not None:
+        names = {s.name for s in specs}
+        await self.rpc_delete_apps(None, [n for n in self.apps if n not in names], blocking=False)  # type: ignore[arg-type]
+        for spec in specs:
+            await self.deploy_app(spec, check_routes=False, config=configs.get(spec.name))
+
+    async def deploy_app(self, spec: ApplicationSpec, check_routes: bool = True,
+                         config: Optional[dict] = None) -> None:
+        if self.shutting_down:
+            raise RayServeException("shoal is shutting down.")
+        if check_routes and spec.route_prefix is not None:
             for other in self.apps.values():
                 if other.spec.name != spec.name and not other.deleting and other.spec.route_prefix == spec.route_prefix:
                     raise RayServeException(
@@ -209,6 +228,7 @@ class Controller(RpcHandler):
             app.spec = spec
             app.last_deployed_time_s = time.time()
             app.status = ApplicationStatus.DEPLOYING
+        app.config = config
         new_names = {d.name for d in spec.deployments}
         for old_name in app.deployment_names - new_names:
             ds = self.deployments.get(DeploymentID(old_name, spec.name))
@@ -319,6 +339,10 @@ class Controller(RpcHandler):
     async def rpc_deployment_exists(self, conn: Connection, deployment_id: DeploymentID) -> bool:
         ds = self.deployments.get(deployment_id)
         return ds is not None and not ds.deleting
+
+    def app_configs(self) -> dict[str, dict]:
+        """The config entry of every app deployed from a config file, by name."""
+        return {name: a.config for name, a in self.apps.items() if not a.deleting and a.config is not None}
 
     async def rpc_list_apps(self, conn: Connection) -> dict:
         return {name: {"route_prefix": a.spec.route_prefix, "ingress": a.spec.ingress}

@@ -197,6 +197,11 @@ class DeploymentState:
         logger.warning("replica %s of %s failed to start:\n%s", rec.unique_id, self.id, error.rstrip())
         self._stop(rec, graceful=False)
         threshold = self._failure_threshold()
+        if self.start_failures < threshold:  # say why while retrying (deploy progress shows it)
+            lines = error.strip().splitlines()
+            self._set_status(self.status, DeploymentStatusTrigger.REPLICA_STARTUP_FAILED,
+                             f"A replica failed to start ({self.start_failures} of {threshold} attempts); "
+                             f"retrying. {lines[-1] if lines else ''}".rstrip())
         if self.start_failures >= threshold and not self._running(at_version=True):
             delay = min(2 ** self.backoff_exp, MAX_BACKOFF_S) + random.uniform(0, 1)
             self.backoff_exp += 1

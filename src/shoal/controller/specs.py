@@ -19,10 +19,14 @@ class DeploymentSpec:
     user_configured_options: frozenset = frozenset()
     # The driver's import path, so replicas can import the user's modules by name.
     python_path: tuple = ()
+    # Set by the config builder: a digest of the user's source files and the class's import path.
+    # Pickling a class by value is not byte-identical across processes, so without it every
+    # rebuild in a fresh process would look like new code and restart the replicas.
+    code_fingerprint: Optional[str] = None
 
     def code_version(self) -> str:
         """Changes when replicas must restart: code, constructor args, or resources."""
-        h = hashlib.sha256(self.serialized_def)
+        h = hashlib.sha256(self.code_fingerprint.encode() if self.code_fingerprint else self.serialized_def)
         h.update(self.serialized_init_args)
         c = self.config
         h.update(json.dumps([c.ray_actor_options.model_dump(), c.placement_group_bundles,

@@ -1,0 +1,67 @@
+"""The CLI's side of the admin REST API: find the instance, send the token, turn answers into errors."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import httpx
+
+from shoal import instance
+
+
+class AdminError(RuntimeError):
+    """The instance refused a request; `problems` holds its error lines (config errors: one per line)."""
+
+    def __init__(self, problems: list[str], status_code: int = 0):
+        self.problems = problems
+        self.status_code = status_code
+        super().__init__("\n".join(problems))
+
+
+class NoInstanceError(RuntimeError):
+    pass
+
+
+class AdminClient:
+    def __init__(self, info: instance.InstanceInfo, token: str, timeout: float = 30.0):
+        self.info = info
+        self.http = httpx.Client(base_url=info.admin_url, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=timeout, trust_env=False)
+
+    @classmethod
+    def connect(cls, instance_dir: str) -> "AdminClient":
+        info = instance.read_info(instance_dir)
+        if info is None:
+            raise NoInstanceError(f"no shoal instance is running (looked in {instance_dir}); "
+                                  "start one with `shoal start`.")
+        return cls(info, instance.read_token(instance_dir))
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise AdminError([f"cannot reach the instance's admin API at {self.info.admin_url}: {e}"]) from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            problems = body.get("errors") or [body.get("error") or f"HTTP {r.status_code}: {r.text[:200]}"]
+            raise AdminError(problems, r.status_code)
+        return r.json()
+
+    def status(self, wait_routes: bool = False) -> dict:
+        return self._request("GET", "/api/serve/status", params={"wait_routes": "1"} if wait_routes else None)
+
+    def applications(self) -> dict:
+        return self._request("GET", "/api/serve/applications/")
+
+    def deploy(self, config: dict, app_dir: Optional[str] = None) -> dict:
+        params = {"app_dir": app_dir} if app_dir else None
+        return self._request("PUT", "/api/serve/applications/", json=config, params=params, timeout=330)
+
+    def shutdown(self) -> None:
+        self._request("DELETE", "/api/serve/applications/")
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,243 @@
+"""The CLI commands that drive a detached instance over its admin API, and `shoal build`.
+
+`shoal start` spawns a controller that outlives the command (see `instance.py`); `deploy`,
+`status`, `config` and `shutdown` find it through the instance directory (`--instance-dir`,
+`$SHOAL_INSTANCE_DIR`) and talk to its admin REST API (`controller/admin_api.py`) with the token
+from that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any, Optional
+
+import click
+import yaml
+
+from shoal import instance
+from shoal.cli import _warn, load_application, runtime_kwargs, runtime_options
+
+POLL_S = 0.25
+
+
+def instance_dir_option(f: Any) -> Any:
+    return click.option("--instance-dir", default=None, envvar="SHOAL_INSTANCE_DIR",
+                        help="Directory recording the detached instance (default /tmp/shoal-<uid>/instance).")(f)
+
+
+def _dir(instance_dir: Optional[str]) -> str:
+    return os.path.abspath(instance_dir) if instance_dir else instance.default_instance_dir()
+
+
+def _connect(instance_dir: Optional[str]) -> Any:
+    from shoal.admin_client import AdminClient, NoInstanceError
+
+    try:
+        return AdminClient.connect(_dir(instance_dir))
+    except NoInstanceError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _admin_call(fn: Any, *args: Any, prefix: str = "", **kwargs: Any) -> Any:
+    from shoal.admin_client import AdminError
+
+    try:
+        return fn(*args, **kwargs)
+    except AdminError as e:
+        raise click.ClickException("\n".join(prefix + p for p in e.problems)) from None
+
+
+@click.command("start")
+@click.option("--http-host", default="127.0.0.1", show_default=True, envvar="SHOAL_HTTP_HOST",
+              help="Address the HTTP proxy listens on.")
+@click.option("--http-port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
+              help="Port the HTTP proxy listens on (0: any free port).")
+@click.option("--proxy-location", type=click.Choice(["Disabled", "HeadOnly", "EveryNode"]), default="EveryNode",
+              show_default=True)
+@click.option("--admin-port", default=0, type=int, envvar="SHOAL_ADMIN_PORT", show_default=True,
+              help="Port of the admin API on 127.0.0.1 (0: any free port, recorded in the instance dir).")
+@instance_dir_option
+@runtime_options
+def start(http_host: str, http_port: int, proxy_location: str, admin_port: int, instance_dir: Optional[str],
+          runtime: Optional[str], address: Optional[str]) -> None:
+    """Start a detached shoal instance that keeps running after this command returns."""
+    from shoal.config import HTTPOptions, validate_model
+
+    runtime_kwargs(runtime, address)
+    where = _dir(instance_dir)
+    running = instance.read_info(where)
+    if running is not None:
+        click.echo(f"A shoal instance is already running (pid {running.pid}, admin API {running.admin_url}).")
+        return
+    try:
+        opts = validate_model(HTTPOptions, {"host": http_host, "port": http_port}, "http_options").model_dump()
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    opts["proxy_location"] = proxy_location
+    try:
+        info = instance.start_detached(where, opts, admin_port, runtime, address)
+    except instance.StartError as e:
+        raise click.ClickException(str(e)) from None
+    client = _connect(where)
+    deadline = time.monotonic() + 60
+    while True:
+        apps = _admin_call(client.applications)
+        proxies = apps["status"]["proxies"]
+        if proxy_location == "Disabled" or (proxies and all(s == "HEALTHY" for s in proxies.values())):
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the HTTP proxy did not become healthy within 60 s; see "
+                                       f"{info.session_dir}/logs/")
+        time.sleep(0.05)
+    http = apps.get("http_url") or "disabled"
+    click.echo(f"Started a detached shoal instance (controller pid {info.pid}).\n"
+               f"  HTTP:      {http}\n  admin API: {info.admin_url} (token in {where}/token)\n"
+               f"  logs:      {info.session_dir}/logs\nStop it with `shoal shutdown`.")
+
+
+@click.command("deploy")
+@click.argument("config_file", metavar="CONFIG")
+@click.option("--app-dir", "-d", default=".", show_default=True,
+              help="Directory put first on the Python path when importing the applications.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Show progress until every application is RUNNING (or failed).")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait with --wait.")
+@instance_dir_option
+@runtime_options
+def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_dir: Optional[str],
+           runtime: Optional[str], address: Optional[str]) -> None:
+    """Make the applications of CONFIG the full set the instance runs (apps not in it are deleted).
+
+    A config that is invalid or whose applications cannot be built is rejected as a whole and the
+    running applications stay as they are.
+    """
+    from shoal import schema
+
+    runtime_kwargs(runtime, address)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", schema.ConfigWarning)
+        try:
+            config_schema = schema.load_config_file(config_file)
+        except schema.ConfigError as e:
+            raise click.ClickException(str(e)) from None
+    for w in caught:
+        _warn(str(w.message))
+    client = _connect(instance_dir)
+    for key, value in (("runtime", runtime), ("address", address)):
+        if value is not None and getattr(client.info, key) != value:
+            raise click.ClickException(f"--{key} {value} does not match the running instance's "
+                                       f"({getattr(client.info, key)}); `shoal shutdown` and `shoal start` it anew.")
+    body = config_schema.model_dump(mode="json", exclude_unset=True)
+    reply = _admin_call(client.deploy, body, os.path.abspath(app_dir), prefix=f"{config_file}: ")
+    for note in reply.get("warnings", []):
+        if not any(note in str(w.message) for w in caught):
+            _warn(f"{config_file}: {note}")
+    names = reply.get("applications", [])
+    click.echo(f"Sent {config_file} to the instance: {', '.join(names) or 'no applications'}.")
+    if not wait:
+        return
+    from shoal.cli_output import DeployProgress
+
+    progress = DeployProgress(click.echo, names)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _admin_call(client.status)
+        progress.update(status)
+        outcome = progress.outcome(status)
+        if outcome is True:
+            _admin_call(client.status, wait_routes=True)  # so a request right after this reaches them
+            click.echo("All applications are RUNNING.")
+            return
+        if outcome is False:
+            raise click.ClickException("some applications failed to deploy (see above).")
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"still deploying after {timeout:.0f} s; see `shoal status`.")
+        time.sleep(POLL_S)
+
+
+@click.command("status")
+@click.option("--output", "-o", "output", type=click.Choice(["table", "yaml", "json"]), default="table",
+              show_default=True, help="table: for people; yaml/json: the shape of serve.status().")
+@click.option("--name", "-n", default=None, help="Only this application.")
+@instance_dir_option
+def status(output: str, name: Optional[str], instance_dir: Optional[str]) -> None:
+    """Show the status of the instance's proxies, applications and deployments."""
+    from shoal.cli_output import status_table
+
+    data = _admin_call(_connect(instance_dir).status)
+    if name is not None:
+        data["applications"] = {k: v for k, v in data["applications"].items() if k == name}
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
+    else:
+        click.echo(status_table(data))
+
+
+@click.command("config")
+@click.option("--name", "-n", default=None, help="Only this application.")
+@instance_dir_option
+def config(name: Optional[str], instance_dir: Optional[str]) -> None:
+    """Print the config each application was deployed with (YAML documents separated by ---)."""
+    apps = _admin_call(_connect(instance_dir).applications)["applications"]
+    if name is not None:
+        if name not in apps:
+            raise click.ClickException(f"no application '{name}' deployed from a config "
+                                       f"(deployed: {', '.join(apps) or 'none'}).")
+        apps = {name: apps[name]}
+    click.echo("\n---\n\n".join(yaml.safe_dump(a, sort_keys=False, default_flow_style=False).rstrip()
+                                for a in apps.values()) or "No applications deployed from a config.")
+
+
+@click.command("shutdown")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every process to exit.")
+@instance_dir_option
+def shutdown(yes: bool, timeout: float, instance_dir: Optional[str]) -> None:
+    """Delete every application and stop the detached instance."""
+    where = _dir(instance_dir)
+    info = instance.read_info(where)
+    if info is None:
+        click.echo(f"No shoal instance is running (looked in {where}).")
+        return
+    if not yes:
+        click.confirm(f"This stops the shoal instance (pid {info.pid}) and every application it runs. Continue?",
+                      abort=True)
+    _admin_call(_connect(instance_dir).shutdown)
+    deadline = time.monotonic() + timeout
+    while instance.pid_alive(info.pid):
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the instance (pid {info.pid}) did not exit within {timeout:.0f} s.")
+        time.sleep(0.05)
+    instance.remove_info(where, info.pid)
+    click.echo("The shoal instance is shut down.")
+
+
+@click.command("build")
+@click.argument("import_paths", nargs=-1, required=True, metavar="IMPORT_PATH...")
+@click.option("--app-dir", "-d", default=".", show_default=True,
+              help="Directory put first on the Python path before importing.")
+@click.option("--output-path", "-o", default=None, help="Write the config here instead of to stdout.")
+def build(import_paths: tuple[str, ...], app_dir: str, output_path: Optional[str]) -> None:
+    """Write a config file for the applications at IMPORT_PATH... with every option their code sets."""
+    from shoal.schema import build_config, to_yaml
+
+    apps = [load_application(p, app_dir) for p in import_paths]
+    text = to_yaml(build_config(apps, list(import_paths)))
+    if output_path is None:
+        sys.stdout.write(text)
+    else:
+        with open(output_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        click.echo(f"Wrote {output_path}.")
+
+
+def register(main: click.Group) -> None:
+    for command in (start, deploy, status, config, shutdown, build):
+        main.add_command(command)
+

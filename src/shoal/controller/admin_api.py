@@ -1,0 +1,169 @@
+"""The admin REST API of a detached instance, served by the controller process on loopback only.
+
+Every request needs `Authorization: Bearer <token>` (the token file of the instance directory, mode
+0600); without it the answer is 401. The socket is bound to 127.0.0.1, and a peer that is not a
+loopback address is refused (403) as well. Routes follow Ray's dashboard where one exists:
+
+    PUT    /api/serve/applications/   body: the config (JSON)  -> 200 {"warnings": [...]} | 400 {"errors": [...]}
+    GET    /api/serve/applications/   -> {"status": <serve.status()>, "applications": {name: config}, "http_url"}
+    DELETE /api/serve/applications/   -> 200, then the instance shuts down (as `serve.shutdown()`)
+    GET    /api/serve/status          -> serve.status() as plain data (enum values as their names);
+                                         `?wait_routes=1`: once every proxy has the current route table
+
+A PUT is validated (schema) here, then built in a fresh `python -m shoal.builder` process
+(imports, builders, overrides), then applied declaratively; any error leaves the running
+applications untouched. `?app_dir=DIR` puts DIR first on the builder's import path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import socket
+import warnings
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.websockets import WebSocketClose
+
+from shoal.builder import build_specs_async
+from shoal.exceptions import RayServeException
+from shoal.schema import ConfigError, ConfigWarning, parse_config
+
+if TYPE_CHECKING:
+    from shoal.controller.controller import Controller
+
+logger = logging.getLogger("shoal.controller")
+
+
+def _is_loopback(host: Optional[str]) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Auth:
+    """ASGI middleware: loopback peers with the right bearer token only."""
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if not _is_loopback(client[0] if client else None):
+            refusal: Any = JSONResponse({"error": "the admin API serves loopback clients only"}, 403)
+        elif not secrets.compare_digest(given, self.expected):
+            refusal = JSONResponse({"error": "missing or wrong bearer token (see the instance's token file)"},
+                                   401, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            refusal = WebSocketClose(code=1008)
+        await refusal(scope, receive, send)
+
+
+def make_app(controller: "Controller", token: str) -> Any:
+    lock = asyncio.Lock()  # one deploy at a time: each sees the result of the previous one
+
+    async def status(request: Request) -> Response:
+        if request.query_params.get("wait_routes"):  # after a deploy: answer once proxies route to it
+            await controller.proxies.wait_routes(10.0)
+        return JSONResponse((await controller.rpc_status(None)).to_dict())  # type: ignore[arg-type]
+
+    async def get_apps(request: Request) -> Response:
+        st = (await controller.rpc_status(None)).to_dict()  # type: ignore[arg-type]
+        return JSONResponse({"status": st, "applications": controller.app_configs(),
+                             "http_url": controller.proxies.url()})
+
+    async def put_apps(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return JSONResponse({"errors": [f"the body is not JSON: {e}"]}, 400)
+        if not isinstance(body, dict):
+            return JSONResponse({"errors": ["the body must be a mapping with `applications:`"]}, 400)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConfigWarning)
+                schema = parse_config(body)
+        except ConfigError as e:
+            return JSONResponse({"errors": e.problems}, 400)
+        async with lock:
+            try:
+                specs, _ = await build_specs_async(body, request.query_params.get("app_dir"))
+            except ConfigError as e:
+                return JSONResponse({"errors": e.problems}, 400)
+            configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in schema.applications}
+            notes = list(schema.config_warnings)
+            running = controller.proxies.options or {}
+            wanted = schema.http_options.to_http_options()
+            changed = [k for k, v in wanted.items() if k in running and running[k] != v]
+            if changed:
+                notes.append(f"http_options: {', '.join(changed)} differ from the running instance's; "
+                             "they take effect at the next `shoal start`")
+            try:
+                await controller.rpc_apply_config(None, specs, configs)
+            except RayServeException as e:
+                return JSONResponse({"errors": [str(e)]}, 503)
+        return JSONResponse({"warnings": notes, "applications": [s.name for s in specs]})
+
+    async def delete_apps(request: Request) -> Response:
+        controller.spawn(controller.shutdown())
+        return JSONResponse({"shutting_down": True})
+
+    app = Starlette(routes=[
+        Route("/api/serve/status", status, methods=["GET"]),
+        Route("/api/serve/applications/", get_apps, methods=["GET"]),
+        Route("/api/serve/applications/", put_apps, methods=["PUT"]),
+        Route("/api/serve/applications/", delete_apps, methods=["DELETE"]),
+    ])
+    return _Auth(app, token)
+
+
+class AdminServer:
+    """uvicorn on the controller's loop, listening on 127.0.0.1 only."""
+
+    def __init__(self, controller: "Controller", token: str, port: int = 0):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:  # the controller handles its own signals
+                yield
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(make_app(controller, token), loop="none", lifespan="off", access_log=False,
+                                log_level="warning", timeout_graceful_shutdown=2)
+        self.server = _Server(config)
+        self.task: Optional[asyncio.Task] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started and not self.task.done():
+            await asyncio.sleep(0.01)
+        if self.task.done():
+            self.task.result()
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, 5)

@@ -66,11 +66,11 @@ class HTTPFront:
     """Plain HTTP in front of a baseline: JSON in, JSON out."""
 
     def __init__(self, backend, method: str) -> None:
-        self.call = getattr(backend, method)
+        self.backend = backend.options(method_name=method)
 
     async def __call__(self, request: Request) -> dict:
-        return await self.call.remote(await request.json())
+        return await self.backend.remote(await request.json())
 
 
-naive_app = HTTPFront.bind(NaiveLLM.bind(), "remote")
+naive_app = HTTPFront.bind(NaiveLLM.bind(), "__call__")
 batched_app = HTTPFront.bind(BatchedLLM.bind(), "generate")

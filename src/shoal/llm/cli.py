@@ -149,23 +149,20 @@ def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[st
 
 def _watch_deploy(api: Any, lost: list[bool]) -> Optional[str]:
     """Print each deployment's replica states as they change until the app runs; the error, if any."""
+    from shoal.cli_output import DeployProgress
+
     started = time.monotonic()
-    last: dict[str, str] = {}
+    progress = DeployProgress(
+        lambda line: click.echo(f"[{time.monotonic() - started:5.1f}s] {line}", err=True), [APP_NAME]
+    )
     while not lost:
-        app_status = api.status().applications.get(APP_NAME)
-        if app_status is not None:
-            for name, dep in sorted(app_status.deployments.items()):
-                states = ", ".join(f"{n} {getattr(s, 'value', s)}" for s, n in sorted(
-                    dep.replica_states.items(), key=lambda kv: str(kv[0])) if n) or "waiting"
-                line = f"{name}: {states}"
-                if last.get(name) != line:
-                    last[name] = line
-                    click.echo(f"[{time.monotonic() - started:5.1f}s] {line}", err=True)
-            status = getattr(app_status.status, "value", app_status.status)
-            if status == "RUNNING":
-                return None
-            if status == "DEPLOY_FAILED":
-                return f"the models failed to load:\n{app_status.message}"
+        status = api.status().to_dict()
+        progress.update(status)
+        outcome = progress.outcome(status)
+        if outcome is True:
+            return None
+        if outcome is False:
+            return "the models failed to load (see above)"
         time.sleep(_PROGRESS_POLL_S)
     return "the shoal controller exited unexpectedly"
 

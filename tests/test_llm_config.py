@@ -1,0 +1,114 @@
+"""`shoal.llm` configs, builders and request validation, without loading any model."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from pydantic import ValidationError
+
+from shoal.llm import LLMConfig, LLMServingArgs, build_openai_app
+from shoal.llm.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, from_validation_error
+from shoal.schema import build_applications, graph_deployments, load_config_file
+
+
+def config(**extra) -> LLMConfig:
+    return LLMConfig(model_loading_config={"model_id": "org/My.Model"}, **extra)
+
+
+def test_deployment_name_and_options_follow_ray_serve_llm():
+    c = config(deployment_config={"num_replicas": 2, "max_ongoing_requests": 8})
+    options = c.deployment_options()
+    assert options["name"] == "LLMServer:org--My_Model"
+    assert options["num_replicas"] == 2 and options["max_ongoing_requests"] == 8
+    assert config().deployment_options()["max_ongoing_requests"] == 256  # the LLM default, not 5
+    assert c.model_loading_config.source == "org/My.Model"  # model_source defaults to the id
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"bogus": 1}, "bogus"),
+    ({"deployment_config": {"num_replica": 2}}, "num_replica"),
+    ({"deployment_config": {"placement_group_bundles": [{"CPU": 1}]}}, "placement_group_bundles"),
+    ({"llm_engine": "tensorrt"}, "llm_engine must be one of"),
+    ({"lora_config": {"max_num_adapters_per_replica": 2}}, "LoRA"),
+])
+def test_bad_configs_name_the_field(extra, fragment):
+    with pytest.raises(ValidationError) as info:
+        config(**extra)
+    assert fragment in str(info.value)
+
+
+def test_ray_only_choices_are_accepted_and_reported(caplog):
+    c = config(llm_engine="vLLM", accelerator_type="A10G", runtime_env={"pip": ["x"]})
+    assert c.llm_engine == "auto"
+    assert "accelerator_type" in caplog.text and "vLLM" in caplog.text
+
+
+def test_serving_args_refuse_a_model_twice():
+    with pytest.raises(ValidationError, match="appears twice"):
+        LLMServingArgs(llm_configs=[config(), config()])
+
+
+def test_openai_app_from_a_ray_serve_llm_style_config_file(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(textwrap.dedent("""
+        applications:
+        - name: llm
+          route_prefix: /
+          import_path: shoal.llm:build_openai_app
+          args:
+            llm_configs:
+            - model_loading_config: {model_id: SmolLM2-135M-Instruct}
+              deployment_config:
+                autoscaling_config: {min_replicas: 1, max_replicas: 3}
+            - model_loading_config: {model_id: all-MiniLM-L6-v2}
+    """))
+    [(_, app)] = build_applications(load_config_file(path))
+    deployments = {d.name: d for d in graph_deployments(app)}
+    assert set(deployments) == {"OpenAiIngress", "LLMServer:SmolLM2-135M-Instruct", "LLMServer:all-MiniLM-L6-v2"}
+    assert deployments["LLMServer:SmolLM2-135M-Instruct"].config.autoscaling_config.max_replicas == 3
+    assert deployments["OpenAiIngress"].config.max_ongoing_requests >= 1000  # never the bottleneck
+
+
+def test_build_openai_app_accepts_a_plain_list():
+    app = build_openai_app([{"model_loading_config": {"model_id": "a"}}, config()])
+    assert {d.name for d in graph_deployments(app)} == {"OpenAiIngress", "LLMServer:a", "LLMServer:org--My_Model"}
+
+
+def _error(model_cls, body) -> OpenAIError:
+    with pytest.raises(ValidationError) as info:
+        model_cls.model_validate(body)
+    return from_validation_error(info.value)
+
+
+def test_request_validation_errors_are_openai_shaped():
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    e = _error(ChatCompletionRequest, {**base, "top_p": 0})
+    assert (e.status, e.param, e.body()["error"]["type"]) == (400, "top_p", "invalid_request_error")
+    assert _error(ChatCompletionRequest, {**base, "frobnicate": True}).message == (
+        "Unrecognized request argument supplied: frobnicate")
+    assert _error(ChatCompletionRequest, {"model": "m"}).param == "messages"
+    assert _error(ChatCompletionRequest, {**base, "n": 2}).param == "n"
+    assert _error(ChatCompletionRequest, {**base, "stop": ["a", "b", "c", "d", "e"]}).param == "stop"
+    assert _error(ChatCompletionRequest, {**base, "tools": [{"type": "function"}]}).param == "tools"
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    assert "only text parts" in _error(ChatCompletionRequest, {**base, "messages": [image]}).message
+
+
+def test_chat_request_normalizes_messages_and_limits():
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "max_tokens": 9, "max_completion_tokens": 5,
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
+    })
+    assert req.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    assert req.sampling_kwargs()["max_tokens"] == 5  # max_completion_tokens wins, as in OpenAI's API
+    assert req.sampling_kwargs()["temperature"] == 1.0  # OpenAI's default
+
+
+def test_completion_prompt_forms():
+    one = CompletionRequest(model="m", prompt=["only one"])
+    assert one.single_prompt() == "only one"
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).single_prompt() == [1, 2, 3]
+    with pytest.raises(OpenAIError, match="one prompt"):
+        CompletionRequest(model="m", prompt=["a", "b"]).single_prompt()

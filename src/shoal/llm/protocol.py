@@ -75,6 +75,13 @@ def from_validation_error(exc: ValidationError) -> OpenAIError:
 # --------------------------------------------------------------------------------------------------
 
 
+def _refuse_when_set(cls: type, value: Any) -> Any:
+    """Validator for OpenAI fields the engine does not implement: only their neutral value passes."""
+    if value:
+        raise ValueError("not supported by this server")
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -113,12 +120,7 @@ class _SamplingFields(BaseModel):
             raise ValueError("at most 4 stop sequences are allowed")
         return value
 
-    @field_validator("logit_bias", "logprobs")
-    @classmethod
-    def _unsupported(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("not supported by this server")
-        return value
+    _unsupported = field_validator("logit_bias", "logprobs")(_refuse_when_set)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `engine.SamplingParams` (OpenAI's defaults: temperature 1, top_p 1)."""
@@ -157,12 +159,7 @@ class ChatCompletionRequest(_SamplingFields):
             out.append({"role": "system" if role == "developer" else role, "content": _text_of(message, i)})
         return out
 
-    @field_validator("tools", "top_logprobs")
-    @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("not supported by this server")
-        return value
+    _unsupported_chat = field_validator("tools", "top_logprobs")(_refuse_when_set)
 
     @field_validator("response_format")
     @classmethod
@@ -202,12 +199,7 @@ class CompletionRequest(_SamplingFields):
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1, le=1)
 
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported_text(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("not supported by this server")
-        return value
+    _unsupported_text = field_validator("echo", "suffix")(_refuse_when_set)
 
     def single_prompt(self) -> Union[str, list[int]]:
         """The one prompt (text or token ids); several prompts in one request are refused."""

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from shoal.common import SERVE_HTTP_REQUEST_ID_HEADER, SERVE_MULTIPLEXED_MODEL_ID, DeploymentID
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.http.routes import Route, RouteTable
+from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
 
 logger = logging.getLogger("shoal.proxy")
@@ -33,11 +34,15 @@ _SESSION_HEADER = b"x-session-id"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
-_WATCH_DISCONNECT_AFTER_S = 0.05
+_WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
 
 
 class HTTPCall:
-    """One forwarded HTTP request, as the router sees it (same interface as a DeploymentResponse)."""
+    """One forwarded HTTP request, as the router sees it (same interface as a DeploymentResponse).
+
+    It also carries the relay's own per-request state (disconnect watcher, time-out), so a request
+    costs one object here.
+    """
 
     method_name = HTTP_METHOD
     stream = True
@@ -46,15 +51,16 @@ class HTTPCall:
     _sync_loop = None
 
     __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
-                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries")
+                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries",
+                 "receive", "router", "relayed", "started_at", "timed_out", "watcher", "timeout_handle")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, scope: dict, body: bytes, model_id: str, request_id: str,
-                 session_id: str = ""):
+    def __init__(self, loop: asyncio.AbstractEventLoop, wire_scope: tuple, body: bytes, model_id: str,
+                 request_id: str, session_id: str = "", receive: Any = None):
         self.loop = loop
         self.session_id = session_id
         self._queued_at = 0.0
         self._retries = 0
-        self.args = (scope, body)
+        self.args = (wire_scope, body)
         self.multiplexed_model_id = model_id
         self.request_id = request_id
         self._cancelled = False
@@ -64,6 +70,13 @@ class HTTPCall:
         self.items: deque = deque()
         self.finished = False
         self._waiter: Optional[asyncio.Future] = None
+        self.receive = receive
+        self.router: Any = None
+        self.relayed = False  # the proxy is done with it (answered the client or gave up)
+        self.started_at = 0.0
+        self.timed_out = False
+        self.watcher: Optional[asyncio.Task] = None
+        self.timeout_handle: Optional[asyncio.TimerHandle] = None
 
     # Router-facing: called on this loop.
     def _complete(self, value: Any = None, exc: Optional[BaseException] = None) -> None:
@@ -98,43 +111,55 @@ class HTTPCall:
 
 
 class ProxyApp:
-    """The ASGI app uvicorn serves."""
+    """The ASGI app uvicorn serves (an ASGI 3 callable: `__call__` returns the coroutine to await)."""
 
     def __init__(self, client: Any, options: dict):
         self.client = client
         self.options = options
         self.routes = RouteTable()
         self.routes_ready = False
-        self.routers: dict[Route, Any] = {}
+        self.routers: dict[str, tuple[Route, Any]] = {}  # route prefix -> (route, its router)
         self.timeout_s: Optional[float] = options.get("request_timeout_s")
         self.max_body = options.get("max_request_body_bytes") or 0
         self.loop = asyncio.get_event_loop()
+        # Requests younger than one tick, and those one tick older: at each tick the older ones
+        # still unanswered get a disconnect watcher (and their time-out timer). Most requests are
+        # answered within a tick and never cost a timer or a task of their own.
+        self._young: list[HTTPCall] = []
+        self._old: list[HTTPCall] = []
+        self._ticking = False
+        # A time-out shorter than two ticks gets its timer at once, so it is never late by a tick.
+        self._timer_at_once = self.timeout_s is not None and self.timeout_s <= 2 * _WATCH_TICK_S
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
         self.routes_ready = True
 
     def _router(self, route: Route) -> Any:
-        router = self.routers.get(route)  # keyed by the (hashable) route: no DeploymentID per request
-        if router is None or router.closed:
-            router = self.routers[route] = self.client.get_router(DeploymentID(route.ingress, route.app_name),
-                                                                  self.loop)
+        cached = self.routers.get(route.prefix)
+        if cached is not None and cached[0] is route and not cached[1].closed:
+            return cached[1]
+        router = self.client.get_router(DeploymentID(route.ingress, route.app_name), self.loop)
+        self.routers[route.prefix] = (route, router)
         return router
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
         t = scope["type"]
         if t == "http":
-            await self.http(scope, receive, send)
-        elif t == "websocket":
-            await self.websocket(scope, receive, send)
-        elif t == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return self.http(scope, receive, send)
+        if t == "websocket":
+            return self.websocket(scope, receive, send)
+        return self.lifespan(receive, send)
+
+    @staticmethod
+    async def lifespan(receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     # --- HTTP ----------------------------------------------------------------------------------
     async def http(self, scope: dict, receive: Any, send: Any) -> None:
@@ -189,57 +214,86 @@ class ProxyApp:
         if self.max_body and len(body) > self.max_body:
             return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
                                   extra=[rid_header])
-        call = HTTPCall(self.loop, _scope_for_replica(scope, route), body, model_id, request_id, session_id)
-        router = self._router(route)
+        call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), body, model_id, request_id, session_id,
+                        receive)
+        router = call.router = self._router(route)
         router.assign(call)
-        await self._relay(call, router, receive, send, rid_header)
-
-    async def _relay(self, call: HTTPCall, router: Any, receive: Any, send: Any, rid_header: tuple) -> None:
-        loop = self.loop
-        state = _RelayState()
-        # Watch for a client disconnect only once the request has taken a while: most never need it.
-        watch_handle = loop.call_later(_WATCH_DISCONNECT_AFTER_S, state.watch, loop, receive, call)
-        timeout_handle = loop.call_later(self.timeout_s, state.time_out, router, call) if self.timeout_s else None
-        started = False
+        if not call.finished:
+            self._track(call)
         try:
-            while True:
-                if not call.items and not call.finished:
-                    await call.wait()
-                if call.items:
-                    item = call.items.popleft()
-                    if not started:
-                        status, headers = item
-                        await send({"type": "http.response.start", "status": status,
-                                    "headers": headers + [rid_header]})
-                        started = True
-                    else:
-                        await send({"type": "http.response.body", "body": item, "more_body": True})
-                    continue
-                break  # finished and drained
-            exc = call.exc
-            if exc is None:
-                if started:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                elif call.result is not None:
-                    status, headers, body = call.result
-                    await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
-                    await send({"type": "http.response.body", "body": body})
-                else:
-                    await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
-                return
-            if started:
-                raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
-            await self._error_response(exc, call, router, send, rid_header, state)
+            await self._relay(call, router, send, rid_header)
         finally:
-            watch_handle.cancel()
-            if timeout_handle is not None:
-                timeout_handle.cancel()
-            if state.watcher is not None:
-                state.watcher.cancel()
+            self._untrack(call)
+
+    def _track(self, call: HTTPCall) -> None:
+        """Watch for a disconnect (and time the request out) only once it has taken a while."""
+        if self.timeout_s is not None:
+            if self._timer_at_once:
+                call.timeout_handle = self.loop.call_later(self.timeout_s, _time_out, call)
+            else:
+                call.started_at = self.loop.time()
+        self._young.append(call)
+        if not self._ticking:
+            self._ticking = True
+            self.loop.call_later(_WATCH_TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        loop = self.loop
+        for call in self._old:
+            if call.finished or call.relayed:
+                continue
+            call.watcher = loop.create_task(_watch_disconnect(call.receive, call))
+            if self.timeout_s is not None and call.timeout_handle is None:
+                delay = max(0.0, call.started_at + self.timeout_s - loop.time())
+                call.timeout_handle = loop.call_later(delay, _time_out, call)
+        self._old, self._young = self._young, []
+        if self._old:
+            loop.call_later(_WATCH_TICK_S, self._tick)
+        else:
+            self._ticking = False
+
+    @staticmethod
+    def _untrack(call: HTTPCall) -> None:
+        call.relayed = True
+        call.receive = None
+        if call.watcher is not None:
+            call.watcher.cancel()
+        if call.timeout_handle is not None:
+            call.timeout_handle.cancel()
+
+    async def _relay(self, call: HTTPCall, router: Any, send: Any, rid_header: tuple) -> None:
+        started = False
+        while True:
+            if not call.items and not call.finished:
+                await call.wait()
+            if call.items:
+                item = call.items.popleft()
+                if not started:
+                    status, headers = item
+                    await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
+                    started = True
+                else:
+                    await send({"type": "http.response.body", "body": item, "more_body": True})
+                continue
+            break  # finished and drained
+        exc = call.exc
+        if exc is None:
+            if started:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif call.result is not None:
+                status, headers, body = call.result
+                await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
+            return
+        if started:
+            raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
+        await self._error_response(exc, call, router, send, rid_header)
 
     async def _error_response(self, exc: BaseException, call: HTTPCall, router: Any, send: Any,
-                              rid_header: tuple, state: "_RelayState") -> None:
-        if state.timed_out:
+                              rid_header: tuple) -> None:
+        if call.timed_out:
             return await _respond(send, 408, f"Request {call.request_id} timed out after {self.timeout_s}s."
                                   .encode(), extra=[rid_header])
         if isinstance(exc, RequestCancelledError):
@@ -262,7 +316,7 @@ class ProxyApp:
         if route is None:
             await send({"type": "websocket.close", "code": 1000})
             return
-        call = HTTPCall(self.loop, _scope_for_replica(scope, route), b"", "", _ID_PREFIX + str(next(_ids)))
+        call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), b"", "", _ID_PREFIX + str(next(_ids)))
         router = self._router(route)
         router.assign(call)
         pump = self.loop.create_task(self._pump_client(call, receive))
@@ -295,24 +349,6 @@ class ProxyApp:
                 return
 
 
-class _RelayState:
-    """Per-request flags and the disconnect watcher of `_relay` (no closures per request)."""
-
-    __slots__ = ("timed_out", "watcher")
-
-    def __init__(self) -> None:
-        self.timed_out = False
-        self.watcher: Optional[asyncio.Task] = None
-
-    def watch(self, loop: asyncio.AbstractEventLoop, receive: Any, call: HTTPCall) -> None:
-        self.watcher = loop.create_task(_watch_disconnect(receive, call))
-
-    def time_out(self, router: Any, call: HTTPCall) -> None:
-        self.timed_out = True
-        call._cancelled = True
-        router.cancel(call)
-
-
 async def _watch_disconnect(receive: Any, call: HTTPCall) -> None:
     """Cancel the call (in the replica and downstream) when the client goes away."""
     while not call.finished:
@@ -324,35 +360,20 @@ async def _watch_disconnect(receive: Any, call: HTTPCall) -> None:
             return
 
 
+def _time_out(call: HTTPCall) -> None:
+    if call.finished or call.relayed:
+        return
+    call.timed_out = True
+    call._cancelled = True
+    call.router.cancel(call)
+
+
 def _cancel_call(call: HTTPCall) -> None:
     c = call._call
     if c is not None:
         c.router.cancel(call)
     else:
         call._complete(exc=RequestCancelledError(call.request_id))
-
-
-def _scope_for_replica(scope: dict, route: Route) -> dict:
-    """The plain-data part of the ASGI scope; the route prefix becomes `root_path`."""
-    prefix = "" if route.prefix == "/" else route.prefix
-    out = {
-        "type": scope["type"],
-        "asgi": {"version": "3.0", "spec_version": scope.get("asgi", {}).get("spec_version", "2.3")},
-        "http_version": scope.get("http_version", "1.1"),
-        "scheme": scope.get("scheme", "http"),
-        "path": scope["path"],
-        "raw_path": scope.get("raw_path"),
-        "query_string": scope.get("query_string", b""),
-        "root_path": scope.get("root_path", "") + prefix,
-        "headers": scope["headers"],
-        "client": scope.get("client"),
-        "server": scope.get("server"),
-    }
-    if scope["type"] == "http":
-        out["method"] = scope["method"]
-    else:
-        out["subprotocols"] = scope.get("subprotocols", [])
-    return out
 
 
 async def _respond(send: Any, status: int, body: bytes, headers: Optional[list] = None,
@@ -402,7 +423,10 @@ async def run_proxy(session_dir: str, index: int) -> None:
         await client.conn.call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
         os._exit(1)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, loop="none", http="httptools", ws="auto", lifespan="off",
+    from shoal.http.coalesce import CoalescingHttpToolsProtocol
+
+    config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol, ws="auto", lifespan="off",
+                            interface="asgi3",
                             access_log=False, log_level="warning", proxy_headers=False, server_header=False,
                             timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
                             root_path=options.get("root_path") or "")

@@ -32,6 +32,8 @@ _REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
 _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
 _SESSION_HEADER = b"x-session-id"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+_NO_BODY = {"type": "http.request", "body": b"", "more_body": False}
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
@@ -52,7 +54,7 @@ class HTTPCall:
 
     __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
                  "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries",
-                 "receive", "router", "relayed", "started_at", "timed_out", "watcher", "timeout_handle")
+                 "receive", "router", "gen", "relayed", "started_at", "timed_out", "watcher", "timeout_handle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wire_scope: tuple, body: bytes, model_id: str,
                  request_id: str, session_id: str = "", receive: Any = None):
@@ -72,6 +74,7 @@ class HTTPCall:
         self._waiter: Optional[asyncio.Future] = None
         self.receive = receive
         self.router: Any = None
+        self.gen: Optional[set] = None  # the proxy's set of young or old requests it is in
         self.relayed = False  # the proxy is done with it (answered the client or gave up)
         self.started_at = 0.0
         self.timed_out = False
@@ -122,11 +125,12 @@ class ProxyApp:
         self.timeout_s: Optional[float] = options.get("request_timeout_s")
         self.max_body = options.get("max_request_body_bytes") or 0
         self.loop = asyncio.get_event_loop()
-        # Requests younger than one tick, and those one tick older: at each tick the older ones
-        # still unanswered get a disconnect watcher (and their time-out timer). Most requests are
-        # answered within a tick and never cost a timer or a task of their own.
-        self._young: list[HTTPCall] = []
-        self._old: list[HTTPCall] = []
+        # Requests in flight younger than one tick, and those one tick older: at each tick the older
+        # ones get a disconnect watcher (and their time-out timer). Most requests are answered
+        # within a tick and never cost a timer or a task of their own. Sets, so an answered request
+        # leaves at once (holding it for a tick would keep its objects alive for the cyclic GC).
+        self._young: set[HTTPCall] = set()
+        self._old: set[HTTPCall] = set()
         self._ticking = False
         # A time-out shorter than two ticks gets its timer at once, so it is never late by a tick.
         self._timer_at_once = self.timeout_s is not None and self.timeout_s <= 2 * _WATCH_TICK_S
@@ -182,6 +186,7 @@ class ProxyApp:
         request_id = ""
         model_id = ""
         session_id = ""
+        has_body = False
         for k, v in scope["headers"]:
             if k == _REQUEST_ID_HEADER:
                 request_id = v.decode("latin-1")
@@ -189,11 +194,13 @@ class ProxyApp:
                 model_id = v.decode("latin-1")
             elif k == _SESSION_HEADER:
                 session_id = v.decode("latin-1")
+            elif k in _BODY_HEADERS:
+                has_body = True
         if not request_id:
             request_id = _ID_PREFIX + str(next(_ids))
         rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
-        # The whole body, within the configured limit.
-        msg = await receive()
+        # The whole body, within the configured limit (HTTP/1.1: no length header, no body to read).
+        msg = await receive() if has_body else _NO_BODY
         body = msg.get("body", b"")
         if msg.get("more_body"):
             chunks = [body]
@@ -218,9 +225,16 @@ class ProxyApp:
                         receive)
         router = call.router = self._router(route)
         router.assign(call)
-        if not call.finished:
-            self._track(call)
         try:
+            if not call.finished:
+                self._track(call)
+                call._waiter = waiter = self.loop.create_future()
+                await waiter  # the first reply frame
+            if call.finished and call.exc is None and not call.items and call.result is not None:
+                status, headers, body = call.result  # the common case: the whole response in one frame
+                await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
+                await send({"type": "http.response.body", "body": body})
+                return
             await self._relay(call, router, send, rid_header)
         finally:
             self._untrack(call)
@@ -232,7 +246,8 @@ class ProxyApp:
                 call.timeout_handle = self.loop.call_later(self.timeout_s, _time_out, call)
             else:
                 call.started_at = self.loop.time()
-        self._young.append(call)
+        gen = call.gen = self._young
+        gen.add(call)
         if not self._ticking:
             self._ticking = True
             self.loop.call_later(_WATCH_TICK_S, self._tick)
@@ -240,13 +255,14 @@ class ProxyApp:
     def _tick(self) -> None:
         loop = self.loop
         for call in self._old:
-            if call.finished or call.relayed:
-                continue
+            call.gen = None
+            if call.finished:
+                continue  # its response is being written
             call.watcher = loop.create_task(_watch_disconnect(call.receive, call))
             if self.timeout_s is not None and call.timeout_handle is None:
                 delay = max(0.0, call.started_at + self.timeout_s - loop.time())
                 call.timeout_handle = loop.call_later(delay, _time_out, call)
-        self._old, self._young = self._young, []
+        self._old, self._young = self._young, set()
         if self._old:
             loop.call_later(_WATCH_TICK_S, self._tick)
         else:
@@ -255,6 +271,11 @@ class ProxyApp:
     @staticmethod
     def _untrack(call: HTTPCall) -> None:
         call.relayed = True
+        call._waiter = None
+        gen = call.gen
+        if gen is not None:
+            gen.discard(call)
+            call.gen = None
         call.receive = None
         if call.watcher is not None:
             call.watcher.cancel()

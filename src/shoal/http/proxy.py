@@ -176,7 +176,7 @@ class ProxyApp:
             if path == "/-/routes":
                 body = json.dumps(self.routes.as_dict()).encode()
                 return await _respond(send, 200, body, [(b"content-type", b"application/json")])
-        root = scope.get("root_path")
+        root = scope["root_path"]
         route = self.routes.match(path[len(root):] if root and path.startswith(root) else path)
         if route is None:
             return await _respond(send, 404, (

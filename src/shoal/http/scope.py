@@ -10,21 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 def scope_to_wire(scope: dict, prefix: str) -> tuple:
-    """The plain-data part of uvicorn's scope; the route prefix is appended to `root_path`."""
+    """The plain-data part of uvicorn's scope (which has every key read here); the route prefix is
+    appended to `root_path`."""
     t = scope["type"]
     return (
         t,
         scope["asgi"].get("spec_version", "2.3"),
-        scope.get("http_version", "1.1"),
+        scope["http_version"],
         scope["method"] if t == "http" else scope.get("subprotocols", []),
-        scope.get("scheme", "http"),
+        scope["scheme"],
         scope["path"],
-        scope.get("raw_path"),
-        scope.get("query_string", b""),
-        scope.get("root_path", "") + ("" if prefix == "/" else prefix),
+        scope["raw_path"],
+        scope["query_string"],
+        scope["root_path"] + ("" if prefix == "/" else prefix),
         scope["headers"],
-        scope.get("client"),
-        scope.get("server"),
+        scope["client"],
+        scope["server"],
     )
 
 

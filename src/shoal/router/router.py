@@ -185,7 +185,7 @@ class Router:
         if self.exists is False:
             resp._complete(exc=self._unavailable())
             return
-        if self._has_response_args(resp):
+        if not resp.plain_args and self._has_response_args(resp):
             self._background += 1
             self.loop.create_task(self._resolve_then_assign(resp))
             return
@@ -236,7 +236,7 @@ class Router:
 
     def _send(self, entry: ReplicaEntry, resp) -> None:
         try:
-            if getattr(resp, "plain_args", False):
+            if resp.plain_args:
                 body = ser.pickle.dumps((resp.method_name, resp.stream, resp.multiplexed_model_id, resp.request_id,
                                          resp.args, resp.kwargs), ser.PROTOCOL)
             else:

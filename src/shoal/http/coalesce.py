@@ -39,12 +39,19 @@ class _Flusher:
 class CoalescingTransport:
     """Wraps a transport: `write` buffers until the end of the loop iteration; the rest passes through."""
 
-    __slots__ = ("transport", "_buf", "_flusher")
+    # The methods uvicorn calls for every request are bound here: reaching them through
+    # `__getattr__` would raise and catch an AttributeError each time.
+    __slots__ = ("transport", "_buf", "_flusher", "is_closing", "pause_reading", "resume_reading",
+                 "get_extra_info")
 
     def __init__(self, transport: asyncio.Transport, flusher: _Flusher):
         self.transport = transport
         self._buf: list[bytes] = []
         self._flusher = flusher
+        self.is_closing = transport.is_closing
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
+        self.get_extra_info = transport.get_extra_info
 
     def write(self, data: bytes) -> None:
         if not data:

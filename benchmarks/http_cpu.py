@@ -43,19 +43,25 @@ def _cpu(p: psutil.Process) -> float:
     return t.user + t.system
 
 
+def _sys(p: psutil.Process) -> float:
+    return p.cpu_times().system
+
+
 def _runs(url: str, procs: dict[str, psutil.Process], a: argparse.Namespace, label: str) -> dict[str, float]:
     """Warm up, then `a.repeat` wrk runs; the lowest CPU per request of each process, in µs."""
     subprocess.run(["wrk", "-t1", f"-c{a.connections}", "-d2s", url], capture_output=True)
     best = dict.fromkeys(procs, float("inf"))
     for i in range(a.repeat):
         before = {k: _cpu(p) for k, p in procs.items()}
+        before_sys = {k: _sys(p) for k, p in procs.items()}
         out = subprocess.run(["wrk", "-t1", f"-c{a.connections}", f"-d{a.seconds}s", "--latency", url],
                              capture_output=True, text=True).stdout
         r = parse_wrk(out)
         us = {k: (_cpu(p) - before[k]) / r["requests"] * 1e6 for k, p in procs.items()}
+        sys_us = {k: (_sys(p) - before_sys[k]) / r["requests"] * 1e6 for k, p in procs.items()}
         for k, v in us.items():
             best[k] = min(best[k], v)
-        each = ", ".join(f"{k} {v:.1f} us" for k, v in us.items())
+        each = ", ".join(f"{k} {v:.1f} us ({sys_us[k]:.1f} in the kernel)" for k, v in us.items())
         print(f"{label} run {i}: {r['requests']} requests, {r['rps']:.0f} rps, p50 {r.get('p50_ms', 0):.3f} ms, "
               f"errors {r['errors']}; CPU/request: {each}", flush=True)
         time.sleep(0.2)

@@ -149,6 +149,10 @@ class Connection(asyncio.BufferedProtocol):
     def _dispatch(self, kind: int, rid: int, body: bytes) -> None:
         if kind == Kind.REQUEST:
             self.handler.on_request(self, rid, body)  # type: ignore[union-attr]
+        elif kind == Kind.OK:  # the most common reply, ahead of the rarer kinds
+            sink = self.sinks.pop(rid, None)
+            if sink is not None:
+                sink.on_frame(kind, body)
         elif kind == Kind.CANCEL:
             self.handler.on_cancel(self, rid)  # type: ignore[union-attr]
         elif kind == Kind.NOTIFY:

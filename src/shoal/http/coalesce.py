@@ -56,9 +56,13 @@ class CoalescingTransport:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        if not self._buf:
-            self._flusher.add(self)
-        self._buf.append(data)
+        buf = self._buf
+        if not buf:
+            flusher = self._flusher  # inline `_Flusher.add`: this runs twice per response
+            if not flusher.dirty:
+                flusher.loop.call_soon(flusher.run)
+            flusher.dirty.append(self)
+        buf.append(data)
 
     def writelines(self, lines: Any) -> None:
         for data in lines:

@@ -25,6 +25,7 @@ from shoal.exceptions import BackPressureError, DeploymentUnavailableError, Requ
 from shoal.http.routes import Route, RouteTable
 from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
+from shoal.transport.serialization import PlainPickler
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -33,7 +34,8 @@ _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
 _SESSION_HEADER = b"x-session-id"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
-_NO_BODY = {"type": "http.request", "body": b"", "more_body": False}
+_NO_KWARGS: dict = {}
+_pickler = PlainPickler()  # the proxy serves from one loop
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
@@ -48,11 +50,10 @@ class HTTPCall:
 
     method_name = HTTP_METHOD
     stream = True
-    plain_args = True  # scope and body are builtin data: the C pickler suffices
     kwargs: dict = {}
     _sync_loop = None
 
-    __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
+    __slots__ = ("args", "payload", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
                  "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries",
                  "receive", "router", "gen", "relayed", "started_at", "timed_out", "watcher", "timeout_handle")
 
@@ -63,6 +64,8 @@ class HTTPCall:
         self._queued_at = 0.0
         self._retries = 0
         self.args = (wire_scope, body)
+        # The request body for the replica, made once (a retry re-sends it): builtin data only.
+        self.payload = _pickler.dumps((HTTP_METHOD, True, model_id, request_id, self.args, _NO_KWARGS))
         self.multiplexed_model_id = model_id
         self.request_id = request_id
         self._cancelled = False
@@ -86,7 +89,9 @@ class HTTPCall:
         if self.finished:
             return
         self.result, self.exc, self.finished = value, exc, True
-        self._wake()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _push(self, item: Any) -> None:
         self.items.append(item)
@@ -140,6 +145,7 @@ class ProxyApp:
         self.routes_ready = True
 
     def _router(self, route: Route) -> Any:
+        """The router of `route`'s ingress deployment on this loop (`http` reads the cache inline)."""
         cached = self.routers.get(route.prefix)
         if cached is not None and cached[0] is route and not cached[1].closed:
             return cached[1]
@@ -199,31 +205,15 @@ class ProxyApp:
         if not request_id:
             request_id = _ID_PREFIX + str(next(_ids))
         rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
-        # The whole body, within the configured limit (HTTP/1.1: no length header, no body to read).
-        msg = await receive() if has_body else _NO_BODY
-        body = msg.get("body", b"")
-        if msg.get("more_body"):
-            chunks = [body]
-            size = len(body)
-            while msg.get("more_body"):
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return
-                chunk = msg.get("body", b"")
-                size += len(chunk)
-                if self.max_body and size > self.max_body:
-                    return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes."
-                                          .encode(), extra=[rid_header])
-                chunks.append(chunk)
-            body = b"".join(chunks)
-        elif msg["type"] == "http.disconnect":
-            return
-        if self.max_body and len(body) > self.max_body:
-            return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
-                                  extra=[rid_header])
+        # HTTP/1.1: without a length header there is no body to read.
+        body = await self._read_body(receive, send, rid_header) if has_body else b""
+        if body is None:
+            return  # answered (413) or the client went away
         call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), body, model_id, request_id, session_id,
                         receive)
-        router = call.router = self._router(route)
+        cached = self.routers.get(route.prefix)
+        router = call.router = cached[1] if cached is not None and cached[0] is route and not cached[1].closed \
+            else self._router(route)
         router.assign(call)
         try:
             if not call.finished:
@@ -238,6 +228,32 @@ class ProxyApp:
             await self._relay(call, router, send, rid_header)
         finally:
             self._untrack(call)
+
+    async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Optional[bytes]:
+        """The whole body, within the configured limit; None when it was answered with 413 or the
+        client went away."""
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        body = msg.get("body", b"")
+        size = len(body)
+        if msg.get("more_body"):
+            chunks = [body]
+            while msg.get("more_body"):
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return None
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if self.max_body and size > self.max_body:
+                    break  # no need to read the rest
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        if self.max_body and size > self.max_body:
+            await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
+                           extra=[rid_header])
+            return None
+        return body
 
     def _track(self, call: HTTPCall) -> None:
         """Watch for a disconnect (and time the request out) only once it has taken a while."""

@@ -49,6 +49,14 @@ def test_request_parts_reach_the_deployment(url):
     assert r.json() == {"method": "POST", "path": "/echo/sub/path", "root_path": "/echo",
                         "query": {"a": "1", "b": "two"}, "header": "yes", "body": '{"k":[1,2]}',
                         "json": {"k": [1, 2]}}
+    # The proxy reads a body only when a length header announces one: a GET with a body keeps it,
+    # a chunked body arrives whole, and a request without either has an empty body.
+    r = httpx.request("GET", url + "/echo", content=b"in a GET")
+    assert r.json()["body"] == "in a GET"
+    r = httpx.post(url + "/echo", content=iter([b"one ", b"two"]))
+    assert "content-length" not in r.request.headers and r.json()["body"] == "one two"
+    r = httpx.get(url + "/echo")
+    assert r.json()["body"] == "" and r.json()["method"] == "GET"
 
 
 @serve.deployment

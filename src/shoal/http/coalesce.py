@@ -39,19 +39,18 @@ class _Flusher:
 class CoalescingTransport:
     """Wraps a transport: `write` buffers until the end of the loop iteration; the rest passes through."""
 
-    # The methods uvicorn calls for every request are bound here: reaching them through
-    # `__getattr__` would raise and catch an AttributeError each time.
-    __slots__ = ("transport", "_buf", "_flusher", "is_closing", "pause_reading", "resume_reading",
-                 "get_extra_info")
+    # The transport's other methods, bound once per connection (a `__getattr__` fallback would slow
+    # down every attribute read on this object).
+    _PASSED = ("is_closing", "pause_reading", "resume_reading", "is_reading", "get_extra_info", "set_protocol",
+               "get_protocol", "set_write_buffer_limits", "get_write_buffer_limits", "can_write_eof")
+    __slots__ = ("transport", "_buf", "_flusher") + _PASSED
 
     def __init__(self, transport: asyncio.Transport, flusher: _Flusher):
         self.transport = transport
         self._buf: list[bytes] = []
         self._flusher = flusher
-        self.is_closing = transport.is_closing
-        self.pause_reading = transport.pause_reading
-        self.resume_reading = transport.resume_reading
-        self.get_extra_info = transport.get_extra_info
+        for name in self._PASSED:
+            setattr(self, name, getattr(transport, name))
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -90,9 +89,6 @@ class CoalescingTransport:
     def abort(self) -> None:
         self._buf = []
         self.transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
 
 
 _flushers: dict[asyncio.AbstractEventLoop, _Flusher] = {}

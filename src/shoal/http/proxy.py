@@ -35,6 +35,7 @@ _SESSION_HEADER = b"x-session-id"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 _NO_KWARGS: dict = {}
+_NO_ITEMS = ()
 _pickler = PlainPickler()  # the proxy serves from one loop
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
@@ -72,7 +73,7 @@ class HTTPCall:
         self._call = None
         self.result: Any = None
         self.exc: Optional[BaseException] = None
-        self.items: deque = deque()
+        self.items: Any = _NO_ITEMS  # a deque once a streamed item arrives
         self.finished = False
         self._waiter: Optional[asyncio.Future] = None
         self.receive = receive
@@ -94,6 +95,8 @@ class HTTPCall:
             w.set_result(None)
 
     def _push(self, item: Any) -> None:
+        if self.items is _NO_ITEMS:
+            self.items = deque()
         self.items.append(item)
         self._wake()
 

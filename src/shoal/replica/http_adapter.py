@@ -112,15 +112,42 @@ class HTTPAdapter:
 
     async def handle(self, conn: Connection, rid: int, wire_scope: tuple, body: bytes) -> None:
         scope = scope_from_wire(wire_scope)
-        if scope["type"] == "http":
-            inbox = Inbox({"type": "http.request", "body": body, "more_body": False})
-            if self.asgi_app is None:
-                await self._call_plain(scope, inbox, conn, rid)
-            else:
-                responder = Responder(conn, rid)
-                await self.asgi_app(scope, inbox.receive, responder.send)
-                responder.finish()
+        if scope["type"] != "http":
+            return await self._websocket(scope, conn, rid)
+        inbox = Inbox({"type": "http.request", "body": body, "more_body": False})
+        if self.asgi_app is not None:
+            responder = Responder(conn, rid)
+            await self.asgi_app(scope, inbox.receive, responder.send)
+            responder.finish()
             return
+        # A plain deployment, in this coroutine (no extra level per request): an async `__call__`
+        # runs right here, a sync one in the pool, a generator streams.
+        request = Request(scope, inbox.receive)
+        uc = self.callable
+        fn, kind = uc.resolve("__call__")
+        if kind == _ASYNC:
+            result = await fn(request)
+        elif kind == _SYNC_GEN or kind == _ASYNC_GEN:
+            return await self._stream(request, conn, rid)
+        else:
+            result = await uc.call("__call__", (request,), {})
+        plain = to_http(result)
+        if plain is None:  # a Starlette Response: run it as an ASGI app
+            responder = Responder(conn, rid)
+            await result(scope, inbox.receive, responder.send)
+            responder.finish()
+        else:
+            conn.reply(Kind.OK, rid, _dumps_plain(plain))
+
+    async def _stream(self, request: Request, conn: Connection, rid: int) -> None:
+        """A generator `__call__`: each item is sent as a chunk as soon as it is produced."""
+        responder = Responder(conn, rid)
+        await responder.send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        async for item in self.callable.call_stream("__call__", (request,), {}):
+            await responder.send({"type": "http.response.body", "body": chunk_bytes(item), "more_body": True})
+        await responder.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _websocket(self, scope: dict, conn: Connection, rid: int) -> None:
         if self.asgi_app is None:
             raise TypeError(f"WebSocket request to '{scope['path']}': only deployments with a "
                             "`@serve.ingress` ASGI app (e.g. FastAPI) accept WebSockets.")
@@ -132,24 +159,3 @@ class HTTPAdapter:
             responder.finish()
         finally:
             conn.inboxes.pop(rid, None)
-
-    async def _call_plain(self, scope: dict, inbox: Inbox, conn: Connection, rid: int) -> None:
-        request = Request(scope, inbox.receive)
-        uc = self.callable
-        fn, kind = uc.resolve("__call__")
-        if kind in (_SYNC_GEN, _ASYNC_GEN):
-            responder = Responder(conn, rid)
-            await responder.send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
-            async for item in uc.call_stream("__call__", (request,), {}):
-                await responder.send({"type": "http.response.body", "body": chunk_bytes(item), "more_body": True})
-            await responder.send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        # An async `__call__` runs right here (one coroutine less than `uc.call`); a sync one in the pool.
-        result = await (fn(request) if kind == _ASYNC else uc.call("__call__", (request,), {}))
-        plain = to_http(result)
-        if plain is None:  # a Starlette Response: run it as an ASGI app
-            responder = Responder(conn, rid)
-            await result(scope, inbox.receive, responder.send)
-            responder.finish()
-        else:
-            conn.reply(Kind.OK, rid, _dumps_plain(plain))

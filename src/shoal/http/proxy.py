@@ -225,7 +225,8 @@ class ProxyApp:
                 await waiter  # the first reply frame
             if call.finished and call.exc is None and not call.items and call.result is not None:
                 status, headers, body = call.result  # the common case: the whole response in one frame
-                await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
+                headers.append(rid_header)  # a list just unpickled: ours to extend
+                await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
             await self._relay(call, router, send, rid_header)

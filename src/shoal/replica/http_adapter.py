@@ -27,9 +27,12 @@ HTTP_METHOD = "__shoal_http__"
 _STREAM_HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
+_pickler = ser.PlainPickler()  # replies are made on the replica's event loop thread only
+
+
 def _dumps_plain(value: tuple) -> bytes:
     """`(status, headers, body)` is builtin data by construction: no need for `ser.dumps`'s check."""
-    return ser.pickle.dumps(value, ser.PROTOCOL)
+    return _pickler.dumps(value)
 
 
 class Responder:

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-llm test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
+.PHONY: install install-llm test test-fast serve bench bench-handle bench-http bench-http-cpu bench-batch bench-autoscale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench-handle: install
 bench-http: install
 	bash benchmarks/ensure_wrk.sh
 	$(PY) benchmarks/http_bench.py --rounds 3
+
+# CPU time per HTTP request of the proxy and replica processes (and of bare uvicorn): steadier than requests/s.
+bench-http-cpu: install
+	bash benchmarks/ensure_wrk.sh
+	$(PY) benchmarks/http_cpu.py --repeat 3
 
 bench-batch: install
 	bash benchmarks/ensure_torch.sh

@@ -96,6 +96,21 @@ def test_return_value_conversion(url, kind, status, ctype, body):
         assert r.headers["location"] == "/elsewhere"
 
 
+def test_large_response_arrives_whole(url):
+    @serve.deployment
+    class Big:
+        def __call__(self, request):
+            n = int(request.query_params["n"])
+            return bytes(range(256)) * (n // 256)
+
+    serve.run(Big.bind(), name="big", route_prefix="/big")
+    for n in (256, 3 * 1024 * 1024):  # joined with the head into one write / handed over as is
+        r = httpx.get(url + f"/big?n={n}")
+        assert r.status_code == 200 and r.content == bytes(range(256)) * (n // 256)
+        assert r.headers["content-length"] == str(n)
+    serve.delete("big")
+
+
 def test_longest_prefix_routing_and_system_routes(url):
     @serve.deployment
     class Named:

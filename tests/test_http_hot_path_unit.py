@@ -59,6 +59,9 @@ class _RecordingTransport:
         assert not self.closed
         self.writes.append(data)
 
+    def writelines(self, lines: Any) -> None:
+        self.writes.append(list(lines))
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -95,6 +98,12 @@ def test_coalescing_transport_joins_one_iteration_and_flushes_before_close():
         t.write(b"chunk 1")
         await asyncio.sleep(0)
         await asyncio.sleep(0)
+        big = b"x" * (100 * 1024)
+        t.write(b"head")
+        t.write(big)  # a large body is not copied into one buffer with the head
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert raw.writes[-1] == [b"head", big] and raw.writes[-1][1] is big
         t.write(b"last")
         t.close()  # what is buffered goes out first
         assert t.get_extra_info("peername") == ("127.0.0.1", 1)
@@ -102,4 +111,4 @@ def test_coalescing_transport_joins_one_iteration_and_flushes_before_close():
 
     joined, writes, closed = asyncio.run(main())
     assert joined == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
-    assert writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"chunk 1", b"last"] and closed
+    assert writes[:2] == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"chunk 1"] and writes[3:] == [b"last"] and closed

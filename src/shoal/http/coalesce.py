@@ -16,6 +16,9 @@ from typing import Any, Optional
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
+_JOIN_MAX = 64 * 1024  # joined into one write up to this size
+
+
 class _Flusher:
     """Writes out every transport that buffered data, once per loop iteration (one callback for all)."""
 
@@ -71,8 +74,15 @@ class CoalescingTransport:
         buf = self._buf
         if buf:
             self._buf = []
-            if not self.transport.is_closing():
-                self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            t = self.transport
+            if t.is_closing():
+                return
+            if len(buf) == 1:
+                t.write(buf[0])
+            elif sum(map(len, buf)) <= _JOIN_MAX:
+                t.write(b"".join(buf))
+            else:
+                t.writelines(buf)  # a large body: handed over as is, not copied into one buffer
 
     def get_write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() + sum(len(b) for b in self._buf)

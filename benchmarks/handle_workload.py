@@ -28,7 +28,9 @@ def _load(framework: str) -> tuple[Any, str]:
 
         # A fixed 2 CPUs keeps Ray's worker pool the same size on any machine;
         # no dashboard and no log forwarding, so neither competes for the CPUs.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a fresh local instance, never a Ray cluster that
+        # something else on this machine happens to be running.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         return serve, ray.__version__
     import shoal
     from shoal import serve

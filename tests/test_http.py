@@ -49,6 +49,14 @@ def test_request_parts_reach_the_deployment(url):
     assert r.json() == {"method": "POST", "path": "/echo/sub/path", "root_path": "/echo",
                         "query": {"a": "1", "b": "two"}, "header": "yes", "body": '{"k":[1,2]}',
                         "json": {"k": [1, 2]}}
+    # The proxy reads a body only when a length header announces one: a GET with a body keeps it,
+    # a chunked body arrives whole, and a request without either has an empty body.
+    r = httpx.request("GET", url + "/echo", content=b"in a GET")
+    assert r.json()["body"] == "in a GET"
+    r = httpx.post(url + "/echo", content=iter([b"one ", b"two"]))
+    assert "content-length" not in r.request.headers and r.json()["body"] == "one two"
+    r = httpx.get(url + "/echo")
+    assert r.json()["body"] == "" and r.json()["method"] == "GET"
 
 
 @serve.deployment
@@ -86,6 +94,21 @@ def test_return_value_conversion(url, kind, status, ctype, body):
     assert r.content == body
     if kind == "redirect":
         assert r.headers["location"] == "/elsewhere"
+
+
+def test_large_response_arrives_whole(url):
+    @serve.deployment
+    class Big:
+        def __call__(self, request):
+            n = int(request.query_params["n"])
+            return bytes(range(256)) * (n // 256)
+
+    serve.run(Big.bind(), name="big", route_prefix="/big")
+    for n in (256, 3 * 1024 * 1024):  # joined with the head into one write / handed over as is
+        r = httpx.get(url + f"/big?n={n}")
+        assert r.status_code == 200 and r.content == bytes(range(256)) * (n // 256)
+        assert r.headers["content-length"] == str(n)
+    serve.delete("big")
 
 
 def test_longest_prefix_routing_and_system_routes(url):

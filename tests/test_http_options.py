@@ -47,6 +47,7 @@ def test_body_over_limit_is_413(limited):
     # Sent in chunks (no content-length up front), the limit still holds.
     r = httpx.post(limited + "/size", content=iter([b"x" * 600, b"x" * 600]))
     assert r.status_code == 413
+    assert httpx.post(limited + "/size", content=iter([b"x" * 500, b"x" * 500])).text == "1000"
     serve.delete("size")
 
 

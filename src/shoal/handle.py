@@ -127,6 +127,8 @@ def _rebuild_handle(name: str, app: str, method: str, stream: bool, model_id: st
 class _Request:
     """What a router needs to send one call; the base of both response types."""
 
+    payload = None  # the request body already serialized, when the caller made it (the HTTP proxy does)
+
     def __init__(self, handle: DeploymentHandle, meta: _HandleMeta, args: tuple, kwargs: dict, router, on_loop: bool):
         self._handle = handle
         self.method_name = meta.method_name

@@ -23,7 +23,9 @@ from typing import Any, Optional
 from shoal.common import SERVE_HTTP_REQUEST_ID_HEADER, SERVE_MULTIPLEXED_MODEL_ID, DeploymentID
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.http.routes import Route, RouteTable
+from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
+from shoal.transport.serialization import PlainPickler
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -31,48 +33,70 @@ _REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
 _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
 _SESSION_HEADER = b"x-session-id"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+_NO_KWARGS: dict = {}
+_NO_ITEMS = ()
+_pickler = PlainPickler()  # the proxy serves from one loop
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
-_WATCH_DISCONNECT_AFTER_S = 0.05
+_WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
 
 
 class HTTPCall:
-    """One forwarded HTTP request, as the router sees it (same interface as a DeploymentResponse)."""
+    """One forwarded HTTP request, as the router sees it (same interface as a DeploymentResponse).
+
+    It also carries the relay's own per-request state (disconnect watcher, time-out), so a request
+    costs one object here.
+    """
 
     method_name = HTTP_METHOD
     stream = True
-    plain_args = True  # scope and body are builtin data: the C pickler suffices
     kwargs: dict = {}
     _sync_loop = None
 
-    __slots__ = ("args", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
-                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries")
+    __slots__ = ("args", "payload", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
+                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries",
+                 "receive", "router", "gen", "relayed", "started_at", "timed_out", "watcher", "timeout_handle")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, scope: dict, body: bytes, model_id: str, request_id: str,
-                 session_id: str = ""):
+    def __init__(self, loop: asyncio.AbstractEventLoop, wire_scope: tuple, body: bytes, model_id: str,
+                 request_id: str, session_id: str = "", receive: Any = None):
         self.loop = loop
         self.session_id = session_id
         self._queued_at = 0.0
         self._retries = 0
-        self.args = (scope, body)
+        self.args = (wire_scope, body)
+        # The request body for the replica, made once (a retry re-sends it): builtin data only.
+        self.payload = _pickler.dumps((HTTP_METHOD, True, model_id, request_id, self.args, _NO_KWARGS))
         self.multiplexed_model_id = model_id
         self.request_id = request_id
         self._cancelled = False
         self._call = None
         self.result: Any = None
         self.exc: Optional[BaseException] = None
-        self.items: deque = deque()
+        self.items: Any = _NO_ITEMS  # a deque once a streamed item arrives
         self.finished = False
         self._waiter: Optional[asyncio.Future] = None
+        self.receive = receive
+        self.router: Any = None
+        self.gen: Optional[set] = None  # the proxy's set of young or old requests it is in
+        self.relayed = False  # the proxy is done with it (answered the client or gave up)
+        self.started_at = 0.0
+        self.timed_out = False
+        self.watcher: Optional[asyncio.Task] = None
+        self.timeout_handle: Optional[asyncio.TimerHandle] = None
 
     # Router-facing: called on this loop.
     def _complete(self, value: Any = None, exc: Optional[BaseException] = None) -> None:
         if self.finished:
             return
         self.result, self.exc, self.finished = value, exc, True
-        self._wake()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _push(self, item: Any) -> None:
+        if self.items is _NO_ITEMS:
+            self.items = deque()
         self.items.append(item)
         self._wake()
 
@@ -98,43 +122,57 @@ class HTTPCall:
 
 
 class ProxyApp:
-    """The ASGI app uvicorn serves."""
+    """The ASGI app uvicorn serves (an ASGI 3 callable: `__call__` returns the coroutine to await)."""
 
     def __init__(self, client: Any, options: dict):
         self.client = client
         self.options = options
         self.routes = RouteTable()
         self.routes_ready = False
-        self.routers: dict[Route, Any] = {}
+        self.routers: dict[str, tuple[Route, Any]] = {}  # route prefix -> (route, its router)
         self.timeout_s: Optional[float] = options.get("request_timeout_s")
         self.max_body = options.get("max_request_body_bytes") or 0
         self.loop = asyncio.get_event_loop()
+        # Requests in flight younger than one tick, and those one tick older: at each tick the older
+        # ones get a disconnect watcher (and their time-out timer). Most requests are answered
+        # within a tick and never cost a timer or a task of their own. Sets, so an answered request
+        # leaves at once (holding it for a tick would keep its objects alive for the cyclic GC).
+        self._young: set[HTTPCall] = set()
+        self._old: set[HTTPCall] = set()
+        self._ticking = False
+        # A time-out shorter than two ticks gets its timer at once, so it is never late by a tick.
+        self._timer_at_once = self.timeout_s is not None and self.timeout_s <= 2 * _WATCH_TICK_S
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
         self.routes_ready = True
 
     def _router(self, route: Route) -> Any:
-        router = self.routers.get(route)  # keyed by the (hashable) route: no DeploymentID per request
-        if router is None or router.closed:
-            router = self.routers[route] = self.client.get_router(DeploymentID(route.ingress, route.app_name),
-                                                                  self.loop)
+        """The router of `route`'s ingress deployment on this loop (`http` reads the cache inline)."""
+        cached = self.routers.get(route.prefix)
+        if cached is not None and cached[0] is route and not cached[1].closed:
+            return cached[1]
+        router = self.client.get_router(DeploymentID(route.ingress, route.app_name), self.loop)
+        self.routers[route.prefix] = (route, router)
         return router
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
         t = scope["type"]
         if t == "http":
-            await self.http(scope, receive, send)
-        elif t == "websocket":
-            await self.websocket(scope, receive, send)
-        elif t == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return self.http(scope, receive, send)
+        if t == "websocket":
+            return self.websocket(scope, receive, send)
+        return self.lifespan(receive, send)
+
+    @staticmethod
+    async def lifespan(receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     # --- HTTP ----------------------------------------------------------------------------------
     async def http(self, scope: dict, receive: Any, send: Any) -> None:
@@ -147,7 +185,7 @@ class ProxyApp:
             if path == "/-/routes":
                 body = json.dumps(self.routes.as_dict()).encode()
                 return await _respond(send, 200, body, [(b"content-type", b"application/json")])
-        root = scope.get("root_path")
+        root = scope["root_path"]
         route = self.routes.match(path[len(root):] if root and path.startswith(root) else path)
         if route is None:
             return await _respond(send, 404, (
@@ -157,6 +195,7 @@ class ProxyApp:
         request_id = ""
         model_id = ""
         session_id = ""
+        has_body = False
         for k, v in scope["headers"]:
             if k == _REQUEST_ID_HEADER:
                 request_id = v.decode("latin-1")
@@ -164,82 +203,138 @@ class ProxyApp:
                 model_id = v.decode("latin-1")
             elif k == _SESSION_HEADER:
                 session_id = v.decode("latin-1")
+            elif k in _BODY_HEADERS:
+                has_body = True
         if not request_id:
             request_id = _ID_PREFIX + str(next(_ids))
         rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
-        # The whole body, within the configured limit.
+        # HTTP/1.1: without a length header there is no body to read.
+        body = await self._read_body(receive, send, rid_header) if has_body else b""
+        if body is None:
+            return  # answered (413) or the client went away
+        call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), body, model_id, request_id, session_id,
+                        receive)
+        cached = self.routers.get(route.prefix)
+        router = call.router = cached[1] if cached is not None and cached[0] is route and not cached[1].closed \
+            else self._router(route)
+        router.assign(call)
+        try:
+            if not call.finished:
+                self._track(call)
+                call._waiter = waiter = self.loop.create_future()
+                await waiter  # the first reply frame
+            if call.finished and call.exc is None and not call.items and call.result is not None:
+                status, headers, body = call.result  # the common case: the whole response in one frame
+                headers.append(rid_header)  # a list just unpickled: ours to extend
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await self._relay(call, router, send, rid_header)
+        finally:
+            self._untrack(call)
+
+    async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Optional[bytes]:
+        """The whole body, within the configured limit; None when it was answered with 413 or the
+        client went away."""
         msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
         body = msg.get("body", b"")
+        size = len(body)
         if msg.get("more_body"):
             chunks = [body]
-            size = len(body)
             while msg.get("more_body"):
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
-                    return
+                    return None
                 chunk = msg.get("body", b"")
                 size += len(chunk)
                 if self.max_body and size > self.max_body:
-                    return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes."
-                                          .encode(), extra=[rid_header])
+                    break  # no need to read the rest
                 chunks.append(chunk)
             body = b"".join(chunks)
-        elif msg["type"] == "http.disconnect":
-            return
-        if self.max_body and len(body) > self.max_body:
-            return await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
-                                  extra=[rid_header])
-        call = HTTPCall(self.loop, _scope_for_replica(scope, route), body, model_id, request_id, session_id)
-        router = self._router(route)
-        router.assign(call)
-        await self._relay(call, router, receive, send, rid_header)
+        if self.max_body and size > self.max_body:
+            await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
+                           extra=[rid_header])
+            return None
+        return body
 
-    async def _relay(self, call: HTTPCall, router: Any, receive: Any, send: Any, rid_header: tuple) -> None:
+    def _track(self, call: HTTPCall) -> None:
+        """Watch for a disconnect (and time the request out) only once it has taken a while."""
+        if self.timeout_s is not None:
+            if self._timer_at_once:
+                call.timeout_handle = self.loop.call_later(self.timeout_s, _time_out, call)
+            else:
+                call.started_at = self.loop.time()
+        gen = call.gen = self._young
+        gen.add(call)
+        if not self._ticking:
+            self._ticking = True
+            self.loop.call_later(_WATCH_TICK_S, self._tick)
+
+    def _tick(self) -> None:
         loop = self.loop
-        state = _RelayState()
-        # Watch for a client disconnect only once the request has taken a while: most never need it.
-        watch_handle = loop.call_later(_WATCH_DISCONNECT_AFTER_S, state.watch, loop, receive, call)
-        timeout_handle = loop.call_later(self.timeout_s, state.time_out, router, call) if self.timeout_s else None
+        for call in self._old:
+            call.gen = None
+            if call.finished:
+                continue  # its response is being written
+            call.watcher = loop.create_task(_watch_disconnect(call.receive, call))
+            if self.timeout_s is not None and call.timeout_handle is None:
+                delay = max(0.0, call.started_at + self.timeout_s - loop.time())
+                call.timeout_handle = loop.call_later(delay, _time_out, call)
+        self._old, self._young = self._young, set()
+        if self._old:
+            loop.call_later(_WATCH_TICK_S, self._tick)
+        else:
+            self._ticking = False
+
+    @staticmethod
+    def _untrack(call: HTTPCall) -> None:
+        call.relayed = True
+        call._waiter = None
+        gen = call.gen
+        if gen is not None:
+            gen.discard(call)
+            call.gen = None
+        call.receive = None
+        if call.watcher is not None:
+            call.watcher.cancel()
+        if call.timeout_handle is not None:
+            call.timeout_handle.cancel()
+
+    async def _relay(self, call: HTTPCall, router: Any, send: Any, rid_header: tuple) -> None:
         started = False
-        try:
-            while True:
-                if not call.items and not call.finished:
-                    await call.wait()
-                if call.items:
-                    item = call.items.popleft()
-                    if not started:
-                        status, headers = item
-                        await send({"type": "http.response.start", "status": status,
-                                    "headers": headers + [rid_header]})
-                        started = True
-                    else:
-                        await send({"type": "http.response.body", "body": item, "more_body": True})
-                    continue
-                break  # finished and drained
-            exc = call.exc
-            if exc is None:
-                if started:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                elif call.result is not None:
-                    status, headers, body = call.result
+        while True:
+            if not call.items and not call.finished:
+                await call.wait()
+            if call.items:
+                item = call.items.popleft()
+                if not started:
+                    status, headers = item
                     await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
-                    await send({"type": "http.response.body", "body": body})
+                    started = True
                 else:
-                    await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
-                return
+                    await send({"type": "http.response.body", "body": item, "more_body": True})
+                continue
+            break  # finished and drained
+        exc = call.exc
+        if exc is None:
             if started:
-                raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
-            await self._error_response(exc, call, router, send, rid_header, state)
-        finally:
-            watch_handle.cancel()
-            if timeout_handle is not None:
-                timeout_handle.cancel()
-            if state.watcher is not None:
-                state.watcher.cancel()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif call.result is not None:
+                status, headers, body = call.result
+                await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
+            return
+        if started:
+            raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
+        await self._error_response(exc, call, router, send, rid_header)
 
     async def _error_response(self, exc: BaseException, call: HTTPCall, router: Any, send: Any,
-                              rid_header: tuple, state: "_RelayState") -> None:
-        if state.timed_out:
+                              rid_header: tuple) -> None:
+        if call.timed_out:
             return await _respond(send, 408, f"Request {call.request_id} timed out after {self.timeout_s}s."
                                   .encode(), extra=[rid_header])
         if isinstance(exc, RequestCancelledError):
@@ -262,7 +357,7 @@ class ProxyApp:
         if route is None:
             await send({"type": "websocket.close", "code": 1000})
             return
-        call = HTTPCall(self.loop, _scope_for_replica(scope, route), b"", "", _ID_PREFIX + str(next(_ids)))
+        call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), b"", "", _ID_PREFIX + str(next(_ids)))
         router = self._router(route)
         router.assign(call)
         pump = self.loop.create_task(self._pump_client(call, receive))
@@ -295,24 +390,6 @@ class ProxyApp:
                 return
 
 
-class _RelayState:
-    """Per-request flags and the disconnect watcher of `_relay` (no closures per request)."""
-
-    __slots__ = ("timed_out", "watcher")
-
-    def __init__(self) -> None:
-        self.timed_out = False
-        self.watcher: Optional[asyncio.Task] = None
-
-    def watch(self, loop: asyncio.AbstractEventLoop, receive: Any, call: HTTPCall) -> None:
-        self.watcher = loop.create_task(_watch_disconnect(receive, call))
-
-    def time_out(self, router: Any, call: HTTPCall) -> None:
-        self.timed_out = True
-        call._cancelled = True
-        router.cancel(call)
-
-
 async def _watch_disconnect(receive: Any, call: HTTPCall) -> None:
     """Cancel the call (in the replica and downstream) when the client goes away."""
     while not call.finished:
@@ -324,35 +401,20 @@ async def _watch_disconnect(receive: Any, call: HTTPCall) -> None:
             return
 
 
+def _time_out(call: HTTPCall) -> None:
+    if call.finished or call.relayed:
+        return
+    call.timed_out = True
+    call._cancelled = True
+    call.router.cancel(call)
+
+
 def _cancel_call(call: HTTPCall) -> None:
     c = call._call
     if c is not None:
         c.router.cancel(call)
     else:
         call._complete(exc=RequestCancelledError(call.request_id))
-
-
-def _scope_for_replica(scope: dict, route: Route) -> dict:
-    """The plain-data part of the ASGI scope; the route prefix becomes `root_path`."""
-    prefix = "" if route.prefix == "/" else route.prefix
-    out = {
-        "type": scope["type"],
-        "asgi": {"version": "3.0", "spec_version": scope.get("asgi", {}).get("spec_version", "2.3")},
-        "http_version": scope.get("http_version", "1.1"),
-        "scheme": scope.get("scheme", "http"),
-        "path": scope["path"],
-        "raw_path": scope.get("raw_path"),
-        "query_string": scope.get("query_string", b""),
-        "root_path": scope.get("root_path", "") + prefix,
-        "headers": scope["headers"],
-        "client": scope.get("client"),
-        "server": scope.get("server"),
-    }
-    if scope["type"] == "http":
-        out["method"] = scope["method"]
-    else:
-        out["subprotocols"] = scope.get("subprotocols", [])
-    return out
 
 
 async def _respond(send: Any, status: int, body: bytes, headers: Optional[list] = None,
@@ -402,7 +464,10 @@ async def run_proxy(session_dir: str, index: int) -> None:
         await client.conn.call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
         os._exit(1)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, loop="none", http="httptools", ws="auto", lifespan="off",
+    from shoal.http.coalesce import CoalescingHttpToolsProtocol
+
+    config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol, ws="auto", lifespan="off",
+                            interface="asgi3",
                             access_log=False, log_level="warning", proxy_headers=False, server_header=False,
                             timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
                             root_path=options.get("root_path") or "")

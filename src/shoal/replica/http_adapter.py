@@ -1,7 +1,7 @@
 """Serves HTTP requests the proxy forwards to an ingress replica.
 
-The proxy sends one REQUEST per HTTP request: the ASGI scope (plain data) and the whole body.
-A response that is complete in one go goes back as one OK frame `(status, headers, body)`; a
+The proxy sends one REQUEST per HTTP request: the ASGI scope (a flat tuple, `http/scope.py`) and
+the whole body. A response that is complete in one go goes back as one OK frame `(status, headers, body)`; a
 streamed one as ITEM frames (`(status, headers)` first, then body chunks) and END. WebSocket
 messages flow both ways: PUSH frames in, ITEM frames out.
 """
@@ -12,8 +12,11 @@ import asyncio
 import logging
 from typing import Any, Callable, Optional
 
+from starlette.requests import Request
+
 from shoal.http.convert import chunk_bytes, to_http
-from shoal.replica.user_callable import _ASYNC_GEN, _SYNC_GEN, UserCallable
+from shoal.http.scope import scope_from_wire
+from shoal.replica.user_callable import _ASYNC, _ASYNC_GEN, _SYNC_GEN, UserCallable
 from shoal.transport import serialization as ser
 from shoal.transport.connection import Connection
 from shoal.transport.framing import Kind
@@ -22,6 +25,17 @@ logger = logging.getLogger("shoal.replica")
 
 HTTP_METHOD = "__shoal_http__"
 _STREAM_HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+_pickler = ser.PlainPickler()  # replies are made on the replica's event loop thread only
+
+
+def _dumps_plain(value: tuple) -> bytes:
+    """`(status, headers, body)`: builtin data in practice, so no `ser.dumps` check up front."""
+    try:
+        return _pickler.dumps(value)
+    except Exception:  # noqa: BLE001 - e.g. an app's own class as a status or header: by value then
+        return ser.dumps(value)
 
 
 class Responder:
@@ -43,7 +57,7 @@ class Responder:
             more = message.get("more_body", False)
             if not self.streaming and not more:
                 status, headers = self.start or (200, [])
-                self.conn.reply(Kind.OK, self.rid, ser.dumps((status, headers, body)))
+                self.conn.reply(Kind.OK, self.rid, _dumps_plain((status, headers, bytes(body))))
                 self.finished = True
                 return
             if not self.streaming:
@@ -69,23 +83,31 @@ class Responder:
 
 
 class Inbox:
-    """What the app's `receive()` returns: the body once, then client messages (WebSocket) or disconnect."""
+    """What the app's `receive()` returns: the first message (the body, or the WebSocket connect), then
+    client messages pushed in (WebSocket), else it waits until the request is cancelled.
 
-    def __init__(self, scope_type: str, body: bytes):
-        self.queue: asyncio.Queue = asyncio.Queue()
-        if scope_type == "http":
-            self.queue.put_nowait({"type": "http.request", "body": body, "more_body": False})
-        else:
-            self.queue.put_nowait({"type": "websocket.connect"})
-        self.scope_type = scope_type
+    The queue behind it is made only when a second message is asked for or pushed: a plain HTTP
+    request reads its body once and never needs one.
+    """
+
+    __slots__ = ("first", "queue")
+
+    def __init__(self, first: dict):
+        self.first: Optional[dict] = first
+        self.queue: Optional[asyncio.Queue] = None
 
     async def receive(self) -> dict:
-        try:
-            return await self.queue.get()
-        except asyncio.CancelledError:
-            raise
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+        return await self.queue.get()
 
     def push(self, message: dict) -> None:
+        if self.queue is None:
+            self.queue = asyncio.Queue()
         self.queue.put_nowait(message)
 
 
@@ -94,36 +116,52 @@ class HTTPAdapter:
         self.callable = user_callable
         self.asgi_app = asgi_app
 
-    async def handle(self, conn: Connection, rid: int, scope: dict, body: bytes) -> None:
+    async def handle(self, conn: Connection, rid: int, wire_scope: tuple, body: bytes) -> None:
+        scope = scope_from_wire(wire_scope)
+        if scope["type"] != "http":
+            return await self._websocket(scope, conn, rid)
+        inbox = Inbox({"type": "http.request", "body": body, "more_body": False})
+        if self.asgi_app is not None:
+            responder = Responder(conn, rid)
+            await self.asgi_app(scope, inbox.receive, responder.send)
+            responder.finish()
+            return
+        # A plain deployment, in this coroutine (no extra level per request): an async `__call__`
+        # runs right here, a sync one in the pool, a generator streams.
+        request = Request(scope, inbox.receive)
+        uc = self.callable
+        fn, kind = uc.resolve("__call__")
+        if kind == _ASYNC:
+            result = await fn(request)
+        elif kind == _SYNC_GEN or kind == _ASYNC_GEN:
+            return await self._stream(request, conn, rid)
+        else:
+            result = await uc.call("__call__", (request,), {})
+        plain = to_http(result)
+        if plain is None:  # a Starlette Response: run it as an ASGI app
+            responder = Responder(conn, rid)
+            await result(scope, inbox.receive, responder.send)
+            responder.finish()
+        else:
+            conn.reply(Kind.OK, rid, _dumps_plain(plain))
+
+    async def _stream(self, request: Request, conn: Connection, rid: int) -> None:
+        """A generator `__call__`: each item is sent as a chunk as soon as it is produced."""
         responder = Responder(conn, rid)
-        inbox = Inbox(scope["type"], body)
-        conn.inboxes[rid] = inbox
+        await responder.send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        async for item in self.callable.call_stream("__call__", (request,), {}):
+            await responder.send({"type": "http.response.body", "body": chunk_bytes(item), "more_body": True})
+        await responder.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _websocket(self, scope: dict, conn: Connection, rid: int) -> None:
+        if self.asgi_app is None:
+            raise TypeError(f"WebSocket request to '{scope['path']}': only deployments with a "
+                            "`@serve.ingress` ASGI app (e.g. FastAPI) accept WebSockets.")
+        inbox = Inbox({"type": "websocket.connect"})
+        conn.inboxes[rid] = inbox  # the proxy pushes the client's messages in
         try:
-            if self.asgi_app is not None:
-                await self.asgi_app(scope, inbox.receive, responder.send)
-            else:
-                await self._call_plain(scope, inbox, responder)
+            responder = Responder(conn, rid)
+            await self.asgi_app(scope, inbox.receive, responder.send)
             responder.finish()
         finally:
             conn.inboxes.pop(rid, None)
-
-    async def _call_plain(self, scope: dict, inbox: Inbox, responder: Responder) -> None:
-        from starlette.requests import Request
-
-        request = Request(scope, inbox.receive)
-        uc = self.callable
-        _, kind = uc.resolve("__call__")
-        if kind in (_SYNC_GEN, _ASYNC_GEN):
-            await responder.send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
-            async for item in uc.call_stream("__call__", (request,), {}):
-                await responder.send({"type": "http.response.body", "body": chunk_bytes(item), "more_body": True})
-            await responder.send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        result = await uc.call("__call__", (request,), {})
-        plain = to_http(result)
-        if plain is None:
-            await result(scope, inbox.receive, responder.send)  # a Starlette Response
-        else:
-            status, headers, payload = plain
-            responder.conn.reply(Kind.OK, responder.rid, ser.dumps((status, headers, payload)))
-            responder.finished = True

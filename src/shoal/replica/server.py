@@ -55,8 +55,9 @@ class ReplicaServer:
             conn.reply(Kind.REJECT, rid)
             self.rejected.add(conn)
             return
+        if self.ongoing == 0:
+            self.idle.clear()
         self.ongoing += 1
-        self.idle.clear()
         task = start_eagerly(self._handle(conn, rid, body), self.loop, contextvars.copy_context())
         if task is not None:
             conn.tasks[rid] = task

@@ -108,6 +108,16 @@ class _Call:
     def on_frame(self, kind: int, body: bytes) -> None:
         resp = self.resp
         self.started = True
+        if kind == Kind.OK:  # the common case first
+            resp._call = None
+            try:
+                value = ser.loads(body)
+            except Exception as e:  # noqa: BLE001
+                resp._complete(exc=RuntimeError(f"Could not deserialize the result of request {resp.request_id}: {e!r}"))
+            else:
+                resp._complete(value)
+            self.router._release(self.entry)
+            return
         if kind == Kind.STARTED:
             return
         if kind == Kind.ITEM:
@@ -121,14 +131,7 @@ class _Call:
         if kind == Kind.REJECT:
             router._on_reject(self.entry, resp)
             return
-        if kind == Kind.OK:
-            try:
-                value = ser.loads(body)
-            except Exception as e:  # noqa: BLE001
-                resp._complete(exc=RuntimeError(f"Could not deserialize the result of request {resp.request_id}: {e!r}"))
-            else:
-                resp._complete(value)
-        elif kind == Kind.ERROR:
+        if kind == Kind.ERROR:
             resp._complete(exc=ser.loads_exception(body))
         elif kind == Kind.END:
             resp._complete()
@@ -185,7 +188,7 @@ class Router:
         if self.exists is False:
             resp._complete(exc=self._unavailable())
             return
-        if self._has_response_args(resp):
+        if resp.payload is None and self._has_response_args(resp):
             self._background += 1
             self.loop.create_task(self._resolve_then_assign(resp))
             return
@@ -236,10 +239,8 @@ class Router:
 
     def _send(self, entry: ReplicaEntry, resp) -> None:
         try:
-            if getattr(resp, "plain_args", False):
-                body = ser.pickle.dumps((resp.method_name, resp.stream, resp.multiplexed_model_id, resp.request_id,
-                                         resp.args, resp.kwargs), ser.PROTOCOL)
-            else:
+            body = resp.payload
+            if body is None:
                 body = ser.dumps_call_args(
                     resp.args, resp.kwargs,
                     f"the call to method '{resp.method_name}' of deployment '{self.deployment_id.name}'",

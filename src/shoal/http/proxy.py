@@ -329,6 +329,8 @@ class ProxyApp:
                 await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
             return
         if started:
+            if isinstance(exc, RequestCancelledError) and not call.timed_out:
+                return  # the client went away midway: nobody to tell, nothing to log
             raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
         await self._error_response(exc, call, router, send, rid_header)
 

@@ -136,8 +136,7 @@ def _alive_nodes() -> list[dict]:
     return sorted(nodes, key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
 
 
-def _fits(node: dict, wanted: dict[str, float]) -> bool:
-    have = node.get("Resources", {})
+def _fits(have: dict, wanted: dict[str, float]) -> bool:
     return all(have.get(k, 0.0) + _EPS >= v for k, v in wanted.items())
 
 
@@ -152,6 +151,7 @@ class RayRuntime(Runtime):
         self.worker = ray.remote(ShoalWorker)
         self.per_node: dict[tuple[str, str], int] = {}  # (deployment, node) -> replicas placed there
         self.reserved: dict[int, tuple[str, str]] = {}  # id(reservation) -> its key in per_node
+        self.used: dict[str, dict[str, float]] = {}  # node -> resources shoal's replicas reserved there
 
     def capacity(self) -> dict[str, float]:
         return {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
@@ -162,18 +162,26 @@ class RayRuntime(Runtime):
         return max(1, len(_alive_nodes()))
 
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
-        """Pick a node: spread each deployment's replicas (the node with the fewest of them first).
+        """Pick a node for one replica: one with room, the fewest of this deployment's replicas first.
 
-        Ray does the resource accounting; refused here is only what no node could ever hold (a clear
-        reason), or what `max_replicas_per_node` forbids.
+        Room is each node's resources less what shoal's replicas there reserved (the embedded
+        runtime's accounting, per node); the actor is then pinned to that node. A request that no
+        node can hold now stays pending with a reason, as on one machine.
         """
         wanted = request.as_dict()
         if request.placement_group_bundles:
             return Reservation(request, node_id="")  # Ray places the group, or keeps it pending
-        nodes = [n["NodeID"] for n in _alive_nodes() if _fits(n, wanted)]
-        if not nodes:
+        alive = _alive_nodes()
+        able = [n for n in alive if _fits(n.get("Resources", {}), wanted)]
+        if not able:
             parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
             return f"needs {parts}, and no node of the Ray cluster has that much"
+        free = {n["NodeID"]: {k: v - self.used.get(n["NodeID"], {}).get(k, 0.0)
+                              for k, v in n.get("Resources", {}).items()} for n in able}
+        nodes = [nid for nid, have in free.items() if _fits(have, wanted)]
+        if not nodes:
+            parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
+            return f"needs {parts}, and every node that could hold it is full"
         counts = {nid: self.per_node.get((request.group, nid), 0) for nid in nodes}
         if request.max_replicas_per_node:
             nodes = [nid for nid in nodes if counts[nid] < request.max_replicas_per_node]
@@ -185,14 +193,21 @@ class RayRuntime(Runtime):
             totals[nid] = totals.get(nid, 0) + c
         node_id = min(nodes, key=lambda nid: (counts[nid], totals.get(nid, 0), random.random()))
         self.per_node[(request.group, node_id)] = counts[node_id] + 1
+        used = self.used.setdefault(node_id, {})
+        for k, v in wanted.items():
+            used[k] = used.get(k, 0.0) + v
         reservation = Reservation(request, node_id=node_id)
         self.reserved[id(reservation)] = (request.group, node_id)
         return reservation
 
     def release(self, reservation: Reservation) -> None:
         key = self.reserved.pop(id(reservation), None)
-        if key is not None:
-            self.per_node[key] = max(0, self.per_node.get(key, 0) - 1)
+        if key is None:
+            return
+        self.per_node[key] = max(0, self.per_node.get(key, 0) - 1)
+        used = self.used.get(key[1], {})
+        for k, v in reservation.request.as_dict().items():
+            used[k] = used.get(k, 0.0) - v
 
     def replica_address(self, replica_id: ReplicaID) -> str:
         return "tcp://*:0"  # this node's address, any free port: the replica reports the real one
@@ -213,9 +228,8 @@ class RayRuntime(Runtime):
                                           strategy=r.placement_group_strategy or "PACK")
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-        else:  # the chosen node; another one only if it is full and the deployment allows it
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                reservation.node_id, soft=not r.max_replicas_per_node)
+        else:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=False)
         actor = self.worker.options(**opts).remote("replica", self.controller_address, self.secret,
                                                   replica_id.unique_id)
         return RayReplicaProcess(actor, reservation.node_id, pg)

@@ -1,0 +1,215 @@
+"""The Ray runtime on a real three-node Ray cluster: placement, resources, apps unchanged, security, node loss."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from shoal import serve
+from shoal.api import get_http_url
+from shoal.common import DeploymentID
+from shoal.exceptions import ReplicaDiedError
+from shoal.transport.framing import Kind, pack
+
+from conftest import wait_for
+from ray_cluster import ray_cluster_fixture
+
+pytestmark = pytest.mark.slow
+ray_cluster = ray_cluster_fixture()
+
+
+@pytest.fixture(scope="module")
+def serve_instance(ray_cluster):
+    serve.start(runtime="ray", http_options={"port": 0})
+    yield
+
+
+@serve.deployment
+class WhereAmI:
+    def __call__(self, *args):
+        return os.environ["SHOAL_NODE_ID"]
+
+    async def sleep(self, s: float):
+        import asyncio
+
+        await asyncio.sleep(s)
+        return os.environ["SHOAL_NODE_ID"]
+
+
+def _nodes_seen(handle, expected: set, timeout: float = 30) -> set:
+    """The nodes that answer calls: all of `expected` (the router connects to new replicas
+    in the background, so early calls may all go to the first ones), and none other."""
+    seen: set = set()
+
+    def all_seen():
+        seen.update(handle.remote().result() for _ in range(20))
+        if not seen <= expected:  # not an AssertionError: wait_for would retry it
+            raise ValueError(f"answered from {seen - expected}, expected only {expected}")
+        return seen == expected
+
+    wait_for(all_seen, timeout=timeout, what=f"answers from all of {expected}")
+    return seen
+
+
+def test_replicas_spread_over_the_nodes(serve_app, ray_cluster):
+    h = serve.run(WhereAmI.options(num_replicas=3).bind())
+    _nodes_seen(h, {ray_cluster.node_id(n) for n in ("head", "w1", "w2")})
+
+
+def test_custom_resource_places_replicas_only_on_the_node_that_has_it(serve_app, ray_cluster):
+    h = serve.run(WhereAmI.options(num_replicas=2, ray_actor_options={"resources": {"w2": 0.1}}).bind())
+    _nodes_seen(h, {ray_cluster.node_id("w2")})
+
+
+def test_max_replicas_per_node(serve_app, ray_cluster):
+    h = serve.run(WhereAmI.options(num_replicas=3, max_replicas_per_node=1,
+                                   ray_actor_options={"num_cpus": 0.5}).bind())
+    _nodes_seen(h, {ray_cluster.node_id(n) for n in ("head", "w1", "w2")})
+
+
+def test_request_no_node_can_hold_stays_pending_with_a_reason(serve_app):
+    from shoal import client as client_mod
+    from shoal.api import build_app_spec
+
+    spec = build_app_spec(WhereAmI.options(ray_actor_options={"resources": {"gpu_island": 1}}).bind(),
+                          "pending", "/pending")
+    client_mod.get_global_client().call_sync("deploy_app", spec)
+
+    def message():
+        app = serve.status().applications.get("pending")
+        return app and app.deployments["WhereAmI"].message
+
+    assert "no node of the Ray cluster" in wait_for(message, what="a pending reason")
+    assert "gpu_island: 1" in message()
+
+
+def test_composition_example_runs_unchanged(serve_app):
+    from examples.composition import app
+
+    assert "Fish eat plankton" in serve.run(app).remote("what do fish eat?").result()
+    r = httpx.get(get_http_url() + "/", params={"query": "what do fish eat?"})
+    assert r.status_code == 200 and "Fish eat plankton" in r.text
+
+
+def test_http_app_on_every_node_proxy(serve_app, ray_cluster):
+    @serve.deployment(num_replicas=2)
+    class Hello:
+        async def __call__(self, request):
+            return {"hello": request.query_params["name"], "node": os.environ["SHOAL_NODE_ID"]}
+
+    serve.run(Hello.bind(), route_prefix="/hello")
+    proxies = serve.status().proxies
+    assert len(proxies) == 3 and all(s == "HEALTHY" for s in proxies.values())
+    assert {k.split(":")[0] for k in proxies} == {ray_cluster.node_id(n) for n in ("head", "w1", "w2")}
+    with httpx.Client() as c:  # the proxies share the port: several connections reach several of them
+        for _ in range(10):
+            r = c.get(get_http_url() + "/hello", params={"name": "fish"}, headers={"connection": "close"})
+            assert r.status_code == 200 and r.json()["hello"] == "fish"
+
+
+def _replica_address(deployment: str, app: str = "default") -> str:
+    from shoal import client as client_mod
+
+    targets = client_mod.get_global_client()._targets[DeploymentID(deployment, app)]
+    return targets.replicas[0].address
+
+
+class _RunsCode:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    """True when the peer closed: EOF, or a reset (it closed with our unread bytes in its buffer)."""
+    try:
+        return s.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_replica_port_refuses_peers_without_the_secret(serve_app, tmp_path):
+    h = serve.run(WhereAmI.bind())
+    h.remote().result()  # the router knows the replica's address now
+    address = _replica_address("WhereAmI")
+    assert address.startswith("tcp://")
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    marker = tmp_path / "ran"
+    body = pickle.dumps(("__call__", False, "", "rid", (_RunsCode(str(marker)),), {}))
+    frame = pack(Kind.REQUEST, 1, body)
+
+    # A peer that skips the handshake and sends a request at once: its bytes are a wrong proof.
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(frame * 4)
+        assert s.recv(64).startswith(b"SHOAL1")  # the challenge; nothing else comes back
+        assert _closed_by_peer(s)  # then the replica closes the connection
+    # A peer that answers the challenge with a guessed secret.
+    from shoal.transport import auth
+
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        hello = s.recv(64)
+        server_nonce = hello[len(auth.MAGIC):]
+        client_nonce = os.urandom(auth.NONCE_SIZE)
+        s.sendall(client_nonce + auth._mac(b"guess" * 6, b"C", server_nonce, client_nonce) + frame)
+        assert _closed_by_peer(s)
+    time.sleep(0.5)
+    assert not marker.exists()
+    # The same frame after a proper handshake would have run (the test can fail): the replica still serves.
+    assert h.remote().result()
+
+
+def test_detached_app_outlives_the_driver_that_deployed_it(serve_app, ray_cluster):
+    script = textwrap.dedent(f"""
+        from shoal import serve
+
+        @serve.deployment
+        class Detached:
+            def __call__(self, request):
+                return "still here"
+
+        serve.run(Detached.bind(), name="detached", route_prefix="/detached", runtime="ray",
+                  address={ray_cluster.cluster.address!r})
+        print("deployed", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "deployed" in out.stdout, out.stderr[-3000:]
+    assert serve.status().applications["detached"].status == "RUNNING"
+    r = httpx.get(get_http_url() + "/detached")
+    assert r.status_code == 200 and r.text == "still here"
+
+
+# Last: it takes a node away from the module's cluster.
+def test_node_loss_replaces_replicas_and_fails_only_requests_in_flight_there(serve_app, ray_cluster):
+    dead = ray_cluster.node_id("w1")
+    h = serve.run(WhereAmI.options(num_replicas=3, max_ongoing_requests=100).bind())
+    _nodes_seen(h, {ray_cluster.node_id(n) for n in ("head", "w1", "w2")})
+    pinned = serve.run(WhereAmI.options(name="Pinned", ray_actor_options={"resources": {"w1": 0.1}}).bind(),
+                       name="pinned", route_prefix=None)
+    in_flight = pinned.sleep.remote(60)
+    time.sleep(1.0)  # let it reach the replica on w1 (were it still queued, it would be retried, not fail)
+    ray_cluster.cluster.remove_node(ray_cluster.nodes["w1"])
+
+    with pytest.raises(ReplicaDiedError, match="died while handling request"):
+        in_flight.result(timeout_s=60)
+    # Calls keep succeeding while the lost replica is replaced on the other nodes.
+    responses = [h.remote() for _ in range(30)]
+    assert all(r.result(timeout_s=60) != dead for r in responses)
+
+    def replaced():
+        d = serve.status().applications["default"].deployments["WhereAmI"]
+        return d.status == "HEALTHY" and d.replica_states.get("RUNNING") == 3
+
+    wait_for(replaced, timeout=60, what="three running replicas on the two nodes left")
+    _nodes_seen(h, {ray_cluster.node_id("head"), ray_cluster.node_id("w2")})
+    r = httpx.get(get_http_url() + "/")
+    assert r.status_code == 200

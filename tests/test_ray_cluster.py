@@ -37,9 +37,11 @@ class WhereAmI:
     def __call__(self, *args):
         return os.environ["SHOAL_NODE_ID"]
 
-    async def sleep(self, s: float):
+    async def sleep(self, s: float, started_file: str = ""):
         import asyncio
 
+        if started_file:
+            open(started_file, "w").close()
         await asyncio.sleep(s)
         return os.environ["SHOAL_NODE_ID"]
 
@@ -189,14 +191,15 @@ def test_detached_app_outlives_the_driver_that_deployed_it(serve_app, ray_cluste
 
 
 # Last: it takes a node away from the module's cluster.
-def test_node_loss_replaces_replicas_and_fails_only_requests_in_flight_there(serve_app, ray_cluster):
+def test_node_loss_replaces_replicas_and_fails_only_requests_in_flight_there(serve_app, ray_cluster, tmp_path):
     dead = ray_cluster.node_id("w1")
     h = serve.run(WhereAmI.options(num_replicas=3, max_ongoing_requests=100).bind())
     _nodes_seen(h, {ray_cluster.node_id(n) for n in ("head", "w1", "w2")})
     pinned = serve.run(WhereAmI.options(name="Pinned", ray_actor_options={"resources": {"w1": 0.1}}).bind(),
                        name="pinned", route_prefix=None)
-    in_flight = pinned.sleep.remote(60)
-    time.sleep(1.0)  # let it reach the replica on w1 (were it still queued, it would be retried, not fail)
+    started = tmp_path / "started"
+    in_flight = pinned.sleep.remote(60, str(started))
+    wait_for(started.exists, what="the request to run on w1")
     ray_cluster.cluster.remove_node(ray_cluster.nodes["w1"])
 
     with pytest.raises(ReplicaDiedError, match="died while handling request"):

@@ -10,6 +10,10 @@ SERVE_MULTIPLEXED_MODEL_ID = "serve_multiplexed_model_id"
 SERVE_HTTP_REQUEST_ID_HEADER = "x-request-id"
 CONTROL_LOOP_INTERVAL_S = 0.1
 
+# The cluster node this process runs on ("" on one machine): routers prefer replicas there when
+# load is even. Set by the Ray runtime (`runtime/ray.py`) before any request is routed.
+LOCAL_NODE_ID = ""
+
 
 @dataclass(frozen=True)
 class DeploymentID:

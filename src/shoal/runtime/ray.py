@@ -58,8 +58,10 @@ def _thread_main(make_coro: Callable[[], Any], name: str) -> None:
 
 
 def _set_node_env() -> None:
+    from shoal import common
+
     os.environ["SHOAL_NODE_IP"] = ray.util.get_node_ip_address()
-    os.environ["SHOAL_NODE_ID"] = ray.get_runtime_context().get_node_id()
+    os.environ["SHOAL_NODE_ID"] = common.LOCAL_NODE_ID = ray.get_runtime_context().get_node_id()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
 
 
@@ -288,6 +290,9 @@ def connect_driver(address: Optional[str], http_options: Optional[dict]) -> Any:
     actor = cls.options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
                         num_cpus=0, max_restarts=0, max_concurrency=4, resources={HEAD_RESOURCE: 0.001}).remote()
     info = ray.get(actor.info.remote(), timeout=120)
+    from shoal import common
+
+    common.LOCAL_NODE_ID = ray.get_runtime_context().get_node_id()  # the driver's routers prefer this node
     auth.set_secret(info["secret"])
     io = _IoThread()
     client = ServeClient(io.loop, info["address"], io_thread=io)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-llm test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale clean
+.PHONY: install install-llm test test-fast serve bench bench-handle bench-http bench-batch bench-autoscale bench-ray-runtime clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-http: install
 bench-batch: install
 	bash benchmarks/ensure_torch.sh
 	$(PY) benchmarks/batch_bench.py
+
+# shoal on its Ray runtime against Ray Serve, on one three-node Ray cluster (both under .venv-ray).
+bench-ray-runtime: install
+	bash benchmarks/ensure_wrk.sh
+	$(PY) benchmarks/ray_runtime_bench.py --rounds 2
 
 bench-autoscale: install
 	$(PY) benchmarks/autoscale_bench.py

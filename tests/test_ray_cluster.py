@@ -46,24 +46,27 @@ class WhereAmI:
         return os.environ["SHOAL_NODE_ID"]
 
 
-def _nodes_seen(handle, expected: set, timeout: float = 30) -> set:
-    """The nodes that answer calls: all of `expected` (the router connects to new replicas
-    in the background, so early calls may all go to the first ones), and none other."""
-    seen: set = set()
+def _nodes_seen(handle, expected: set, deployment: str = "WhereAmI", app: str = "default") -> None:
+    """The deployment's replicas run on exactly the nodes in `expected` (as each replica reports its
+    node to the controller, and the driver's router gets the set), and calls reach them."""
+    from shoal import client as client_mod
 
-    def all_seen():
-        seen.update(handle.remote().result() for _ in range(20))
-        if not seen <= expected:  # not an AssertionError: wait_for would retry it
-            raise ValueError(f"answered from {seen - expected}, expected only {expected}")
-        return seen == expected
+    def nodes():
+        targets = client_mod.get_global_client()._targets.get(DeploymentID(deployment, app))
+        return targets and {r.node_id for r in targets.replicas}
 
-    wait_for(all_seen, timeout=timeout, what=f"answers from all of {expected}")
-    return seen
+    # A call answers from one of them (ties go to the caller's node, so not every node need answer),
+    # and subscribes this process to the deployment's replica set.
+    assert handle.remote().result() in expected
+    wait_for(lambda: nodes() == expected, what=f"replicas on exactly {expected}")
 
 
 def test_replicas_spread_over_the_nodes(serve_app, ray_cluster):
-    h = serve.run(WhereAmI.options(num_replicas=3).bind())
-    _nodes_seen(h, {ray_cluster.node_id(n) for n in ("head", "w1", "w2")})
+    h = serve.run(WhereAmI.options(num_replicas=3, max_ongoing_requests=2).bind())
+    everywhere = {ray_cluster.node_id(n) for n in ("head", "w1", "w2")}
+    _nodes_seen(h, everywhere)
+    # More calls at once than two replicas take: every node serves some of them.
+    assert {r.result() for r in [h.sleep.remote(0.3) for _ in range(12)]} == everywhere
 
 
 def test_custom_resource_places_replicas_only_on_the_node_that_has_it(serve_app, ray_cluster):

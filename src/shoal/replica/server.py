@@ -178,9 +178,9 @@ def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLo
 
 
 def _exit(code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from shoal.common import exit_process
+
+    exit_process(code)
 
 
 async def run_replica(session_dir: str, unique_id: str) -> None:

@@ -36,8 +36,23 @@ HEAD_RESOURCE = "node:__internal_head__"
 _EPS = 1e-9
 
 
+_ended = threading.Event()
+EXIT_GRACE_S = 10.0
+
+
+def _end_through_ray(code: int) -> None:
+    """This actor's exit hook: `wait()` ends the actor through Ray (an intended exit, not a crash);
+    should nobody be waiting, the process ends anyway after a grace period."""
+    _ended.set()
+    time.sleep(EXIT_GRACE_S)
+    os._exit(code)
+
+
 def _thread_main(make_coro: Callable[[], Any], name: str) -> None:
     """Run one of shoal's process mains on its own loop; when it ends, this actor's process ends."""
+    from shoal import common
+
+    common.set_exit_hook(_end_through_ray)
 
     def target() -> None:
         from shoal.client import new_event_loop
@@ -50,9 +65,7 @@ def _thread_main(make_coro: Callable[[], Any], name: str) -> None:
         except BaseException:  # noqa: BLE001 - print why, then die so the controller sees it
             traceback.print_exc()
             code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        common.exit_process(code)
 
     threading.Thread(target=target, name=name, daemon=True).start()
 
@@ -65,7 +78,14 @@ def _set_node_env() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
 
 
-class ShoalWorker:
+class _EndsThroughRay:
+    def wait(self) -> None:
+        """Returns only by the actor's death, when shoal's main ends: its caller learns of the exit."""
+        _ended.wait()
+        ray.actor.exit_actor()
+
+
+class ShoalWorker(_EndsThroughRay):
     """A replica or an HTTP proxy, running in this Ray actor's process."""
 
     def __init__(self, role: str, controller_address: str, secret: bytes, arg: str):
@@ -79,10 +99,6 @@ class ShoalWorker:
             from shoal.http.proxy import run_proxy
 
             _thread_main(lambda: run_proxy(controller_address, int(arg)), "shoal-proxy")
-
-    def wait(self) -> None:
-        """Never returns: its result fails when the actor dies, which is how the controller learns."""
-        threading.Event().wait()
 
     def node_id(self) -> str:
         return os.environ["SHOAL_NODE_ID"]
@@ -245,7 +261,7 @@ class RayRuntime(Runtime):
         return RayReplicaProcess(actor, node_id)
 
 
-class ShoalController:
+class ShoalController(_EndsThroughRay):
     """The controller actor: detached, on the head node, so applications outlive the driver."""
 
     def __init__(self) -> None:
@@ -309,6 +325,12 @@ def connect_driver(address: Optional[str], http_options: Optional[dict]) -> Any:
 
 def _wait_gone(actor: Any, timeout: float) -> None:
     """After `shutdown`, wait until the controller actor is gone, so a new start gets a new one."""
+    try:
+        ray.get(actor.wait.remote(), timeout=min(timeout, EXIT_GRACE_S))
+    except ray.exceptions.RayActorError:
+        pass  # it exited, as asked
+    except Exception:  # noqa: BLE001 - timed out: the polling below decides
+        pass
     deadline = time.monotonic() + min(timeout, 15)
     while time.monotonic() < deadline:
         try:

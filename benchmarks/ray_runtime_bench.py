@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,8 @@ def main() -> None:
     if ray_py is None:
         sys.exit("no .venv-ray: run benchmarks/setup_ray_venv.sh")
     os.environ["PYTHONPATH"] = _pythonpath()  # inherited by the cluster and by both sides
+    # A private Ray temp dir, so no other ray.init() on this machine joins (or trips over) this cluster.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="shoal-ray-", dir="/tmp")
     print("starting a Ray cluster (head + 2 worker nodes)...", file=sys.stderr, flush=True)
     cluster = subprocess.Popen([str(ray_py), "-c", CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, cwd=ROOT, start_new_session=True)
@@ -113,6 +116,7 @@ def main() -> None:
             cluster.wait(timeout=60)
         except subprocess.TimeoutExpired:
             cluster.kill()
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     shoal, ray = (best_of(runs[n]) for n in ("shoal", "ray"))
     for side in (shoal, ray):
         if side.error:

@@ -7,6 +7,8 @@ resource naming it, so a test can ask for one node. Module-scoped: Ray start-up 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,10 @@ def ray_cluster_fixture():
         ray = pytest.importorskip("ray")
         from ray.cluster_utils import Cluster
 
+        # A private Ray temp dir: a cluster records itself in <tmp>/ray/ray_current_cluster, which a
+        # plain ray.init() elsewhere on this machine (another test run, a benchmark) would then join.
+        old_tmp = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="shoal-ray-", dir="/tmp")
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False})
         nodes = {"head": cluster.head_node,
@@ -51,5 +57,10 @@ def ray_cluster_fixture():
                 os.environ["SHOAL_RUNTIME"] = old
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+            if old_tmp is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = old_tmp
 
     return ray_cluster

@@ -80,6 +80,13 @@ def test_max_replicas_per_node(serve_app, ray_cluster):
     _nodes_seen(h, {ray_cluster.node_id(n) for n in ("head", "w1", "w2")})
 
 
+def test_placement_group_bundles_place_the_replica_with_its_group(serve_app, ray_cluster):
+    # STRICT_PACK puts both bundles on one node; only w2 has the second one's resource.
+    h = serve.run(WhereAmI.options(placement_group_bundles=[{"CPU": 0.5}, {"w2": 0.1}],
+                                   placement_group_strategy="STRICT_PACK").bind())
+    _nodes_seen(h, {ray_cluster.node_id("w2")})
+
+
 def test_request_no_node_can_hold_stays_pending_with_a_reason(serve_app):
     from shoal import client as client_mod
     from shoal.api import build_app_spec

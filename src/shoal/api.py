@@ -44,9 +44,14 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
     the cluster this process already joined) and starts or joins shoal's detached controller there.
     `SHOAL_RUNTIME` and `SHOAL_RAY_ADDRESS` choose the same without code changes.
     """
+    explicit = runtime
     runtime, address = _choose_runtime(runtime, address)
     with _start_lock:
-        if client_mod.get_global_client(required=False) is not None:
+        running = client_mod.get_global_client(required=False)
+        if running is not None:
+            if explicit is not None and explicit != running.runtime:
+                raise RayServeException(f"shoal already runs on the {running.runtime} runtime in this process; "
+                                        f"call serve.shutdown() before starting it on the {explicit} runtime.")
             return
         if isinstance(http_options, HTTPOptions):
             http_options = http_options.model_dump(exclude_unset=True)

@@ -117,20 +117,21 @@ class RayReplicaProcess(ReplicaProcess):
         actor.wait.remote().future().add_done_callback(self._ended)
 
     def _ended(self, fut: Any) -> None:
+        """Runs on a Ray thread: record only. A blocking Ray call here would deadlock Ray's I/O."""
         try:
             fut.result()
             self._output = "the actor returned from wait()"
         except Exception as e:  # noqa: BLE001 - RayActorError, node death, scheduling failure
             self._output = str(e)[-2000:]
         self._code = 0 if self._stopping else 1
-        if self.placement_group is not None:
-            try:
-                ray.util.remove_placement_group(self.placement_group)
-            except Exception:  # noqa: BLE001 - already removed, or Ray is shutting down
-                pass
-            self.placement_group = None
 
     def exit_code(self) -> Optional[int]:
+        if self._code is not None and self.placement_group is not None:
+            pg, self.placement_group = self.placement_group, None
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already removed, or Ray is shutting down
+                pass
         return self._code
 
     def terminate(self) -> None:
@@ -230,13 +231,14 @@ class RayRuntime(Runtime):
     def replica_address(self, replica_id: ReplicaID) -> str:
         return "tcp://*:0"  # this node's address, any free port: the replica reports the real one
 
-    def _options(self, name: str) -> dict:
-        return dict(name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, max_concurrency=2)
+    def _options(self) -> dict:
+        # Detached: a finished driver job must not take them along (the controller owns their lifetime).
+        # Unnamed: a name costs a blocking lookup in Ray on every launch.
+        return dict(namespace=NAMESPACE, lifetime="detached", max_restarts=0, max_concurrency=2)
 
     def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess:
         r = reservation.request
-        d = replica_id.deployment_id
-        opts = self._options(f"SHOAL_REPLICA:{d.app_name}:{d.name}:{replica_id.unique_id}")
+        opts = self._options()
         opts.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources))
         if r.memory:
             opts["memory"] = r.memory
@@ -255,7 +257,7 @@ class RayRuntime(Runtime):
     def launch_proxy(self, index: int) -> ReplicaProcess:
         nodes = _alive_nodes()
         node_id = nodes[index % len(nodes)]["NodeID"]
-        opts = self._options(f"SHOAL_PROXY:{index}:{time.monotonic_ns()}")
+        opts = self._options()
         opts.update(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         actor = self.worker.options(**opts).remote("proxy", self.controller_address, self.secret, str(index))
         return RayReplicaProcess(actor, node_id)

@@ -180,8 +180,17 @@ def test_replica_port_refuses_peers_without_the_secret(serve_app, tmp_path):
     assert h.remote().result()
 
 
+def _driver(code: str, **env: str) -> str:
+    """Run `code` as a separate driver process (no ray.init of its own); its stdout."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, **env))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def test_detached_app_outlives_the_driver_that_deployed_it(serve_app, ray_cluster):
-    script = textwrap.dedent(f"""
+    # Deployed by a driver that chooses the runtime by environment only, and exits.
+    out = _driver("""
         from shoal import serve
 
         @serve.deployment
@@ -189,15 +198,28 @@ def test_detached_app_outlives_the_driver_that_deployed_it(serve_app, ray_cluste
             def __call__(self, request):
                 return "still here"
 
-        serve.run(Detached.bind(), name="detached", route_prefix="/detached", runtime="ray",
-                  address={ray_cluster.cluster.address!r})
+        serve.run(Detached.bind(), name="detached", route_prefix="/detached")
         print("deployed", flush=True)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "deployed" in out.stdout, out.stderr[-3000:]
+    """, SHOAL_RUNTIME="ray", SHOAL_RAY_ADDRESS=ray_cluster.cluster.address)
+    assert "deployed" in out
     assert serve.status().applications["detached"].status == "RUNNING"
     r = httpx.get(get_http_url() + "/detached")
     assert r.status_code == 200 and r.text == "still here"
+    # A third driver (runtime and address as arguments) joins, reads the status and deletes the app.
+    out = _driver(f"""
+        from shoal import serve
+
+        serve.start(runtime="ray", address={ray_cluster.cluster.address!r})
+        print(serve.status().applications["detached"].status.value, flush=True)
+        serve.delete("detached")
+    """, SHOAL_RUNTIME="embedded")
+    assert out.strip().splitlines()[-1] == "RUNNING"
+    assert "detached" not in serve.status().applications
+
+
+def test_one_process_runs_one_runtime(serve_instance):
+    with pytest.raises(serve.RayServeException, match="already runs on the ray runtime"):
+        serve.start(runtime="embedded")
 
 
 # Last: it takes a node away from the module's cluster.

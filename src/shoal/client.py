@@ -81,6 +81,8 @@ class ClientHandler(RpcHandler):
     def notify_routes(self, conn: Connection, payload: Any) -> None:
         if self.client.on_routes is not None:
             self.client.on_routes(*payload)
+        else:  # a proxy still starting: it applies the newest table once it can
+            self.client.pending_routes = payload
 
     def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
         super().on_connection_lost(conn, exc)
@@ -103,6 +105,7 @@ class ServeClient:
         self.closed = False
         self.on_controller_lost = None
         self.on_routes = None  # set by an HTTP proxy: called with (routes, version)
+        self.pending_routes: Optional[tuple] = None  # (routes, version) that came before on_routes was set
         self._lock = threading.Lock()
         self._targets: dict[DeploymentID, DeploymentTargets] = {}
         self._routers: dict[DeploymentID, "weakref.WeakSet[Router]"] = {}

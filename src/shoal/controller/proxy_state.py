@@ -71,9 +71,10 @@ class ProxyManager:
         rec = self.proxies[index]
         rec.conn = conn
         conn.proxy = rec  # type: ignore[attr-defined]
-        conn.notify("routes", (self.routes, self.version))
+        # The route table comes with the reply: a proxy (re)started after apps were deployed must
+        # route at once, and it installs its notification handler only once this call returns.
         return {"http_options": self.options, "port": self.port,
-                "num_proxies": self.count}
+                "num_proxies": self.count, "routes": (self.routes, self.version)}
 
     def ready(self, index: int, port: int) -> None:
         rec = self.proxies[index]

@@ -396,6 +396,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     app = ProxyApp(client, options)
     app_holder["app"] = app
     client.on_routes = lambda routes, version: (app.set_routes(routes), client.conn.notify("routes_ack", version))
+    client.on_routes(*max([info["routes"], client.pending_routes or info["routes"]], key=lambda rv: rv[1]))
     client.on_controller_lost = lambda: exit_process(0)
     try:
         sock = _listen_socket(options["host"], info["port"], reuse_port=info["num_proxies"] > 1)

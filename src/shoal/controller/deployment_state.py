@@ -79,7 +79,7 @@ class DeploymentState:
         self.spec = spec
         self.code_version = spec.code_version()
         self.reconfigure_version = spec.reconfigure_version()
-        self.request = ResourceRequest.from_actor_options(spec.config.ray_actor_options)
+        self.request = ResourceRequest.from_config(spec.config, str(self.id))
         cfg = spec.config
         if cfg.autoscaling_config is not None:
             a = cfg.autoscaling_config

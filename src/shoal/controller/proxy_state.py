@@ -40,6 +40,7 @@ class ProxyManager:
         self.routes: list[Route] = []
         self.version = 0
         self.port = 0
+        self.count = 1  # proxies to run: `num_proxies` on one machine, one per node on a cluster
         self._changed = asyncio.Event()
 
     @property
@@ -54,7 +55,7 @@ class ProxyManager:
         if not self.enabled:
             return
         self.port = int(http_options.get("port", 8000))
-        n = int(http_options.get("num_proxies", 1))
+        n = self.count = self.controller.runtime.proxy_count(http_options)
         # With port 0 the first proxy picks the port; the others share it once it is known.
         first = [0] if self.port == 0 and n > 1 else range(n)
         for i in first:
@@ -70,16 +71,17 @@ class ProxyManager:
         rec = self.proxies[index]
         rec.conn = conn
         conn.proxy = rec  # type: ignore[attr-defined]
-        conn.notify("routes", (self.routes, self.version))
+        # The route table comes with the reply: a proxy (re)started after apps were deployed must
+        # route at once, and it installs its notification handler only once this call returns.
         return {"http_options": self.options, "port": self.port,
-                "num_proxies": int(self.options.get("num_proxies", 1)) if self.options else 1}
+                "num_proxies": self.count, "routes": (self.routes, self.version)}
 
     def ready(self, index: int, port: int) -> None:
         rec = self.proxies[index]
         rec.status, rec.port = ProxyStatus.HEALTHY, port
         if self.port == 0:
             self.port = port
-            for i in range(1, int(self.options.get("num_proxies", 1))):  # type: ignore[union-attr]
+            for i in range(1, self.count):
                 if i not in self.proxies:
                     self._launch(i)
         self._signal()
@@ -122,7 +124,7 @@ class ProxyManager:
             errors = [r.error for r in self.proxies.values() if r.status == ProxyStatus.UNHEALTHY]
             if errors:
                 return False, errors[0]
-            n = int(self.options.get("num_proxies", 1))  # type: ignore[union-attr]
+            n = self.count
             healthy = [r for r in self.proxies.values() if r.status == ProxyStatus.HEALTHY]
             if len(healthy) >= n:
                 return True, ""
@@ -182,7 +184,7 @@ class ProxyManager:
             await asyncio.sleep(0.01)
 
     def statuses(self) -> dict[str, ProxyStatus]:
-        return {f"local:{r.index}": r.status for r in self.proxies.values()}
+        return {f"{getattr(r.process, 'node_id', '') or 'local'}:{r.index}": r.status for r in self.proxies.values()}
 
     def url(self) -> Optional[str]:
         if not self.enabled or not self.port:

@@ -442,6 +442,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     import uvicorn
 
     from shoal.client import ServeClient, set_global_client
+    from shoal.common import exit_process
 
     loop = asyncio.get_running_loop()
     client = ServeClient(loop, session_dir)
@@ -459,12 +460,13 @@ async def run_proxy(session_dir: str, index: int) -> None:
     app = ProxyApp(client, options)
     app_holder["app"] = app
     client.on_routes = lambda routes, version: (app.set_routes(routes), client.conn.notify("routes_ack", version))
-    client.on_controller_lost = lambda: os._exit(0)
+    client.on_routes(*max([info["routes"], client.pending_routes or info["routes"]], key=lambda rv: rv[1]))
+    client.on_controller_lost = lambda: exit_process(0)
     try:
         sock = _listen_socket(options["host"], info["port"], reuse_port=info["num_proxies"] > 1)
     except OSError as e:
         await client.conn.call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
-        os._exit(1)
+        exit_process(1)
     port = sock.getsockname()[1]
     from shoal.http.coalesce import CoalescingHttpToolsProtocol
 
@@ -479,7 +481,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
         await asyncio.sleep(0.005)
     if serving.done():
         await client.conn.call("proxy_failed", index, f"uvicorn exited: {serving.exception()!r}")
-        os._exit(1)
+        exit_process(1)
     await client.conn.call("proxy_ready", index, port)
     await serving
 
@@ -493,7 +495,9 @@ def main() -> None:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(run_proxy(session_dir, index))
-    os._exit(0)
+    from shoal.common import exit_process
+
+    exit_process(0)
 
 
 if __name__ == "__main__":

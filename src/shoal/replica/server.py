@@ -1,4 +1,7 @@
-"""The replica process: serves requests from routers on its Unix socket, and control calls from the controller.
+"""The replica process: serves requests from routers on its socket, and control calls from the controller.
+
+The socket is a Unix socket on one machine, or an authenticated TCP port (`tcp://*:0`: this node's
+address, any free port) when the replica runs on a cluster; the replica reports where it listens.
 
 Start-up: connect to the controller, fetch the deployment spec, listen, run the constructor and
 `reconfigure`, then report ready (or the constructor's traceback). The replica exits when the
@@ -23,7 +26,7 @@ from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
 from shoal.transport import serialization as ser
-from shoal.transport.connection import Connection, serve_unix
+from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
 from shoal.transport.framing import Kind, pack
 
 logger = logging.getLogger("shoal.replica")
@@ -179,9 +182,9 @@ def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLo
 
 
 def _exit(code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from shoal.common import exit_process
+
+    exit_process(code)
 
 
 async def run_replica(session_dir: str, unique_id: str) -> None:
@@ -204,7 +207,14 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
         logging.getLogger().setLevel(spec["config"].logging_config.log_level)
     server = ReplicaServer(replica_id, spec)
     holder["server"] = server
-    listener = await serve_unix(spec["address"], lambda: server, name=str(replica_id))
+    address = spec["address"]
+    if address.startswith(TCP_PREFIX):  # reachable from other nodes: a port of our own, authenticated peers
+        host, port = parse_tcp_address(address)
+        listener: Any = await serve_tcp(os.environ.get("SHOAL_NODE_IP", "127.0.0.1") if host == "*" else host,
+                                        port, lambda: server, name=str(replica_id))
+        address = listener.address
+    else:
+        listener = await serve_unix(address, lambda: server, name=str(replica_id))
     try:
         sys.path.extend(p for p in spec["python_path"] if p not in sys.path)
         func_or_class = ser.loads_callable(spec["serialized_def"])
@@ -227,7 +237,8 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
         sys.stderr.write(tb)
         await client.conn.call("replica_failed", unique_id, tb)  # type: ignore[union-attr]
         _exit(1)
-    await client.conn.call("replica_ready", unique_id)  # type: ignore[union-attr]
+    await client.conn.call("replica_ready", unique_id, address=address,  # type: ignore[union-attr]
+                           node_id=os.environ.get("SHOAL_NODE_ID") or None)
     await client.conn.closed_future  # type: ignore[union-attr]
     listener.close()
     await server._teardown()

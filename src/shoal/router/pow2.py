@@ -1,7 +1,8 @@
 """The default replica choice: power of two choices over this caller's in-flight counts.
 
 Two random probes give almost the balance of "least loaded" at constant cost, and avoid the herd
-effect of every caller choosing the same minimum. Multiplexed requests go to a replica that
+effect of every caller choosing the same minimum. On a cluster, a tie goes to the replica on the
+caller's own node. Multiplexed requests go to a replica that
 already holds their model; a model nobody holds goes to the replica holding the fewest models.
 """
 
@@ -12,6 +13,7 @@ import random
 _randrange = random.randrange
 from typing import Any, Optional, Sequence
 
+from shoal import common as _common
 from shoal.router.base import ReplicaView, RequestRouter
 
 # How long a multiplexed request waits for a replica that holds its model before taking any.
@@ -29,8 +31,9 @@ def pick_two(candidates: Sequence[ReplicaView]) -> Optional[ReplicaView]:
     i = _randrange(n)
     j = _randrange(n - 1)
     a, b = candidates[i], candidates[j + 1 if j >= i else j]  # two distinct replicas, cheaper than sample()
-    if a.queue_len > b.queue_len:
-        a, b = b, a
+    if a.queue_len > b.queue_len or (a.queue_len == b.queue_len and b.node_id != a.node_id
+                                     and b.node_id == _common.LOCAL_NODE_ID):
+        a, b = b, a  # the less loaded first; on a tie, the one on this node (no network hop)
     if a.has_capacity():
         return a
     if b.has_capacity():

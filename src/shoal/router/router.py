@@ -25,7 +25,7 @@ from shoal.exceptions import (
 from shoal.router.base import RequestRouter, load_router_class
 from shoal.router.pow2 import MODEL_MATCH_WINDOW_S, PowerOfTwoChoicesRequestRouter
 from shoal.transport import serialization as ser
-from shoal.transport.connection import Connection, ConnectionLost, connect_unix
+from shoal.transport.connection import Connection, ConnectionLost, connect
 from shoal.transport.framing import Kind
 
 logger = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ class Router:
             if entry.draining:
                 return
             try:
-                conn = await connect_unix(entry.info.address, handler=entry, name=str(entry.info.replica_id),
+                conn = await connect(entry.info.address, handler=entry, name=str(entry.info.replica_id),
                                           on_capacity=self._on_capacity, immediate=self.sync_loop is not None)
             except OSError:
                 await asyncio.sleep(delay)

@@ -21,6 +21,21 @@ class ResourceRequest:
     num_gpus: float = 0.0
     memory: float = 0.0
     resources: tuple = ()  # sorted (name, amount) pairs, hashable
+    # Placement beyond one machine's accounting (the Ray runtime honours these; one machine has one node).
+    placement_group_bundles: tuple = ()  # one sorted (name, amount) tuple per bundle; the replica goes in bundle 0
+    placement_group_strategy: str = ""
+    max_replicas_per_node: int = 0
+    group: str = ""  # the deployment, for counting its replicas per node
+
+    @classmethod
+    def from_config(cls, config, group: str) -> "ResourceRequest":
+        """What one replica of a deployment with `config` (a DeploymentConfig) asks for."""
+        base = cls.from_actor_options(config.ray_actor_options)
+        bundles = tuple(tuple(sorted((k, float(v)) for k, v in b.items()))
+                        for b in (config.placement_group_bundles or ()))
+        strategy = getattr(config.placement_group_strategy, "value", config.placement_group_strategy) or ""
+        return cls(base.num_cpus, base.num_gpus, base.memory, base.resources, bundles, str(strategy),
+                   int(config.max_replicas_per_node or 0), group)
 
     @classmethod
     def from_actor_options(cls, opts) -> "ResourceRequest":
@@ -91,6 +106,10 @@ class Runtime(ABC):
     @abstractmethod
     def capacity(self) -> dict[str, float]:
         """Total resources, for status messages."""
+
+    def proxy_count(self, http_options: dict) -> int:
+        """How many HTTP proxies to run (a cluster runtime runs one per node)."""
+        return int(http_options.get("num_proxies", 1))
 
     def close(self) -> None:
         """Release anything the runtime holds (called when the controller exits)."""

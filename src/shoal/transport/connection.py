@@ -304,7 +304,7 @@ async def connect_unix(path: str, handler: Optional[Handler] = None, name: str =
 
 
 async def serve_unix(path: str, handler_factory: Callable[[], Optional[Handler]], name: str = "") -> asyncio.AbstractServer:
-    """Listen on a Unix socket readable by this user alone; each peer gets its own `Connection`."""
+    """Listen on a Unix socket readable (0600) by this user alone; each peer gets its own `Connection`."""
     import os
 
     loop = asyncio.get_running_loop()
@@ -318,3 +318,124 @@ async def serve_unix(path: str, handler_factory: Callable[[], Optional[Handler]]
     finally:
         os.umask(old)
     return server
+
+
+TCP_PREFIX = "tcp://"
+
+
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    """`tcp://host:port` -> (host, port); IPv6 hosts are written in brackets."""
+    hostport = address[len(TCP_PREFIX):]
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def format_tcp_address(host: str, port: int) -> str:
+    return f"{TCP_PREFIX}[{host}]:{port}" if ":" in host else f"{TCP_PREFIX}{host}:{port}"
+
+
+def _tune_tcp(sock: Any) -> None:
+    """No Nagle delay for small frames; keepalive so a peer on a vanished node is noticed."""
+    import socket
+
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+async def connect(address: str, handler: Optional[Handler] = None, name: str = "", **kw: Any) -> Connection:
+    """Connect to a Unix socket path or a `tcp://host:port` address (authenticated)."""
+    if address.startswith(TCP_PREFIX):
+        return await connect_tcp(address, handler, name, **kw)
+    return await connect_unix(address, handler, name, **kw)
+
+
+async def connect_tcp(address: str, handler: Optional[Handler] = None, name: str = "", **kw: Any) -> Connection:
+    import socket
+
+    from shoal.transport import auth
+
+    secret = auth.get_secret()
+    host, port = parse_tcp_address(address)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        _tune_tcp(sock)
+        await loop.sock_connect(sock, (host, port))
+        await auth.client_handshake(sock, secret)
+        _, conn = await loop.create_connection(lambda: Connection(handler, name=name, **kw), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    conn.sock = sock
+    return conn
+
+
+class TcpServer:
+    """Accepts TCP connections; each becomes a `Connection` only after the peer proved the secret."""
+
+    def __init__(self, sock: Any, handler_factory: Callable[[], Optional[Handler]], name: str, secret: bytes):
+        self.sock = sock
+        self.handler_factory = handler_factory
+        self.name = name
+        self.secret = secret
+        host, port = sock.getsockname()[:2]
+        self.address = format_tcp_address(host, port)
+        self._pending: set = set()
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self.sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:
+                logger.warning("accept on %s failed: %r", self.address, e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._admit(sock))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _admit(self, sock: Any) -> None:
+        from shoal.transport import auth
+
+        sock.setblocking(False)
+        try:
+            _tune_tcp(sock)
+            if not await auth.server_handshake(sock, self.secret):
+                logger.warning("refused a connection to %s: it did not prove the instance secret", self.name)
+                sock.close()
+                return
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: Connection(self.handler_factory(), name=self.name), sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        self._task.cancel()
+        for task in list(self._pending):
+            task.cancel()
+        self.sock.close()
+
+
+async def serve_tcp(host: str, port: int, handler_factory: Callable[[], Optional[Handler]],
+                    name: str = "") -> TcpServer:
+    """Listen on TCP; `server.address` is the `tcp://host:port` peers connect to."""
+    import socket
+
+    from shoal.transport import auth
+
+    secret = auth.get_secret()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return TcpServer(sock, handler_factory, name, secret)

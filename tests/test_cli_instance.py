@@ -311,9 +311,8 @@ def test_rejected_configs_leave_running_apps_untouched(inst):
           import_path: instapp:broken
         """)
     failed = inst.cli("deploy", "broken.yaml", check=1)
-    assert any(line.startswith("broken/Broken: UPDATING") and line.endswith(
-        " -- A replica failed to start (1 of 2 attempts); retrying. RuntimeError: boom-in-constructor")
-        for line in failed.stdout.splitlines()), failed.stdout
+    # (The "failed to start (1 of 2 attempts); retrying" line between them may fall between two polls.)
+    assert any(line.startswith("broken/Broken: UPDATING") for line in failed.stdout.splitlines()), failed.stdout
     assert "broken: DEPLOY_FAILED" in failed.stdout and "RuntimeError: boom-in-constructor" in failed.stdout, \
         failed.stdout
     # Declarative: `greet` is not in that file, so it was deleted.

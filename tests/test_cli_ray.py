@@ -40,8 +40,8 @@ def ok(out: subprocess.CompletedProcess) -> str:
     return out.stdout
 
 
-def _config(path, retrievers: int) -> str:
-    path.write_text(yaml.safe_dump({"applications": [{
+def _config(path, retrievers: int, **extra: dict) -> str:
+    path.write_text(yaml.safe_dump({**extra, "applications": [{
         "name": "rag", "route_prefix": "/rag", "import_path": "examples.composition:app",
         "deployments": [{"name": "Retriever", "num_replicas": retrievers}]}]}))
     return str(path)
@@ -85,9 +85,11 @@ def test_start_deploy_status_update_shutdown(ray_cluster, tmp_path):
     assert len(after["proxies"]) == 3
     assert "rag" in ok(shoal(address, "status")) and "2 running" in ok(shoal(address, "status"))
 
-    # Scale through the file: only the option changes.
-    config = _config(tmp_path / "serve.yaml", retrievers=3)
-    ok(shoal(address, "deploy", config, "--app-dir", ROOT))
+    # Scale through the file: only the option changes. The running instance keeps its HTTP port.
+    config = _config(tmp_path / "serve.yaml", retrievers=3, http_options={"port": 8123})
+    scaling = shoal(address, "deploy", config, "--app-dir", ROOT)
+    ok(scaling)
+    assert "http_options: port differ from the running instance's" in scaling.stderr
     scaled = _status(address)["applications"]["rag"]["deployments"]
     assert scaled["Retriever"]["replica_states"] == {"RUNNING": 3}
     assert scaled["RAGPipeline"]["replica_states"] == {"RUNNING": 1}

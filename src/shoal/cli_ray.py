@@ -83,12 +83,7 @@ def leave(client: Any) -> None:
     """Disconnect without stopping anything: the controller and its applications stay on the cluster."""
     from shoal import client as client_mod
 
-    client.closed = True
-    client.close_routers()
-    if client.conn is not None:
-        client.loop.call_soon_threadsafe(client.conn.close)
-    if client.io_thread is not None:
-        client.io_thread.stop()
+    client_mod.disconnect_client(client)
     client_mod.set_global_client(None)
 
 
@@ -131,8 +126,14 @@ def deploy(config_file: str, config_schema: Any, app_dir: str, wait: bool, timeo
         raise click.ClickException(str(e)) from None
     configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in config_schema.applications}
     start_options = {k: getattr(config_schema, k) for k in ("proxy_location",) if k in config_schema.model_fields_set}
-    client = _join(address, config_schema.http_options.to_http_options(), **start_options)
+    wanted = config_schema.http_options.to_http_options()
+    client = _join(address, wanted, **start_options)
     try:
+        running = client.call_sync("http_options") or {}
+        changed = [k for k, v in wanted.items() if k in running and running[k] != v]
+        if changed:  # as the admin API says it for a local instance
+            click.echo(f"Warning: {config_file}: http_options: {', '.join(changed)} differ from the running "
+                       "instance's; they take effect once it is shut down and started anew", err=True)
         try:
             client.call_sync("apply_config", specs, configs)
         except Exception as e:  # noqa: BLE001 - e.g. shoal is shutting down

@@ -1,7 +1,8 @@
 """The `shoal` command line (also `python -m shoal`), mirroring Ray Serve's `serve` CLI.
 
 `shoal run IMPORT_PATH|CONFIG.yaml` deploys and keeps running until Ctrl-C or SIGTERM (a private
-instance, owned by this process). The commands that drive a detached instance (`start`, `deploy`,
+instance, owned by this process; with `--runtime ray`, the cluster's shared instance, of which it
+removes only what it added). The commands that drive a detached instance (`start`, `deploy`,
 `status`, `config`, `shutdown`) and `build` live in `cli_admin.py`; `main` stays a click group so
 other command groups join it with one `main.add_command(...)`.
 """
@@ -211,9 +212,11 @@ def runtime_kwargs(runtime: Optional[str], address: Optional[str]) -> dict[str, 
 
 def runtime_options(f: Any) -> Any:
     f = click.option("--address", "-a", default=None,
-                     help="Address of the cluster to run on (with --runtime ray); passed to serve.start.")(f)
+                     help="Address of the Ray cluster (with --runtime ray; default: $SHOAL_RAY_ADDRESS, else the "
+                          "running cluster).")(f)
     return click.option("--runtime", type=click.Choice(["embedded", "ray"]), default=None,
-                        help="Where replicas run (default: embedded, processes on this machine).")(f)
+                        help="Where replicas run (default: $SHOAL_RUNTIME, else embedded: processes on this "
+                             "machine).")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -423,6 +426,12 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
         if key not in http_options or source in (click.core.ParameterSource.COMMANDLINE,
                                                  click.core.ParameterSource.ENVIRONMENT):
             http_options[key] = value
+    from shoal import cli_ray
+
+    on_ray = cli_ray.wants_ray(runtime)
+    # On a cluster the instance is shared: stopping deletes this run's applications, and stops the
+    # instance only if this run started it and nothing else was deployed meanwhile.
+    started_here = on_ray and not cli_ray.instance_exists(address, for_run=True)
     signals = _Signals()
     signals.install()
     code = 0
@@ -476,10 +485,32 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
         if watcher is not None:
             watcher.stop()
         try:
-            api.shutdown()
+            if on_ray:
+                _leave_cluster(loaded, started_here)
+            else:
+                api.shutdown()
         finally:
             signals.restore()
     sys.exit(code)
+
+
+def _leave_cluster(loaded: _Target, started_here: bool) -> None:
+    """`shoal run --runtime ray` stops: delete this run's applications; stop the cluster instance only
+    when this run started it and no other application is left on it."""
+    from shoal import api, cli_ray
+    from shoal import client as client_mod
+
+    client = client_mod.get_global_client(required=False)
+    if client is None:
+        return
+    try:
+        client.call_sync("delete_apps", [s.name for s in loaded.specs], timeout=120)
+        if started_here and not client.call_sync("status", timeout=30).applications:
+            api.shutdown()
+            return
+    except Exception as e:  # noqa: BLE001 - the controller is gone: nothing left to delete
+        _err(f"Error: could not delete the applications: {e}")
+    cli_ray.leave(client)
 
 
 def _announce(loaded: _Target) -> None:

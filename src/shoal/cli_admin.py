@@ -3,7 +3,8 @@
 `shoal start` spawns a controller that outlives the command (see `instance.py`); `deploy`,
 `status`, `config` and `shutdown` find it through the instance directory (`--instance-dir`,
 `$SHOAL_INSTANCE_DIR`) and talk to its admin REST API (`controller/admin_api.py`) with the token
-from that directory.
+from that directory. With `--runtime ray` (or `SHOAL_RUNTIME=ray`) the same commands drive the
+instance on a Ray cluster instead (`cli_ray.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import click
 import yaml
 
-from shoal import instance
+from shoal import cli_ray, instance
 from shoal.cli import _warn, load_application, runtime_kwargs, runtime_options
 
 POLL_S = 0.25
@@ -68,6 +69,12 @@ def start(http_host: str, http_port: int, proxy_location: str, admin_port: int, 
     from shoal.config import HTTPOptions, validate_model
 
     runtime_kwargs(runtime, address)
+    if cli_ray.wants_ray(runtime):
+        try:
+            opts = validate_model(HTTPOptions, {"host": http_host, "port": http_port}, "http_options").model_dump()
+        except (TypeError, ValueError) as e:
+            raise click.UsageError(str(e)) from None
+        return cli_ray.start(address, opts, proxy_location)
     where = _dir(instance_dir)
     running = instance.read_info(where)
     if running is not None:
@@ -126,6 +133,8 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
             raise click.ClickException(str(e)) from None
     for w in caught:
         _warn(str(w.message))
+    if cli_ray.wants_ray(runtime):
+        return cli_ray.deploy(config_file, config_schema, app_dir, wait, timeout, address, wait_until_deployed)
     client = _connect(instance_dir)
     for key, value in (("runtime", runtime), ("address", address)):
         if value is not None and getattr(client.info, key) != value:
@@ -140,16 +149,23 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
     click.echo(f"Sent {config_file} to the instance: {', '.join(names) or 'no applications'}.")
     if not wait:
         return
+    wait_until_deployed(lambda: _admin_call(client.status), names, timeout,
+                        lambda: _admin_call(client.status, wait_routes=True))  # a request right after reaches them
+
+
+def wait_until_deployed(get_status: Any, names: list[str], timeout: float, settle: Any) -> None:
+    """Print progress from `get_status()` until the applications `names` are RUNNING (then `settle()`),
+    one failed, or `timeout` passes (the last two are errors)."""
     from shoal.cli_output import DeployProgress
 
     progress = DeployProgress(click.echo, names)
     deadline = time.monotonic() + timeout
     while True:
-        status = _admin_call(client.status)
+        status = get_status()
         progress.update(status)
         outcome = progress.outcome(status)
         if outcome is True:
-            _admin_call(client.status, wait_routes=True)  # so a request right after this reaches them
+            settle()
             click.echo("All applications are RUNNING.")
             return
         if outcome is False:
@@ -164,11 +180,16 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
               show_default=True, help="table: for people; yaml/json: the shape of serve.status().")
 @click.option("--name", "-n", default=None, help="Only this application.")
 @instance_dir_option
-def status(output: str, name: Optional[str], instance_dir: Optional[str]) -> None:
+@runtime_options
+def status(output: str, name: Optional[str], instance_dir: Optional[str], runtime: Optional[str],
+           address: Optional[str]) -> None:
     """Show the status of the instance's proxies, applications and deployments."""
     from shoal.cli_output import status_table
 
-    data = _admin_call(_connect(instance_dir).status)
+    if cli_ray.wants_ray(runtime):
+        data = cli_ray.status(address)
+    else:
+        data = _admin_call(_connect(instance_dir).status)
     if name is not None:
         data["applications"] = {k: v for k, v in data["applications"].items() if k == name}
     if output == "json":
@@ -182,9 +203,13 @@ def status(output: str, name: Optional[str], instance_dir: Optional[str]) -> Non
 @click.command("config")
 @click.option("--name", "-n", default=None, help="Only this application.")
 @instance_dir_option
-def config(name: Optional[str], instance_dir: Optional[str]) -> None:
+@runtime_options
+def config(name: Optional[str], instance_dir: Optional[str], runtime: Optional[str], address: Optional[str]) -> None:
     """Print the config each application was deployed with (YAML documents separated by ---)."""
-    apps = _admin_call(_connect(instance_dir).applications)["applications"]
+    if cli_ray.wants_ray(runtime):
+        apps = cli_ray.app_configs(address)
+    else:
+        apps = _admin_call(_connect(instance_dir).applications)["applications"]
     if name is not None:
         if name not in apps:
             raise click.ClickException(f"no application '{name}' deployed from a config "
@@ -198,8 +223,12 @@ def config(name: Optional[str], instance_dir: Optional[str]) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for every process to exit.")
 @instance_dir_option
-def shutdown(yes: bool, timeout: float, instance_dir: Optional[str]) -> None:
+@runtime_options
+def shutdown(yes: bool, timeout: float, instance_dir: Optional[str], runtime: Optional[str],
+             address: Optional[str]) -> None:
     """Delete every application and stop the detached instance."""
+    if cli_ray.wants_ray(runtime):
+        return cli_ray.shutdown(address, yes, timeout)
     where = _dir(instance_dir)
     info = instance.read_info(where)
     if info is None:

@@ -314,6 +314,19 @@ def _shutdown_at_exit(client: ServeClient) -> None:
         shutdown_client(client, timeout=10)
 
 
+def disconnect_client(client: ServeClient) -> None:
+    """Close this side only: a controller this process does not own (Ray) keeps running, and so do
+    its applications."""
+    if client.closed:
+        return
+    client.closed = True
+    client.close_routers()
+    if client.conn is not None:
+        client.loop.call_soon_threadsafe(client.conn.close)
+    if client.io_thread is not None:
+        client.io_thread.stop()
+
+
 def shutdown_client(client: ServeClient, timeout: float = 60) -> None:
     """Ask the controller to stop everything, wait for it to exit, and tear down this side."""
     if client.closed:

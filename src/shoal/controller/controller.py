@@ -344,6 +344,12 @@ class Controller(RpcHandler):
         """The config entry of every app deployed from a config file, by name."""
         return {name: a.config for name, a in self.apps.items() if not a.deleting and a.config is not None}
 
+    async def rpc_app_configs(self, conn: Connection) -> dict[str, dict]:
+        return self.app_configs()
+
+    async def rpc_http_options(self, conn: Connection) -> Optional[dict]:
+        return self.proxies.options
+
     async def rpc_list_apps(self, conn: Connection) -> dict:
         return {name: {"route_prefix": a.spec.route_prefix, "ingress": a.spec.ingress}
                 for name, a in self.apps.items() if not a.deleting}

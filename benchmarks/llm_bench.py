@@ -12,7 +12,10 @@ Targets (2-core machine): 16 streams >= 1.8x batched; time to first token p50 < 
 1 stream >= 1.4x naive; all shoal processes < 2.5 GB. The machine must be otherwise idle: the
 decode step is compute-bound and OpenMP threads collapse when the cores are shared.
 
-    python benchmarks/llm_bench.py [--levels 1,4,16] [--tokens 64]
+This VM's speed drifts from minute to minute, so the sides take turns over `--rounds` rounds and
+each keeps its best round per concurrency level (by tokens/s), as the other benchmarks here do.
+
+    python benchmarks/llm_bench.py [--rounds 2] [--levels 1,4,16] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -28,6 +31,25 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Path(__file__).resolve().parent / "llm_workload.py"
 PY = ROOT / ".venv" / "bin" / "python"
 SIDE_TIMEOUT_S = 1500
+
+
+def best_of(rounds: list[Side]) -> Side:
+    """One side's best round per concurrency level (by tokens/s); memory is the largest seen."""
+    ok = [r for r in rounds if r.result]
+    if not ok:
+        return rounds[-1]
+    merged: dict[str, Any] = dict(ok[0].result or {})
+    levels: dict[int, dict[str, Any]] = {}
+    for r in ok:
+        for lv in r.result["levels"]:  # type: ignore[index]
+            c = lv["concurrency"]
+            if c not in levels or lv["tokens_per_s"] > levels[c]["tokens_per_s"]:
+                levels[c] = lv
+    merged["levels"] = [levels[c] for c in sorted(levels)]
+    memories = [r.result["memory_mb"] for r in ok if r.result and "memory_mb" in r.result]  # type: ignore[index]
+    if memories:
+        merged["memory_mb"] = max(memories)
+    return Side(ok[0].name, result=merged)
 
 
 def _level(side: Side, c: int) -> dict[str, Any] | None:
@@ -76,15 +98,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests-per-client", type=int, default=3)
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
-    common = ["--levels", a.levels, "--tokens", str(a.tokens)]
-    sides = {}
-    for name, extra in (("shoal", ["--memory"]), ("naive", []), ("batched", [])):
-        cmd = [str(PY), str(WORKLOAD), "--side", name, *common, *extra]
-        sides[name] = run_command(name, cmd, SIDE_TIMEOUT_S)
-        if sides[name].error:
-            print(f"{name} side failed:\n{_tail(sides[name].error)}", file=sys.stderr)
+    common = ["--levels", a.levels, "--tokens", str(a.tokens), "--requests-per-client", str(a.requests_per_client)]
+    rounds: dict[str, list[Side]] = {"shoal": [], "naive": [], "batched": []}
+    for _ in range(a.rounds):
+        for name, extra in (("shoal", ["--memory"]), ("naive", []), ("batched", [])):
+            cmd = [str(PY), str(WORKLOAD), "--side", name, *common, *extra]
+            side = run_command(name, cmd, SIDE_TIMEOUT_S)
+            if side.error:
+                print(f"{name} side failed:\n{_tail(side.error)}", file=sys.stderr)
+            rounds[name].append(side)
+    sides = {name: best_of(runs) for name, runs in rounds.items()}
     text, ok = table(sides["shoal"], sides["naive"], sides["batched"], levels)
     print(text)
     print("\nAll targets met." if ok else "\nSome targets were not met (or a side failed).")

@@ -3,8 +3,8 @@
 Sides: `shoal` (`build_openai_app` on the default model with default engine options, streaming
 `/v1/completions` with `ignore_eos`), `naive` and `batched` (llm_baselines.py). Every request asks
 for exactly `--tokens` new tokens on its own prompt. At concurrency C, C client tasks each send
-`--requests-per-client` requests back to back (the first round at each level is a warm-up and is not
-counted); tokens/s is all generated tokens over the wall time of the measured rounds, and time to first
+`--requests-per-client` requests back to back (before the first level, one uncounted warm-up
+request per client); tokens/s is all generated tokens over the wall time of the measured rounds, and time to first
 token runs from sending a request to its first token (the whole response for sides that do not
 stream). With `--memory`, the side also serves the embedding model and reports the RSS of every
 shoal process (controller, proxy, replicas) after the load.
@@ -62,10 +62,11 @@ async def baseline_request(client: httpx.AsyncClient, url: str, i: int, tokens: 
     return time.perf_counter() - start, r.json()["completion_tokens"]
 
 
-async def level(send, url: str, concurrency: int, per_client: int, tokens: int) -> dict:
-    """Warm up once per client, then measure `per_client` requests per client."""
+async def level(send, url: str, concurrency: int, per_client: int, tokens: int, warmup: bool) -> dict:
+    """Warm up (one request per client) if asked, then measure `per_client` requests per client."""
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=64)) as client:
-        await asyncio.gather(*(send(client, url, 1000 + c, tokens) for c in range(concurrency)))
+        if warmup:
+            await asyncio.gather(*(send(client, url, 1000 + c, tokens) for c in range(concurrency)))
         ttfts: list[float] = []
         total = 0
 
@@ -119,7 +120,7 @@ def main() -> None:
     for c in (int(x) for x in a.levels.split(",")):
         # The naive side serves one request at a time: one request per client keeps its run short.
         per_client = 1 if (a.side == "naive" and c > 1) else a.requests_per_client
-        levels.append(asyncio.run(level(send, url, c, per_client, a.tokens)))
+        levels.append(asyncio.run(level(send, url, c, per_client, a.tokens, warmup=not levels)))
         print(f"{a.side} c={c}: {levels[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     result = {"side": a.side, "ready_s": ready_s, "levels": levels}
     if a.memory:

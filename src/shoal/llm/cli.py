@@ -172,7 +172,7 @@ def _ready_message(url: str, model_ids: list[str], chat_model: Optional[str]) ->
     lines = [f"\nServing {', '.join(model_ids)} at {base} (OpenAI-compatible). Press Ctrl-C to stop.\n"]
     if chat_model:
         body = {"model": chat_model, "messages": [{"role": "user", "content": "Say hello in five words."}],
-                "max_tokens": 32}
+                "max_tokens": 32, "temperature": 0.2}
         lines.append("Try:\n  curl " + shlex.quote(f"{base}/chat/completions")
                      + " -H 'Content-Type: application/json' \\\n    -d " + shlex.quote(json.dumps(body)))
     lines.append(f"Models: curl {base}/models")

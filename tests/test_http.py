@@ -243,16 +243,8 @@ def test_client_disconnect_cancels_replica_and_downstream(url):
 def test_backpressure_503(url):
     sig = serve.run(Signal.bind(), name="signal", route_prefix=None)
 
-    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
-    class Narrow:
-        def __init__(self, sig):
-            self.sig = sig
-
-        async def __call__(self, request):
-            await self.sig.wait.remote()
-            return "ok"
-
-    serve.run(Narrow.bind(sig), name="narrow", route_prefix="/narrow")
+    narrow = WaitsForSignal.options(name="Narrow", max_ongoing_requests=1, max_queued_requests=1)
+    serve.run(narrow.bind(sig), name="narrow", route_prefix="/narrow")
     statuses = _concurrent_gets(url + "/narrow", 3, sig)
     assert sorted(statuses) == [200, 200, 503]
 
@@ -260,17 +252,9 @@ def test_backpressure_503(url):
 def test_backpressure_429_with_retry_after(url):
     sig = serve.run(Signal.bind(), name="signal", route_prefix=None)
 
-    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1,
-                      backpressure_config={"status_code": 429, "retry_after_s": 7})
-    class Narrow:
-        def __init__(self, sig):
-            self.sig = sig
-
-        async def __call__(self, request):
-            await self.sig.wait.remote()
-            return "ok"
-
-    serve.run(Narrow.bind(sig), name="narrow", route_prefix="/narrow")
+    narrow = WaitsForSignal.options(name="Narrow", max_ongoing_requests=1, max_queued_requests=1,
+                                    backpressure_config={"status_code": 429, "retry_after_s": 7})
+    serve.run(narrow.bind(sig), name="narrow", route_prefix="/narrow")
     results = _concurrent_gets(url + "/narrow", 3, sig, full=True)
     rejected = [r for r in results if r.status_code == 429]
     assert len(rejected) == 1 and rejected[0].headers["retry-after"] == "7"

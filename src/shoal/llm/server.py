@@ -76,43 +76,28 @@ class LLMServer:
             chat_template_kwargs=req.chat_template_kwargs,
         )
         stream = self._generate(generation, param="messages")
-        rid, created = new_id("chatcmpl"), now()
+        head = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model}
         if not req.stream:
             text, finish, usage = await _collect(stream)
-            yield dumps({
-                "id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": text},
-                    "logprobs": None, "finish_reason": finish,
-                }],
-                "usage": usage,
-            })
+            message = {"role": "assistant", "content": text}
+            yield dumps({**head, "choices": [{"index": 0, "message": message, "logprobs": None,
+                                              "finish_reason": finish}], "usage": usage})
             return
-
-        def chunk(delta: dict[str, Any], finish: Any = None) -> dict[str, Any]:
-            body: dict[str, Any] = {
-                "id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-            if req.include_usage:
-                body["usage"] = None
-            return body
-
+        head["object"] = "chat.completion.chunk"
         first = True
         async for delta in stream:
             if first:
                 first = False
-                yield dumps(chunk({"role": "assistant", "content": delta.text}))
+                yield _event(head, req, {"index": 0, "delta": {"role": "assistant", "content": delta.text},
+                                         "logprobs": None, "finish_reason": None})
             elif delta.text:
-                yield dumps(chunk({"content": delta.text}))
+                yield _event(head, req, {"index": 0, "delta": {"content": delta.text}, "logprobs": None,
+                                         "finish_reason": None})
             if delta.finish_reason is not None:
-                yield dumps(chunk({}, delta.finish_reason))
+                yield _event(head, req, {"index": 0, "delta": {}, "logprobs": None,
+                                         "finish_reason": delta.finish_reason})
                 if req.include_usage and delta.usage is not None:
-                    yield dumps({
-                        "id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": req.model, "choices": [],
-                        "usage": usage_dict(delta.usage.prompt_tokens, delta.usage.completion_tokens),
-                    })
+                    yield _usage_event(head, delta.usage)
 
     async def completions(self, request: dict[str, Any]) -> AsyncIterator[str]:
         """`/v1/completions`: as `chat`, for a plain prompt (text or token ids)."""
@@ -121,33 +106,18 @@ class LLMServer:
             prompt=req.single_prompt(), sampling=SamplingParams(**req.sampling_kwargs())
         )
         stream = self._generate(generation, param="prompt")
-        rid, created = new_id("cmpl"), now()
+        head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model}
         if not req.stream:
             text, finish, usage = await _collect(stream)
-            yield dumps({
-                "id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": usage,
-            })
+            yield dumps({**head, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                              "finish_reason": finish}], "usage": usage})
             return
         async for delta in stream:
             if delta.text or delta.finish_reason is not None:
-                body: dict[str, Any] = {
-                    "id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{
-                        "index": 0, "text": delta.text, "logprobs": None,
-                        "finish_reason": delta.finish_reason,
-                    }],
-                }
-                if req.include_usage:
-                    body["usage"] = None
-                yield dumps(body)
+                yield _event(head, req, {"index": 0, "text": delta.text, "logprobs": None,
+                                         "finish_reason": delta.finish_reason})
             if delta.finish_reason is not None and req.include_usage and delta.usage is not None:
-                yield dumps({
-                    "id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [],
-                    "usage": usage_dict(delta.usage.prompt_tokens, delta.usage.completion_tokens),
-                })
+                yield _usage_event(head, delta.usage)
 
     async def embeddings(self, request: dict[str, Any]) -> str:
         """`/v1/embeddings`: float lists, or base64 of little-endian float32 (the openai client's default)."""
@@ -202,6 +172,19 @@ class LLMServer:
             raise OpenAIError(400, str(exc), param=param, code="invalid_value") from None
         except EngineShutdownError as exc:
             raise OpenAIError(503, str(exc), type="server_error", code="engine_shut_down") from None
+
+
+def _event(head: dict[str, Any], req: Any, choice: dict[str, Any]) -> str:
+    """One streamed event: `usage` is present (null) on every event when the client asked for usage."""
+    body = {**head, "choices": [choice]}
+    if req.include_usage:
+        body["usage"] = None
+    return dumps(body)
+
+
+def _usage_event(head: dict[str, Any], usage: Any) -> str:
+    """The last event when `stream_options.include_usage` is set: no choices, the whole usage."""
+    return dumps({**head, "choices": [], "usage": usage_dict(usage.prompt_tokens, usage.completion_tokens)})
 
 
 async def _collect(stream: AsyncIterator[Any]) -> tuple[str, str, dict[str, int]]:

@@ -11,6 +11,7 @@ import concurrent.futures
 import itertools
 import os
 import threading
+import time
 from collections import deque
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
@@ -128,6 +129,7 @@ class _Request:
     """What a router needs to send one call; the base of both response types."""
 
     payload = None  # the request body already serialized, when the caller made it (the HTTP proxy does)
+    _retries = 0  # times a router re-sent it after its replica died before starting it
 
     def __init__(self, handle: DeploymentHandle, meta: _HandleMeta, args: tuple, kwargs: dict, router, on_loop: bool):
         self._handle = handle
@@ -150,8 +152,6 @@ class _Request:
     @property
     def queued_for_s(self) -> float:
         """How long the request has waited in its caller's queue (for router policies)."""
-        import time
-
         return time.monotonic() - self._queued_at if self._queued_at else 0.0
 
     def cancel(self) -> None:

@@ -28,11 +28,6 @@ class _Flusher:
         self.loop = loop
         self.dirty: list[CoalescingTransport] = []
 
-    def add(self, transport: "CoalescingTransport") -> None:
-        if not self.dirty:
-            self.loop.call_soon(self.run)
-        self.dirty.append(transport)
-
     def run(self) -> None:
         dirty, self.dirty = self.dirty, []
         for t in dirty:

@@ -44,7 +44,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 T = TypeVar("T", bound=type)
 
-_BOUND_MARK = "__shoal_ingress_method__"  # set on the wrappers this module puts in place of methods
 _current_instance: contextvars.ContextVar[Any] = contextvars.ContextVar("shoal_ingress_instance")
 _bind_lock = threading.Lock()  # local testing mode may create ingresses from several threads
 _LIFESPAN_EXIT_GRACE_S = 5.0
@@ -357,7 +356,6 @@ def _method_endpoint(func: Callable[..., Any]) -> Optional[Callable[..., Any]]:
 
     functools.update_wrapper(endpoint, func)
     endpoint.__signature__ = sig.replace(parameters=params[1:])  # type: ignore[attr-defined]
-    setattr(endpoint, _BOUND_MARK, func)
     return endpoint
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from shoal.common import SERVE_HTTP_REQUEST_ID_HEADER, SERVE_MULTIPLEXED_MODEL_ID, DeploymentID
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from shoal.http.convert import TEXT_UTF8
 from shoal.http.routes import Route, RouteTable
 from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
@@ -32,7 +33,6 @@ logger = logging.getLogger("shoal.proxy")
 _REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
 _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
 _SESSION_HEADER = b"x-session-id"
-_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 _NO_KWARGS: dict = {}
 _NO_ITEMS = ()
@@ -52,7 +52,6 @@ class HTTPCall:
     method_name = HTTP_METHOD
     stream = True
     kwargs: dict = {}
-    _sync_loop = None
 
     __slots__ = ("args", "payload", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
                  "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries",
@@ -90,18 +89,13 @@ class HTTPCall:
         if self.finished:
             return
         self.result, self.exc, self.finished = value, exc, True
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
     def _push(self, item: Any) -> None:
         if self.items is _NO_ITEMS:
             self.items = deque()
         self.items.append(item)
         self._wake()
-
-    def _done(self) -> bool:
-        return self.finished
 
     @property
     def queued_for_s(self) -> float:
@@ -321,10 +315,6 @@ class ProxyApp:
         if exc is None:
             if started:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            elif call.result is not None:
-                status, headers, body = call.result
-                await send({"type": "http.response.start", "status": status, "headers": headers + [rid_header]})
-                await send({"type": "http.response.body", "body": body})
             else:
                 await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
             return
@@ -399,7 +389,7 @@ async def _watch_disconnect(receive: Any, call: HTTPCall) -> None:
         if msg["type"] == "http.disconnect":
             if not call.finished:
                 call._cancelled = True
-                call.loop.call_soon(_cancel_call, call)
+                call.loop.call_soon(call.router.cancel, call)
             return
 
 
@@ -411,17 +401,9 @@ def _time_out(call: HTTPCall) -> None:
     call.router.cancel(call)
 
 
-def _cancel_call(call: HTTPCall) -> None:
-    c = call._call
-    if c is not None:
-        c.router.cancel(call)
-    else:
-        call._complete(exc=RequestCancelledError(call.request_id))
-
-
 async def _respond(send: Any, status: int, body: bytes, headers: Optional[list] = None,
                    extra: Optional[list] = None) -> None:
-    h = list(headers or _TEXT) + [(b"content-length", str(len(body)).encode())] + list(extra or ())
+    h = list(headers or TEXT_UTF8) + [(b"content-length", str(len(body)).encode())] + list(extra or ())
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
 
@@ -447,18 +429,9 @@ async def run_proxy(session_dir: str, index: int) -> None:
     loop = asyncio.get_running_loop()
     client = ServeClient(loop, session_dir)
     set_global_client(client)
-    app_holder: dict = {}
-
-    class _Control:
-        """Control calls and notifications from the controller."""
-
-        def __getattr__(self, name: str) -> Any:
-            raise AttributeError(name)
-
-    info = await client.connect("proxy", extra_handler=_Control(), index=index)
+    info = await client.connect("proxy", index=index)
     options = info["http_options"]
     app = ProxyApp(client, options)
-    app_holder["app"] = app
     client.on_routes = lambda routes, version: (app.set_routes(routes), client.conn.notify("routes_ack", version))
     client.on_routes(*max([info["routes"], client.pending_routes or info["routes"]], key=lambda rv: rv[1]))
     client.on_controller_lost = lambda: exit_process(0)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from starlette.requests import Request
 
-from shoal.http.convert import chunk_bytes, to_http
+from shoal.http.convert import TEXT_UTF8, chunk_bytes, to_http
 from shoal.http.scope import scope_from_wire
 from shoal.replica.user_callable import _ASYNC, _ASYNC_GEN, _SYNC_GEN, UserCallable
 from shoal.transport import serialization as ser
@@ -24,7 +24,6 @@ from shoal.transport.framing import Kind
 logger = logging.getLogger("shoal.replica")
 
 HTTP_METHOD = "__shoal_http__"
-_STREAM_HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
 _pickler = ser.PlainPickler()  # replies are made on the replica's event loop thread only
@@ -148,7 +147,7 @@ class HTTPAdapter:
     async def _stream(self, request: Request, conn: Connection, rid: int) -> None:
         """A generator `__call__`: each item is sent as a chunk as soon as it is produced."""
         responder = Responder(conn, rid)
-        await responder.send({"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS})
+        await responder.send({"type": "http.response.start", "status": 200, "headers": TEXT_UTF8})
         async for item in self.callable.call_stream("__call__", (request,), {}):
             await responder.send({"type": "http.response.body", "body": chunk_bytes(item), "more_body": True})
         await responder.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -141,9 +141,9 @@ class _Call:
         self.resp._call = None
         entry = self.entry
         rid = entry.info.replica_id
-        if not self.started and not self.resp._cancelled and getattr(self.resp, "_retries", 0) < MAX_RETRIES:
+        if not self.started and not self.resp._cancelled and self.resp._retries < MAX_RETRIES:
             # The replica went away before it started this request: another replica takes it.
-            self.resp._retries = getattr(self.resp, "_retries", 0) + 1
+            self.resp._retries += 1
             self.router._on_replica_lost(entry, drain=False)  # never pick the dead replica again
             self.router._release(entry, lost=True)
             self.router._retry(self.resp)

@@ -27,9 +27,8 @@ def build_openai_app(llm_serving_args: Union[LLMServingArgs, dict[str, Any], lis
     """
     if isinstance(llm_serving_args, list):
         llm_serving_args = {"llm_configs": llm_serving_args}
-    args = LLMServingArgs.model_validate(
-        llm_serving_args.model_dump() if isinstance(llm_serving_args, LLMServingArgs) else llm_serving_args
-    )
+    args = (llm_serving_args if isinstance(llm_serving_args, LLMServingArgs)
+            else LLMServingArgs.model_validate(llm_serving_args))
     servers = {config.model_id: build_llm_deployment(config) for config in args.configs()}
     options = {**INGRESS_DEPLOYMENT_DEFAULTS, **args.ingress_deployment_config}
     return deployment(OpenAiIngress).options(**options).bind(servers)

@@ -60,17 +60,21 @@ def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: i
             deployment_config["max_queued_requests"] = max_queued_requests
         from shoal.llm.models import resolve_model_source
 
+        embedding = {c.model_id: _is_embedding(c.model_loading_config.source) for c in llm_configs}
         for source in sources:
-            resolve_model_source(source)  # a wrong path or an unreachable hub fails here, in one line
-            engine_kwargs = _engine_kwargs_for(source, dtype, max_num_seqs)
+            # Resolved once, here: a wrong path or an unreachable hub fails in one line.
+            is_embedding = resolve_model_source(source).format == "sentence-transformers"
+            model_id = _model_id(source)
+            embedding[model_id] = is_embedding
             llm_configs.append(LLMConfig(
-                model_loading_config={"model_id": _model_id(source), "model_source": source},
-                engine_kwargs=engine_kwargs, deployment_config=deployment_config,
+                model_loading_config={"model_id": model_id, "model_source": source},
+                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs),
+                deployment_config=deployment_config,
             ))
         app = build_openai_app({"llm_configs": llm_configs})
     except Exception as exc:  # noqa: BLE001 - a bad option is one clear line
         raise click.ClickException(str(exc)) from None
-    chat_model = next((c.model_id for c in llm_configs if not _is_embedding(c.model_loading_config.source)), None)
+    chat_model = next((c.model_id for c in llm_configs if not embedding[c.model_id]), None)
     sys.exit(_serve_in_foreground(app, [c.model_id for c in llm_configs], chat_model, host, port))
 
 
@@ -83,10 +87,8 @@ def _is_embedding(source: str) -> bool:
         return False
 
 
-def _engine_kwargs_for(source: str, dtype: str, max_num_seqs: Optional[int]) -> dict[str, Any]:
-    """Generation-engine options; embedding models take none of them."""
-    if _is_embedding(source):
-        return {}
+def _engine_kwargs(dtype: str, max_num_seqs: Optional[int]) -> dict[str, Any]:
+    """Generation-engine options (embedding models take none of them)."""
     kwargs: dict[str, Any] = {"dtype": dtype}
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs

@@ -8,6 +8,7 @@ dropped, and unknown keys are rejected with the field named (``extra="forbid"``)
 from __future__ import annotations
 
 import logging
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -65,7 +66,7 @@ class LLMConfig(BaseModel):
     @field_validator("llm_engine")
     @classmethod
     def _known_engine(cls, value: str) -> str:
-        allowed = ("auto", "transformers", "sentence-transformers")
+        allowed = typing.get_args(EngineName)
         if value in allowed:
             return value
         if value.lower() in _FOREIGN_ENGINES:
@@ -132,7 +133,7 @@ class LLMServingArgs(BaseModel):
         return configs
 
     def configs(self) -> list[LLMConfig]:
-        return [c if isinstance(c, LLMConfig) else load_llm_config(c) for c in self.llm_configs]
+        return list(self.llm_configs)  # type: ignore[arg-type] - `_load_each` made each an LLMConfig
 
 
 def load_llm_config(item: Union[LLMConfig, str, Path, dict[str, Any]]) -> LLMConfig:

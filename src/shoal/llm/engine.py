@@ -481,7 +481,7 @@ class _Sequence:
     __slots__ = (
         "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
         "generator", "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token",
-        "position", "finish_reason", "loop", "queue", "aborted",
+        "position", "loop", "queue", "aborted",
     )  # fmt: skip
 
     def __init__(
@@ -502,7 +502,6 @@ class _Sequence:
         self.completion_tokens = 0
         self.last_token = -1
         self.position = 0  # tokens in the cache = next position id = the row's next column
-        self.finish_reason: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue[Any] | None = None
         self.aborted = False
@@ -941,7 +940,7 @@ class TransformersEngine:
         active = self._active
         b, device = len(active), self.device
         positions = torch.tensor([s.position for s in active], dtype=torch.long, device=device)
-        width = max(s.position for s in active) + 1
+        longest = width = max(s.position for s in active) + 1
         if self._chunked_attention:
             width = -(-width // ATTENTION_CHUNK) * ATTENTION_CHUNK  # whole chunks (see the attention)
         store.ensure_cols(width)
@@ -957,7 +956,7 @@ class TransformersEngine:
             position_ids=positions.view(b, 1),
             cache=self._cache,
         )
-        store.used_cols = max(s.position for s in active) + 1
+        store.used_cols = longest
         for seq in active:
             seq.position += 1
         self._stats["decode_steps"] += 1
@@ -1031,7 +1030,6 @@ class TransformersEngine:
             outbox.append((seq, Delta(piece, seq.pending_ids, finish, usage)))
             seq.pending_ids = []
         if finish is not None:
-            seq.finish_reason = finish
             self._stats["finished_" + finish] += 1
             return True
         return False

@@ -141,8 +141,6 @@ class OpenAiIngress:
             return body, model_cls.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        except OpenAIError:
-            raise
 
     async def _handle_for(self, model: str) -> DeploymentHandle:
         if self._pending_handles:

@@ -7,6 +7,7 @@ Engine errors become `OpenAIError`s with the right status (prompt too long: 400)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import struct
@@ -59,7 +60,8 @@ class LLMServer:
         self.config = load_llm_config(llm_config)
         self.model_id = self.config.model_id
         self.created = now()
-        self.engine = make_engine(self.config)
+        # Resolving the source may look in the hub cache (or download): not on the replica's loop.
+        self.engine = await asyncio.to_thread(make_engine, self.config)
         logger.info("loading model %s from %s", self.model_id, self.config.model_loading_config.source)
         await self.engine.start()
         self.kind = "embedding" if isinstance(self.engine, EmbeddingEngine) else "generate"

@@ -119,8 +119,8 @@ def build_specs_in_subprocess(config: dict, app_dir: Optional[str] = None,
 
 
 async def build_specs_async(config: dict, app_dir: Optional[str] = None,
-                            timeout: float = BUILD_TIMEOUT_S) -> tuple[list[ApplicationSpec], str]:
-    """`build_specs` in a fresh process, without blocking the event loop. Returns (specs, stderr)."""
+                            timeout: float = BUILD_TIMEOUT_S) -> list[ApplicationSpec]:
+    """`build_specs` in a fresh process, without blocking the event loop."""
     cmd, env, cwd = _command(app_dir)
     proc = await asyncio.create_subprocess_exec(*cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, env=env, cwd=cwd)
@@ -131,7 +131,7 @@ async def build_specs_async(config: dict, app_dir: Optional[str] = None,
         proc.kill()
         await proc.wait()
         raise ConfigError(f"building the applications took longer than {timeout:.0f} s") from None
-    return _decode(proc.returncode, out, err), err.decode(errors="replace")
+    return _decode(proc.returncode, out, err)
 
 
 def _main() -> None:

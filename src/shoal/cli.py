@@ -191,23 +191,8 @@ def parse_key_values(arguments: tuple[str, ...]) -> dict[str, str]:
 
 
 def runtime_kwargs(runtime: Optional[str], address: Optional[str]) -> dict[str, Any]:
-    """`--runtime` / `--address` as keyword arguments for `serve.start`, only those given; an error
-    when this shoal's `serve.start` does not take them yet (the Ray runtime, issue 8)."""
-    import inspect
-
-    from shoal import api
-
-    kwargs = {k: v for k, v in (("runtime", runtime), ("address", address)) if v is not None}
-    params = inspect.signature(api.start).parameters
-    missing = [k for k in kwargs if k not in params]
-    if missing == ["runtime"] and runtime == "embedded":
-        kwargs.pop("runtime")  # the only runtime there is: nothing to pass
-        missing = []
-    if missing:
-        what = " and ".join(f"--{k} {kwargs[k]}" for k in missing)
-        raise click.UsageError(f"{what}: not available yet in this version of shoal "
-                               "(only the embedded runtime is).")
-    return kwargs
+    """`--runtime` / `--address` as keyword arguments for `serve.start`, only those given."""
+    return {k: v for k, v in (("runtime", runtime), ("address", address)) if v is not None}
 
 
 def runtime_options(f: Any) -> Any:

@@ -20,7 +20,7 @@ import click
 import yaml
 
 from shoal import cli_ray, instance
-from shoal.cli import _warn, load_application, runtime_kwargs, runtime_options
+from shoal.cli import _warn, load_application, runtime_options
 
 POLL_S = 0.25
 
@@ -68,22 +68,17 @@ def start(http_host: str, http_port: int, proxy_location: str, admin_port: int, 
     """Start a detached shoal instance that keeps running after this command returns."""
     from shoal.config import HTTPOptions, validate_model
 
-    runtime_kwargs(runtime, address)
+    try:
+        opts = validate_model(HTTPOptions, {"host": http_host, "port": http_port}, "http_options").model_dump()
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
     if cli_ray.wants_ray(runtime):
-        try:
-            opts = validate_model(HTTPOptions, {"host": http_host, "port": http_port}, "http_options").model_dump()
-        except (TypeError, ValueError) as e:
-            raise click.UsageError(str(e)) from None
         return cli_ray.start(address, opts, proxy_location)
     where = _dir(instance_dir)
     running = instance.read_info(where)
     if running is not None:
         click.echo(f"A shoal instance is already running (pid {running.pid}, admin API {running.admin_url}).")
         return
-    try:
-        opts = validate_model(HTTPOptions, {"host": http_host, "port": http_port}, "http_options").model_dump()
-    except (TypeError, ValueError) as e:
-        raise click.UsageError(str(e)) from None
     opts["proxy_location"] = proxy_location
     try:
         info = instance.start_detached(where, opts, admin_port, runtime, address)
@@ -124,7 +119,6 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
     """
     from shoal import schema
 
-    runtime_kwargs(runtime, address)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", schema.ConfigWarning)
         try:
@@ -136,10 +130,9 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
     if cli_ray.wants_ray(runtime):
         return cli_ray.deploy(config_file, config_schema, app_dir, wait, timeout, address, wait_until_deployed)
     client = _connect(instance_dir)
-    for key, value in (("runtime", runtime), ("address", address)):
-        if value is not None and getattr(client.info, key) != value:
-            raise click.ClickException(f"--{key} {value} does not match the running instance's "
-                                       f"({getattr(client.info, key)}); `shoal shutdown` and `shoal start` it anew.")
+    if address is not None and client.info.address != address:  # (`--runtime ray` went to cli_ray above)
+        raise click.ClickException(f"--address {address} does not match the running instance's "
+                                   f"({client.info.address}); `shoal shutdown` and `shoal start` it anew.")
     body = config_schema.model_dump(mode="json", exclude_unset=True)
     reply = _admin_call(client.deploy, body, os.path.abspath(app_dir), prefix=f"{config_file}: ")
     for note in reply.get("warnings", []):

@@ -60,9 +60,6 @@ class ConfigError(ValueError):
         prefix = f"{source}: " if source else ""
         super().__init__("\n".join(prefix + p for p in self.problems))
 
-    def with_source(self, source: Optional[str]) -> "ConfigError":
-        return self if source is None or self.source is not None else ConfigError(self.problems, source)
-
 
 class ConfigWarning(UserWarning):
     """A field that is accepted but has no effect on shoal (or is unknown and ignored)."""
@@ -205,13 +202,17 @@ class _SchemaModel(BaseModel):
         return list(self._warnings)
 
     def _take_extras(self, what: str) -> None:
-        """With extra="allow": report unknown fields, then drop them (they are never dumped)."""
-        extra = self.__pydantic_extra__ or {}
-        for key in extra:
-            self._warnings.append(f"{key}: unknown {what} field, ignored")
-        if extra:
-            self.__pydantic_fields_set__ -= set(extra)
-            self.__pydantic_extra__ = {}
+        _take_extras(self, what)
+
+
+def _take_extras(model: Any, what: str) -> None:
+    """With extra="allow": report unknown fields in `model._warnings`, then drop them (never dumped)."""
+    extra = model.__pydantic_extra__ or {}
+    for key in extra:
+        model._warnings.append(f"{key}: unknown {what} field, ignored")
+    if extra:
+        model.__pydantic_fields_set__ -= set(extra)
+        model.__pydantic_extra__ = {}
 
 
 class RayActorOptionsSchema(RayActorOptions):
@@ -307,12 +308,7 @@ class HTTPOptionsSchema(HTTPOptions):
 
     @model_validator(mode="after")
     def _report(self) -> "HTTPOptionsSchema":
-        extra = self.__pydantic_extra__ or {}
-        for key in extra:
-            self._warnings.append(f"{key}: unknown http_options field, ignored")
-        if extra:
-            self.__pydantic_fields_set__ -= set(extra)
-            self.__pydantic_extra__ = {}
+        _take_extras(self, "http_options")
         for key in ("ssl_keyfile_password", "ssl_ca_certs"):
             if getattr(self, key) is not None:
                 self._warnings.append(f"{key}: not supported by shoal, ignored")
@@ -424,10 +420,6 @@ class ServeApplicationSchema(_SchemaModel):
             self._warnings.extend(f"deployments[{i}].{w}" for w in d.config_warnings)
         return self
 
-    @property
-    def deployment_names(self) -> List[str]:
-        return [d.name for d in self.deployments]
-
 
 class ServeDeploySchema(_SchemaModel):
     """A whole config file (`serve deploy` / `serve run config.yaml` / the REST PUT body)."""
@@ -469,9 +461,6 @@ class ServeDeploySchema(_SchemaModel):
         for i, app in enumerate(self.applications):
             self._warnings.extend(f"applications[{i}].{w}" for w in app.config_warnings)
         return self
-
-    def get_application(self, name: str) -> Optional[ServeApplicationSchema]:
-        return next((a for a in self.applications if a.name == name), None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def make_app(controller: "Controller", token: str) -> Any:
             return JSONResponse({"errors": e.problems}, 400)
         async with lock:
             try:
-                specs, _ = await build_specs_async(body, request.query_params.get("app_dir"))
+                specs = await build_specs_async(body, request.query_params.get("app_dir"))
             except ConfigError as e:
                 return JSONResponse({"errors": e.problems}, 400)
             configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in schema.applications}

@@ -81,6 +81,10 @@ class DeploymentState:
         self.reconfigure_version = spec.reconfigure_version()
         self.request = ResourceRequest.from_config(spec.config, str(self.id))
         cfg = spec.config
+        # What callers' routers need besides the replica set; it only changes here, with the spec.
+        self._router_config_key = (cfg.max_ongoing_requests, cfg.max_queued_requests,
+                                   cfg.request_router_config.model_dump_json(),
+                                   cfg.backpressure_config.model_dump_json())
         if cfg.autoscaling_config is not None:
             a = cfg.autoscaling_config
             if self.autoscaler is None:
@@ -135,10 +139,8 @@ class DeploymentState:
                                  request_router_kwargs=tuple(sorted(rc.request_router_kwargs.items())))
 
     def publish_if_changed(self) -> None:
-        cfg = self.spec.config
         key = (tuple((r.replica_id.unique_id, r.multiplexed_model_ids) for r in self.running_infos()),
-               cfg.max_ongoing_requests, cfg.max_queued_requests, cfg.request_router_config.model_dump_json(),
-               cfg.backpressure_config.model_dump_json())
+               self._router_config_key)
         if key != self._published:
             self._published = key
             self.controller.publish(self)

@@ -174,13 +174,11 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
 
         return run_local(target, name)
     spec = build_app_spec(target, name, route_prefix)
-    if runtime is not None or address is not None:
-        start(runtime=runtime, address=address)
     if not blocking:
-        return _deploy(spec)
+        return _deploy(spec, runtime, address)
     with _SigtermAsInterrupt():  # installed first: a SIGTERM during the deploy also shuts down cleanly
         try:
-            handle = _deploy(spec)
+            handle = _deploy(spec, runtime, address)
         except KeyboardInterrupt:
             shutdown()
             return DeploymentHandle(spec.ingress, name)
@@ -188,8 +186,8 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
     return handle
 
 
-def _deploy(spec: ApplicationSpec) -> DeploymentHandle:
-    start()
+def _deploy(spec: ApplicationSpec, runtime: Optional[str] = None, address: Optional[str] = None) -> DeploymentHandle:
+    start(runtime=runtime, address=address)
     client = client_mod.get_global_client()
     client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
     status, message = client.call_sync("wait_for_app", spec.name)  # type: ignore[union-attr]

@@ -109,6 +109,8 @@ class ServeClient:
         self._lock = threading.Lock()
         self._targets: dict[DeploymentID, DeploymentTargets] = {}
         self._routers: dict[DeploymentID, "weakref.WeakSet[Router]"] = {}
+        self._last_report: dict = {}
+        self._report_scheduled = True  # until connected: nothing to report to yet
         # In a driver, sync callers drive their own loop (no thread hop per call); see sync_loop.py.
         # asyncio's own loop, not uvloop: uvloop re-installs signal handling on every run in the
         # main thread (~30 us), and this loop is run once or twice per call.
@@ -173,7 +175,6 @@ class ServeClient:
 
     def start_load_reports(self) -> None:
         """Report queued/running requests of autoscaled deployments to the controller (I/O loop)."""
-        self._last_report: dict = {}
         self._report_scheduled = False
         self.loop.call_later(self._REPORT_PERIOD_S, self._periodic_report)
 
@@ -185,7 +186,7 @@ class ServeClient:
 
     def _report_soon(self, router: Router) -> None:
         """A request waits with no replica: tell the controller now (cold start from zero)."""
-        if router.autoscaling and not getattr(self, "_report_scheduled", True):
+        if router.autoscaling and not self._report_scheduled:
             self._report_scheduled = True
             self.loop.call_soon_threadsafe(self._send_report)
 

@@ -6,11 +6,15 @@ still runs, and to stop it. Routing, autoscaling, batching and HTTP never see th
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from shoal.common import ReplicaID
+
+#: Tolerance when comparing fractional resource amounts (0.1 + 0.2 must fit in 0.3).
+RESOURCE_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,12 @@ class ResourceRequest:
     @classmethod
     def from_config(cls, config, group: str) -> "ResourceRequest":
         """What one replica of a deployment with `config` (a DeploymentConfig) asks for."""
-        base = cls.from_actor_options(config.ray_actor_options)
         bundles = tuple(tuple(sorted((k, float(v)) for k, v in b.items()))
                         for b in (config.placement_group_bundles or ()))
         strategy = getattr(config.placement_group_strategy, "value", config.placement_group_strategy) or ""
-        return cls(base.num_cpus, base.num_gpus, base.memory, base.resources, bundles, str(strategy),
-                   int(config.max_replicas_per_node or 0), group)
+        return dataclasses.replace(cls.from_actor_options(config.ray_actor_options),
+                                   placement_group_bundles=bundles, placement_group_strategy=str(strategy),
+                                   max_replicas_per_node=int(config.max_replicas_per_node or 0), group=group)
 
     @classmethod
     def from_actor_options(cls, opts) -> "ResourceRequest":

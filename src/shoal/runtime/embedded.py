@@ -19,9 +19,8 @@ from collections import deque
 from typing import Optional, TextIO, Union
 
 from shoal.common import ReplicaID
-from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest, Runtime
+from shoal.runtime.base import RESOURCE_EPS, ReplicaProcess, Reservation, ResourceRequest, Runtime
 
-_EPS = 1e-9
 
 
 def _detect_gpus() -> int:
@@ -123,7 +122,7 @@ class EmbeddedRuntime(Runtime):
 
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
         wanted = request.as_dict()
-        missing = [k for k, v in wanted.items() if k != "GPU" and self.free.get(k, 0.0) + _EPS < v]
+        missing = [k for k, v in wanted.items() if k != "GPU" and self.free.get(k, 0.0) + RESOURCE_EPS < v]
         gpu_ids = self._pick_gpus(request.num_gpus) if request.num_gpus else []
         if request.num_gpus and gpu_ids is None:
             missing.append("GPU")
@@ -140,9 +139,9 @@ class EmbeddedRuntime(Runtime):
     def _pick_gpus(self, num_gpus: float) -> Optional[list[int]]:
         if num_gpus < 1:
             # Fractions share a device: pack onto the fullest device that still fits.
-            fits = [i for i, f in enumerate(self.gpu_free) if f + _EPS >= num_gpus]
+            fits = [i for i, f in enumerate(self.gpu_free) if f + RESOURCE_EPS >= num_gpus]
             return [min(fits, key=lambda i: self.gpu_free[i])] if fits else None
-        whole = [i for i, f in enumerate(self.gpu_free) if f >= 1 - _EPS]
+        whole = [i for i, f in enumerate(self.gpu_free) if f >= 1 - RESOURCE_EPS]
         n = int(num_gpus)
         return whole[:n] if len(whole) >= n else None
 

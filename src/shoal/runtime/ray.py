@@ -25,15 +25,13 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from shoal.common import ReplicaID
-from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest, Runtime
+from shoal.runtime.base import RESOURCE_EPS, ReplicaProcess, Reservation, ResourceRequest, Runtime
 from shoal.transport import auth
-
-logger = logging.getLogger("shoal.controller")
 
 NAMESPACE = "shoal"
 CONTROLLER_NAME = "SHOAL_CONTROLLER"
 HEAD_RESOURCE = "node:__internal_head__"
-_EPS = 1e-9
+NODES_TTL_S = 0.5
 
 
 _ended = threading.Event()
@@ -100,9 +98,6 @@ class ShoalWorker(_EndsThroughRay):
 
             _thread_main(lambda: run_proxy(controller_address, int(arg)), "shoal-proxy")
 
-    def node_id(self) -> str:
-        return os.environ["SHOAL_NODE_ID"]
-
 
 class RayReplicaProcess(ReplicaProcess):
     """A replica or proxy actor, as the controller sees it: alive until its `wait` call fails."""
@@ -156,7 +151,7 @@ def _alive_nodes() -> list[dict]:
 
 
 def _fits(have: dict, wanted: dict[str, float]) -> bool:
-    return all(have.get(k, 0.0) + _EPS >= v for k, v in wanted.items())
+    return all(have.get(k, 0.0) + RESOURCE_EPS >= v for k, v in wanted.items())
 
 
 class RayRuntime(Runtime):
@@ -171,6 +166,16 @@ class RayRuntime(Runtime):
         self.per_node: dict[tuple[str, str], int] = {}  # (deployment, node) -> replicas placed there
         self.reserved: dict[int, tuple[str, str]] = {}  # id(reservation) -> its key in per_node
         self.used: dict[str, dict[str, float]] = {}  # node -> resources shoal's replicas reserved there
+        self._alive: list[dict] = []
+        self._alive_at = -NODES_TTL_S
+
+    def _nodes(self) -> list[dict]:
+        """Alive nodes, asked of Ray at most every NODES_TTL_S: a pending replica is retried on every
+        reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata service."""
+        now = time.monotonic()
+        if now - self._alive_at >= NODES_TTL_S:
+            self._alive, self._alive_at = _alive_nodes(), now
+        return self._alive
 
     def capacity(self) -> dict[str, float]:
         return {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
@@ -178,7 +183,7 @@ class RayRuntime(Runtime):
     def proxy_count(self, http_options: dict) -> int:
         if http_options.get("proxy_location") == "HeadOnly":
             return 1
-        return max(1, len(_alive_nodes()))
+        return max(1, len(self._nodes()))
 
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
         """Pick a node for one replica: one with room, the fewest of this deployment's replicas first.
@@ -190,16 +195,15 @@ class RayRuntime(Runtime):
         wanted = request.as_dict()
         if request.placement_group_bundles:
             return Reservation(request, node_id="")  # Ray places the group, or keeps it pending
-        alive = _alive_nodes()
+        alive = self._nodes()
+        parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
         able = [n for n in alive if _fits(n.get("Resources", {}), wanted)]
         if not able:
-            parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
             return f"needs {parts}, and no node of the Ray cluster has that much"
         free = {n["NodeID"]: {k: v - self.used.get(n["NodeID"], {}).get(k, 0.0)
                               for k, v in n.get("Resources", {}).items()} for n in able}
         nodes = [nid for nid, have in free.items() if _fits(have, wanted)]
         if not nodes:
-            parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
             return f"needs {parts}, and every node that could hold it is full"
         counts = {nid: self.per_node.get((request.group, nid), 0) for nid in nodes}
         if request.max_replicas_per_node:
@@ -255,7 +259,7 @@ class RayRuntime(Runtime):
         return RayReplicaProcess(actor, reservation.node_id, pg)
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
-        nodes = _alive_nodes()
+        nodes = self._nodes()
         node_id = nodes[index % len(nodes)]["NodeID"]
         opts = self._options()
         opts.update(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
@@ -329,9 +333,7 @@ def _wait_gone(actor: Any, timeout: float) -> None:
     """After `shutdown`, wait until the controller actor is gone, so a new start gets a new one."""
     try:
         ray.get(actor.wait.remote(), timeout=min(timeout, EXIT_GRACE_S))
-    except ray.exceptions.RayActorError:
-        pass  # it exited, as asked
-    except Exception:  # noqa: BLE001 - timed out: the polling below decides
+    except Exception:  # noqa: BLE001 - it exited as asked, or timed out: the polling below decides
         pass
     deadline = time.monotonic() + min(timeout, 15)
     while time.monotonic() < deadline:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Optional
 
 import httpx
@@ -22,9 +24,19 @@ class NoInstanceError(RuntimeError):
     pass
 
 
+def _wait_s() -> float:
+    return float(os.environ.get("SHOAL_CONTROLLER_WAIT_S") or 30.0)
+
+
+def _notice(message: str) -> None:
+    sys.stderr.write(f"shoal: {message}\n")
+    sys.stderr.flush()
+
+
 class AdminClient:
-    def __init__(self, info: instance.InstanceInfo, token: str, timeout: float = 30.0):
+    def __init__(self, info: instance.InstanceInfo, token: str, timeout: float = 30.0, instance_dir: str = ""):
         self.info = info
+        self.instance_dir = instance_dir
         self.http = httpx.Client(base_url=info.admin_url, headers={"Authorization": f"Bearer {token}"},
                                  timeout=timeout, trust_env=False)
 
@@ -34,13 +46,39 @@ class AdminClient:
         if info is None:
             raise NoInstanceError(f"no shoal instance is running (looked in {instance_dir}); "
                                   "start one with `shoal start`.")
-        return cls(info, instance.read_token(instance_dir))
+        client = cls(info, instance.read_token(instance_dir), instance_dir=instance_dir)
+        if instance.restarting(info):
+            client._wait_for_restart()
+        return client
+
+    def _wait_for_restart(self) -> None:
+        """The controller died and its supervisor restarts it: wait (bounded) for the new one."""
+        wait_s = _wait_s()
+        _notice(f"the controller is restarting (pid {self.info.pid} exited; supervisor pid "
+                f"{self.info.supervisor_pid}); waiting up to {wait_s:g} s for it")
+        info = instance.wait_for_controller(self.instance_dir, wait_s)
+        if info is None:
+            raise NoInstanceError(f"the shoal instance in {self.instance_dir} stopped while its controller "
+                                  "was restarting.")
+        if instance.restarting(info):
+            raise AdminError([f"the shoal controller is restarting and did not come back within {wait_s:g} s "
+                              "(SHOAL_CONTROLLER_WAIT_S); applications keep serving meanwhile. Try again shortly."])
+        self.info = info
+        self.http.base_url = httpx.URL(info.admin_url)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             r = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise AdminError([f"cannot reach the instance's admin API at {self.info.admin_url}: {e}"]) from None
+            info = instance.read_info(self.instance_dir) if self.instance_dir else None
+            if info is None or not (instance.restarting(info) or info.pid != self.info.pid):
+                raise AdminError([f"cannot reach the instance's admin API at {self.info.admin_url}: {e}"]) from None
+            self.info = info  # it died under this call: every admin call is safe to repeat on the new one
+            if instance.restarting(info):
+                self._wait_for_restart()
+            else:
+                self.http.base_url = httpx.URL(info.admin_url)
+            return self._request(method, path, **kwargs)
         if r.status_code >= 400:
             try:
                 body = r.json()

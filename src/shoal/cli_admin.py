@@ -230,9 +230,11 @@ def shutdown(yes: bool, timeout: float, instance_dir: Optional[str], runtime: Op
     if not yes:
         click.confirm(f"This stops the shoal instance (pid {info.pid}) and every application it runs. Continue?",
                       abort=True)
-    _admin_call(_connect(instance_dir).shutdown)
+    admin = _connect(instance_dir)
+    _admin_call(admin.shutdown)
+    info = admin.info  # the controller may have been restarted since `info` was read
     deadline = time.monotonic() + timeout
-    while instance.pid_alive(info.pid):
+    while any(instance.pid_alive(p) for p in (info.pid, info.supervisor_pid) if p):
         if time.monotonic() > deadline:
             raise click.ClickException(f"the instance (pid {info.pid}) did not exit within {timeout:.0f} s.")
         time.sleep(0.05)

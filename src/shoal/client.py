@@ -17,14 +17,15 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from shoal import keeper
 from shoal.common import DeploymentID, DeploymentTargets
 from shoal.exceptions import RayServeException
 from shoal.handle import _running_loop
 from shoal.router.router import Router
 from shoal.sync_loop import SyncLoop
-from shoal.transport.connection import TCP_PREFIX, Connection, RpcHandler, connect
+from shoal.transport.connection import TCP_PREFIX, Connection, ConnectionLost, RpcHandler, connect
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,11 @@ class ClientHandler(RpcHandler):
 
     def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
         super().on_connection_lost(conn, exc)
-        self.client._on_controller_lost()
+        self.client._on_connection_lost(conn)
+
+
+class _GiveUp(Exception):
+    """The controller cannot come back (its keeper is gone, or it keeps dying)."""
 
 
 class ServeClient:
@@ -103,7 +108,27 @@ class ServeClient:
         self.controller_proc = controller_proc
         self.conn: Optional[Connection] = None
         self.closed = False
+        # Called once the controller is gone for good (nothing will restart it): a replica or proxy exits,
+        # `shoal run` stops. A controller that restarts is reconnected to without anyone noticing.
         self.on_controller_lost = None
+        # Reconnecting after a controller restart (see _reconnect): what this process tells the new
+        # controller about itself, what it does with the reply, and how it learns whether to keep trying.
+        self.hello_state: Optional[Callable[[], dict]] = None
+        self.on_reconnected: Optional[Callable[[Any], None]] = None
+        self.restart_controller: Optional[Callable[[], None]] = None  # a driver that owns its controller
+        self.controller_recoverable: Callable[[], bool] = keeper.keeper_alive  # blocking; run off the loop
+        self.resolve_address: Optional[Callable[[], str]] = None  # blocking; where a restarted controller is
+        self.controller_wait_s = float(os.environ.get("SHOAL_CONTROLLER_WAIT_S") or 30.0)
+        self.gave_up = False
+        self.stopping = False  # shutdown asked for: the controller's exit is expected, not restarted
+        self._connected = threading.Event()
+        self._reconnecting = False
+        self._role = ""
+        self._hello: dict = {}
+        self._extra_handler: Any = None
+        self._controller_cmd: Optional[list[str]] = None
+        self._controller_env: Optional[dict] = None
+        self._restarts: list[float] = []
         self.on_routes = None  # set by an HTTP proxy: called with (routes, version)
         self.pending_routes: Optional[tuple] = None  # (routes, version) that came before on_routes was set
         self._lock = threading.Lock()
@@ -118,23 +143,160 @@ class ServeClient:
 
     # --- connecting ---------------------------------------------------------------------------
     async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
+        self._role, self._extra_handler, self._hello = role, extra_handler, hello
         self.conn = await connect(self.controller_address, handler=ClientHandler(self, extra_handler), name="controller")
         reply = await self.conn.call("hello", role=role, pid=os.getpid(), **hello)
+        self._connected.set()
         self.start_load_reports()
         return reply
 
+    def _on_connection_lost(self, conn: Connection) -> None:
+        """The controller connection closed: the controller died or is restarting (I/O loop)."""
+        if conn is not self.conn:
+            return
+        self.conn = None
+        self._connected.clear()
+        if not self.closed and not self.stopping and not self._reconnecting:
+            self._reconnecting = True
+            self.loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Reconnect to the controller that replaces the one that died, for as long as one may come.
+
+        Routers keep their replica sets meanwhile, so requests flow on. Once connected, this process
+        says who it is (`hello_state`: a replica its state, a proxy its port), resubscribes its
+        deployments and hands the reply to `on_reconnected`.
+        """
+        loop = asyncio.get_running_loop()
+        delay = 0.01
+        logger.warning("lost the connection to the shoal controller; reconnecting")
+        try:
+            while not self.closed:
+                try:
+                    if self.restart_controller is not None:
+                        self.restart_controller()
+                    elif not await loop.run_in_executor(None, self.controller_recoverable):
+                        raise _GiveUp("the shoal controller is gone and nothing will restart it")
+                    address = (await loop.run_in_executor(None, self.resolve_address)
+                               if self.resolve_address is not None else self.controller_address)
+                    conn = await asyncio.wait_for(
+                        connect(address, handler=ClientHandler(self, self._extra_handler), name="controller"), 5)
+                except _GiveUp as e:
+                    self._give_up(str(e))
+                    return
+                except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+                    logger.debug("controller not reachable yet: %r", e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+                    continue
+                self.conn = conn
+                hello = dict(self._hello, **(self.hello_state() if self.hello_state is not None else {}))
+                try:
+                    reply = await asyncio.wait_for(
+                        conn.call("hello", role=self._role, pid=os.getpid(), reconnect=True, **hello), 10)
+                except (ConnectionError, asyncio.TimeoutError):
+                    conn.close()
+                    self.conn = None
+                    continue
+                except Exception as e:  # noqa: BLE001 - the new controller does not know this process
+                    conn.close()
+                    self._give_up(f"the restarted shoal controller refused this process: {e}")
+                    return
+                if conn.closed:
+                    continue
+                with self._lock:
+                    deployments = list(self._routers)
+                for dep in deployments:
+                    conn.notify("subscribe", dep)
+                self._last_report = {}
+                self._connected.set()
+                logger.info("reconnected to the shoal controller")
+                if self.on_reconnected is not None:
+                    self.on_reconnected(reply)
+                return
+        finally:
+            self._reconnecting = False
+
+    def _give_up(self, why: str) -> None:
+        logger.error("%s", why)
+        self.gave_up = True
+        self._connected.set()  # wake waiting callers: they fail at once
+        if self.on_controller_lost is not None:
+            self.on_controller_lost()
+
+    def _restart_owned_controller(self) -> None:
+        """A driver's own controller died: start a new one on the same session (it recovers there)."""
+        proc = self.controller_proc
+        if proc is None or proc.poll() is None:
+            return  # still exiting, or not ours: just reconnect
+        if proc.returncode == 0:
+            raise _GiveUp("the shoal controller shut down")
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+        if len(self._restarts) > 5:
+            raise _GiveUp("the shoal controller died 5 times within a minute; not restarting it again")
+        logger.warning("the shoal controller exited (code %s); restarting it", proc.returncode)
+        self.controller_proc = subprocess.Popen([*self._controller_cmd, "--recover"],  # type: ignore[misc]
+                                                env=self._controller_env, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+
+    def _not_reachable(self) -> RayServeException:
+        if self.gave_up or self.closed:
+            return RayServeException("shoal is not running: its controller exited and could not be restarted.")
+        return RayServeException(
+            f"The shoal controller is restarting and did not answer within {self.controller_wait_s:g} s "
+            "(SHOAL_CONTROLLER_WAIT_S); applications keep serving meanwhile. Try again shortly.")
+
+    async def _call_now(self, method: str, args: tuple, kwargs: dict) -> Any:
+        conn = self.conn
+        if conn is None:
+            raise ConnectionLost("not connected to the controller")
+        return await conn.call(method, *args, **kwargs)
+
     def call_sync(self, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
-        """Call the controller from sync code (not from the I/O loop itself)."""
-        if self.closed or self.conn is None:
+        """Call the controller from sync code (not from the I/O loop itself).
+
+        While the controller restarts the call waits for the new one (at most `controller_wait_s`),
+        then goes to it: every control call is safe to repeat."""
+        if self.closed:
             raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
-        fut = asyncio.run_coroutine_threadsafe(self.conn.call(method, *args, **kwargs), self.loop)
-        return fut.result(timeout)
+        while True:
+            if not self._connected.wait(self.controller_wait_s) or self.gave_up or self.closed:
+                raise self._not_reachable()
+            fut = asyncio.run_coroutine_threadsafe(self._call_now(method, args, kwargs), self.loop)
+            try:
+                return fut.result(timeout)
+            except ConnectionLost:
+                time.sleep(0.01)  # the connection-lost callback clears `_connected` on the loop
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if asyncio.get_running_loop() is self.loop:
-            return await self.conn.call(method, *args, **kwargs)  # type: ignore[union-attr]
-        return await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(self.conn.call(method, *args, **kwargs), self.loop))  # type: ignore[union-attr]
+        if asyncio.get_running_loop() is not self.loop:
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self.call(method, *args, **kwargs), self.loop))
+        deadline = time.monotonic() + self.controller_wait_s
+        while True:
+            if self.gave_up or self.closed:
+                raise self._not_reachable()
+            if self.conn is not None:
+                try:
+                    return await self._call_now(method, args, kwargs)
+                except ConnectionLost:
+                    pass
+            if time.monotonic() > deadline:
+                raise self._not_reachable()
+            await asyncio.sleep(0.02)
+
+    async def control_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A replica's or proxy's call to the controller: waits across restarts for as long as one may come."""
+        while True:
+            if self.gave_up or self.closed:
+                raise self._not_reachable()
+            if self.conn is not None:
+                try:
+                    return await self._call_now(method, args, kwargs)
+                except ConnectionLost:
+                    pass
+            await asyncio.sleep(0.02)
 
     # --- routers ------------------------------------------------------------------------------
     def get_router(self, deployment_id: DeploymentID, loop: Optional[asyncio.AbstractEventLoop]) -> Router:
@@ -228,10 +390,6 @@ class ServeClient:
             if not router.closed:
                 self._deliver(router, targets)
 
-    def _on_controller_lost(self) -> None:
-        if self.on_controller_lost is not None:
-            self.on_controller_lost()
-
     def close_routers(self) -> None:
         with self._lock:
             routers = [r for rs in self._routers.values() for r in rs]
@@ -286,12 +444,15 @@ def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str
     env.setdefault("PYTHONUNBUFFERED", "1")
     # The driver's import path reaches the controller and replicas, so user modules import there too.
     env["PYTHONPATH"] = os.pathsep.join([p for p in [os.getcwd(), *sys.path] if p])
+    env.update(keeper.keeper_env())  # this driver restarts the controller should it die (see keeper.py)
     cmd = [sys.executable, "-m", "shoal.controller", "--session-dir", session_dir]
     if logs_dir:
         cmd += ["--logs-dir", logs_dir]
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     io = _IoThread()
     client = ServeClient(io.loop, session_dir, io_thread=io, controller_proc=proc)
+    client._controller_cmd, client._controller_env = cmd, env
+    client.restart_controller = client._restart_owned_controller
     sock = os.path.join(session_dir, CONTROLLER_SOCKET)
     deadline = time.monotonic() + 60
     while not os.path.exists(sock):
@@ -315,6 +476,24 @@ def _shutdown_at_exit(client: ServeClient) -> None:
         shutdown_client(client, timeout=10)
 
 
+def _kill_recorded_processes(client: ServeClient) -> None:
+    """The controller could not be reached to shut down: stop what its checkpoint says runs, so
+    nothing is left behind (the embedded runtime; a cluster's controller is Ray's to restart)."""
+    if client.controller_proc is None:
+        return
+    from shoal.controller import checkpoint
+    from shoal.runtime.base import FileCheckpointStore
+    from shoal.runtime.embedded import CHECKPOINT_FILE, kill_described
+
+    if client.controller_proc.poll() is None:
+        client.controller_proc.kill()
+    snap = checkpoint.load(FileCheckpointStore(os.path.join(client.session_dir, CHECKPOINT_FILE)))
+    if snap is None:
+        return
+    for desc in checkpoint.process_descriptions(snap):
+        kill_described(desc)
+
+
 def disconnect_client(client: ServeClient) -> None:
     """Close this side only: a controller this process does not own (Ray) keeps running, and so do
     its applications."""
@@ -334,8 +513,11 @@ def shutdown_client(client: ServeClient, timeout: float = 60) -> None:
         return
     try:
         client.call_sync("shutdown", timeout=timeout)
+        client.stopping = True
     except Exception as e:  # noqa: BLE001 - controller already gone is fine
         logger.debug("controller shutdown call failed: %r", e)
+        client.stopping = True
+        _kill_recorded_processes(client)
     client.closed = True
     client.close_routers()
     if client.after_shutdown is not None:

@@ -30,6 +30,7 @@ class InstanceInfo(BaseModel):
     http_options: dict = {}
     runtime: str = "embedded"
     address: Optional[str] = None
+    supervisor_pid: Optional[int] = None  # restarts the controller (pid) when it dies
 
 
 def default_instance_dir() -> str:
@@ -71,13 +72,36 @@ def write_info(instance_dir: str, info: InstanceInfo) -> None:
 
 
 def read_info(instance_dir: str) -> Optional[InstanceInfo]:
-    """The running instance recorded in `instance_dir`, or None (no file, or its process is gone)."""
+    """The running instance recorded in `instance_dir`, or None (no file, or its processes are gone).
+
+    An instance whose controller died but whose supervisor lives is running: its controller is
+    restarting (`restarting(info)`)."""
     try:
         with open(os.path.join(instance_dir, INFO_FILE), encoding="utf-8") as f:
             info = InstanceInfo.model_validate(json.load(f))
     except (OSError, ValueError):
         return None
-    return info if pid_alive(info.pid) else None
+    alive = pid_alive(info.pid) or (info.supervisor_pid is not None and pid_alive(info.supervisor_pid))
+    return info if alive else None
+
+
+def restarting(info: InstanceInfo) -> bool:
+    """The controller recorded in `info` is gone and its supervisor is starting a new one."""
+    return not pid_alive(info.pid) and info.supervisor_pid is not None and pid_alive(info.supervisor_pid)
+
+
+def wait_for_controller(instance_dir: str, timeout: float) -> Optional[InstanceInfo]:
+    """Wait (at most `timeout` s) until a restarting instance's new controller has recorded itself."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = read_info(instance_dir)
+        if info is None or not restarting(info):
+            return info
+        if time.monotonic() >= deadline:
+            return info
+        time.sleep(0.05)
 
 
 def remove_info(instance_dir: str, pid: Optional[int] = None) -> None:
@@ -128,7 +152,8 @@ def start_detached(instance_dir: str, http_options: dict, admin_port: int = 0, r
     log_path = os.path.join(logs_dir, "controller.log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([p for p in [os.getcwd(), *sys.path] if p])
-    cmd = [sys.executable, "-m", "shoal.controller", "--session-dir", session_dir, "--instance-dir", instance_dir,
+    # The supervisor runs the controller with these arguments and restarts it should it die.
+    cmd = [sys.executable, "-m", "shoal.supervisor", "--session-dir", session_dir, "--instance-dir", instance_dir,
            "--http-options", json.dumps(http_options), "--admin-port", str(admin_port)]
     if runtime is not None:
         cmd += ["--runtime", runtime]
@@ -140,7 +165,7 @@ def start_detached(instance_dir: str, http_options: dict, admin_port: int = 0, r
     deadline = time.monotonic() + timeout
     while True:
         info = read_info(instance_dir)
-        if info is not None and info.pid == proc.pid:
+        if info is not None and info.supervisor_pid == proc.pid:
             return info
         if proc.poll() is not None:
             raise StartError(f"the shoal controller exited during start-up (exit code {proc.returncode}); "

@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional
 
 from shoal.common import CONTROL_LOOP_INTERVAL_S, DeploymentID, DeploymentTargets
+from shoal.controller import checkpoint
 from shoal.controller.autoscaler import LoadReports
 from shoal.controller.deployment_state import DeploymentState, ReplicaRecord
 from shoal.controller.proxy_state import ProxyManager
@@ -66,6 +67,9 @@ class Controller(RpcHandler):
         self._status_waiters: list[asyncio.Future] = []
         self.proxies = ProxyManager(self)
         self.load_reports = LoadReports()
+        self.checkpoint_store = runtime.checkpoint_store()
+        self.checkpoint_extra: dict = {}  # saved with the checkpoint: what the process main needs back
+        self._checkpoint_key: Optional[tuple] = None
 
     # --- helpers used by deployment states ------------------------------------------------------
     def wake(self) -> None:
@@ -133,6 +137,48 @@ class Controller(RpcHandler):
                 if not fut.done():
                     fut.set_result(None)
             self._status_waiters.clear()
+        self.save_checkpoint()
+
+    # --- checkpoint and recovery (controller/checkpoint.py) -------------------------------------
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint if anything in it changed since the last write."""
+        if self.checkpoint_store is None or self.shutting_down:
+            return
+        key = (tuple((n, id(a.spec), id(a.config), a.deleting) for n, a in self.apps.items()),
+               tuple((d, ds.checkpoint_key()) for d, ds in self.deployments.items()),
+               self.proxies.checkpoint_key(), tuple(sorted(self.checkpoint_extra.items())))
+        if key == self._checkpoint_key:
+            return
+        snap = checkpoint.ControllerSnapshot(
+            apps=[checkpoint.ApplicationSnapshot(a.spec, a.config, a.deleting, a.status.value, a.message,
+                                                 a.last_deployed_time_s, set(a.deployment_names))
+                  for a in self.apps.values()],
+            deployments=[ds.snapshot() for ds in self.deployments.values()],
+            http_options=self.proxies.options, proxies=self.proxies.snapshot(), proxy_port=self.proxies.port,
+            routes_version=self.proxies.version, extra=dict(self.checkpoint_extra))
+        try:
+            self.checkpoint_store.save(checkpoint.dumps(snap))
+        except Exception:  # noqa: BLE001 - serving goes on; the next change tries again
+            logger.exception("writing the controller checkpoint failed")
+            return
+        self._checkpoint_key = key
+
+    def restore(self, snap: checkpoint.ControllerSnapshot) -> None:
+        """Become the controller that wrote `snap`: same apps, targets and routes; live processes adopted."""
+        self.checkpoint_extra = dict(snap.extra)
+        self.proxies.restore(snap.http_options, snap.proxies, snap.proxy_port, snap.routes_version)
+        for a in snap.apps:
+            app = self.apps[a.spec.name] = ApplicationState(a.spec)
+            app.config, app.deleting, app.message = a.config, a.deleting, a.message
+            app.status, app.last_deployed_time_s = ApplicationStatus(a.status), a.last_deployed_time_s
+            app.deployment_names = set(a.deployment_names)
+        for d in snap.deployments:
+            ds = self.deployments[d.deployment_id] = DeploymentState(self, d.deployment_id, d.spec)
+            ds.restore(d)
+        self._publish_routes()
+        adopted = sum(len(ds.replicas) for ds in self.deployments.values())
+        logger.info("recovered from the checkpoint: %d application(s), %d replica(s) adopted, %d proxy(ies)",
+                    len(self.apps), adopted, len(self.proxies.proxies))
 
     async def _next_status_change(self, timeout: float) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -179,14 +225,20 @@ class Controller(RpcHandler):
             self.proxies.configure(extra.get("http_options"))
             return {"http_options": self.proxies.options}
         if role == "proxy":
-            return self.proxies.hello(conn, extra["index"])
+            return self.proxies.hello(conn, extra["index"], extra.get("serving_port", 0))
         if role == "replica":
             rec = self.replicas_by_uid.get(unique_id)
             if rec is None:
+                # Unknown after a restart (started just before the last checkpoint): it exits.
                 raise RayServeException(f"unknown replica {unique_id}")
             rec.conn = conn
             conn.replica = rec  # type: ignore[attr-defined]
             ds = self.deployments[rec.replica_id.deployment_id]
+            if extra.get("reconnect"):  # it kept serving while the controller restarted
+                if extra.get("ready") and extra.get("address"):
+                    rec.address = extra["address"]
+                ds.on_replica_reconnected(rec, bool(extra.get("ready")), extra.get("model_ids"))
+                return {"replica_id": rec.replica_id}
             return {"replica_id": rec.replica_id, "address": rec.address, "config": ds.spec.config,
                     "serialized_def": ds.spec.serialized_def,
                     "serialized_init_args": ds.spec.serialized_init_args, "python_path": ds.spec.python_path}
@@ -244,6 +296,7 @@ class Controller(RpcHandler):
         app.deployment_names = new_names
         self._publish_routes()
         self.status_changed()
+        self.save_checkpoint()  # before the caller hears "deployed": a restart must not forget it
 
     async def _wait_app_gone(self, name: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -284,6 +337,7 @@ class Controller(RpcHandler):
                     ds.delete()
         self._publish_routes()
         self.status_changed()
+        self.save_checkpoint()
         if blocking:
             for name in names:
                 await self._wait_app_gone(name)
@@ -368,6 +422,8 @@ class Controller(RpcHandler):
             if rec.process is not None:
                 rec.process.kill()
         await self.proxies.wait_exited(timeout=3.0)
+        if self.checkpoint_store is not None:
+            self.checkpoint_store.clear()  # nothing to recover: a restart after this starts empty
         self.done.set()
 
     # --- calls from replicas --------------------------------------------------------------------

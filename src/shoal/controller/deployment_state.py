@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from shoal.common import DeploymentID, DeploymentTargets, ReplicaID, RunningReplicaInfo
 from shoal.controller.autoscaler import DeploymentAutoscaler
+from shoal.controller.checkpoint import DeploymentSnapshot, ReplicaSnapshot
 from shoal.controller.specs import DeploymentSpec
 from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest
 from shoal.status import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("shoal.controller")
 
 MAX_PER_REPLICA_RETRY_COUNT = 3
+# How long a replica adopted after a controller restart has to reconnect before it is replaced.
+RECONNECT_GRACE_S = 15.0
 MAX_BACKOFF_S = 64.0
 HEALTH_CHECK_UNHEALTHY_THRESHOLD = 3
 
@@ -49,6 +52,8 @@ class ReplicaRecord:
     last_health_check: float = field(default_factory=time.monotonic)
     health_inflight: bool = False
     model_ids: frozenset = frozenset()  # multiplexed models loaded or loading (the replica reports them)
+    # Set for a replica adopted after a controller restart, until it reconnects: past it, it is replaced.
+    reconnect_deadline: float = 0.0
 
     @property
     def unique_id(self) -> str:
@@ -241,6 +246,56 @@ class DeploymentState:
             self.controller.runtime.release(rec.reservation)
             rec.reservation = None
 
+    # --- checkpoint and recovery ---------------------------------------------------------------
+    def snapshot(self) -> DeploymentSnapshot:
+        describe = self.controller.runtime.describe
+        replicas = [ReplicaSnapshot(r.replica_id, r.code_version, r.reconfigure_version, r.state.value, r.address,
+                                    r.start_time, r.reservation, describe(r.process), r.model_ids)
+                    for r in self.replicas.values() if r.placed and r.process is not None]
+        return DeploymentSnapshot(self.id, self.spec, self.target, self.deleting, self.status.value,
+                                  self.trigger.value, self.message, replicas)
+
+    def checkpoint_key(self) -> tuple:
+        return (id(self.spec), self.target, self.deleting,
+                tuple((u, r.state, r.address, id(r.process), r.reconfigure_version, r.model_ids)
+                      for u, r in self.replicas.items()))
+
+    def restore(self, snap: DeploymentSnapshot) -> None:
+        """Take over what a previous controller ran: live replicas are adopted as they are."""
+        self.target, self.deleting = snap.target, snap.deleting
+        self.status, self.trigger = DeploymentStatus(snap.status), DeploymentStatusTrigger(snap.trigger)
+        self.message = snap.message
+        runtime = self.controller.runtime
+        now = time.monotonic()
+        for r in snap.replicas:
+            process = runtime.adopt(r.process) if r.process else None
+            if process is None:
+                if r.state != ReplicaState.STOPPING.value:
+                    logger.warning("replica %s of %s ended while the controller was down; replacing it",
+                                   r.replica_id.unique_id, self.id)
+                continue
+            state = ReplicaState(r.state)
+            # A reconfigure in flight died with the old controller: keep the old version, so it runs again.
+            rec = ReplicaRecord(r.replica_id, r.code_version, r.reconfigure_version,
+                                ReplicaState.RUNNING if state == ReplicaState.UPDATING else state,
+                                placed=True, reservation=r.reservation, process=process, address=r.address,
+                                start_time=r.start_time, model_ids=r.model_ids,
+                                reconnect_deadline=now + RECONNECT_GRACE_S)
+            if rec.state == ReplicaState.STOPPING:
+                rec.stop_deadline = now + self.spec.config.graceful_shutdown_timeout_s
+            if r.reservation is not None:
+                runtime.adopt_reservation(r.reservation)
+            self.replicas[rec.unique_id] = rec
+            self.controller.replicas_by_uid[rec.unique_id] = rec
+
+    def on_replica_reconnected(self, rec: ReplicaRecord, ready: bool, model_ids: Optional[tuple]) -> None:
+        rec.reconnect_deadline = 0.0
+        if model_ids is not None:
+            rec.model_ids = frozenset(model_ids)
+        if ready:
+            self.on_replica_ready(rec)
+        self.controller.wake()
+
     def on_replica_disconnected(self, rec: ReplicaRecord) -> None:
         """The replica's control connection closed: the process is exiting or dead."""
         self.controller.wake()
@@ -260,6 +315,12 @@ class DeploymentState:
 
     def _reap(self, now: float) -> None:
         for rec in list(self.replicas.values()):
+            if rec.reconnect_deadline and now > rec.reconnect_deadline and rec.conn is None:
+                rec.reconnect_deadline = 0.0
+                if rec.state != ReplicaState.STOPPING:
+                    logger.warning("replica %s of %s did not reconnect within %.0f s of the controller's restart; "
+                                   "replacing it", rec.unique_id, self.id, RECONNECT_GRACE_S)
+                    self._stop(rec, graceful=False)
             code = rec.process.exit_code() if rec.process is not None else None
             if rec.state == ReplicaState.STOPPING:
                 if code is not None or not rec.placed:

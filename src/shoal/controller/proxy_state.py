@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from shoal.controller.checkpoint import ProxySnapshot
+from shoal.exceptions import RayServeException
 from shoal.http.routes import Route
 from shoal.status import ProxyStatus
 
@@ -67,10 +69,16 @@ class ProxyManager:
         rec.process = self.controller.runtime.launch_proxy(index)
         self.proxies[index] = rec
 
-    def hello(self, conn: "Connection", index: int) -> dict:
-        rec = self.proxies[index]
+    def hello(self, conn: "Connection", index: int, serving_port: int = 0) -> dict:
+        """A proxy starts, or (`serving_port` set) one that kept serving reconnects after a controller restart."""
+        rec = self.proxies.get(index)
+        if rec is None:
+            raise RayServeException(f"unknown HTTP proxy {index}")  # it exits: nobody would manage it
         rec.conn = conn
         conn.proxy = rec  # type: ignore[attr-defined]
+        if serving_port and rec.status != ProxyStatus.HEALTHY:
+            rec.status, rec.port, rec.error = ProxyStatus.HEALTHY, serving_port, ""
+            self._signal()
         # The route table comes with the reply: a proxy (re)started after apps were deployed must
         # route at once, and it installs its notification handler only once this call returns.
         return {"http_options": self.options, "port": self.port,
@@ -182,6 +190,31 @@ class ProxyManager:
                 p.kill()
         while any(p.exit_code() is None for p in procs) and time.monotonic() < deadline + 2:
             await asyncio.sleep(0.01)
+
+    # --- checkpoint -----------------------------------------------------------------------------
+    def checkpoint_key(self) -> tuple:
+        return (id(self.options), self.port, self.version,
+                tuple((r.index, id(r.process), r.port, r.status) for r in self.proxies.values()))
+
+    def snapshot(self) -> list[ProxySnapshot]:
+        describe = self.controller.runtime.describe
+        return [ProxySnapshot(r.index, describe(r.process) if r.process is not None else None, r.port,
+                              r.status.value) for r in self.proxies.values()]
+
+    def restore(self, options: Optional[dict], proxies: list[ProxySnapshot], port: int, version: int) -> None:
+        """Adopt the proxies a previous controller ran (they kept serving); relaunch the ones gone."""
+        self.options, self.port, self.version = options, port, version
+        if not self.enabled:
+            return
+        self.count = self.controller.runtime.proxy_count(options)  # type: ignore[arg-type]
+        for snap in proxies:
+            process = self.controller.runtime.adopt(snap.process) if snap.process else None
+            if process is None:
+                logger.warning("HTTP proxy %d did not survive the controller restart; starting it again", snap.index)
+                self._launch(snap.index)
+                continue
+            # Still serving with the route table it has; it reconnects and gets the current one.
+            self.proxies[snap.index] = ProxyRecord(snap.index, process, None, ProxyStatus(snap.status), snap.port)
 
     def statuses(self) -> dict[str, ProxyStatus]:
         return {f"{getattr(r.process, 'node_id', '') or 'local'}:{r.index}": r.status for r in self.proxies.values()}

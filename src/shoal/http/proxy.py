@@ -432,13 +432,24 @@ async def run_proxy(session_dir: str, index: int) -> None:
     info = await client.connect("proxy", index=index)
     options = info["http_options"]
     app = ProxyApp(client, options)
-    client.on_routes = lambda routes, version: (app.set_routes(routes), client.conn.notify("routes_ack", version))
+
+    def apply_routes(routes: list, version: int) -> None:
+        app.set_routes(routes)
+        if client.conn is not None:
+            client.conn.notify("routes_ack", version)
+
+    client.on_routes = apply_routes
     client.on_routes(*max([info["routes"], client.pending_routes or info["routes"]], key=lambda rv: rv[1]))
+    # A controller that dies and restarts finds this proxy still serving: it says so on reconnecting
+    # and gets the current route table back. Only once nothing will restart the controller does it exit.
+    serving = {"port": 0}
+    client.hello_state = lambda: {"serving_port": serving["port"]}
+    client.on_reconnected = lambda reply: apply_routes(*reply["routes"])
     client.on_controller_lost = lambda: exit_process(0)
     try:
         sock = _listen_socket(options["host"], info["port"], reuse_port=info["num_proxies"] > 1)
     except OSError as e:
-        await client.conn.call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
+        await client.control_call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
         exit_process(1)
     port = sock.getsockname()[1]
     from shoal.http.coalesce import CoalescingHttpToolsProtocol
@@ -449,14 +460,15 @@ async def run_proxy(session_dir: str, index: int) -> None:
                             timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
                             root_path=options.get("root_path") or "")
     server = uvicorn.Server(config)
-    serving = loop.create_task(server.serve(sockets=[sock]))
-    while not server.started and not serving.done():
+    serving_task = loop.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving_task.done():
         await asyncio.sleep(0.005)
-    if serving.done():
-        await client.conn.call("proxy_failed", index, f"uvicorn exited: {serving.exception()!r}")
+    if serving_task.done():
+        await client.control_call("proxy_failed", index, f"uvicorn exited: {serving_task.exception()!r}")
         exit_process(1)
-    await client.conn.call("proxy_ready", index, port)
-    await serving
+    serving["port"] = port
+    await client.control_call("proxy_ready", index, port)
+    await serving_task
 
 
 def main() -> None:

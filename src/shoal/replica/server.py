@@ -5,7 +5,8 @@ address, any free port) when the replica runs on a cluster; the replica reports 
 
 Start-up: connect to the controller, fetch the deployment spec, listen, run the constructor and
 `reconfigure`, then report ready (or the constructor's traceback). The replica exits when the
-controller asks it to stop or when the controller's connection goes away.
+controller asks it to stop, or when the controller is gone for good (its keeper died too); a
+controller that dies and restarts finds it serving and reconnected.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def _acknowledge(conn: Connection, rid: int, task: asyncio.Task) -> None:
         conn.reply(Kind.STARTED, rid)
 
 
-def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLoop) -> None:
+def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLoop) -> dict:
     """Tell the controller which multiplexed models this replica holds (coalesced, at most every 0.1 s)."""
     from shoal import multiplex
 
@@ -179,6 +180,7 @@ def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLo
             loop.call_later(0.1, push)
 
     multiplex.set_model_ids_listener(on_ids)
+    return state
 
 
 def _exit(code: int) -> None:
@@ -200,19 +202,25 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
             return getattr(holder["server"], name)
 
     spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
-    _report_model_ids(client, unique_id, loop)
-    client.on_controller_lost = lambda: loop.call_soon(_exit, 0)
+    models = _report_model_ids(client, unique_id, loop)
     replica_id: ReplicaID = spec["replica_id"]
     if spec["config"].logging_config is not None:
         logging.getLogger().setLevel(spec["config"].logging_config.log_level)
     server = ReplicaServer(replica_id, spec)
     holder["server"] = server
     address = spec["address"]
+    status = {"ready": False, "address": address}
+    # The controller may die and come back: this replica keeps serving and tells the new one where it
+    # stands. Only once nothing will restart the controller does it exit (see keeper.py).
+    client.hello_state = lambda: {"ready": status["ready"], "address": status["address"],
+                                  "model_ids": tuple(sorted(models["latest"]))}
+    orphaned = asyncio.Event()
+    client.on_controller_lost = lambda: orphaned.set() if status["ready"] else loop.call_soon(_exit, 0)
     if address.startswith(TCP_PREFIX):  # reachable from other nodes: a port of our own, authenticated peers
         host, port = parse_tcp_address(address)
         listener: Any = await serve_tcp(os.environ.get("SHOAL_NODE_IP", "127.0.0.1") if host == "*" else host,
                                         port, lambda: server, name=str(replica_id))
-        address = listener.address
+        address = status["address"] = listener.address
     else:
         listener = await serve_unix(address, lambda: server, name=str(replica_id))
     try:
@@ -235,11 +243,12 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     except BaseException as e:  # noqa: BLE001 - report the traceback to the controller
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         sys.stderr.write(tb)
-        await client.conn.call("replica_failed", unique_id, tb)  # type: ignore[union-attr]
+        await client.control_call("replica_failed", unique_id, tb)
         _exit(1)
-    await client.conn.call("replica_ready", unique_id, address=address,  # type: ignore[union-attr]
-                           node_id=os.environ.get("SHOAL_NODE_ID") or None)
-    await client.conn.closed_future  # type: ignore[union-attr]
+    status["ready"] = True
+    await client.control_call("replica_ready", unique_id, address=address,
+                              node_id=os.environ.get("SHOAL_NODE_ID") or None)
+    await orphaned.wait()
     listener.close()
     await server._teardown()
     _exit(0)

@@ -7,6 +7,7 @@ still runs, and to stop it. Routing, autoscaling, batching and HTTP never see th
 from __future__ import annotations
 
 import dataclasses
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -86,6 +87,49 @@ class ReplicaProcess(ABC):
         return ""
 
 
+class CheckpointStore(ABC):
+    """Where a controller keeps its checkpoint, so a restarted controller finds it."""
+
+    @abstractmethod
+    def load(self) -> Optional[bytes]: ...
+
+    @abstractmethod
+    def save(self, data: bytes) -> None:
+        """Replace the checkpoint atomically: a reader sees the old one or the new one, never half."""
+
+    @abstractmethod
+    def clear(self) -> None: ...
+
+
+class FileCheckpointStore(CheckpointStore):
+    """A file, replaced by write-then-rename (the embedded runtime: in the session directory)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def load(self) -> Optional[bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def save(self, data: bytes) -> None:
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 class Runtime(ABC):
     name: str = "abstract"
 
@@ -117,3 +161,19 @@ class Runtime(ABC):
 
     def close(self) -> None:
         """Release anything the runtime holds (called when the controller exits)."""
+
+    # --- surviving a controller restart ----------------------------------------------------------
+    def checkpoint_store(self) -> Optional[CheckpointStore]:
+        """Where the controller checkpoints its state (None: it cannot be restarted)."""
+        return None
+
+    def describe(self, process: ReplicaProcess) -> Optional[dict]:
+        """Plain, picklable data that lets a restarted controller find `process` again (`adopt`)."""
+        return None
+
+    def adopt(self, description: dict) -> Optional[ReplicaProcess]:
+        """The process `describe` described, if it still runs (None: it is gone)."""
+        return None
+
+    def adopt_reservation(self, reservation: Reservation) -> None:
+        """Account again for the resources of a replica that a restarted controller adopts."""

@@ -13,13 +13,26 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
-from typing import Optional, TextIO, Union
+from typing import Optional, Union
+
+import psutil
 
 from shoal.common import ReplicaID
-from shoal.runtime.base import RESOURCE_EPS, ReplicaProcess, Reservation, ResourceRequest, Runtime
+from shoal.runtime.base import (
+    RESOURCE_EPS,
+    CheckpointStore,
+    FileCheckpointStore,
+    ReplicaProcess,
+    Reservation,
+    ResourceRequest,
+    Runtime,
+)
+
+CHECKPOINT_FILE = "controller.checkpoint"
 
 
 
@@ -46,17 +59,69 @@ def _total_memory() -> float:
         return float("inf")
 
 
-class _LogPump(asyncio.Protocol):
-    """Copies a replica's output to its log file and, prefixed, to the controller's stderr."""
+class LogTailer:
+    """Echoes replica and proxy log files, prefixed, to the controller's stderr (the driver's terminal).
 
-    def __init__(self, prefix: str, log: TextIO, tail: deque):
+    Processes write straight to their log files, never to a pipe the controller holds: a pipe would
+    break (EPIPE on every `print`) when the controller dies, and replicas must outlive it. The
+    controller follows the files instead, every `PERIOD_S`, and keeps each one's last lines for
+    error messages.
+    """
+
+    PERIOD_S = 0.1
+
+    def __init__(self) -> None:
+        self.files: dict[str, "_Followed"] = {}
+        self._task: Optional[asyncio.Task] = None
+
+    def follow(self, path: str, prefix: str, from_end: bool, offset: int = 0) -> deque:
+        """Start echoing `path` from its end, or from `offset`; returns its last lines (kept live)."""
+        f = self.files.get(path)
+        if f is None:
+            f = self.files[path] = _Followed(path, prefix, from_end, offset)
+        else:
+            f.prefix = prefix
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return f.tail
+
+    def unfollow(self, path: str) -> None:
+        f = self.files.pop(path, None)
+        if f is not None:
+            f.read(final=True)
+            f.close()
+
+    def drain(self, path: str) -> None:
+        f = self.files.get(path)
+        if f is not None:
+            f.read()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.PERIOD_S)
+            for f in list(self.files.values()):
+                f.read()
+
+    def close(self) -> None:
+        for path in list(self.files):
+            self.unfollow(path)
+        if self._task is not None:
+            self._task.cancel()
+
+
+class _Followed:
+    def __init__(self, path: str, prefix: str, from_end: bool, offset: int):
+        self.path = path
         self.prefix = prefix
-        self.log = log
-        self.tail = tail
+        self.tail: deque = deque(maxlen=40)
         self.partial = b""
+        self.fh = open(path, "ab+")  # created if missing; read from where it ends (or begins)
+        self.fh.seek(0, os.SEEK_END) if from_end else self.fh.seek(offset)
 
-    def data_received(self, data: bytes) -> None:
-        data = self.partial + data
+    def read(self, final: bool = False) -> None:
+        data = self.partial + self.fh.read()
+        if final and data and not data.endswith(b"\n"):
+            data += b"\n"
         *lines, self.partial = data.split(b"\n")
         if not lines:
             return
@@ -64,38 +129,89 @@ class _LogPump(asyncio.Protocol):
         for raw in lines:
             line = raw.decode("utf-8", "replace")
             self.tail.append(line)
-            self.log.write(line + "\n")
             out.append(f"{self.prefix} {line}\n")
-        self.log.flush()
-        sys.stderr.write("".join(out))
-        sys.stderr.flush()
+        try:
+            sys.stderr.write("".join(out))
+            sys.stderr.flush()
+        except (OSError, ValueError):  # the terminal went away: the log file still has it all
+            pass
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if self.partial:
-            self.data_received(b"\n")
-        self.log.close()
+    def close(self) -> None:
+        self.fh.close()
 
 
 class EmbeddedReplicaProcess(ReplicaProcess):
-    def __init__(self, popen: subprocess.Popen, log_file: str, tail: deque):
+    """A replica or proxy process on this machine: our child, or one a previous controller started.
+
+    A process adopted after a controller restart is not our child, so its exit status is unknown:
+    it counts as ended (-1) once its pid is gone, a zombie, or reused by another process.
+    """
+
+    def __init__(self, pid: int, create_time: float, log_file: str, runtime: "EmbeddedRuntime",
+                 popen: Optional[subprocess.Popen] = None):
         self.popen = popen
-        self.pid = popen.pid
+        self.pid = pid
+        self.create_time = create_time
         self.log_file = log_file
-        self._tail = tail
+        self._runtime = runtime
+        self._tail: deque = deque()
+        self._code: Optional[int] = None
 
     def exit_code(self) -> Optional[int]:
-        return self.popen.poll()
+        if self._code is None:
+            if self.popen is not None:
+                self._code = self.popen.poll()
+            elif not _same_process_alive(self.pid, self.create_time):
+                self._code = -1
+            if self._code is not None:
+                self._runtime.logs.unfollow(self.log_file)
+        return self._code
 
     def terminate(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
+        self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                self.popen.send_signal(sig)
+        elif _same_process_alive(self.pid, self.create_time):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def recent_output(self) -> str:
+        self._runtime.logs.drain(self.log_file)
         return "\n".join(self._tail)
+
+
+def kill_described(description: dict) -> None:
+    """SIGKILL the process a `describe` call described, if it is still that process."""
+    pid = description.get("pid")
+    if pid and _same_process_alive(pid, description.get("create_time", 0.0)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _same_process_alive(pid: int, create_time: float) -> bool:
+    """`pid` still runs and is the process we knew (not a reused pid, not a zombie)."""
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class EmbeddedRuntime(Runtime):
@@ -111,6 +227,7 @@ class EmbeddedRuntime(Runtime):
         self.totals.update({k: float(v) for k, v in json.loads(os.environ.get("SHOAL_RESOURCES") or "{}").items()})
         self.free = dict(self.totals)
         self.gpu_free = [1.0] * int(self.totals["GPU"])
+        self.logs = LogTailer()
 
     def capacity(self) -> dict[str, float]:
         return dict(self.totals)
@@ -156,14 +273,44 @@ class EmbeddedRuntime(Runtime):
         return os.path.join(self.session_dir, "r", replica_id.unique_id + ".sock")
 
     def _spawn(self, args: list[str], env: dict, log_file: str, prefix_fmt: str) -> EmbeddedReplicaProcess:
-        popen = subprocess.Popen([sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        tail: deque = deque(maxlen=40)
-        log = open(log_file, "a", encoding="utf-8")
-        loop = asyncio.get_running_loop()
-        prefix = prefix_fmt.format(pid=popen.pid)
-        loop.create_task(loop.connect_read_pipe(lambda: _LogPump(prefix, log, tail), popen.stdout))
-        return EmbeddedReplicaProcess(popen, log_file, tail)
+        with open(log_file, "ab") as log:  # the child writes its output here itself (see LogTailer)
+            start = log.tell()
+            popen = subprocess.Popen([sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = EmbeddedReplicaProcess(popen.pid, _create_time(popen.pid), log_file, self, popen)
+        proc._tail = self.logs.follow(log_file, prefix_fmt.format(pid=popen.pid), from_end=False, offset=start)
+        return proc
+
+    # --- surviving a controller restart ----------------------------------------------------------
+    def checkpoint_store(self) -> CheckpointStore:
+        return FileCheckpointStore(os.path.join(self.session_dir, CHECKPOINT_FILE))
+
+    def describe(self, process: ReplicaProcess) -> Optional[dict]:
+        if not isinstance(process, EmbeddedReplicaProcess):
+            return None
+        prefix = self.logs.files[process.log_file].prefix if process.log_file in self.logs.files else ""
+        return {"pid": process.pid, "create_time": process.create_time, "log_file": process.log_file,
+                "prefix": prefix}
+
+    def adopt(self, description: dict) -> Optional[ReplicaProcess]:
+        pid, create_time = description["pid"], description["create_time"]
+        if not _same_process_alive(pid, create_time):
+            return None
+        proc = EmbeddedReplicaProcess(pid, create_time, description["log_file"], self)
+        proc._tail = self.logs.follow(description["log_file"], description.get("prefix") or f"(pid={pid})",
+                                      from_end=True)
+        return proc
+
+    def adopt_reservation(self, reservation: Reservation) -> None:
+        for k, v in reservation.request.as_dict().items():
+            self.free[k] = self.free.get(k, 0.0) - v
+        share = reservation.request.num_gpus if reservation.request.num_gpus < 1 else 1.0
+        for g in reservation.gpu_ids:
+            if g < len(self.gpu_free):
+                self.gpu_free[g] -= share
+
+    def close(self) -> None:
+        self.logs.close()
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -140,6 +140,13 @@ class ProxyApp:
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
         self.routes_ready = True
+        # A router per route now, not at its first request: it learns its replicas while the controller
+        # is reachable, so a first request that comes while the controller restarts is served too.
+        for route in routes:
+            self._router(route)
+        live = {r.prefix for r in routes}
+        for prefix in [p for p in self.routers if p not in live]:
+            del self.routers[prefix]
 
     def _router(self, route: Route) -> Any:
         """The router of `route`'s ingress deployment on this loop (`http` reads the cache inline)."""

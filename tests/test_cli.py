@@ -17,6 +17,8 @@ from typing import Iterable
 
 import psutil
 import pytest
+
+from conftest import wait_for
 from click.testing import CliRunner
 
 import shoal
@@ -479,7 +481,8 @@ def test_run_interrupted_while_deploying(tmp_path, procs):
     _wait_all_gone(tree, timeout=10)
 
 
-def test_run_exits_when_controller_dies(tmp_path, procs):
+def test_run_outlives_a_controller_kill(tmp_path, procs):
+    """`shoal run` owns its controller: one that dies is restarted, the app serves on, Ctrl-C stops all."""
     started, recorded = procs
     _write(tmp_path, "myapp.py", APP_MODULE)
     cli_proc = _Proc(_shoal_cmd() + ["run", "myapp:app"], tmp_path)
@@ -488,7 +491,55 @@ def test_run_exits_when_controller_dies(tmp_path, procs):
     tree = _tree(cli_proc.popen.pid)
     recorded.extend(tree)
     controller = next(p for p in tree if _is(p, "shoal.controller"))
+    replicas = [p for p in tree if _is(p, "shoal.replica.server")]
+    everything = _sessions_processes(tree)
+    recorded.extend(everything)
     controller.kill()
+    cli_proc.wait_for_line("restarting it")
+    new = wait_for(lambda: [p for p in _tree(cli_proc.popen.pid) if _is(p, "shoal.controller") and _alive(p)
+                            and p.pid != controller.pid], what="a new controller")
+    recorded.extend(new)
+    assert cli_proc.popen.poll() is None
+    assert replicas and all(_alive(p) for p in replicas)  # adopted, not restarted
+    cli_proc.popen.send_signal(signal.SIGINT)
+    assert cli_proc.wait() == 0, cli_proc.output
+    _wait_all_gone(everything + new, timeout=10)
+
+
+def _sessions_processes(tree: list) -> list:
+    """Every live process of the session(s) `tree` belongs to (adopted replicas are no controller's children)."""
+    sessions = set()
+    for p in tree:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "--session-dir" in cmd:
+            sessions.add(cmd[cmd.index("--session-dir") + 1])
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(s in cmd for s in sessions) and _alive(p):
+            out.append(p)
+    return out
+
+
+def test_run_stops_when_the_controller_keeps_dying(tmp_path, procs):
+    started, recorded = procs
+    _write(tmp_path, "myapp.py", APP_MODULE)
+    cli_proc = _Proc(_shoal_cmd() + ["run", "myapp:app"], tmp_path)
+    started.append(cli_proc)
+    cli_proc.wait_for_line(RUNNING_LINE)
+    tree = _tree(cli_proc.popen.pid)
+    everything = _sessions_processes(tree)
+    recorded.extend(everything)
+    deadline = time.monotonic() + 90
+    while cli_proc.popen.poll() is None and time.monotonic() < deadline:
+        for p in _tree(cli_proc.popen.pid):
+            if _is(p, "shoal.controller") and _alive(p):
+                p.kill()
+        time.sleep(0.05)
     assert cli_proc.wait(timeout=20) == 1, cli_proc.output
+    assert "died 5 times within a minute" in cli_proc.output
     assert "the shoal controller exited unexpectedly" in cli_proc.output
-    _wait_all_gone(tree, timeout=10)
+    _wait_all_gone(everything, timeout=30)

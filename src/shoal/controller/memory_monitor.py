@@ -219,7 +219,8 @@ class MemoryMonitor:
         s = max(samples, key=lambda x: x.rss)
         uid = s.rec.unique_id
         machine = (f"the machine is low on memory: {format_bytes(used)} of {format_bytes(total)} used "
-                   f"({used / total:.1%}), above the threshold of {threshold * 100:.4g}% (SHOAL_MEMORY_USAGE_THRESHOLD)")
+                   f"({used / total:.1%}), above the threshold of {threshold * 100:.4g}% "
+                   f"(SHOAL_MEMORY_USAGE_THRESHOLD)")
         largest = f"the largest replica (RSS {format_bytes(s.rss)})"
         self._replace(
             s, log=f"{machine}; replacing replica {uid} of {_name(s.ds)}, {largest}",

@@ -53,6 +53,13 @@ class ReplicaDiedError(RayServeException):
 ActorDiedError = ReplicaDiedError
 
 
+class ReplicaOutOfMemoryError(ReplicaDiedError):
+    """The controller replaced the replica serving a request because of memory: it exceeded its
+    `ray_actor_options["memory"]` limit, or it was the largest replica when the machine ran low on
+    memory. The message says which, with the sizes. The replica is being replaced; retrying may
+    succeed if the request itself does not need that much memory."""
+
+
 class DeployFailedError(RayServeException):
     """`serve.run` could not bring an application to RUNNING; the message holds the reason."""
 

@@ -20,6 +20,7 @@ from shoal import keeper
 from shoal.client import CONTROLLER_SOCKET, new_event_loop
 from shoal.controller import checkpoint
 from shoal.controller.controller import Controller
+from shoal.controller.memory_monitor import MemoryMonitor
 from shoal.runtime.embedded import EmbeddedRuntime
 from shoal.transport.connection import serve_unix
 
@@ -38,6 +39,7 @@ async def _main(session_dir: str, logs_dir: str, args: argparse.Namespace) -> No
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: controller.spawn(controller.shutdown()))
     runner = loop.create_task(controller.run())
+    controller.spawn(MemoryMonitor(controller).run())  # memory limits, machine monitor (embedded runtime only)
     admin = None
     if args.instance_dir:
         admin = await _start_detached(controller, session_dir, args)

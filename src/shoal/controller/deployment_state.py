@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from shoal.common import DeploymentID, DeploymentTargets, ReplicaID, RunningReplicaInfo
+from shoal.controller import status_notes
 from shoal.controller.autoscaler import DeploymentAutoscaler
 from shoal.controller.checkpoint import DeploymentSnapshot, ReplicaSnapshot
 from shoal.controller.specs import DeploymentSpec
@@ -455,6 +456,7 @@ class DeploymentState:
                 f"details. Retrying after {max(0.0, self.backoff_until - time.monotonic()):.0f}s. "
                 f"Error:\n{self.last_failure}"))
             return
+        notes = status_notes.notes(self)  # slow starts, memory replacements (controller/status_notes.py)
         settled = all(r.state == ReplicaState.RUNNING and r.code_version == self.code_version
                       and r.reconfigure_version == self.reconfigure_version for r in self.replicas.values())
         if settled and len(self.replicas) == self.target:
@@ -465,7 +467,7 @@ class DeploymentState:
                 trigger = self.trigger
             else:
                 trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
-            self._set_status(DeploymentStatus.HEALTHY, trigger, "")
+            self._set_status(DeploymentStatus.HEALTHY, trigger, notes)
             return
         if self.status == DeploymentStatus.HEALTHY:
             # A replica died or failed health checks: replacing it.
@@ -473,9 +475,9 @@ class DeploymentState:
                              else DeploymentStatus.UPDATING, DeploymentStatusTrigger.UNSPECIFIED, "")
         if self.pending_reason and self.message != self.pending_reason:
             self._set_status(self.status, self.trigger, self.pending_reason)
-        elif not self.pending_reason and self.message and self.status != DeploymentStatus.UNHEALTHY \
+        elif not self.pending_reason and self.message != notes and self.status != DeploymentStatus.UNHEALTHY \
                 and self.trigger != DeploymentStatusTrigger.REPLICA_STARTUP_FAILED:
-            self._set_status(self.status, self.trigger, "")
+            self._set_status(self.status, self.trigger, notes)
 
     def replica_state_counts(self) -> dict[ReplicaState, int]:
         counts: dict[ReplicaState, int] = {}

@@ -45,6 +45,7 @@ class ReplicaServer:
         self.ongoing = 0
         self.rejected: set[Connection] = set()
         self.stopping = False
+        self.abort_error: Optional[BaseException] = None  # set by `abort_requests`: what in-flight requests fail with
         self.callable: Optional[UserCallable] = None
         self.http: Optional[HTTPAdapter] = None
         self.ingress: Optional[ASGIIngress] = None
@@ -84,7 +85,8 @@ class ReplicaServer:
                 result = await uc.call(method, args, kwargs)  # type: ignore[union-attr]
                 conn.reply(Kind.OK, rid, ser.dumps(result))
         except asyncio.CancelledError:
-            pass  # the caller cancelled or went away; it expects no reply
+            if self.abort_error is not None:  # cancelled by `abort_requests`: the caller learns why
+                conn.reply(Kind.ERROR, rid, ser.dumps_exception(self.abort_error, self._where))
         except BaseException as e:  # noqa: BLE001 - every user error goes back to the caller
             if getattr(e, "quiet_in_logs", False):  # an expected error, e.g. a client's bad request
                 logger.info("request %s to %s: %s: %s", rid, self._where, type(e).__name__, e)
@@ -143,6 +145,20 @@ class ReplicaServer:
         await self._teardown()
         asyncio.get_running_loop().call_later(0.01, _exit, 0)
 
+    async def rpc_abort_requests(self, conn: Connection, message: str) -> int:
+        """The controller is about to kill this replica (memory, `controller/memory_monitor.py`):
+        fail the requests in flight with `ReplicaOutOfMemoryError(message)` and take no new ones."""
+        from shoal.exceptions import ReplicaOutOfMemoryError
+
+        self.stopping = True
+        self.abort_error = ReplicaOutOfMemoryError(message)
+        tasks = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "cr_code", None) is _HANDLE_CODE]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # let the error replies' writes go out before this reply
+        return len(tasks)
+
     async def _teardown(self) -> None:
         if self.ingress is not None:
             try:
@@ -154,6 +170,9 @@ class ReplicaServer:
                 await self.callable.teardown()
             except Exception:  # noqa: BLE001
                 logger.exception("__del__ of %s raised", self._where)
+
+
+_HANDLE_CODE = ReplicaServer._handle.__code__  # how `abort_requests` finds the request tasks
 
 
 def _acknowledge(conn: Connection, rid: int, task: asyncio.Task) -> None:

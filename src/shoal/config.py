@@ -163,6 +163,11 @@ class HTTPOptions(_Strict):
     root_path: str = ""
     request_timeout_s: Optional[PositiveFloat] = None
     keep_alive_timeout_s: PositiveFloat = 90.0
+    request_header_timeout_s: PositiveFloat = Field(30.0, description=(
+        "Seconds a client has to send a request's head (request line and headers): from the connection's "
+        "start for its first request, from the first byte of the next request on a keep-alive connection "
+        "(idle time before that is `keep_alive_timeout_s`'s). A client still sending its head then gets 408 "
+        "and is disconnected; one that sent nothing is disconnected. Not a Ray Serve option."))
     max_request_body_bytes: int = Field(100 * 1024 * 1024, ge=0)
     num_proxies: int = Field(1, ge=1)
     ssl_keyfile: Optional[str] = None

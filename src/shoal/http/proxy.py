@@ -459,12 +459,13 @@ async def run_proxy(session_dir: str, index: int) -> None:
         await client.control_call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
         exit_process(1)
     port = sock.getsockname()[1]
-    from shoal.http.coalesce import CoalescingHttpToolsProtocol
+    from shoal.http.coalesce import with_header_timeout
 
-    config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol, ws="auto", lifespan="off",
+    protocol = with_header_timeout(float(options.get("request_header_timeout_s") or 30.0))
+    config = uvicorn.Config(app, loop="none", http=protocol, ws="auto", lifespan="off",
                             interface="asgi3",
                             access_log=False, log_level="warning", proxy_headers=False, server_header=False,
-                            timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
+                            timeout_keep_alive=float(options.get("keep_alive_timeout_s") or 90),  # type: ignore[arg-type]
                             root_path=options.get("root_path") or "")
     server = uvicorn.Server(config)
     serving_task = loop.create_task(server.serve(sockets=[sock]))

@@ -1,4 +1,5 @@
-"""A proxy that restarts after apps were deployed routes to them at once (it gets the table on hello)."""
+"""A proxy that dies is replaced at once and routes to the apps deployed before: the standby proxy
+takes over its index and port, and a proxy started anew gets the route table with its hello reply."""
 
 from __future__ import annotations
 
@@ -20,9 +21,23 @@ def _proxy_pids() -> set:
     pids = set()
     for p in controller.children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "shoal.http.proxy" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and "shoal.http.proxy" in p.cmdline():
                 pids.add(p.pid)
         except psutil.Error:  # exited (or a zombie not yet reaped) meanwhile
+            pass
+    return pids
+
+
+def _listening(url: str) -> set:
+    """Pids of the processes listening on the port of `url`: the serving proxies (not the standby)."""
+    port = int(url.split(":")[2].split("/")[0])
+    pids = set()
+    for pid in _proxy_pids():
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections("tcp")):
+                pids.add(pid)
+        except psutil.Error:
             pass
     return pids
 
@@ -35,14 +50,12 @@ def test_restarted_proxy_routes_to_existing_apps(serve_app):
     serve.run(hello.bind(), route_prefix="/hello")
     url = get_http_url() + "/hello"
     assert httpx.get(url).text == "hello"
-    old = _proxy_pids()
+    old = _listening(url)
     assert len(old) == 1
-    os.kill(old.pop(), signal.SIGKILL)
+    standby = wait_for(lambda: _proxy_pids() - old, what="a standby proxy")
+    os.kill(next(iter(old)), signal.SIGKILL)
 
     def served_by_new_proxy():
-        new = _proxy_pids()
-        if not new:
-            return False
         try:
             r = httpx.get(url, timeout=5)
         except httpx.HTTPError:
@@ -51,3 +64,33 @@ def test_restarted_proxy_routes_to_existing_apps(serve_app):
         return r.text == "hello"
 
     wait_for(served_by_new_proxy, what="the restarted proxy to serve /hello")
+    assert _listening(url) == standby  # the standby took over; a new standby replaces it
+    wait_for(lambda: _proxy_pids() - standby - old, what="a new standby proxy")
+
+
+def test_a_proxy_starts_anew_without_a_standby(monkeypatch):
+    monkeypatch.setenv("SHOAL_SPARE_PROXY", "0")
+    serve.shutdown()  # the module's instance (with a standby) is not this test's
+    serve.start(http_options={"port": 0})
+    try:
+        @serve.deployment
+        def hello(request):
+            return "hello"
+
+        serve.run(hello.bind(), route_prefix="/hello")
+        url = get_http_url() + "/hello"
+        old = _proxy_pids()
+        assert len(old) == 1 and _listening(url) == old  # no standby
+        os.kill(old.pop(), signal.SIGKILL)
+
+        def served_by_new_proxy():
+            try:
+                r = httpx.get(url, timeout=5)
+            except httpx.HTTPError:
+                return False
+            assert r.status_code == 200, r.text  # a 404 here: the new proxy has no route table
+            return r.text == "hello"
+
+        wait_for(served_by_new_proxy, what="the restarted proxy to serve /hello")
+    finally:
+        serve.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("shoal.controller")
 RESTART_BACKOFF_S = 1.0
+SPARE = -1  # the index a standby proxy says hello with
 
 
 @dataclass
@@ -44,6 +46,11 @@ class ProxyManager:
         self.port = 0
         self.count = 1  # proxies to run: `num_proxies` on one machine, one per node on a cluster
         self._changed = asyncio.Event()
+        # A standby proxy, started and connected but not listening: when a proxy dies it takes over its
+        # index at once (milliseconds), where a fresh process needs its whole start-up (~1 s).
+        self.spare: Optional[ProxyRecord] = None
+        self.use_spare = (controller.runtime.name == "embedded"
+                          and os.environ.get("SHOAL_SPARE_PROXY", "1").lower() not in ("0", "off", "false"))
 
     @property
     def enabled(self) -> bool:
@@ -62,6 +69,7 @@ class ProxyManager:
         first = [0] if self.port == 0 and n > 1 else range(n)
         for i in first:
             self._launch(i)
+        self._launch_spare()
 
     def _launch(self, index: int) -> None:
         rec = self.proxies.get(index) or ProxyRecord(index)
@@ -69,9 +77,29 @@ class ProxyManager:
         rec.process = self.controller.runtime.launch_proxy(index)
         self.proxies[index] = rec
 
+    def _launch_spare(self) -> None:
+        if self.use_spare and self.enabled and self.spare is None and not self.controller.shutting_down:
+            self.spare = ProxyRecord(SPARE, self.controller.runtime.launch_proxy(SPARE))
+
+    def _replace(self, index: int, why: str) -> None:
+        """Proxy `index` is gone: the standby takes over its index and port, or a new process starts."""
+        spare = self.spare
+        if spare is None or spare.conn is None or (self.port == 0 and not self.proxies):
+            logger.warning("HTTP proxy %d %s; restarting it", index, why)
+            self._launch(index)
+            return
+        logger.warning("HTTP proxy %d %s; the standby proxy (pid %s) takes over", index, why,
+                       getattr(spare.process, "pid", "?"))
+        self.spare = None
+        rec = ProxyRecord(index, spare.process, spare.conn, ProxyStatus.STARTING)
+        spare.conn.proxy = rec  # type: ignore[attr-defined]
+        self.proxies[index] = rec
+        self.controller.spawn(spare.conn.call("take_over", index, self.port, self.count > 1))
+        self._launch_spare()
+
     def hello(self, conn: "Connection", index: int, serving_port: int = 0) -> dict:
         """A proxy starts, or (`serving_port` set) one that kept serving reconnects after a controller restart."""
-        rec = self.proxies.get(index)
+        rec = self.spare if index == SPARE else self.proxies.get(index)
         if rec is None:
             raise RayServeException(f"unknown HTTP proxy {index}")  # it exits: nobody would manage it
         rec.conn = conn
@@ -115,7 +143,7 @@ class ProxyManager:
             return
         self.routes = routes
         self.version += 1
-        for rec in self.proxies.values():
+        for rec in self._all():
             if rec.conn is not None:
                 rec.conn.notify("routes", (routes, self.version))
 
@@ -164,25 +192,41 @@ class ProxyManager:
             if time.monotonic() - rec.started_at < RESTART_BACKOFF_S:
                 continue
             out = rec.process.recent_output().strip()[-2000:] if rec.process else ""
-            logger.warning("HTTP proxy %d exited with code %s; restarting it.%s", rec.index, code,
-                           f" Its last output:\n{out}" if out else "")
-            self._launch(rec.index)
+            self._replace(rec.index, f"exited with code {code}" + (f". Its last output:\n{out}" if out else ""))
+        spare = self.spare
+        if spare is not None and spare.process is not None and spare.process.exit_code() is not None \
+                and not shutting_down:
+            self.spare = None
+            if time.monotonic() - spare.started_at >= RESTART_BACKOFF_S:
+                logger.warning("the standby HTTP proxy exited with code %s; starting another",
+                               spare.process.exit_code())
+                self._launch_spare()
 
     def on_disconnect(self, conn: "Connection") -> None:
         rec = getattr(conn, "proxy", None)
-        if rec is not None and rec.status == ProxyStatus.HEALTHY:
-            rec.status = ProxyStatus.UNHEALTHY
-            rec.conn = None
+        if rec is None or rec.conn is not conn:
+            return
+        rec.conn = None
+        if rec.index == SPARE or self.controller.shutting_down:
+            return
+        if rec.status == ProxyStatus.HEALTHY:
+            # Its control connection closes only when its process ends: replace it now, not at the next tick.
+            if rec.process is not None:
+                rec.process.kill()
+            self._replace(rec.index, "died")
 
     def stop(self) -> None:
-        for rec in self.proxies.values():
+        for rec in self._all():
             if rec.process is not None:
                 rec.process.terminate()
+
+    def _all(self) -> list[ProxyRecord]:
+        return list(self.proxies.values()) + ([self.spare] if self.spare is not None else [])
 
     async def wait_exited(self, timeout: float) -> None:
         """Wait for stopped proxies to exit (so their port is free), killing stragglers."""
         deadline = time.monotonic() + timeout
-        procs = [r.process for r in self.proxies.values() if r.process is not None]
+        procs = [r.process for r in self._all() if r.process is not None]
         while any(p.exit_code() is None for p in procs) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for p in procs:
@@ -215,6 +259,7 @@ class ProxyManager:
                 continue
             # Still serving with the route table it has; it reconnects and gets the current one.
             self.proxies[snap.index] = ProxyRecord(snap.index, process, None, ProxyStatus(snap.status), snap.port)
+        self._launch_spare()  # the old standby left with its controller
 
     def statuses(self) -> dict[str, ProxyStatus]:
         return {f"{getattr(r.process, 'node_id', '') or 'local'}:{r.index}": r.status for r in self.proxies.values()}

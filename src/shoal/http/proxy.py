@@ -427,16 +427,43 @@ def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+class _Standby:
+    """Control calls a standby proxy (index -1) answers: `take_over` makes it proxy `index`."""
+
+    def __init__(self) -> None:
+        self.order: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def rpc_take_over(self, conn: Any, index: int, port: int, reuse_port: bool) -> None:
+        if not self.order.done():
+            self.order.set_result((index, port, reuse_port))
+
+
+async def _bind_when_free(host: str, port: int, reuse_port: bool, timeout: float) -> socket.socket:
+    """Bind the port a dead proxy held; its socket may take a moment to close."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _listen_socket(host, port, reuse_port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.002)
+
+
 async def run_proxy(session_dir: str, index: int) -> None:
     import uvicorn
 
     from shoal.client import ServeClient, set_global_client
     from shoal.common import exit_process
+    from shoal.http.coalesce import with_header_timeout
 
     loop = asyncio.get_running_loop()
     client = ServeClient(loop, session_dir)
     set_global_client(client)
-    info = await client.connect("proxy", index=index)
+    standby = _Standby() if index < 0 else None
+    if standby is not None:
+        client.controller_recoverable = lambda: False  # a standby leaves with its controller
+    info = await client.connect("proxy", extra_handler=standby, index=index)
     options = info["http_options"]
     app = ProxyApp(client, options)
 
@@ -453,14 +480,19 @@ async def run_proxy(session_dir: str, index: int) -> None:
     client.hello_state = lambda: {"serving_port": serving["port"]}
     client.on_reconnected = lambda reply: apply_routes(*reply["routes"])
     client.on_controller_lost = lambda: exit_process(0)
+    reuse_port, port_wanted = info["num_proxies"] > 1, info["port"]
+    if standby is not None:  # ready, routers warm: wait to replace a proxy that dies
+        index, port_wanted, reuse_port = await standby.order
+        client._hello["index"] = index
+        from shoal.keeper import keeper_alive
+
+        client.controller_recoverable = keeper_alive
     try:
-        sock = _listen_socket(options["host"], info["port"], reuse_port=info["num_proxies"] > 1)
+        sock = await _bind_when_free(options["host"], port_wanted, reuse_port, 3.0 if standby else 0.0)
     except OSError as e:
-        await client.control_call("proxy_failed", index, f"could not listen on {options['host']}:{info['port']}: {e}")
+        await client.control_call("proxy_failed", index, f"could not listen on {options['host']}:{port_wanted}: {e}")
         exit_process(1)
     port = sock.getsockname()[1]
-    from shoal.http.coalesce import with_header_timeout
-
     protocol = with_header_timeout(float(options.get("request_header_timeout_s") or 30.0))
     config = uvicorn.Config(app, loop="none", http=protocol, ws="auto", lifespan="off",
                             interface="asgi3",
@@ -470,7 +502,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     server = uvicorn.Server(config)
     serving_task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving_task.done():
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.002)
     if serving_task.done():
         await client.control_call("proxy_failed", index, f"uvicorn exited: {serving_task.exception()!r}")
         exit_process(1)

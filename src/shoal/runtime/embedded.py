@@ -314,8 +314,9 @@ class EmbeddedRuntime(Runtime):
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        name = str(index) if index >= 0 else "standby"  # a standby (-1) takes a dead proxy's index later
         return self._spawn(["shoal.http.proxy", self.session_dir, str(index)], env,
-                           os.path.join(self.logs_dir, f"proxy_{index}.log"), f"(proxy {index} pid={{pid}})")
+                           os.path.join(self.logs_dir, f"proxy_{name}.log"), f"(proxy {name} pid={{pid}})")
 
     def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess:
         env = dict(os.environ)

@@ -115,13 +115,16 @@ def start(address: Optional[str], http_options: dict, proxy_location: str) -> No
 
 
 def deploy(config_file: str, config_schema: Any, app_dir: str, wait: bool, timeout: float,
-           address: Optional[str], wait_until_deployed: Callable[..., None]) -> None:
-    """Build CONFIG here, then make its applications the full set the cluster instance runs."""
+           address: Optional[str], wait_until_deployed: Callable[..., None],
+           build_timeout: Optional[float] = None) -> None:
+    """Build CONFIG in a builder process of this command (killed after `build_timeout` s), then make
+    its applications the full set the cluster instance runs."""
     from shoal import schema
-    from shoal.builder import build_specs
+    from shoal.builder import build_specs_in_subprocess
 
     try:
-        specs = build_specs(config_schema, os.path.abspath(app_dir), config_file)
+        config = config_schema.model_dump(mode="json", exclude_unset=True)
+        specs = build_specs_in_subprocess(config, os.path.abspath(app_dir), build_timeout, source=config_file)
     except schema.ConfigError as e:
         raise click.ClickException(str(e)) from None
     configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in config_schema.applications}

@@ -314,7 +314,7 @@ def _start_guard() -> None:
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 1)
         os.dup2(null, 2)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.closerange(3, min(os.sysconf("SC_OPEN_MAX"), 1 << 16))
         while os.read(0, 1 << 16):
             pass
         os.killpg(0, signal.SIGKILL)

@@ -5,8 +5,9 @@ API: shoal's controller on the cluster is already a detached Ray actor (`runtime
 command joins the cluster (`--address`, default `auto`: the running one), joins that controller as a
 non-owning driver through `serve.start(runtime="ray")`, makes the same controller calls the admin API
 makes (`apply_config`, `status`, `app_configs`, `shutdown`), and leaves. Applications keep running
-after the command returns. Configs are built in this process, which is fresh for every command, so
-the controller never imports user code; a config that fails is rejected before `apply_config`.
+after the command returns. Configs are built in a builder process of this command (bounded by
+`--build-timeout`), so the controller never imports user code; a config that fails is rejected before
+`apply_config`.
 """
 
 from __future__ import annotations

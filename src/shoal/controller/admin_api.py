@@ -78,8 +78,7 @@ class _Auth:
         await refusal(scope, receive, send)
 
 
-SUPERSEDED = ("superseded by a newer deploy before it was applied (the latest config wins); nothing of this "
-              "one was applied")
+SUPERSEDED = "superseded by a newer deploy (the latest config wins); nothing of this one was applied"
 
 
 async def _client_gone(request: Request) -> None:

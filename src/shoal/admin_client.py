@@ -94,9 +94,15 @@ class AdminClient:
     def applications(self) -> dict:
         return self._request("GET", "/api/serve/applications/")
 
-    def deploy(self, config: dict, app_dir: Optional[str] = None) -> dict:
-        params = {"app_dir": app_dir} if app_dir else None
-        return self._request("PUT", "/api/serve/applications/", json=config, params=params, timeout=330)
+    def deploy(self, config: dict, app_dir: Optional[str] = None, build_timeout: Optional[float] = None) -> dict:
+        """PUT the config; the instance builds it (killing the build after `build_timeout` s, else after
+        its own default) and applies it. Closing the connection early stops the build."""
+        params: dict = {"app_dir": app_dir} if app_dir else {}
+        if build_timeout is not None:
+            params["build_timeout_s"] = repr(float(build_timeout))
+        # The answer comes once the build is over: wait a minute longer than the build may take.
+        wait = (build_timeout if build_timeout is not None else 300.0) + 60.0
+        return self._request("PUT", "/api/serve/applications/", json=config, params=params or None, timeout=wait)
 
     def shutdown(self) -> None:
         self._request("DELETE", "/api/serve/applications/")

@@ -10,6 +10,7 @@ other command groups join it with one `main.add_command(...)`.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import signal
 import sys
@@ -204,6 +205,13 @@ def runtime_options(f: Any) -> Any:
                              "machine).")(f)
 
 
+def build_timeout_option(f: Any) -> Any:
+    return click.option("--build-timeout", type=click.FloatRange(0, math.inf, min_open=True, max_open=True),
+                        default=None, envvar="SHOAL_BUILD_TIMEOUT_S", show_default="$SHOAL_BUILD_TIMEOUT_S, else 120",
+                        help="Seconds that building a config's applications (importing them, calling their "
+                             "builders) may take; then the builder process is killed and the command fails.")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="shoal", message="%(prog)s %(version)s")
 def main() -> None:
@@ -223,8 +231,9 @@ class _Target:
 
 
 def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefix: Optional[str],
-                 app_dir: str) -> _Target:
-    """Build what `shoal run` was given, in this process, before anything starts."""
+                 app_dir: str, build_timeout: Optional[float] = None) -> _Target:
+    """Build what `shoal run` was given before anything starts: a config in a builder process (killed
+    after `build_timeout` seconds), an import path in this process."""
     import warnings
 
     from shoal import api, schema
@@ -239,9 +248,9 @@ def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefi
             try:
                 config_schema = schema.load_config_file(target)
                 config = config_schema.model_dump(mode="json", exclude_unset=True)
-                from shoal.builder import build_specs
+                from shoal.builder import build_specs_in_subprocess
 
-                specs = build_specs(config_schema, app_dir, target)
+                specs = build_specs_in_subprocess(config, os.path.abspath(app_dir), build_timeout, source=target)
             except schema.ConfigError as e:
                 raise click.ClickException(str(e)) from None
         for w in caught:
@@ -354,16 +363,17 @@ class _Watcher:
         self.stop_event.set()
 
 
-def _rebuild(target: str, loaded: _Target, app_dir: str) -> Optional[_Target]:
+def _rebuild(target: str, loaded: _Target, app_dir: str, build_timeout: Optional[float]) -> Optional[_Target]:
     """Rebuild after a change, in a fresh process (edited modules are imported anew)."""
     from shoal import schema
     from shoal.builder import build_specs_in_subprocess
 
     config = loaded.config
+    source = target if is_config_file(target) else None
     try:
-        if is_config_file(target):
+        if source is not None:
             config = schema.load_config_file(target).model_dump(mode="json", exclude_unset=True)
-        specs = build_specs_in_subprocess(config, os.path.abspath(app_dir))
+        specs = build_specs_in_subprocess(config, os.path.abspath(app_dir), build_timeout, source=source)
     except schema.ConfigError as e:
         _err(f"Error: not reloaded: {e}")
         return None
@@ -384,10 +394,12 @@ def _rebuild(target: str, loaded: _Target, app_dir: str) -> Optional[_Target]:
 @click.option("--port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
               help="Port the HTTP proxy listens on (0: any free port).")
 @click.option("--reload", "-r", "reload_", is_flag=True, help="Redeploy when a file under --app-dir changes.")
+@build_timeout_option
 @runtime_options
 @click.pass_context
 def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, route_prefix: str, app_dir: str,
-        host: str, port: int, reload_: bool, runtime: Optional[str], address: Optional[str]) -> None:
+        host: str, port: int, reload_: bool, build_timeout: Optional[float], runtime: Optional[str],
+        address: Optional[str]) -> None:
     """Deploy IMPORT_PATH or the applications of CONFIG, and run until Ctrl-C or SIGTERM.
 
     IMPORT_PATH is 'module:attribute' or 'module.attribute', naming an Application (from
@@ -404,7 +416,7 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
     if not name:
         raise click.BadParameter("the application name must not be empty.", param_hint="'--name'")
     start_kwargs = runtime_kwargs(runtime, address)
-    loaded = _load_target(target, arguments, name, route_prefix, app_dir)
+    loaded = _load_target(target, arguments, name, route_prefix, app_dir, build_timeout)
     http_options = dict(loaded.http_options)
     for key, value in (("host", host), ("port", port)):
         source = ctx.get_parameter_source(key)
@@ -446,7 +458,7 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
                 if changed:
                     click.echo(f"Files changed ({', '.join(os.path.relpath(p) for p in changed[:3])}"
                                f"{', ...' if len(changed) > 3 else ''}); redeploying.")
-                    rebuilt = _rebuild(target, loaded, app_dir)
+                    rebuilt = _rebuild(target, loaded, app_dir, build_timeout)
                     if rebuilt is not None:
                         error = _deploy_and_wait(client, rebuilt)
                         if error is not None:

@@ -20,7 +20,7 @@ import click
 import yaml
 
 from shoal import cli_ray, instance
-from shoal.cli import _warn, load_application, runtime_options
+from shoal.cli import _warn, build_timeout_option, load_application, runtime_options
 
 POLL_S = 0.25
 
@@ -108,17 +108,21 @@ def start(http_host: str, http_port: int, proxy_location: str, admin_port: int, 
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Show progress until every application is RUNNING (or failed).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait with --wait.")
+@build_timeout_option
 @instance_dir_option
 @runtime_options
-def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_dir: Optional[str],
-           runtime: Optional[str], address: Optional[str]) -> None:
+def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, build_timeout: Optional[float],
+           instance_dir: Optional[str], runtime: Optional[str], address: Optional[str]) -> None:
     """Make the applications of CONFIG the full set the instance runs (apps not in it are deleted).
 
-    A config that is invalid or whose applications cannot be built is rejected as a whole and the
-    running applications stay as they are.
+    A config that is invalid or whose applications cannot be built (within --build-timeout) is
+    rejected as a whole and the running applications stay as they are. A newer deploy stops the
+    build of one still in progress, which then fails as superseded.
     """
     from shoal import schema
+    from shoal.builder import build_timeout_s
 
+    build_timeout = build_timeout_s(build_timeout)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", schema.ConfigWarning)
         try:
@@ -128,13 +132,14 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, instance_
     for w in caught:
         _warn(str(w.message))
     if cli_ray.wants_ray(runtime):
-        return cli_ray.deploy(config_file, config_schema, app_dir, wait, timeout, address, wait_until_deployed)
+        return cli_ray.deploy(config_file, config_schema, app_dir, wait, timeout, address, wait_until_deployed,
+                              build_timeout)
     client = _connect(instance_dir)
     if address is not None and client.info.address != address:  # (`--runtime ray` went to cli_ray above)
         raise click.ClickException(f"--address {address} does not match the running instance's "
                                    f"({client.info.address}); `shoal shutdown` and `shoal start` it anew.")
     body = config_schema.model_dump(mode="json", exclude_unset=True)
-    reply = _admin_call(client.deploy, body, os.path.abspath(app_dir), prefix=f"{config_file}: ")
+    reply = _admin_call(client.deploy, body, os.path.abspath(app_dir), build_timeout, prefix=f"{config_file}: ")
     for note in reply.get("warnings", []):
         if not any(note in str(w.message) for w in caught):
             _warn(f"{config_file}: {note}")

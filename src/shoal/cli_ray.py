@@ -5,8 +5,9 @@ API: shoal's controller on the cluster is already a detached Ray actor (`runtime
 command joins the cluster (`--address`, default `auto`: the running one), joins that controller as a
 non-owning driver through `serve.start(runtime="ray")`, makes the same controller calls the admin API
 makes (`apply_config`, `status`, `app_configs`, `shutdown`), and leaves. Applications keep running
-after the command returns. Configs are built in this process, which is fresh for every command, so
-the controller never imports user code; a config that fails is rejected before `apply_config`.
+after the command returns. Configs are built in a builder process of this command (bounded by
+`--build-timeout`), so the controller never imports user code; a config that fails is rejected before
+`apply_config`.
 """
 
 from __future__ import annotations
@@ -115,13 +116,16 @@ def start(address: Optional[str], http_options: dict, proxy_location: str) -> No
 
 
 def deploy(config_file: str, config_schema: Any, app_dir: str, wait: bool, timeout: float,
-           address: Optional[str], wait_until_deployed: Callable[..., None]) -> None:
-    """Build CONFIG here, then make its applications the full set the cluster instance runs."""
+           address: Optional[str], wait_until_deployed: Callable[..., None],
+           build_timeout: Optional[float] = None) -> None:
+    """Build CONFIG in a builder process of this command (killed after `build_timeout` s), then make
+    its applications the full set the cluster instance runs."""
     from shoal import schema
-    from shoal.builder import build_specs
+    from shoal.builder import build_specs_in_subprocess
 
     try:
-        specs = build_specs(config_schema, os.path.abspath(app_dir), config_file)
+        config = config_schema.model_dump(mode="json", exclude_unset=True)
+        specs = build_specs_in_subprocess(config, os.path.abspath(app_dir), build_timeout, source=config_file)
     except schema.ConfigError as e:
         raise click.ClickException(str(e)) from None
     configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in config_schema.applications}

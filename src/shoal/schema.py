@@ -20,6 +20,7 @@ Input should be greater than 0 (got -1)`.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import re
@@ -27,7 +28,7 @@ import sys
 import typing
 import warnings
 from enum import Enum
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PrivateAttr, ValidationError
@@ -684,14 +685,20 @@ def apply_overrides(app: Application, app_schema: ServeApplicationSchema) -> App
 
 
 def build_application(app_schema: Union[ServeApplicationSchema, Dict[str, Any]],
-                      base_dir: Optional[Union[str, os.PathLike]] = None) -> Application:
+                      base_dir: Optional[Union[str, os.PathLike]] = None,
+                      on_step: Optional[Callable[[str], None]] = None) -> Application:
     """Import the app's import_path, call its builder with `args`, apply the deployment overrides.
+    `on_step("import")` / `on_step("build")` is called before importing / calling a builder function.
 
     Raises `ConfigError` whose lines start with `application '<name>': `."""
     if not isinstance(app_schema, ServeApplicationSchema):
         app_schema = _validate(ServeApplicationSchema, app_schema)
     try:
+        if on_step is not None:
+            on_step("import")
         target = import_attribute(app_schema.import_path, base_dir)
+        if on_step is not None and callable(target) and not isinstance(target, (Application, Deployment, type)):
+            on_step("build")
         app = call_app_builder(target, app_schema.args, app_schema.import_path)
         return apply_overrides(app, app_schema)
     except ConfigError as e:
@@ -699,12 +706,15 @@ def build_application(app_schema: Union[ServeApplicationSchema, Dict[str, Any]],
 
 
 def build_applications(schema: ServeDeploySchema, base_dir: Optional[Union[str, os.PathLike]] = None,
-                       source: Optional[str] = None) -> List[Tuple[ServeApplicationSchema, Application]]:
-    """`build_application` for every application of a config, in order (errors prefixed with `source`)."""
+                       source: Optional[str] = None, on_step: Optional[Callable[[int, str], None]] = None
+                       ) -> List[Tuple[ServeApplicationSchema, Application]]:
+    """`build_application` for every application of a config, in order (errors prefixed with `source`;
+    `on_step(index, step)` as `build_application`'s)."""
     built = []
     for i, app_schema in enumerate(schema.applications):
+        step = None if on_step is None else functools.partial(on_step, i)
         try:
-            built.append((app_schema, build_application(app_schema, base_dir)))
+            built.append((app_schema, build_application(app_schema, base_dir, step)))
         except ConfigError as e:
             raise ConfigError([_config_path(i, p) for p in e.problems], source) from None
     return built

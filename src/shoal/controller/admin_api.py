@@ -5,6 +5,7 @@ Every request needs `Authorization: Bearer <token>` (the token file of the insta
 loopback address is refused (403) as well. Routes follow Ray's dashboard where one exists:
 
     PUT    /api/serve/applications/   body: the config (JSON)  -> 200 {"warnings": [...]} | 400 {"errors": [...]}
+                                         | 409 (superseded by a newer PUT)
     GET    /api/serve/applications/   -> {"status": <serve.status()>, "applications": {name: config}, "http_url"}
     DELETE /api/serve/applications/   -> 200, then the instance shuts down (as `serve.shutdown()`)
     GET    /api/serve/status          -> serve.status() as plain data (enum values as their names);
@@ -12,7 +13,11 @@ loopback address is refused (403) as well. Routes follow Ray's dashboard where o
 
 A PUT is validated (schema) here, then built in a fresh `python -m shoal.builder` process
 (imports, builders, overrides), then applied declaratively; any error leaves the running
-applications untouched. `?app_dir=DIR` puts DIR first on the builder's import path.
+applications untouched. `?app_dir=DIR` puts DIR first on the builder's import path;
+`?build_timeout_s=S` bounds the build (default $SHOAL_BUILD_TIMEOUT_S of the controller, else 120 s):
+the builder is then killed and the error names the application and its import path. The latest
+config wins: a PUT stops the build of an older one still in progress (killing its builder), and the
+older PUT answers 409 "superseded"; a client that closes its connection stops its build too.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.websockets import WebSocketClose
 
-from shoal.builder import build_specs_async
+from shoal.builder import build_specs_async, build_timeout_s
 from shoal.exceptions import RayServeException
 from shoal.schema import ConfigError, ConfigWarning, parse_config
 
@@ -73,8 +78,19 @@ class _Auth:
         await refusal(scope, receive, send)
 
 
+SUPERSEDED = "superseded by a newer deploy (the latest config wins); nothing of this one was applied"
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client closes its connection (call after the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def make_app(controller: "Controller", token: str) -> Any:
-    lock = asyncio.Lock()  # one deploy at a time: each sees the result of the previous one
+    lock = asyncio.Lock()  # one build and apply at a time: each sees the result of the previous one
+    newest = [0]  # the number of the newest PUT: an older one that has not applied yet gives way
+    building: dict[int, asyncio.Future] = {}  # the build in progress, by the number of its PUT
 
     async def status(request: Request) -> Response:
         if request.query_params.get("wait_routes"):  # after a deploy: answer once proxies route to it
@@ -97,25 +113,52 @@ def make_app(controller: "Controller", token: str) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConfigWarning)
                 schema = parse_config(body)
+            timeout = build_timeout_s(request.query_params.get("build_timeout_s"), "build_timeout_s")
         except ConfigError as e:
             return JSONResponse({"errors": e.problems}, 400)
-        async with lock:
-            try:
-                specs = await build_specs_async(body, request.query_params.get("app_dir"))
-            except ConfigError as e:
-                return JSONResponse({"errors": e.problems}, 400)
-            configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in schema.applications}
-            notes = list(schema.config_warnings)
-            running = controller.proxies.options or {}
-            wanted = schema.http_options.to_http_options()
-            changed = [k for k, v in wanted.items() if k in running and running[k] != v]
-            if changed:
-                notes.append(f"http_options: {', '.join(changed)} differ from the running instance's; "
-                             "they take effect at the next `shoal start`")
-            try:
-                await controller.rpc_apply_config(None, specs, configs)
-            except RayServeException as e:
-                return JSONResponse({"errors": [str(e)]}, 503)
+        newest[0] += 1
+        mine = newest[0]
+        for older in building.values():  # the latest config wins: stop an older build now
+            older.cancel()
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            async with lock:
+                if newest[0] != mine:
+                    return JSONResponse({"errors": [SUPERSEDED]}, 409)
+                build = building[mine] = asyncio.ensure_future(
+                    build_specs_async(body, request.query_params.get("app_dir"), timeout))
+                try:
+                    await asyncio.wait([build, gone], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    del building[mine]
+                    if not build.done():  # the client left (or this request was cancelled): stop it
+                        build.cancel()
+                        await asyncio.wait([build])
+                if build.cancelled():
+                    if newest[0] != mine:
+                        return JSONResponse({"errors": [SUPERSEDED]}, 409)
+                    logger.info("deploy cancelled: the client closed the connection while it was building")
+                    return JSONResponse({"errors": ["the client went away; the build was stopped"]}, 499)
+                try:
+                    specs = build.result()
+                except ConfigError as e:
+                    return JSONResponse({"errors": e.problems}, 400)
+                if newest[0] != mine:
+                    return JSONResponse({"errors": [SUPERSEDED]}, 409)
+                configs = {a.name: a.model_dump(mode="json", exclude_unset=True) for a in schema.applications}
+                notes = list(schema.config_warnings)
+                running = controller.proxies.options or {}
+                wanted = schema.http_options.to_http_options()
+                changed = [k for k, v in wanted.items() if k in running and running[k] != v]
+                if changed:
+                    notes.append(f"http_options: {', '.join(changed)} differ from the running instance's; "
+                                 "they take effect at the next `shoal start`")
+                try:
+                    await controller.rpc_apply_config(None, specs, configs)
+                except RayServeException as e:
+                    return JSONResponse({"errors": [str(e)]}, 503)
+        finally:
+            gone.cancel()
         return JSONResponse({"warnings": notes, "applications": [s.name for s in specs]})
 
     async def delete_apps(request: Request) -> Response:

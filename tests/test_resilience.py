@@ -101,3 +101,44 @@ def test_delete_drains_requests_in_flight(serve_app):
     wait_for(lambda: h.num_started.remote().result() == 3, what="the requests to be running")
     serve.delete("slow")
     assert [c.result(timeout_s=30) for c in calls] == [0, 1, 2]
+
+
+def test_downscale_and_rolling_update_under_handle_load_fail_no_request(serve_app):
+    """Replicas told to stop announce draining on every connection; requests a router wrote to one
+    that it never accepted are sent elsewhere, so graceful stops fail nothing."""
+
+    @serve.deployment(num_replicas=3, graceful_shutdown_wait_loop_s=0.1)
+    class Versioned:
+        def __init__(self, version):
+            self.version = version
+
+        async def __call__(self):
+            await asyncio.sleep(0.002)
+            return self.version
+
+    h = serve.run(Versioned.bind("v1"), name="ver", route_prefix=None)
+    results: list = []
+    stop = threading.Event()
+
+    async def caller():
+        while not stop.is_set():
+            results.extend(await asyncio.gather(*[h.remote() for _ in range(8)], return_exceptions=True))
+
+    def load():
+        asyncio.run(caller())
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        wait_for(lambda: len(results) > 50)
+        serve.run(Versioned.options(num_replicas=1).bind("v1"), name="ver", route_prefix=None)  # downscale
+        wait_for(lambda: _running("ver", "Versioned") == 1, timeout=30)
+        serve.run(Versioned.options(num_replicas=2).bind("v2"), name="ver", route_prefix=None)  # roll over
+        wait_for(lambda: results[-1] == "v2" and _running("ver", "Versioned") == 2, timeout=30)
+        n = len(results)
+        wait_for(lambda: len(results) > n + 50)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert set(results) == {"v1", "v2"}

@@ -129,7 +129,6 @@ class _Request:
     """What a router needs to send one call; the base of both response types."""
 
     payload = None  # the request body already serialized, when the caller made it (the HTTP proxy does)
-    _retries = 0  # times a router re-sent it after its replica died before starting it
 
     def __init__(self, handle: DeploymentHandle, meta: _HandleMeta, args: tuple, kwargs: dict, router, on_loop: bool):
         self._handle = handle

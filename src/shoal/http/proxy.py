@@ -54,7 +54,7 @@ class HTTPCall:
     kwargs: dict = {}
 
     __slots__ = ("args", "payload", "multiplexed_model_id", "request_id", "_cancelled", "_call", "result", "exc",
-                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at", "_retries",
+                 "items", "finished", "_waiter", "loop", "session_id", "_queued_at",
                  "receive", "router", "gen", "relayed", "started_at", "timed_out", "watcher", "timeout_handle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wire_scope: tuple, body: bytes, model_id: str,
@@ -62,7 +62,6 @@ class HTTPCall:
         self.loop = loop
         self.session_id = session_id
         self._queued_at = 0.0
-        self._retries = 0
         self.args = (wire_scope, body)
         # The request body for the replica, made once (a retry re-sends it): builtin data only.
         self.payload = _pickler.dumps((HTTP_METHOD, True, model_id, request_id, self.args, _NO_KWARGS))

@@ -44,6 +44,7 @@ class ReplicaServer:
         self.max_ongoing = self.config.max_ongoing_requests
         self.ongoing = 0
         self.rejected: set[Connection] = set()
+        self.conns: set[Connection] = set()  # data connections (routers)
         self.stopping = False
         self.abort_error: Optional[BaseException] = None  # set by `abort_requests`: what in-flight requests fail with
         self.callable: Optional[UserCallable] = None
@@ -66,9 +67,6 @@ class ReplicaServer:
         task = start_eagerly(self._handle(conn, rid, body), self.loop, contextvars.copy_context())
         if task is not None:
             conn.tasks[rid] = task
-            # Runs after the task's first step: a request still running then is acknowledged, so a
-            # caller never re-sends it if this process dies; a quick one's reply says it all.
-            self.loop.call_soon(_acknowledge, conn, rid, task)
 
     async def _handle(self, conn: Connection, rid: int, body: bytes) -> None:
         try:
@@ -116,7 +114,13 @@ class ReplicaServer:
         if inbox is not None:
             inbox.push(ser.loads(body))
 
+    def on_connection_made(self, conn: Connection) -> None:
+        self.conns.add(conn)
+        if self.stopping:
+            conn.notify("draining", 0)
+
     def on_connection_lost(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        self.conns.discard(conn)
         self.rejected.discard(conn)
         for task in list(conn.tasks.values()):
             task.cancel()
@@ -138,11 +142,25 @@ class ReplicaServer:
         return self.ongoing
 
     async def rpc_graceful_shutdown(self, conn: Connection, wait_loop_s: float) -> None:
-        """Finish in-flight requests (routers already stopped sending), run `__del__`, then exit."""
+        """Finish in-flight requests, run `__del__`, then exit.
+
+        The controller already told routers to stop sending here, but a request may be on its way.
+        So each data connection first gets a `draining` notice naming the highest request id running
+        on it (its ids only grow): from then on this replica rejects every request it reads, and a
+        router may safely send elsewhere any request with a higher id that a lost connection leaves
+        unanswered (see router.py). The connections are closed, their replies written, before exit.
+        """
         self.stopping = True
+        for c in self.conns:
+            c.notify("draining", max(c.tasks, default=0))
         await asyncio.sleep(min(wait_loop_s, 0.05) if self.ongoing == 0 else 0)
         await self.idle.wait()
         await self._teardown()
+        conns = [c for c in self.conns if not c.closed]
+        for c in conns:
+            c.close()
+        if conns:  # transports close once their buffered replies are written
+            await asyncio.wait([c.closed_future for c in conns], timeout=5.0)
         asyncio.get_running_loop().call_later(0.01, _exit, 0)
 
     async def rpc_abort_requests(self, conn: Connection, message: str) -> int:
@@ -173,11 +191,6 @@ class ReplicaServer:
 
 
 _HANDLE_CODE = ReplicaServer._handle.__code__  # how `abort_requests` finds the request tasks
-
-
-def _acknowledge(conn: Connection, rid: int, task: asyncio.Task) -> None:
-    if not task.done():
-        conn.reply(Kind.STARTED, rid)
 
 
 def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLoop) -> dict:

@@ -5,6 +5,14 @@ in flight on each replica, sends to the replica with room (power of two choices)
 in a FIFO queue while every replica is at `max_ongoing_requests`. A replica that refuses a request
 (other callers filled it) sends a CAPACITY frame as soon as it has room again, so a waiting request
 never sleeps on a backoff timer.
+
+A lost replica connection: a request written on it fails with `ReplicaDiedError` and is never sent
+again (it may be what killed the replica: a poison request kills at most one replica). Requests
+still queued here go to the other replicas. The one exception makes graceful shutdown lossless: a
+replica that starts draining sends a `draining` notice on each data connection carrying the highest
+request id it accepted there (0: none still running); from then on it only rejects new requests,
+finishes the accepted ones and closes. Requests with a higher id than that were rejected or never
+read, so when such a connection is lost those still unanswered are sent to another replica.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ from shoal.transport.connection import Connection, ConnectionLost, connect
 from shoal.transport.framing import Kind
 
 logger = logging.getLogger(__name__)
-MAX_RETRIES = 3  # times a request is re-sent after its replica died before starting it
 
 
 _REQUEST_TYPES: tuple = ()
@@ -49,7 +56,7 @@ class ReplicaEntry:
     """The router's view of one replica (what router policies see as a `ReplicaView`)."""
 
     __slots__ = ("info", "conn", "inflight", "max_ongoing", "blocked", "draining", "router", "models",
-                 "replica_id", "node_id")
+                 "replica_id", "node_id", "last_accepted", "unread")
 
     def __init__(self, info: RunningReplicaInfo, router: "Router"):
         self.info = info
@@ -63,6 +70,10 @@ class ReplicaEntry:
         self.router = router
         # Models the replica reported, plus those this caller just sent it (it is loading them).
         self.models: set = set(info.multiplexed_model_ids)
+        # Set by the replica's `draining` notice: the highest request id it accepted on this
+        # connection. `unread` collects the later ones a lost connection leaves unanswered.
+        self.last_accepted: Optional[int] = None
+        self.unread: list = []
 
     def has_capacity(self) -> bool:
         return not self.blocked and self.inflight < self.max_ongoing
@@ -87,7 +98,8 @@ class ReplicaEntry:
         pass
 
     def on_notify(self, conn, topic, payload):
-        pass
+        if topic == "draining":
+            self.router._on_draining(self, payload)
 
     def on_connection_lost(self, conn, exc):
         self.router._on_replica_lost(self)
@@ -96,18 +108,16 @@ class ReplicaEntry:
 class _Call:
     """Routes the frames answering one request back to its response object."""
 
-    __slots__ = ("router", "entry", "resp", "rid", "started")
+    __slots__ = ("router", "entry", "resp", "rid")
 
     def __init__(self, router: "Router", entry: ReplicaEntry, resp):
         self.router = router
         self.entry = entry
         self.resp = resp
         self.rid = 0
-        self.started = False  # the replica said it runs the request (or answered)
 
     def on_frame(self, kind: int, body: bytes) -> None:
         resp = self.resp
-        self.started = True
         if kind == Kind.OK:  # the common case first
             resp._call = None
             try:
@@ -117,8 +127,6 @@ class _Call:
             else:
                 resp._complete(value)
             self.router._release(self.entry)
-            return
-        if kind == Kind.STARTED:
             return
         if kind == Kind.ITEM:
             try:
@@ -138,22 +146,21 @@ class _Call:
         router._release(self.entry)
 
     def on_lost(self, exc: BaseException) -> None:
-        self.resp._call = None
+        """The connection closed with this request unanswered: it fails, unless the replica announced
+        draining before it accepted this request (then it never ran there and another replica takes it)."""
+        resp = self.resp
+        resp._call = None
         entry = self.entry
-        rid = entry.info.replica_id
-        if not self.started and not self.resp._cancelled and self.resp._retries < MAX_RETRIES:
-            # The replica went away before it started this request: another replica takes it.
-            self.resp._retries += 1
-            self.router._on_replica_lost(entry, drain=False)  # never pick the dead replica again
-            self.router._release(entry, lost=True)
-            self.router._retry(self.resp)
-            return
-        self.resp._complete(exc=ReplicaDiedError(
-            f"Replica '{rid.unique_id}' of deployment '{rid.deployment_id.name}' in application "
-            f"'{rid.deployment_id.app_name}' died while handling request {self.resp.request_id} "
-            f"(method '{self.resp.method_name}'). The replica is being replaced; retry the request."
-        ))
         self.router._release(entry, lost=True)
+        if entry.last_accepted is not None and self.rid > entry.last_accepted and not self.router.closed:
+            entry.unread.append(resp)  # re-queued by `_on_replica_lost`, which runs right after
+            return
+        rid = entry.info.replica_id
+        resp._complete(exc=ReplicaDiedError(
+            f"Replica '{rid.unique_id}' of deployment '{rid.deployment_id.name}' in application "
+            f"'{rid.deployment_id.app_name}' died while handling request {resp.request_id} "
+            f"(method '{resp.method_name}'). The replica is being replaced; retry the request."
+        ))
 
 
 class Router:
@@ -272,11 +279,6 @@ class Router:
         if self.pending and not lost:
             self._drain()
 
-    def _retry(self, resp) -> None:
-        """Send a request again, ahead of the queue (its replica died before starting it)."""
-        self.pending.appendleft(resp)
-        self._drain()
-
     def _on_reject(self, entry: ReplicaEntry, resp) -> None:
         """The replica was full (other callers): wait for its CAPACITY frame, retry this request first."""
         entry.inflight -= 1
@@ -284,6 +286,13 @@ class Router:
         resp._call = None
         self.pending.appendleft(resp)
         self._drain()
+
+    def _on_draining(self, entry: ReplicaEntry, last_accepted: int) -> None:
+        """The replica is shutting down: it rejects whatever it reads from now on. Stop sending to it;
+        requests it never accepted go elsewhere if the connection is lost before they are answered."""
+        entry.last_accepted = last_accepted
+        if entry in self.ready:
+            self.ready.remove(entry)
 
     def _on_capacity(self, conn: Connection) -> None:
         for entry in self.ready:
@@ -435,10 +444,14 @@ class Router:
             entry.conn.close()
 
     def _on_replica_lost(self, entry: ReplicaEntry, drain: bool = True) -> None:
+        """Never pick the replica again; requests it never accepted (see `_Call.on_lost`) go first."""
         if entry in self.ready:
             self.ready.remove(entry)
         if self.entries.get(entry.info.replica_id.unique_id) is entry:
             del self.entries[entry.info.replica_id.unique_id]
+        if entry.unread:
+            self.pending.extendleft(reversed(entry.unread))
+            entry.unread = []
         if drain:
             self._drain()
 
@@ -451,7 +464,7 @@ class Router:
         return bool(self.pending) or self._background > 0
 
     def in_flight(self) -> bool:
-        return any(e.inflight for e in self.ready)
+        return any(e.inflight for e in self.entries.values())
 
     def num_queued(self) -> int:
         return len(self.pending)

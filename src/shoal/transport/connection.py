@@ -34,6 +34,7 @@ class Handler(Protocol):
     def on_cancel(self, conn: "Connection", rid: int) -> None: ...
     def on_notify(self, conn: "Connection", topic: str, payload: Any) -> None: ...
     def on_connection_lost(self, conn: "Connection", exc: Optional[BaseException]) -> None: ...
+    # Optional: `on_connection_made(conn)`, called once the connection is up (replicas track theirs).
 
 
 class FutureSink:
@@ -98,6 +99,9 @@ class Connection(asyncio.BufferedProtocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        made = getattr(self.handler, "on_connection_made", None)
+        if made is not None:
+            made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self._rbuf
@@ -167,7 +171,7 @@ class Connection(asyncio.BufferedProtocol):
             sink = self.sinks.get(rid)
             if sink is None:
                 return  # reply to a request we already gave up on (cancelled)
-            if kind != Kind.ITEM and kind != Kind.STARTED:
+            if kind != Kind.ITEM:
                 del self.sinks[rid]
             sink.on_frame(kind, body)
 

@@ -25,9 +25,8 @@ class Kind:
     CANCEL = 6        # caller -> server: stop working on request id
     REJECT = 7        # server -> caller: replica at max_ongoing_requests; body = its ongoing count
     CAPACITY = 8      # server -> caller: a replica that rejected you has room again (id 0)
-    NOTIFY = 9        # either way: one-way message, body = (topic, payload)
+    NOTIFY = 9        # either way: one-way message, body = (topic, payload); e.g. a replica's "draining"
     PUSH = 10         # caller -> server: a message into a running request (WebSocket frames)
-    STARTED = 11      # server -> caller: the request runs and did not finish at once (else its reply says so)
 
 
 def pack(kind: int, rid: int, body: bytes = b"") -> bytes:

@@ -130,6 +130,7 @@ class Instance:
         return self.admin("GET", "/api/serve/applications/").json()["http_url"]
 
     def processes(self) -> list[psutil.Process]:
+        """The controller and the processes it started (the supervisor, its parent, is not included)."""
         controller = psutil.Process(self.info["pid"])
         return [controller, *controller.children(recursive=True)]
 
@@ -145,15 +146,22 @@ def inst(tmp_path):
     instance = Instance(tmp_path)
     instance.write("instapp.py", APP_MODULE.format(gate=str(tmp_path / "gate")))
     yield instance
-    # Whatever a failed test left running is stopped here, by pid (never by name).
+    # Whatever a failed test left running is stopped here: the supervisor first (it would restart the
+    # controller), then every process of the instance's session (adopted replicas are nobody's children).
     try:
-        pid = instance.info["pid"]
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except (OSError, psutil.Error, ValueError):
+        info = instance.info
+    except (OSError, ValueError):
         return
-    for p in procs:
+    for pid in (info.get("supervisor_pid"), info["pid"]):
         try:
-            p.kill()
+            if pid:
+                psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if info["session_dir"] in " ".join(p.info["cmdline"] or []):
+                p.kill()
         except psutil.Error:
             pass
 
@@ -222,8 +230,8 @@ def test_start_deploy_status_update_shutdown(inst):
     assert "import_path: instapp:app" in shown and "num_replicas: 2" in shown, shown
 
     # Shutdown asks first; "no" changes nothing.
-    processes = inst.processes()
-    assert len(processes) == 4  # controller, proxy, two replicas
+    processes = inst.processes() + [psutil.Process(inst.info["supervisor_pid"])]
+    assert len(processes) == 6  # controller, proxy, standby proxy, two replicas, supervisor
     refused = inst.cli("shutdown", input="n\n", check=1)
     assert "Continue?" in refused.stdout and "Aborted" in refused.stderr
     assert all(_alive(p) for p in processes)

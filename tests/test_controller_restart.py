@@ -97,9 +97,13 @@ def _session_processes(session_dir: str) -> list[psutil.Process]:
 
 @pytest.fixture
 def owned_instance():
+    """A driver-owned instance; `serve.shutdown()` after the test must leave none of its processes."""
     serve.start(http_options={"port": 0})
-    yield get_global_client()
+    client = get_global_client()
+    yield client
+    procs = _session_processes(client.session_dir)
     serve.shutdown()
+    _wait_all_gone(procs + _session_processes(client.session_dir), timeout=30)
 
 
 def test_kill_controller_under_load_fails_nothing(owned_instance):

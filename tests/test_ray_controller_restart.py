@@ -247,6 +247,16 @@ def test_controller_restarts_twice_on_a_new_port_with_a_cli_call_meanwhile(serve
              what="the dead replica replaced")
     wait_for(lambda: _running(2), timeout=60, what="the app RUNNING again")
 
+    # A replica that dies while the controller is down is replaced by the restarted one; the other is adopted.
+    replicas = {uid: pid for uid, pid in _replicas(handle, 2).items() if uid in _replica_ids("Pid")}
+    dead, alive = sorted(replicas)
+    _, info = _controller()
+    os.kill(info["pid"], signal.SIGKILL)
+    os.kill(replicas[dead], signal.SIGKILL)
+    wait_for(lambda: dead not in _replica_ids("Pid") and alive in _replica_ids("Pid")
+             and len(_replica_ids("Pid")) == 2 and _running(2), timeout=60, what="the dead replica replaced")
+    assert _replicas(handle, 2)[alive] == replicas[alive]
+
 
 # Last: it shuts the module's instance down.
 def test_shutdown_after_a_restart_leaves_nothing_behind(serve_app):
@@ -265,3 +275,20 @@ def test_shutdown_after_a_restart_leaves_nothing_behind(serve_app):
     # A new start is a new instance (new secret, nothing recovered), and serves.
     handle = serve.run(Pid.options(num_replicas=1).bind(), route_prefix="/pid")
     assert handle.remote().result()["replica"] not in replicas
+
+
+def test_controller_gone_for_good_ends_its_replicas(serve_instance):
+    """Killed with no restart, the controller is not coming back: its replicas give up and exit, so
+    none is left behind (and the driver says shoal is not running)."""
+    import psutil
+    import ray
+
+    handle = serve.run(Pid.options(num_replicas=2).bind(), route_prefix="/pid")
+    replicas = _replicas(handle, 2)
+    actor, _ = _controller()
+    ray.kill(actor, no_restart=True)
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in replicas.values()), timeout=60,
+             what="the replicas to exit")
+    with pytest.raises(serve.RayServeException, match="not running"):
+        serve.status()
+    serve.shutdown()

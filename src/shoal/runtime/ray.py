@@ -531,10 +531,14 @@ class ShoalController(_EndsThroughRay):
         runtime = RayRuntime(server.address, secret, record["actor_id"])
         # No await from here until the controller is whole: connections are admitted on this loop.
         controller = holder["controller"] = Controller(runtime)
-        if recovering:
-            snap = checkpoint.load(controller.checkpoint_store)  # type: ignore[arg-type]
-            if snap is not None:
+        snap = checkpoint.load(controller.checkpoint_store) if recovering else None  # type: ignore[arg-type]
+        if snap is not None:
+            try:
                 controller.restore(snap)
+            except Exception:  # noqa: BLE001 - crashing would only make Ray restart it into the same failure
+                logger.exception("recovering from the checkpoint failed; starting with no applications")
+                runtime = RayRuntime(server.address, secret, record["actor_id"])
+                controller = holder["controller"] = Controller(runtime)
         runtime.remove_stray_placement_groups()
         _kv_put(RECORD_KEY, json.dumps(dict(record, address=server.address)).encode())
         runner = asyncio.get_running_loop().create_task(controller.run())

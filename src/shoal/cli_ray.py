@@ -8,6 +8,10 @@ makes (`apply_config`, `status`, `app_configs`, `shutdown`), and leaves. Applica
 after the command returns. Configs are built in a builder process of this command (bounded by
 `--build-timeout`), so the controller never imports user code; a config that fails is rejected before
 `apply_config`.
+
+While the controller actor restarts (Ray restarts it after a failure), a command waits for it: for
+joining, up to `runtime.ray.START_TIMEOUT_S`; for each call, up to `SHOAL_CONTROLLER_WAIT_S` (default
+30 s). Past that it fails with a message that says so, never with a traceback.
 """
 
 from __future__ import annotations
@@ -80,6 +84,16 @@ def _join(address: Optional[str], http_options: Optional[dict] = None, **start_o
     return client_mod.get_global_client()
 
 
+def _call(client: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """A controller call: waits while the controller restarts (bounded), then fails as a CLI error."""
+    from shoal.exceptions import RayServeException
+
+    try:
+        return client.call_sync(method, *args, **kwargs)
+    except RayServeException as e:
+        raise click.ClickException(str(e)) from None
+
+
 def leave(client: Any) -> None:
     """Disconnect without stopping anything: the controller and its applications stay on the cluster."""
     from shoal import client as client_mod
@@ -104,7 +118,7 @@ def start(address: Optional[str], http_options: dict, proxy_location: str) -> No
     running = instance_exists(address)
     client = _join(address, http_options, proxy_location=proxy_location)
     try:
-        url = client.call_sync("http_url") or "disabled"
+        url = _call(client, "http_url") or "disabled"
     finally:
         leave(client)
     where = cluster_address(address)
@@ -133,7 +147,7 @@ def deploy(config_file: str, config_schema: Any, app_dir: str, wait: bool, timeo
     wanted = config_schema.http_options.to_http_options()
     client = _join(address, wanted, **start_options)
     try:
-        running = client.call_sync("http_options") or {}
+        running = _call(client, "http_options") or {}
         changed = [k for k, v in wanted.items() if k in running and running[k] != v]
         if changed:  # as the admin API says it for a local instance
             click.echo(f"Warning: {config_file}: http_options: {', '.join(changed)} differ from the running "
@@ -147,9 +161,9 @@ def deploy(config_file: str, config_schema: Any, app_dir: str, wait: bool, timeo
         if wait:
             def settle() -> None:  # so a request right after this reaches them
                 for name in names:
-                    client.call_sync("wait_for_app", name, 10.0)
+                    _call(client, "wait_for_app", name, 10.0)
 
-            wait_until_deployed(lambda: client.call_sync("status").to_dict(), names, timeout, settle)
+            wait_until_deployed(lambda: _call(client, "status").to_dict(), names, timeout, settle)
     finally:
         leave(client)
 
@@ -157,7 +171,7 @@ def deploy(config_file: str, config_schema: Any, app_dir: str, wait: bool, timeo
 def status(address: Optional[str]) -> dict:
     client = _joined_existing(address)
     try:
-        return client.call_sync("status").to_dict()
+        return _call(client, "status").to_dict()
     finally:
         leave(client)
 
@@ -165,7 +179,7 @@ def status(address: Optional[str]) -> dict:
 def app_configs(address: Optional[str]) -> dict:
     client = _joined_existing(address)
     try:
-        return client.call_sync("app_configs")
+        return _call(client, "app_configs")
     finally:
         leave(client)
 

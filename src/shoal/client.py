@@ -94,6 +94,13 @@ class _GiveUp(Exception):
     """The controller cannot come back (its keeper is gone, or it keeps dying)."""
 
 
+# What a new client uses for its `controller_recoverable` and `resolve_address`, when set: a runtime
+# whose replicas and proxies have no keeper (the Ray runtime: Ray restarts the controller actor) sets
+# them in the process before `run_replica` / `run_proxy` create their client.
+default_controller_recoverable: Optional[Callable[[], bool]] = None
+default_resolve_address: Optional[Callable[[], str]] = None
+
+
 class ServeClient:
     def __init__(self, loop: asyncio.AbstractEventLoop, session_dir: str, io_thread: Optional[_IoThread] = None,
                  controller_proc: Optional[subprocess.Popen] = None):
@@ -116,8 +123,9 @@ class ServeClient:
         self.hello_state: Optional[Callable[[], dict]] = None
         self.on_reconnected: Optional[Callable[[Any], None]] = None
         self.restart_controller: Optional[Callable[[], None]] = None  # a driver that owns its controller
-        self.controller_recoverable: Callable[[], bool] = keeper.keeper_alive  # blocking; run off the loop
-        self.resolve_address: Optional[Callable[[], str]] = None  # blocking; where a restarted controller is
+        # blocking; run off the loop
+        self.controller_recoverable: Callable[[], bool] = default_controller_recoverable or keeper.keeper_alive
+        self.resolve_address: Optional[Callable[[], str]] = default_resolve_address  # blocking; where it is now
         self.controller_wait_s = float(os.environ.get("SHOAL_CONTROLLER_WAIT_S") or 30.0)
         self.gave_up = False
         self.stopping = False  # shutdown asked for: the controller's exit is expected, not restarted
@@ -188,6 +196,10 @@ class ServeClient:
                     logger.debug("controller not reachable yet: %r", e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.25)
+                    continue
+                except Exception as e:  # noqa: BLE001 - a hook failed (e.g. Ray busy): try again, never stop trying
+                    logger.warning("reconnecting to the shoal controller: %r", e)
+                    await asyncio.sleep(0.25)
                     continue
                 self.conn = conn
                 hello = dict(self._hello, **(self.hello_state() if self.hello_state is not None else {}))

@@ -6,14 +6,22 @@ runs on its own event loop thread: the controller's reconcile loop, `run_replica
 Requests and control calls never go through Ray; they use shoal's framed protocol over TCP, each
 connection authenticated with the instance secret (`transport/auth.py`) before a frame is read.
 
+The controller actor survives its own death: Ray restarts it (`max_restarts=-1`), and the new one
+reloads its checkpoint from Ray's internal KV store (namespace "shoal") and adopts the worker actors
+that still run, while those keep serving and reconnect (see "Restart and recovery" in
+docs/architecture.md).
+
 Imported only when the Ray runtime is chosen: the embedded path never imports `ray`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import os
+import pickle
 import random
 import sys
 import threading
@@ -22,35 +30,145 @@ import traceback
 from typing import Any, Callable, Optional, Union
 
 import ray
+from ray.experimental import internal_kv
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from shoal.common import ReplicaID
-from shoal.runtime.base import RESOURCE_EPS, ReplicaProcess, Reservation, ResourceRequest, Runtime
+from shoal.exceptions import RayServeException
+from shoal.runtime.base import (
+    RESOURCE_EPS,
+    CheckpointStore,
+    ReplicaProcess,
+    Reservation,
+    ResourceRequest,
+    Runtime,
+)
 from shoal.transport import auth
+from shoal.transport.connection import parse_tcp_address
 
 NAMESPACE = "shoal"
 CONTROLLER_NAME = "SHOAL_CONTROLLER"
 HEAD_RESOURCE = "node:__internal_head__"
 NODES_TTL_S = 0.5
+# How long a driver waits for the controller actor to answer: its first start, or a restart by Ray.
+START_TIMEOUT_S = 120.0
+
+# Ray's internal KV store (in the GCS: it outlives every actor), namespace NAMESPACE:
+RECORD_KEY = "controller"  # JSON: the controller actor's id, the instance secret, where it listens now
+CHECKPOINT_KEY = "checkpoint"  # the controller's checkpoint (controller/checkpoint.py)
+# A replica's placement group is named this + the replica's id. Placement groups are detached, so
+# that a controller restart does not remove them; one the checkpoint does not know is removed then.
+PLACEMENT_GROUP_PREFIX = "shoal-replica-"
+
+logger = logging.getLogger("shoal.controller")
+
+
+def _kv_get(key: str) -> Optional[bytes]:
+    return internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+
+
+def _kv_put(key: str, value: bytes) -> None:
+    internal_kv._internal_kv_put(key, value, overwrite=True, namespace=NAMESPACE)
+
+
+def _kv_del(key: str) -> None:
+    internal_kv._internal_kv_del(key, namespace=NAMESPACE)
+
+
+class KVCheckpointStore(CheckpointStore):
+    """The controller's checkpoint in Ray's internal KV store: one value, replaced whole by each put."""
+
+    def load(self) -> Optional[bytes]:
+        return _kv_get(CHECKPOINT_KEY)
+
+    def save(self, data: bytes) -> None:
+        _kv_put(CHECKPOINT_KEY, data)
+
+    def clear(self) -> None:
+        _kv_del(CHECKPOINT_KEY)
+
+
+def _read_record() -> Optional[dict]:
+    data = _kv_get(RECORD_KEY)
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
+def controller_alive(actor_id: str) -> bool:
+    """Whether the controller actor `actor_id` may still answer (blocking): it exists, running or being
+    restarted by Ray, and is still this instance's. False once it is gone for good: shut down (its
+    record is cleared first), out of restarts, or succeeded by a new instance's controller."""
+    try:
+        ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:  # no such actor (any longer)
+        return False
+    except Exception:  # noqa: BLE001 - Ray cannot tell now: keep trying
+        return True
+    try:
+        record = _read_record()
+    except Exception:  # noqa: BLE001
+        return True
+    return record is not None and record.get("actor_id") == actor_id
+
+
+def current_controller_address(fallback: str) -> str:
+    """Where the controller listens now (blocking): a restarted one may have had to take a new port."""
+    try:
+        record = _read_record()
+    except Exception:  # noqa: BLE001 - Ray cannot tell now: try the last known address
+        return fallback
+    return (record or {}).get("address") or fallback
+
+
+def _set_reconnect_hooks(client: Any, actor_id: str, address: str) -> None:
+    client.controller_recoverable = functools.partial(controller_alive, actor_id)
+    client.resolve_address = functools.partial(current_controller_address, address)
 
 
 _ended = threading.Event()
+_waits = threading.Condition()
+_wait_calls = 0
 EXIT_GRACE_S = 10.0
 
 
+def _set_ended() -> None:
+    with _waits:
+        _ended.set()
+        _waits.notify_all()
+
+
 def _end_through_ray(code: int) -> None:
-    """This actor's exit hook: `wait()` ends the actor through Ray (an intended exit, not a crash);
+    """A worker's exit hook: `wait()` ends the actor through Ray (an intended exit, not a crash);
     should nobody be waiting, the process ends anyway after a grace period."""
-    _ended.set()
+    _set_ended()
     time.sleep(EXIT_GRACE_S)
     os._exit(code)
 
 
-def _thread_main(make_coro: Callable[[], Any], name: str) -> None:
+def _end_controller(code: int) -> None:
+    """The controller's exit hook. A crash (code != 0) ends the process at once, so Ray restarts the
+    actor; a shutdown ends the actor for good, through `wait()` or, with nobody waiting, `ray.kill`
+    (a plain exit would look like a crash to Ray, which would start an empty controller again)."""
+    if code != 0:
+        os._exit(code)
+    _set_ended()
+    time.sleep(EXIT_GRACE_S)
+    try:
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        time.sleep(EXIT_GRACE_S)
+    except Exception:  # noqa: BLE001
+        pass
+    os._exit(code)
+
+
+def _thread_main(make_coro: Callable[[], Any], name: str, exit_hook: Callable[[int], None] = _end_through_ray) -> None:
     """Run one of shoal's process mains on its own loop; when it ends, this actor's process ends."""
     from shoal import common
 
-    common.set_exit_hook(_end_through_ray)
+    common.set_exit_hook(exit_hook)
 
     def target() -> None:
         from shoal.client import new_event_loop
@@ -77,18 +195,37 @@ def _set_node_env() -> None:
 
 
 class _EndsThroughRay:
-    def wait(self) -> None:
-        """Returns only by the actor's death, when shoal's main ends: its caller learns of the exit."""
-        _ended.wait()
+    @ray.method(max_task_retries=0)  # the controller's other calls are retried across its restarts
+    def wait(self) -> Optional[str]:
+        """Returns only by the actor's death, when shoal's main ends: its caller learns of the exit.
+
+        A newer call releases the older ones (they return "superseded"): it is a restarted
+        controller's, which adopts this actor, and the caller of an older one died. So the dead
+        controllers' calls do not hold the actor's threads (`max_concurrency`) forever."""
+        global _wait_calls
+        with _waits:
+            _wait_calls += 1
+            mine = _wait_calls
+            _waits.notify_all()
+            _waits.wait_for(lambda: _ended.is_set() or _wait_calls != mine)
+            if not _ended.is_set():
+                return "superseded"
         ray.actor.exit_actor()
+        return None
 
 
 class ShoalWorker(_EndsThroughRay):
     """A replica or an HTTP proxy, running in this Ray actor's process."""
 
-    def __init__(self, role: str, controller_address: str, secret: bytes, arg: str):
+    def __init__(self, role: str, controller_address: str, secret: bytes, arg: str, controller_id: str = ""):
         auth.set_secret(secret)
         _set_node_env()
+        from shoal import client as client_mod
+
+        # Should the controller actor die, Ray restarts it: keep serving meanwhile and reconnect to
+        # wherever it then listens; give up (exit) only once it is gone for good.
+        client_mod.default_controller_recoverable = functools.partial(controller_alive, controller_id)
+        client_mod.default_resolve_address = functools.partial(current_controller_address, controller_address)
         if role == "replica":
             from shoal.replica.server import run_replica
 
@@ -100,12 +237,17 @@ class ShoalWorker(_EndsThroughRay):
 
 
 class RayReplicaProcess(ReplicaProcess):
-    """A replica or proxy actor, as the controller sees it: alive until its `wait` call fails."""
+    """A replica or proxy actor, as the controller sees it: alive until its `wait` call fails.
 
-    def __init__(self, actor: Any, node_id: str = "", placement_group: Any = None):
+    `handle` is the actor handle pickled (`describe`): a restarted controller unpickles it to adopt
+    the actor, so worker actors need no names (a name costs a blocking lookup on every launch).
+    """
+
+    def __init__(self, actor: Any, node_id: str = "", placement_group: Any = None, handle: Optional[bytes] = None):
         self.actor = actor
         self.node_id = node_id
         self.placement_group = placement_group
+        self._handle = handle
         self._code: Optional[int] = None
         self._output = ""
         self._stopping = False
@@ -114,19 +256,29 @@ class RayReplicaProcess(ReplicaProcess):
     def _ended(self, fut: Any) -> None:
         """Runs on a Ray thread: record only. A blocking Ray call here would deadlock Ray's I/O."""
         try:
-            fut.result()
+            if fut.result() == "superseded":  # another controller adopted it (this one should be dead)
+                return
             self._output = "the actor returned from wait()"
         except Exception as e:  # noqa: BLE001 - RayActorError, node death, scheduling failure
             self._output = str(e)[-2000:]
         self._code = 0 if self._stopping else 1
 
-    def exit_code(self) -> Optional[int]:
-        if self._code is not None and self.placement_group is not None:
-            pg, self.placement_group = self.placement_group, None
+    def pickled_handle(self) -> bytes:
+        if self._handle is None:
+            self._handle = pickle.dumps(self.actor)
+        return self._handle
+
+    def _remove_placement_group(self) -> None:
+        pg, self.placement_group = self.placement_group, None
+        if pg is not None:
             try:
                 ray.util.remove_placement_group(pg)
             except Exception:  # noqa: BLE001 - already removed, or Ray is shutting down
                 pass
+
+    def exit_code(self) -> Optional[int]:
+        if self._code is not None:
+            self._remove_placement_group()
         return self._code
 
     def terminate(self) -> None:
@@ -139,6 +291,8 @@ class RayReplicaProcess(ReplicaProcess):
                 ray.kill(self.actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead
                 pass
+        # Placement groups are detached (a controller restart must not take them along): ours to remove.
+        self._remove_placement_group()
 
     def recent_output(self) -> str:
         return self._output
@@ -159,9 +313,15 @@ class RayRuntime(Runtime):
 
     name = "ray"
 
-    def __init__(self, controller_address: str, secret: bytes):
+    # How long `adopt` waits for a worker actor to answer before taking it as alive anyway (its
+    # `wait` call then tells): a dead actor's call fails at once.
+    ADOPT_CHECK_S = 2.0
+
+    def __init__(self, controller_address: str, secret: bytes, controller_id: str = ""):
         self.controller_address = controller_address
         self.secret = secret
+        self.controller_id = controller_id  # the controller actor's id: workers check it is still there
+        self._adopted_groups: set[str] = set()  # placement groups of adopted replicas (hex ids)
         self.worker = ray.remote(ShoalWorker)
         self.per_node: dict[tuple[str, str], int] = {}  # (deployment, node) -> replicas placed there
         self.reserved: dict[int, tuple[str, str]] = {}  # id(reservation) -> its key in per_node
@@ -215,13 +375,17 @@ class RayRuntime(Runtime):
         for (_, nid), c in self.per_node.items():
             totals[nid] = totals.get(nid, 0) + c
         node_id = min(nodes, key=lambda nid: (counts[nid], totals.get(nid, 0), random.random()))
-        self.per_node[(request.group, node_id)] = counts[node_id] + 1
-        used = self.used.setdefault(node_id, {})
-        for k, v in wanted.items():
-            used[k] = used.get(k, 0.0) + v
         reservation = Reservation(request, node_id=node_id)
-        self.reserved[id(reservation)] = (request.group, node_id)
+        self._account(reservation)
         return reservation
+
+    def _account(self, reservation: Reservation) -> None:
+        key = (reservation.request.group, reservation.node_id)
+        self.per_node[key] = self.per_node.get(key, 0) + 1
+        used = self.used.setdefault(reservation.node_id, {})
+        for k, v in reservation.request.as_dict().items():
+            used[k] = used.get(k, 0.0) + v
+        self.reserved[id(reservation)] = key
 
     def release(self, reservation: Reservation) -> None:
         key = self.reserved.pop(id(reservation), None)
@@ -231,6 +395,58 @@ class RayRuntime(Runtime):
         used = self.used.get(key[1], {})
         for k, v in reservation.request.as_dict().items():
             used[k] = used.get(k, 0.0) - v
+
+    # --- surviving a controller restart ----------------------------------------------------------
+    def checkpoint_store(self) -> CheckpointStore:
+        return KVCheckpointStore()
+
+    def describe(self, process: ReplicaProcess) -> Optional[dict]:
+        if not isinstance(process, RayReplicaProcess):
+            return None
+        pg = process.placement_group
+        return {"actor": process.pickled_handle(), "node_id": process.node_id,
+                "placement_group": pickle.dumps(pg) if pg is not None else None}
+
+    def adopt(self, description: dict) -> Optional[ReplicaProcess]:
+        """The worker actor again, from its pickled handle, if it still runs (asked of it, briefly)."""
+        try:
+            actor = pickle.loads(description["actor"])
+            pg = pickle.loads(description["placement_group"]) if description.get("placement_group") else None
+        except Exception:  # noqa: BLE001 - e.g. written by another Ray version: replaced like a dead one
+            logger.exception("cannot adopt a worker actor of the previous controller")
+            return None
+        process = RayReplicaProcess(actor, description.get("node_id", ""), pg, handle=description["actor"])
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=self.ADOPT_CHECK_S)
+        except ray.exceptions.GetTimeoutError:
+            pass  # busy, or its node is going: its `wait` call tells
+        except Exception:  # noqa: BLE001 - RayActorError: it died while the controller was down
+            process._remove_placement_group()
+            return None
+        if pg is not None:
+            self._adopted_groups.add(pg.id.hex())
+        return process
+
+    def remove_stray_placement_groups(self) -> None:
+        """Remove shoal's placement groups that no adopted replica holds: those of replicas that died,
+        that a controller made just before it died (not in its checkpoint), or an instance's that
+        ended without shutting down. Called once the checkpoint was restored, before any launch."""
+        try:
+            table = ray.util.placement_group_table()
+        except Exception:  # noqa: BLE001 - Ray busy: they stay (only a resource leak)
+            logger.exception("cannot list placement groups")
+            return
+        for pg_id, info in table.items():
+            if (str(info.get("name", "")).startswith(PLACEMENT_GROUP_PREFIX) and info.get("state") != "REMOVED"
+                    and pg_id not in self._adopted_groups):
+                try:
+                    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+                except Exception:  # noqa: BLE001 - removed meanwhile
+                    pass
+
+    def adopt_reservation(self, reservation: Reservation) -> None:
+        if reservation.node_id:  # a placement group's replica reserved nothing here (Ray placed the group)
+            self._account(reservation)
 
     def replica_address(self, replica_id: ReplicaID) -> str:
         return "tcp://*:0"  # this node's address, any free port: the replica reports the real one
@@ -249,13 +465,14 @@ class RayRuntime(Runtime):
         pg = None
         if r.placement_group_bundles:
             pg = ray.util.placement_group([dict(b) for b in r.placement_group_bundles],
-                                          strategy=r.placement_group_strategy or "PACK")
+                                          strategy=r.placement_group_strategy or "PACK", lifetime="detached",
+                                          name=PLACEMENT_GROUP_PREFIX + replica_id.unique_id)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
         else:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=False)
         actor = self.worker.options(**opts).remote("replica", self.controller_address, self.secret,
-                                                  replica_id.unique_id)
+                                                  replica_id.unique_id, self.controller_id)
         return RayReplicaProcess(actor, reservation.node_id, pg)
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
@@ -263,70 +480,130 @@ class RayRuntime(Runtime):
         node_id = nodes[index % len(nodes)]["NodeID"]
         opts = self._options()
         opts.update(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-        actor = self.worker.options(**opts).remote("proxy", self.controller_address, self.secret, str(index))
+        actor = self.worker.options(**opts).remote("proxy", self.controller_address, self.secret, str(index),
+                                                  self.controller_id)
         return RayReplicaProcess(actor, node_id)
 
 
 class ShoalController(_EndsThroughRay):
-    """The controller actor: detached, on the head node, so applications outlive the driver."""
+    """The controller actor: detached, on the head node, so applications outlive the driver.
+
+    Ray restarts it should its process die (`max_restarts=-1`): `__init__` runs again in a new
+    process, finds its own record in the KV store (same actor id) and recovers: the same secret
+    (replicas, proxies and drivers hold it), its previous port if that is free, and the checkpoint's
+    applications, with the worker actors that still run adopted.
+    """
 
     def __init__(self) -> None:
-        secret = auth.new_secret()
-        auth.set_secret(secret)
         _set_node_env()
         logging.getLogger("shoal.controller").setLevel(logging.INFO)
+        actor_id = ray.get_runtime_context().get_actor_id()
+        record = _read_record()
+        recovering = record is not None and record.get("actor_id") == actor_id
+        if recovering:
+            secret = bytes.fromhex(record["secret"])  # type: ignore[index]
+        else:  # a new instance: what an earlier one left in the KV store (it never shut down) is not ours
+            secret = auth.new_secret()
+            KVCheckpointStore().clear()
+            record = {"actor_id": actor_id, "secret": secret.hex(), "address": ""}
+            _kv_put(RECORD_KEY, json.dumps(record).encode())
+        auth.set_secret(secret)
         self._ready = threading.Event()
         self._info: dict = {}
-        _thread_main(lambda: self._main(secret), "shoal-controller")
+        _thread_main(lambda: self._main(secret, record, recovering), "shoal-controller", _end_controller)
 
-    async def _main(self, secret: bytes) -> None:
+    async def _main(self, secret: bytes, record: dict, recovering: bool) -> None:
+        from shoal.controller import checkpoint
         from shoal.controller.controller import Controller
         from shoal.transport.connection import serve_tcp
 
         holder: dict = {}
-        server = await serve_tcp(os.environ["SHOAL_NODE_IP"], 0, lambda: holder["controller"], name="controller")
-        runtime = RayRuntime(server.address, secret)
+        host = os.environ["SHOAL_NODE_IP"]
+        server = None
+        if record.get("address"):  # a restart: where replicas, proxies and drivers look first
+            try:
+                server = await serve_tcp(host, parse_tcp_address(record["address"])[1], lambda: holder["controller"],
+                                         name="controller")
+            except OSError as e:
+                logger.warning("the controller's previous port is taken (%s); listening on a new one", e)
+        if server is None:
+            server = await serve_tcp(host, 0, lambda: holder["controller"], name="controller")
+        runtime = RayRuntime(server.address, secret, record["actor_id"])
+        # No await from here until the controller is whole: connections are admitted on this loop.
         controller = holder["controller"] = Controller(runtime)
+        snap = checkpoint.load(controller.checkpoint_store) if recovering else None  # type: ignore[arg-type]
+        if snap is not None:
+            try:
+                controller.restore(snap)
+            except Exception:  # noqa: BLE001 - crashing would only make Ray restart it into the same failure
+                logger.exception("recovering from the checkpoint failed; starting with no applications")
+                runtime = RayRuntime(server.address, secret, record["actor_id"])
+                controller = holder["controller"] = Controller(runtime)
+        runtime.remove_stray_placement_groups()
+        _kv_put(RECORD_KEY, json.dumps(dict(record, address=server.address)).encode())
         runner = asyncio.get_running_loop().create_task(controller.run())
-        self._info = {"address": server.address, "secret": secret}
+        self._info = {"address": server.address, "secret": secret, "actor_id": record["actor_id"], "pid": os.getpid()}
         self._ready.set()
         await controller.done.wait()
+        _kv_del(RECORD_KEY)  # shut down: nothing to restart (processes still reconnecting give up)
         await asyncio.sleep(0.05)  # let the shutdown reply reach the driver
         server.close()
         runner.cancel()
 
     def info(self) -> dict:
-        """Where the controller listens, and the secret that lets a driver in (Ray members only)."""
+        """Where the controller listens, and the secret that lets a driver in (Ray members only); its
+        actor id (workers and drivers check that it is still there) and process id."""
         if not self._ready.wait(60):
             raise RuntimeError("the shoal controller did not start")
         return self._info
 
 
 def connect_driver(address: Optional[str], http_options: Optional[dict]) -> Any:
-    """Join (or start) the shoal instance on a Ray cluster; returns the driver's ServeClient."""
+    """Join (or start) the shoal instance on a Ray cluster; returns the driver's ServeClient.
+
+    Should the controller be restarting, this waits for it (at most START_TIMEOUT_S)."""
+    from shoal import common
     from shoal.client import ServeClient, _IoThread
 
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
     cls = ray.remote(ShoalController)
+    # Ray restarts the controller should its process die, and retries calls made meanwhile on the new
+    # one (max_task_retries): `info()` then answers once it has recovered.
     actor = cls.options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                        num_cpus=0, max_restarts=0, max_concurrency=4, resources={HEAD_RESOURCE: 0.001}).remote()
-    info = ray.get(actor.info.remote(), timeout=120)
-    from shoal import common
-
+                        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
+                        resources={HEAD_RESOURCE: 0.001}).remote()
     common.LOCAL_NODE_ID = ray.get_runtime_context().get_node_id()  # the driver's routers prefer this node
-    auth.set_secret(info["secret"])
+    deadline = time.monotonic() + START_TIMEOUT_S
     io = _IoThread()
-    client = ServeClient(io.loop, info["address"], io_thread=io)
-    client.runtime = "ray"
-    client.after_shutdown = lambda timeout: _wait_gone(actor, timeout)
     try:
-        asyncio.run_coroutine_threadsafe(
-            client.connect("driver", owner=False, http_options=http_options), io.loop).result(60)
+        while True:
+            try:
+                info = ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                raise RayServeException(
+                    f"The shoal controller on the Ray cluster did not answer within {START_TIMEOUT_S:g} s: it is "
+                    "starting, or restarting after a failure, and has not come up yet. Try again shortly.") from None
+            except ray.exceptions.RayError as e:
+                raise RayServeException(f"The shoal controller on the Ray cluster is not available: {e}") from None
+            auth.set_secret(info["secret"])
+            client = ServeClient(io.loop, info["address"], io_thread=io)
+            client.runtime = "ray"
+            client.after_shutdown = lambda timeout: _wait_gone(actor, timeout)
+            _set_reconnect_hooks(client, info["actor_id"], info["address"])
+            try:
+                asyncio.run_coroutine_threadsafe(
+                    client.connect("driver", owner=False, http_options=http_options), io.loop).result(60)
+                return client
+            except (OSError, ConnectionError) as e:  # it died just now: Ray restarts it, ask again
+                if client.conn is not None:
+                    io.loop.call_soon_threadsafe(client.conn.close)
+                if time.monotonic() > deadline:
+                    raise RayServeException(f"Cannot reach the shoal controller on the Ray cluster: {e}") from None
+                time.sleep(0.2)
     except BaseException:
         io.stop()
         raise
-    return client
 
 
 def _wait_gone(actor: Any, timeout: float) -> None:

@@ -483,9 +483,10 @@ async def run_proxy(session_dir: str, index: int) -> None:
     if standby is not None:  # ready, routers warm: wait to replace a proxy that dies
         index, port_wanted, reuse_port = await standby.order
         client._hello["index"] = index
+        from shoal import client as client_mod
         from shoal.keeper import keeper_alive
 
-        client.controller_recoverable = keeper_alive
+        client.controller_recoverable = client_mod.default_controller_recoverable or keeper_alive
     try:
         sock = await _bind_when_free(options["host"], port_wanted, reuse_port, 3.0 if standby else 0.0)
     except OSError as e:

@@ -412,9 +412,13 @@ def _start_driver(tmp_path, mode: str) -> tuple[_Proc, list[psutil.Process]]:
     _write(tmp_path, "myapp.py", APP_MODULE)
     _write(tmp_path, "driver.py", DRIVER_SCRIPT)
     driver = _Proc([sys.executable, "driver.py", mode], tmp_path)
-    line = driver.wait_for_line('{"controller"')
+    try:
+        line = driver.wait_for_line('{"controller"')
+    except BaseException:
+        driver.kill()
+        raise
     pids = json.loads(line)
-    assert len(pids["replicas"]) == 1 and len(pids["proxies"]) == 1, line
+    assert len(pids["replicas"]) == 1 and len(pids["proxies"]) == 2, line  # the proxy and its standby
     processes = []
     for pid in [pids["controller"], *pids["replicas"], *pids["proxies"]]:
         try:

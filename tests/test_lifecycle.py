@@ -318,7 +318,12 @@ def test_classes_from_main_reach_replicas_by_value(tmp_path):
     assert "RESULT 42" in out.stdout, out.stderr
 
 
-def test_sync_constructor_can_call_other_deployments(serve_app):
+def test_sync_constructor_runs_on_the_replica_loop(serve_app):
+    """As in Ray Serve 2.60: a sync `__init__` runs on the replica's event-loop thread, so it can use
+    `asyncio.get_running_loop()` (here: a background task); it calls other deployments with `.remote()`
+    and awaits the response later, a blocking `.result()` being refused there as on any running loop.
+    Sync methods still run in the thread pool."""
+
     @serve.deployment
     class Config:
         def get(self):
@@ -327,12 +332,44 @@ def test_sync_constructor_can_call_other_deployments(serve_app):
     @serve.deployment
     class Uses:
         def __init__(self, config):
-            self.threshold = config.get.remote().result()["threshold"]
+            import asyncio
 
-        def __call__(self):
-            return self.threshold
+            self.loop = asyncio.get_running_loop()
+            self.init_thread = threading.get_ident()
+            self.ticks = 0
+            self.ticker = self.loop.create_task(self._tick())
+            self.pending = config.get.remote()
+            try:
+                config.get.remote().result()
+                self.blocking = "allowed"
+            except RuntimeError as e:
+                self.blocking = str(e)
 
-    assert serve.run(Uses.bind(Config.bind())).remote().result() == 3
+        async def _tick(self):
+            import asyncio
+
+            while True:
+                self.ticks += 1
+                await asyncio.sleep(0.01)
+
+        async def __call__(self):
+            import asyncio
+
+            on_init_loop = asyncio.get_running_loop() is self.loop and threading.get_ident() == self.init_thread
+            return (await self.pending)["threshold"], on_init_loop, self.blocking
+
+        def sync_method_thread(self):
+            return threading.get_ident() != self.init_thread
+
+        def ticks_so_far(self):
+            return self.ticks
+
+    h = serve.run(Uses.bind(Config.bind()))
+    threshold, on_init_loop, blocking = h.remote().result()
+    assert threshold == 3 and on_init_loop
+    assert "Sync methods should not be called from within an `asyncio` event loop" in blocking
+    assert h.sync_method_thread.remote().result() is True
+    wait_for(lambda: h.ticks_so_far.remote().result() > 2, what="the task started in __init__ to run")
 
 
 def test_constructor_traceback_names_the_users_file(serve_app, tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """What a plain deployment returns, as an HTTP response (Ray Serve's conversion rules).
 
 `None` -> empty text/plain; `str` -> text/plain UTF-8; `bytes` -> text/plain; anything else ->
-compact JSON. Starlette `Response` objects (streaming included) are run as ASGI apps instead.
+compact JSON. Starlette `Response` objects (streaming included) are run as ASGI apps instead, and
+generators are streamed: for both `to_http` returns None.
 """
 
 from __future__ import annotations
 
 import json
+from types import AsyncGeneratorType, GeneratorType
 from typing import Any, Optional
 
 TEXT_UTF8 = [(b"content-type", b"text/plain; charset=utf-8")]
@@ -24,7 +26,8 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def to_http(value: Any) -> Optional[tuple[int, list, bytes]]:
-    """`(status, headers, body)` for a plain value; None when `value` is an ASGI response to run."""
+    """`(status, headers, body)` for a plain value; None when `value` is an ASGI response to run or a
+    generator to stream."""
     t = type(value)
     if t is str:
         body = value.encode()
@@ -33,7 +36,7 @@ def to_http(value: Any) -> Optional[tuple[int, list, bytes]]:
         return 200, TEXT + [(b"content-length", str(len(value)).encode())], value
     if value is None:
         return 200, TEXT + [(b"content-length", b"0")], b""
-    if _is_asgi_response(value):
+    if t is GeneratorType or t is AsyncGeneratorType or _is_asgi_response(value):
         return None
     body = _json_bytes(value)
     return 200, JSON + [(b"content-length", str(len(body)).encode())], body

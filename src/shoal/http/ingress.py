@@ -53,9 +53,12 @@ _LIFESPAN_EXIT_GRACE_S = 5.0
 # The decorator
 
 
-def ingress(app: Any) -> Callable[[T], T]:
+def ingress(app: Any) -> Callable[..., T]:
     """`@serve.ingress(app)`: serve `app` (FastAPI app, APIRouter, ASGI app, or a no-argument
-    function returning one, called in the replica) from the decorated deployment class."""
+    function returning one, called in the replica) from the decorated deployment class.
+
+    `serve.ingress(app)()`, with no class, makes one (`ASGIIngressDeployment`, as in Ray): its
+    constructor keeps whatever `.bind()` passed as `self.args` / `self.kwargs`."""
     if not callable(app):
         raise TypeError(
             "@serve.ingress expects a FastAPI app, an APIRouter, an ASGI app or a function that builds "
@@ -63,7 +66,9 @@ def ingress(app: Any) -> Callable[[T], T]:
         )
     _install_pickle_support()
 
-    def decorator(cls: T) -> T:
+    def decorator(cls: Optional[T] = None) -> T:
+        if cls is None:
+            cls = _default_ingress_class()  # type: ignore[assignment]
         if not inspect.isclass(cls):
             hint = (" Put @serve.ingress below @serve.deployment." if hasattr(cls, "func_or_class") else "")
             raise TypeError(f"@serve.ingress must decorate a class, got {type(cls).__name__}.{hint}")
@@ -73,6 +78,18 @@ def ingress(app: Any) -> Callable[[T], T]:
         return cls
 
     return decorator
+
+
+def _default_ingress_class() -> Any:
+    """A new class per call (the app is recorded on it); defined in a function, so it travels to
+    replicas by value with the app."""
+
+    class ASGIIngressDeployment:
+        def __init__(self, *args: Any, **kwargs: Any):
+            self.args = args
+            self.kwargs = kwargs
+
+    return ASGIIngressDeployment
 
 
 def is_ingress(target: Any) -> bool:

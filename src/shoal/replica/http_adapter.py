@@ -9,14 +9,15 @@ messages flow both ways: PUSH frames in, ITEM frames out.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from starlette.requests import Request
 
 from shoal.http.convert import TEXT_UTF8, chunk_bytes, to_http
 from shoal.http.scope import scope_from_wire
-from shoal.replica.user_callable import _ASYNC, _ASYNC_GEN, _SYNC_GEN, UserCallable
+from shoal.replica.user_callable import _ASYNC, _ASYNC_GEN, _GENERATOR_TYPES, _SYNC_GEN, UserCallable
 from shoal.transport import serialization as ser
 from shoal.transport.connection import Connection
 from shoal.transport.framing import Kind
@@ -114,6 +115,18 @@ class HTTPAdapter:
     def __init__(self, user_callable: UserCallable, asgi_app: Optional[Callable] = None):
         self.callable = user_callable
         self.asgi_app = asgi_app
+        self._plain: Optional[tuple[Callable, int, bool]] = None  # `__call__`, its kind, takes the request
+
+    def _resolve_plain(self) -> tuple[Callable, int, bool]:
+        """`__call__` and whether it takes the request: as in Ray, one with no parameters (`def
+        __call__(self)`, a function deployment `def f()`) is called without it. Resolved once."""
+        fn, kind = self.callable.resolve("__call__")
+        try:
+            takes_request = len(inspect.signature(fn).parameters) > 0
+        except (TypeError, ValueError):  # no signature to read (a builtin, say): give it the request
+            takes_request = True
+        self._plain = (fn, kind, takes_request)
+        return self._plain
 
     async def handle(self, conn: Connection, rid: int, wire_scope: tuple, body: bytes) -> None:
         scope = scope_from_wire(wire_scope)
@@ -127,28 +140,29 @@ class HTTPAdapter:
             return
         # A plain deployment, in this coroutine (no extra level per request): an async `__call__`
         # runs right here, a sync one in the pool, a generator streams.
-        request = Request(scope, inbox.receive)
-        uc = self.callable
-        fn, kind = uc.resolve("__call__")
+        fn, kind, takes_request = self._plain or self._resolve_plain()
+        args = (Request(scope, inbox.receive),) if takes_request else ()
         if kind == _ASYNC:
-            result = await fn(request)
+            result = await fn(*args)
         elif kind == _SYNC_GEN or kind == _ASYNC_GEN:
-            return await self._stream(request, conn, rid)
+            return await self._stream(self.callable.call_stream("__call__", args, {}), conn, rid)
         else:
-            result = await uc.call("__call__", (request,), {})
+            result = await self.callable.run(fn, kind, args, {})
         plain = to_http(result)
-        if plain is None:  # a Starlette Response: run it as an ASGI app
+        if plain is not None:
+            conn.reply(Kind.OK, rid, _dumps_plain(plain))
+        elif isinstance(result, _GENERATOR_TYPES):  # `__call__` returned a generator: stream it too
+            await self._stream(self.callable.iterate(result), conn, rid)
+        else:  # a Starlette Response: run it as an ASGI app
             responder = Responder(conn, rid)
             await result(scope, inbox.receive, responder.send)
             responder.finish()
-        else:
-            conn.reply(Kind.OK, rid, _dumps_plain(plain))
 
-    async def _stream(self, request: Request, conn: Connection, rid: int) -> None:
+    async def _stream(self, items: AsyncIterator[Any], conn: Connection, rid: int) -> None:
         """A generator `__call__`: each item is sent as a chunk as soon as it is produced."""
         responder = Responder(conn, rid)
         await responder.send({"type": "http.response.start", "status": 200, "headers": TEXT_UTF8})
-        async for item in self.callable.call_stream("__call__", (request,), {}):
+        async for item in items:
             await responder.send({"type": "http.response.body", "body": chunk_bytes(item), "more_body": True})
         await responder.send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -1,8 +1,9 @@
 """Wraps the user's class or function: construction, method dispatch, reconfigure, health, teardown.
 
-Shared by replica processes and local testing mode, so both run user code the same way:
-async methods on the replica's event loop, sync methods in a thread pool (so a slow sync method
-never blocks other requests), generators streamed item by item.
+Shared by replica processes and local testing mode, so both run user code the same way, as Ray
+Serve 2.60 does: the constructor (sync or async), `__del__` and async methods on the replica's event
+loop; sync methods, `reconfigure` and `check_health` in a thread pool (so a slow sync method never
+blocks other requests); generators, and methods that return one, streamed item by item.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import concurrent.futures
 import contextvars
 import functools
 import inspect
+from types import AsyncGeneratorType, GeneratorType
 from typing import Any, AsyncIterator, Callable, Optional
 
 from shoal.exceptions import RayServeException
 
 UNARY, STREAM = "unary", "stream"
 _SYNC, _ASYNC, _SYNC_GEN, _ASYNC_GEN = range(4)
+_GENERATOR_TYPES = (GeneratorType, AsyncGeneratorType)  # what Ray streams: `inspect.isgenerator`/`isasyncgen`
 
 
 def _kind_of(fn: Callable) -> int:
@@ -55,67 +58,38 @@ class UserCallable:
             return
         cls = self.func_or_class
         obj = cls.__new__(cls)
-        init = obj.__init__
-        if inspect.iscoroutinefunction(init):
-            await init(*self.init_args, **self.init_kwargs)
-        else:
-            # A sync constructor runs in a worker thread, like sync methods: it may load a model for
-            # minutes or call other deployments with `.result()` without blocking the replica's loop.
-            ctx = contextvars.copy_context()
-            loop = asyncio.get_running_loop()
-            ret = await loop.run_in_executor(
-                self.executor, functools.partial(ctx.run, init, *self.init_args, **self.init_kwargs))
-            if inspect.isawaitable(ret):
-                await ret
+        # A sync constructor runs right here, on the replica's event-loop thread, as in Ray Serve: it may
+        # use `asyncio.get_running_loop()` (start background tasks, make asyncio objects), and, like any
+        # code on a loop, it awaits other deployments only later (`.result()` refuses to block a loop).
+        ret = obj.__init__(*self.init_args, **self.init_kwargs)
+        if inspect.isawaitable(ret):
+            await ret
         self.obj = obj
 
     def available_methods(self) -> list[str]:
-        if self.is_function:
-            return ["__call__"]
-        names = [n for n in dir(self.obj) if not n.startswith("_") and callable(getattr(self.obj, n, None))]
-        if callable(getattr(type(self.obj), "__call__", None)):
-            names.append("__call__")
-        return sorted(set(names))
+        """The names a handle may call, as Ray lists them: callable attributes not starting with `__`."""
+        obj = self.obj
+        return [n for n in dir(obj) if not n.startswith("__") and callable(getattr(obj, n, None))]
 
     def resolve(self, method: str) -> tuple[Callable, int]:
         cached = self._methods.get(method)
         if cached is not None:
             return cached
         if self.is_function:
-            if method != "__call__":
-                raise RayServeException(
-                    f"Tried to call a method '{method}' that does not exist on function deployment "
-                    f"'{self.deployment_name}'. Available methods: ['__call__']."
-                )
-            fn = self.obj
+            fn = self.obj  # as in Ray: a function deployment answers whatever method is named
         else:
             fn = getattr(self.obj, method, None)
-            if fn is None or not callable(fn) or (method == "__call__" and not hasattr(type(self.obj), "__call__")):
+            if fn is None or not callable(fn):
                 raise RayServeException(
-                    f"Tried to call a method '{method}' that does not exist on deployment "
-                    f"'{self.deployment_name}'. Available methods: {self.available_methods()}."
+                    f"Tried to call a method '{method}' that does not exist. "
+                    f"Available methods: {self.available_methods()}."
                 )
         entry = (fn, _kind_of(fn))
         self._methods[method] = entry
         return entry
 
-    def check_call_kind(self, method: str, kind: int, stream: bool) -> None:
-        is_gen = kind in (_SYNC_GEN, _ASYNC_GEN)
-        if is_gen and not stream:
-            raise TypeError(
-                f"Method '{method}' is a generator function. You must use `handle.options(stream=True)` "
-                "to call generators on a deployment."
-            )
-        if stream and not is_gen:
-            raise TypeError(
-                f"Method '{method}' must be a generator function to be called with "
-                f"`handle.options(stream=True)`, but '{method}' is not."
-            )
-
-    async def call(self, method: str, args: tuple, kwargs: dict) -> Any:
-        """Run a unary method and return its result."""
-        fn, kind = self.resolve(method)
-        self.check_call_kind(method, kind, False)
+    async def run(self, fn: Callable, kind: int, args: tuple, kwargs: dict) -> Any:
+        """Call a resolved non-generator function: async on the loop, sync in the pool; no checks."""
         if kind == _ASYNC:
             return await fn(*args, **kwargs)
         ctx = contextvars.copy_context()
@@ -125,25 +99,61 @@ class UserCallable:
             result = await result
         return result
 
-    async def call_stream(self, method: str, args: tuple, kwargs: dict) -> AsyncIterator[Any]:
-        """Run a generator method, yielding each item as it is produced."""
+    async def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        """Run a unary method and return its result (`TypeError` for a generator, as in Ray)."""
         fn, kind = self.resolve(method)
-        self.check_call_kind(method, kind, True)
+        if kind == _ASYNC:
+            result = await fn(*args, **kwargs)
+        elif kind == _SYNC:
+            result = await self.run(fn, kind, args, kwargs)
+        else:
+            raise _returned_generator(fn, method)
+        if type(result) in _GENERATOR_TYPES:
+            if isinstance(result, GeneratorType):
+                result.close()
+            raise _returned_generator(fn, method)
+        return result
+
+    async def call_stream(self, method: str, args: tuple, kwargs: dict) -> AsyncIterator[Any]:
+        """Run a generator method, or a method that returns a generator, yielding each item as it is
+        produced. Sync generators advance in the thread pool, one item per step."""
+        fn, kind = self.resolve(method)
+        ctx = contextvars.copy_context()
         if kind == _ASYNC_GEN:
-            async for item in fn(*args, **kwargs):
-                yield item
+            gen: Any = fn(*args, **kwargs)
+        elif kind == _SYNC_GEN:
+            gen = ctx.run(fn, *args, **kwargs)
+        else:
+            if kind == _ASYNC:
+                gen = await fn(*args, **kwargs)
+            else:
+                gen = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, functools.partial(ctx.run, fn, *args, **kwargs))
+                if inspect.isawaitable(gen):
+                    gen = await gen
+            if type(gen) not in _GENERATOR_TYPES:
+                raise TypeError(
+                    f"Called method '{_name_of(fn, method)}' with `handle.options(stream=True)` but it did "
+                    "not return a generator."
+                )
+        async for item in self.iterate(gen, ctx):
+            yield item
+
+    async def iterate(self, gen: Any, ctx: Optional[contextvars.Context] = None) -> AsyncIterator[Any]:
+        """The items of a generator: an async one on the loop, a sync one advanced in the thread pool."""
+        if isinstance(gen, AsyncGeneratorType):
+            try:
+                async for item in gen:
+                    yield item
+            finally:
+                await gen.aclose()
             return
         loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()
-        gen = ctx.run(fn, *args, **kwargs)
+        run = (ctx or contextvars.copy_context()).run
         done = object()
-
-        def step() -> Any:
-            return ctx.run(next, gen, done)
-
         try:
             while True:
-                item = await loop.run_in_executor(self.executor, step)
+                item = await loop.run_in_executor(self.executor, run, next, gen, done)
                 if item is done:
                     return
                 yield item
@@ -185,3 +195,17 @@ class UserCallable:
         if inspect.isawaitable(ret):
             await ret
         # The process exits right after, so the interpreter never calls `__del__` a second time.
+
+
+def _name_of(fn: Callable, method: str) -> str:
+    """The name Ray's errors use: the function's own (`__call__` for a class's, the function's for a
+    function deployment), else the method called."""
+    name = getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else method
+
+
+def _returned_generator(fn: Callable, method: str) -> TypeError:
+    return TypeError(
+        f"Method '{_name_of(fn, method)}' returned a generator. You must use `handle.options(stream=True)` "
+        "to call generators on a deployment."
+    )

@@ -23,6 +23,7 @@ from shoal.controller.checkpoint import DeploymentSnapshot, ReplicaSnapshot
 from shoal.controller.specs import DeploymentSpec
 from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest
 from shoal.status import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+from shoal.transport.connection import ConnectionLost
 
 if TYPE_CHECKING:
     from shoal.controller.controller import Controller
@@ -309,8 +310,10 @@ class DeploymentState:
         try:
             await rec.conn.call("update_rank", told[0], told[1])  # type: ignore[union-attr]
             rec.told_rank = told
-        except Exception as e:  # noqa: BLE001
-            if rec.conn is not None and rec.state != ReplicaState.STOPPING:  # the user's reconfigure raised
+        except ConnectionLost:
+            pass  # the replica is gone: the reap step deals with it
+        except Exception as e:  # noqa: BLE001 - the user's reconfigure raised
+            if rec.state != ReplicaState.STOPPING:
                 logger.warning("reconfigure of replica %s with rank %s failed: %s", rec.unique_id, told[0], e)
                 self.last_failure = f"reconfigure failed: {e}"
                 self._stop(rec, graceful=True)

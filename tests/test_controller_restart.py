@@ -73,7 +73,7 @@ class Load:
         return sum(1 for x in list(self.ok) if x > t)
 
 
-@serve.deployment(num_replicas=3)
+@serve.deployment(num_replicas=3, version="1")  # versioned: a later serve.run with more replicas keeps these
 class Pid:
     def __call__(self, request=None) -> int:
         return os.getpid()
@@ -166,6 +166,42 @@ def test_autoscaling_resumes_after_a_restart(owned_instance):
     gate.open.remote().result()
     [r.result(timeout_s=30) for r in waiting]
     wait_for(lambda: running() == 1, timeout=60, what="scale back down to 1")
+
+
+def test_replica_ranks_survive_a_restart(owned_instance):
+    @serve.deployment(num_replicas=3, version="1")
+    class Ranked:
+        def __call__(self):
+            ctx = serve.get_replica_context()
+            return os.getpid(), ctx.rank.rank, ctx.world_size
+
+    handle = serve.run(Ranked.bind(), name="ranked", route_prefix=None)
+
+    def ranks(n: int, without: int = 0) -> dict:
+        def poll():
+            try:
+                seen = {pid: (rank, size) for pid, rank, size in (handle.remote().result(timeout_s=10)
+                                                                  for _ in range(20 * n))}
+            except Exception:  # noqa: BLE001 - a replica the test just killed
+                return None
+            return seen if len(seen) == n and without not in seen else None
+        return wait_for(poll, timeout=60, what=f"{n} replicas answering")
+
+    first = ranks(3)
+    # Replace rank 0, so the ranks no longer follow the order the replicas were made in.
+    victim = next(pid for pid, (rank, _) in first.items() if rank == 0)
+    os.kill(victim, signal.SIGKILL)
+    before = ranks(3, without=victim)
+    assert sorted(before.values()) == [(0, 3), (1, 3), (2, 3)]
+    os.kill(owned_instance.controller_proc.pid, signal.SIGKILL)
+    assert serve.status().applications["ranked"].status == serve.ApplicationStatus.RUNNING
+    # The restarted controller knows every replica's rank: scaling up (serve.run returns once every
+    # replica knows its rank and the new world size) keeps them and gives the new replica rank 3.
+    serve.run(Ranked.options(num_replicas=4).bind(), name="ranked", route_prefix=None)
+    after = ranks(4)
+    assert {pid: rank for pid, (rank, _) in after.items() if pid in before} == \
+        {pid: rank for pid, (rank, _) in before.items()}
+    assert sorted(after.values()) == [(0, 4), (1, 4), (2, 4), (3, 4)]
 
 
 DRIVER = """

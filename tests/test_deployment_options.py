@@ -149,19 +149,29 @@ def test_run_rejects_non_applications_and_bad_route_prefixes():
         serve.run(A.bind(), name="")
 
 
-def test_same_name_bound_twice_needs_options_name():
+def test_same_deployment_bound_twice_is_renamed():
+    # As in Ray: no error; the second binding deploys as `Leaf_1` (see test_ray_parity_deploy.py).
     @serve.deployment
     class Leaf:
         def __init__(self, tag):
-            pass
+            self.tag = tag
+
+        def __call__(self):
+            return self.tag
 
     @serve.deployment
     class Root:
         def __init__(self, a, b):
-            pass
+            self.a, self.b = a, b
 
-    with pytest.raises(serve.RayServeException, match="options\\(name="):
-        serve.run(Root.bind(Leaf.bind(1), Leaf.bind(2)), _local_testing_mode=True)
+        async def __call__(self):
+            return await self.a.remote(), await self.b.remote(), self.a.deployment_name, self.b.deployment_name
+
+    h = serve.run(Root.bind(Leaf.bind(1), Leaf.bind(2)), _local_testing_mode=True)
+    try:
+        assert h.remote().result() == (1, 2, "Leaf", "Leaf_1")
+    finally:
+        serve.shutdown()
 
 
 def test_status_is_empty_when_not_started():

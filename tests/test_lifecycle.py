@@ -39,7 +39,9 @@ def test_async_init_and_reconfigure(serve_app):
 
 
 def test_user_config_change_does_not_restart(serve_app):
-    @serve.deployment(user_config={"v": 1})
+    # With a `version`, a redeploy of the same version applies a user_config change in place. (Without
+    # one, every serve.run is new code and replaces the replicas, as in Ray: test_ray_parity_deploy.py.)
+    @serve.deployment(user_config={"v": 1}, version="1")
     class C:
         def reconfigure(self, config):
             self.v = config["v"]
@@ -415,7 +417,7 @@ def test_blocking_run_shuts_down_on_sigterm(tmp_path):
 
 
 def test_light_option_changes_reconfigure_in_place(serve_app):
-    @serve.deployment(max_ongoing_requests=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    @serve.deployment(max_ongoing_requests=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2}, version="1")
     class Light:
         def __call__(self):
             return os.getpid()

@@ -69,6 +69,30 @@ def test_replicas_spread_over_the_nodes(serve_app, ray_cluster):
     assert {r.result() for r in [h.sleep.remote(0.3) for _ in range(12)]} == everywhere
 
 
+def test_replica_ranks_count_nodes_and_replicas_per_node(serve_app, ray_cluster):
+    @serve.deployment(num_replicas=4, max_ongoing_requests=1)
+    class RankedWhere:
+        async def __call__(self):
+            import asyncio
+
+            await asyncio.sleep(0.2)  # with one request per replica, concurrent calls reach every replica
+            r = serve.get_replica_context().rank
+            return os.environ["SHOAL_NODE_ID"], r.rank, r.node_rank, r.local_rank
+
+    h = serve.run(RankedWhere.bind())
+    answers = wait_for(lambda: (lambda s: s if len(s) == 4 else None)(
+        {r.result() for r in [h.remote() for _ in range(16)]}), what="4 replicas answering")
+    assert sorted(a[1] for a in answers) == [0, 1, 2, 3]
+    by_node: dict = {}
+    for node, _, node_rank, local_rank in answers:
+        by_node.setdefault(node, []).append((node_rank, local_rank))
+    assert len(by_node) == 3  # spread over the three nodes
+    assert sorted({ranks[0][0] for ranks in by_node.values()}) == [0, 1, 2]  # one node rank per node
+    for ranks in by_node.values():
+        assert len({nr for nr, _ in ranks}) == 1
+        assert sorted(lr for _, lr in ranks) == list(range(len(ranks)))
+
+
 def test_custom_resource_places_replicas_only_on_the_node_that_has_it(serve_app, ray_cluster):
     h = serve.run(WhereAmI.options(num_replicas=2, ray_actor_options={"resources": {"w2": 0.1}}).bind())
     _nodes_seen(h, {ray_cluster.node_id("w2")})

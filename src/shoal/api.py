@@ -8,13 +8,14 @@ import re
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Optional, Union
 
 from shoal import client as client_mod
 from shoal.common import SERVE_DEFAULT_APP_NAME, DeploymentID
 from shoal.config import HTTPOptions, validate_model
 from shoal.controller.specs import ApplicationSpec, DeploymentSpec
-from shoal.deployment import Application, Deployment
+from shoal.deployment import Application, Deployment, deployment_names
 from shoal.exceptions import DeployFailedError, RayServeException
 from shoal.handle import DeploymentHandle
 from shoal.status import ApplicationStatus, ServeStatus
@@ -103,12 +104,11 @@ def _validate_route_prefix(route_prefix: Optional[str]) -> None:
 def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) -> ApplicationSpec:
     """Walk the bound graph: one spec per deployment, nested applications replaced by handles."""
     specs: dict[str, DeploymentSpec] = {}
-    seen: dict[int, str] = {}
-    bound_by_name: dict[str, Deployment] = {}
+    names = deployment_names(target)
 
     def to_handle(app: Application) -> DeploymentHandle:
         visit(app)
-        return DeploymentHandle(app.deployment.name, name)
+        return DeploymentHandle(names[id(app)], name)
 
     def replace(value: Any) -> Any:
         if isinstance(value, Application):
@@ -122,32 +122,25 @@ def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) 
         return value
 
     def visit(app: Application) -> None:
-        if id(app) in seen:
+        dname = names[id(app)]
+        if dname in specs:
             return
         d = app.deployment
-        other = bound_by_name.get(d.name)
-        if other is not None and other is not d:
-            raise RayServeException(
-                f"Deployment name '{d.name}' is used by two different bound deployments in application "
-                f"'{name}'. Give one of them another name with `.options(name=...)`."
-            )
-        seen[id(app)] = d.name
-        bound_by_name[d.name] = d
         args = replace(d.init_args)
         kwargs = replace(d.init_kwargs)
-        where = f"deployment '{d.name}'"
+        where = f"deployment '{dname}'"
         try:
             serialized_def = ser.dumps_callable(d.func_or_class)
         except Exception as e:  # noqa: BLE001
             raise TypeError(f"Could not serialize the code of {where}: {e}") from e
-        specs[d.name] = DeploymentSpec(
-            name=d.name, serialized_def=serialized_def,
+        specs[dname] = DeploymentSpec(
+            name=dname, serialized_def=serialized_def,
             serialized_init_args=ser.dumps_call_args(tuple(args), kwargs, f"the constructor of {where}"),
             config=d.config, user_configured_options=d._user_configured, python_path=tuple(sys.path),
         )
 
     visit(target)
-    return ApplicationSpec(name=name, route_prefix=route_prefix, ingress=target.deployment.name,
+    return ApplicationSpec(name=name, route_prefix=route_prefix, ingress=names[id(target)],
                            deployments=list(specs.values()))
 
 
@@ -174,6 +167,9 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
 
         return run_local(target, name)
     spec = build_app_spec(target, name, route_prefix)
+    for d in spec.deployments:
+        if d.config.version is None:  # each run is a new code version (see DeploymentSpec.code_nonce)
+            d.code_nonce = uuid.uuid4().hex
     if not blocking:
         return _deploy(spec, runtime, address)
     with _SigtermAsInterrupt():  # installed first: a SIGTERM during the deploy also shuts down cleanly

@@ -114,6 +114,21 @@ class BackpressureConfig(_Strict):
     retry_after_s: Optional[NonNegativeFloat] = None
 
 
+class ReplicaRank(BaseModel):
+    """Where a replica stands among its deployment's replicas (`serve.get_replica_context().rank`).
+
+    `rank` is 0 .. N-1 across the deployment, `node_rank` numbers the nodes its replicas run on,
+    `local_rank` numbers its replicas on one node. Ranks stay dense: a new replica takes the lowest
+    free one, and once the deployment is steady, ranks left above the count are moved down.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    rank: int = Field(description="Global rank of the replica across all nodes scoped to the deployment.")
+    node_rank: int = Field(description="Rank of the node in the deployment.")
+    local_rank: int = Field(description="Rank of the replica on the node scoped to the deployment.")
+
+
 PlacementGroupStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 

@@ -7,15 +7,21 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from shoal.common import ReplicaID
+from shoal.config import ReplicaRank
 from shoal.exceptions import RayServeException
 
 
 @dataclass
 class ReplicaContext:
+    """`rank` is this replica's `ReplicaRank` (rank, node_rank, local_rank); `world_size` is the
+    deployment's replica count (its target). Both are set before the constructor runs and follow
+    scaling: a replica whose rank changes gets `reconfigure(user_config, rank=...)` when its
+    `reconfigure` takes a `rank` argument (or a user_config is set), as in Ray Serve."""
+
     replica_id: ReplicaID
     servable_object: Any
     _deployment_config: Any = None
-    rank: int = 0
+    rank: Optional[ReplicaRank] = None
     world_size: int = 1
 
     @property

@@ -8,10 +8,13 @@ arguments become `DeploymentHandle`s when the graph is deployed.
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from typing import Any, Callable, Optional, Union
 
 from shoal.config import AutoscalingConfig, DeploymentConfig, validate_model
+
+logger = logging.getLogger("shoal")
 
 _DEPLOYMENT_OPTIONS = (
     "num_replicas", "max_ongoing_requests", "max_queued_requests", "user_config", "autoscaling_config",
@@ -126,6 +129,51 @@ class Application:
 
     def __repr__(self) -> str:
         return f"Application(ingress={self._bound_deployment.name})"
+
+
+def _bound_children(value: Any, out: list) -> list:
+    """The applications bound in `value` (constructor arguments), in argument order."""
+    if isinstance(value, Application):
+        out.append(value)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _bound_children(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _bound_children(v, out)
+    return out
+
+
+def deployment_names(target: Application, warn: bool = True) -> dict[int, str]:
+    """The name each bound application of the graph deploys under, by `id()` of the application.
+
+    As in Ray Serve, a deployment bound more than once (two `.bind()` calls of the same deployment,
+    or two deployments that share a name) is not an error: the graph is walked children first, in
+    argument order, and a name already taken gets the first free suffix (`Model`, `Model_1`, ...).
+    The same `Application` object used twice is one deployment."""
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+
+    def visit(app: Application) -> None:
+        if id(app) in names:
+            return
+        d = app.deployment
+        for child in _bound_children((d.init_args, d.init_kwargs), []):
+            visit(child)
+        if id(app) in names:
+            return
+        name, i = d.name, 1
+        while name in taken:
+            name = f"{d.name}_{i}"
+            i += 1
+        if name != d.name and warn:
+            logger.warning("There are multiple deployments with the same name '%s'. Renaming one to '%s'.",
+                           d.name, name)
+        names[id(app)] = name
+        taken.add(name)
+
+    visit(target)
+    return names
 
 
 _ROUTE_PREFIX_REMOVED = ("`route_prefix` can no longer be specified at the deployment level. "

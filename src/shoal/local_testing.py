@@ -13,6 +13,7 @@ import threading
 from typing import Any, Optional
 
 from shoal.common import DeploymentID
+from shoal.config import ReplicaRank
 from shoal.context import RequestContext, _request_context
 from shoal.exceptions import RayServeException, RequestCancelledError
 from shoal.handle import DeploymentHandle, DeploymentResponse, _Request
@@ -91,7 +92,7 @@ def run_local(target: Any, name: str) -> DeploymentHandle:
             args, kwargs = ser.loads(d.serialized_init_args)
             uc = UserCallable(func_or_class, args, kwargs, d.name, d.config.max_ongoing_requests)
             await uc.initialize()
-            await uc.reconfigure(d.config.user_config)
+            await uc.reconfigure(d.config.user_config, ReplicaRank(rank=0, node_rank=0, local_rank=0))
             built[d.name] = uc
 
     for d in spec.deployments:

@@ -36,7 +36,7 @@ from pydantic import create_model, field_validator, model_validator
 
 from shoal.common import SERVE_DEFAULT_APP_NAME
 from shoal.config import AutoscalingConfig, DeploymentConfig, HTTPOptions, LoggingConfig, ProxyLocation, RayActorOptions
-from shoal.deployment import _DEPLOYMENT_OPTIONS, Application, Deployment
+from shoal.deployment import _DEPLOYMENT_OPTIONS, Application, Deployment, deployment_names
 
 __all__ = [
     "BUILD_HEADER", "ConfigError", "ConfigWarning", "DeploymentSchema", "GRPCOptionsSchema", "HTTPOptionsSchema",
@@ -626,14 +626,17 @@ def _replace_nested(value: Any, convert: Any) -> Any:
 
 
 def graph_deployments(app: Application) -> List[Deployment]:
-    """Every bound deployment of the graph, the ingress first (each once)."""
+    """Every bound deployment of the graph, the ingress first (each once), under the name it deploys
+    under (a deployment bound twice is `Model` and `Model_1`)."""
     found: List[Deployment] = []
     seen: set = set()
+    names = deployment_names(app, warn=False)
 
     def visit(node: Application) -> Application:
         if id(node) not in seen:
             seen.add(id(node))
-            found.append(node.deployment)
+            d = node.deployment
+            found.append(d if names[id(node)] == d.name else d.options(name=names[id(node)]))
             _replace_nested(node.deployment.init_args, visit)
             _replace_nested(node.deployment.init_kwargs, visit)
         return node
@@ -646,6 +649,7 @@ def apply_overrides(app: Application, app_schema: ServeApplicationSchema) -> App
     """A copy of the graph with the config's deployment options applied (config over code over
     defaults; only keys set in the file), and the app's logging_config given to the deployments
     that set none. The original graph is left unchanged."""
+    final_names = deployment_names(app, warn=False)  # a deployment bound twice: `Model`, `Model_1`, as in Ray
     names = [d.name for d in graph_deployments(app)]
     overrides: Dict[str, Tuple[int, Dict[str, Any]]] = {}
     for i, d in enumerate(app_schema.deployments):
@@ -663,7 +667,7 @@ def apply_overrides(app: Application, app_schema: ServeApplicationSchema) -> App
         d = node.deployment
         args = _replace_nested(d.init_args, convert)
         kwargs = _replace_nested(d.init_kwargs, convert)
-        index, options = overrides.get(d.name, (None, {}))
+        index, options = overrides.get(final_names[id(node)], (None, {}))
         options = dict(options)
         if isinstance(options.get("num_replicas"), int) and "autoscaling_config" not in options \
                 and d.config.autoscaling_config is not None:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import cloudpickle
 
 from shoal.common import DeploymentID, ReplicaID
+from shoal.config import ReplicaRank
 from shoal.controller.specs import ApplicationSpec, DeploymentSpec
 from shoal.runtime.base import CheckpointStore, Reservation
 
@@ -39,6 +40,8 @@ class ReplicaSnapshot:
     reservation: Optional[Reservation]
     process: Optional[dict]  # Runtime.describe(process)
     model_ids: frozenset = frozenset()
+    rank: Optional[ReplicaRank] = None  # kept across a restart: replicas keep their ranks
+    rank_node: str = ""
 
 
 @dataclass

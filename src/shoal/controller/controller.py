@@ -26,6 +26,7 @@ from shoal.status import (
     ApplicationStatusOverview,
     DeploymentStatus,
     DeploymentStatusOverview,
+    DeploymentStatusTrigger,
     ProxyStatus,
     ServeStatus,
 )
@@ -33,9 +34,25 @@ from shoal.transport.connection import Connection, ConnectionLost, RpcHandler
 
 logger = logging.getLogger("shoal.controller")
 
-# Worst first: the application shows the worst status among its deployments.
-_RANK = {DeploymentStatus.DEPLOY_FAILED: 0, DeploymentStatus.UNHEALTHY: 1, DeploymentStatus.UPDATING: 2,
-         DeploymentStatus.UPSCALING: 3, DeploymentStatus.DOWNSCALING: 3, DeploymentStatus.HEALTHY: 4}
+# Worst first: the application shows the worst status among its deployments (Ray Serve's ranking).
+# A deployment scaling because its config changed (serve.run with another num_replicas) ranks with
+# UPDATING, so the app is DEPLOYING and `serve.run` waits until the change is applied; scaling by the
+# autoscaler, or replacing a lost replica, leaves the app RUNNING.
+_FAILED, _UNHEALTHY, _CHANGING, _STEADY = range(4)
+
+
+def _deployment_rank(ds: DeploymentState) -> int:
+    status = ds.status
+    if status == DeploymentStatus.DEPLOY_FAILED:
+        return _FAILED
+    if status == DeploymentStatus.UNHEALTHY:
+        return _UNHEALTHY
+    if status == DeploymentStatus.UPDATING:
+        return _CHANGING
+    if status in (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING) and ds.trigger not in (
+            DeploymentStatusTrigger.AUTOSCALING, DeploymentStatusTrigger.UNSPECIFIED):
+        return _CHANGING
+    return _STEADY
 
 
 class ApplicationState:
@@ -196,20 +213,18 @@ class Controller(RpcHandler):
             status, message = ApplicationStatus.DELETING, ""
         else:
             states = [self.deployments[d] for d in self._app_deployment_ids(app) if d in self.deployments]
-            worst = min(states, key=lambda s: _RANK[s.status]) if states else None
-            if worst is None or all(s.status in (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING,
-                                                 DeploymentStatus.DOWNSCALING) for s in states) and not any(
-                    s.status == DeploymentStatus.UPDATING for s in states):
+            worst = min(states, key=_deployment_rank) if states else None
+            rank = _deployment_rank(worst) if worst is not None else _STEADY
+            if rank == _STEADY:
                 status, message = ApplicationStatus.RUNNING, ""
-            elif worst.status == DeploymentStatus.DEPLOY_FAILED:
+            elif rank == _FAILED:
                 status = ApplicationStatus.DEPLOY_FAILED
-                message = f"Deployment '{worst.id.name}' failed to deploy: {worst.message}"
-            elif worst.status == DeploymentStatus.UNHEALTHY:
+                message = f"Deployment '{worst.id.name}' failed to deploy: {worst.message}"  # type: ignore[union-attr]
+            elif rank == _UNHEALTHY:
                 status = ApplicationStatus.UNHEALTHY
-                message = f"Deployment '{worst.id.name}' is unhealthy: {worst.message}"
+                message = f"Deployment '{worst.id.name}' is unhealthy: {worst.message}"  # type: ignore[union-attr]
             else:
-                status = ApplicationStatus.DEPLOYING if app.status != ApplicationStatus.RUNNING or any(
-                    s.status == DeploymentStatus.UPDATING for s in states) else ApplicationStatus.RUNNING
+                status = ApplicationStatus.DEPLOYING
                 message = "; ".join(s.message for s in states if s.message)
         if (status, message) != (app.status, app.message):
             app.status, app.message = status, message
@@ -241,7 +256,8 @@ class Controller(RpcHandler):
                 return {"replica_id": rec.replica_id}
             return {"replica_id": rec.replica_id, "address": rec.address, "config": ds.spec.config,
                     "serialized_def": ds.spec.serialized_def,
-                    "serialized_init_args": ds.spec.serialized_init_args, "python_path": ds.spec.python_path}
+                    "serialized_init_args": ds.spec.serialized_init_args, "python_path": ds.spec.python_path,
+                    **ds.hello_info(rec)}
         return None
 
     async def rpc_deploy_app(self, conn: Connection, spec: ApplicationSpec) -> None:

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from shoal.common import DeploymentID, DeploymentTargets, ReplicaID, RunningReplicaInfo
+from shoal.config import ReplicaRank
 from shoal.controller import status_notes
 from shoal.controller.autoscaler import DeploymentAutoscaler
 from shoal.controller.checkpoint import DeploymentSnapshot, ReplicaSnapshot
 from shoal.controller.specs import DeploymentSpec
 from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest
 from shoal.status import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+from shoal.transport.connection import ConnectionLost
 
 if TYPE_CHECKING:
     from shoal.controller.controller import Controller
@@ -55,6 +57,13 @@ class ReplicaRecord:
     model_ids: frozenset = frozenset()  # multiplexed models loaded or loading (the replica reports them)
     # Set for a replica adopted after a controller restart, until it reconnects: past it, it is replaced.
     reconnect_deadline: float = 0.0
+    # Its rank among the deployment's replicas, given when it is placed and held until it is gone;
+    # `rank_node` is the node its node_rank and local_rank count on.
+    rank: Optional[ReplicaRank] = None
+    rank_node: str = ""
+    # (rank, world_size) the replica last heard; None: unknown (it is told again).
+    told_rank: Optional[tuple] = None
+    rank_inflight: bool = False
 
     @property
     def unique_id(self) -> str:
@@ -76,6 +85,7 @@ class DeploymentState:
         self.backoff_exp = 0
         self.pending_reason = ""
         self._published: Optional[tuple] = None
+        self._ranked_members: Optional[frozenset] = None  # the replicas whose ranks were last made dense
         self.autoscaler: Optional[DeploymentAutoscaler] = None
         self.set_spec(spec)
 
@@ -176,6 +186,8 @@ class DeploymentState:
             return False
         rec.reservation = res
         rec.placed = True
+        rec.rank_node = res.node_id or "local"
+        rec.rank = self._assign_rank(rec.rank_node)
         rec.address = runtime.replica_address(rec.replica_id)
         rec.start_time = time.time()
         try:
@@ -247,18 +259,86 @@ class DeploymentState:
             self.controller.runtime.release(rec.reservation)
             rec.reservation = None
 
+    # --- replica ranks (Ray Serve's ReplicaRank) -----------------------------------------------------
+    # A replica gets its rank when it is placed (its node is known then): the lowest rank no replica of
+    # the deployment holds, the node's node_rank (or the lowest free one for a new node) and the lowest
+    # free local_rank on that node. It holds them until it is gone (also while it drains). Once the
+    # deployment is steady (HEALTHY), ranks are made dense again: replicas whose rank is within 0..N-1
+    # keep it, the others take the free ones in order; the same for node ranks and, per node, local
+    # ranks. World size is the target count. Running replicas are told what changed (`update_rank`).
+    def _assign_rank(self, node: str) -> ReplicaRank:
+        holders = [r for r in self.replicas.values() if r.rank is not None]
+        on_node = [r for r in holders if r.rank_node == node]
+        node_rank = on_node[0].rank.node_rank if on_node else _lowest_free({r.rank.node_rank for r in holders})
+        return ReplicaRank(rank=_lowest_free({r.rank.rank for r in holders}), node_rank=node_rank,
+                           local_rank=_lowest_free({r.rank.local_rank for r in on_node}))
+
+    def _compact_ranks(self) -> None:
+        members = frozenset(self.replicas)
+        if members == self._ranked_members:
+            return
+        self._ranked_members = members
+        ranked = [r for r in self.replicas.values() if r.rank is not None]
+        glob = _dense({r.unique_id: r.rank.rank for r in ranked})
+        by_node: dict[str, list[ReplicaRecord]] = {}
+        for r in ranked:
+            by_node.setdefault(r.rank_node, []).append(r)
+        nodes = _dense({n: rs[0].rank.node_rank for n, rs in by_node.items()})
+        for node, recs in by_node.items():
+            local = _dense({r.unique_id: r.rank.local_rank for r in recs})
+            for r in recs:
+                new = ReplicaRank(rank=glob[r.unique_id], node_rank=nodes[node], local_rank=local[r.unique_id])
+                if new != r.rank:
+                    logger.info("replica %s of %s moves from rank %d to rank %d (node rank %d, local rank %d)",
+                                r.unique_id, self.id, r.rank.rank, new.rank, new.node_rank, new.local_rank)
+                    r.rank = new
+
+    def _tell_ranks(self) -> None:
+        """Send each serving replica its rank and the world size when either changed."""
+        if self.deleting:
+            return
+        for rec in self.replicas.values():
+            if rec.state not in (ReplicaState.RUNNING, ReplicaState.UPDATING) or rec.conn is None \
+                    or rec.rank_inflight or rec.rank is None:
+                continue
+            told = (rec.rank, self.target)
+            if rec.told_rank != told:
+                rec.rank_inflight = True
+                self.controller.spawn(self._send_rank(rec, told))
+
+    async def _send_rank(self, rec: ReplicaRecord, told: tuple) -> None:
+        try:
+            await rec.conn.call("update_rank", told[0], told[1])  # type: ignore[union-attr]
+            rec.told_rank = told
+        except ConnectionLost:
+            pass  # the replica is gone: the reap step deals with it
+        except Exception as e:  # noqa: BLE001 - the user's reconfigure raised
+            if rec.state != ReplicaState.STOPPING:
+                logger.warning("reconfigure of replica %s with rank %s failed: %s", rec.unique_id, told[0], e)
+                self.last_failure = f"reconfigure failed: {e}"
+                self._stop(rec, graceful=True)
+        finally:
+            rec.rank_inflight = False
+            self.controller.wake()
+
+    def hello_info(self, rec: ReplicaRecord) -> dict:
+        """What a starting replica learns about its place: read before its constructor runs."""
+        rec.told_rank = (rec.rank, self.target)
+        return {"rank": rec.rank, "world_size": self.target}
+
     # --- checkpoint and recovery ---------------------------------------------------------------
     def snapshot(self) -> DeploymentSnapshot:
         describe = self.controller.runtime.describe
         replicas = [ReplicaSnapshot(r.replica_id, r.code_version, r.reconfigure_version, r.state.value, r.address,
-                                    r.start_time, r.reservation, describe(r.process), r.model_ids)
+                                    r.start_time, r.reservation, describe(r.process), r.model_ids,
+                                    rank=r.rank, rank_node=r.rank_node)
                     for r in self.replicas.values() if r.placed and r.process is not None]
         return DeploymentSnapshot(self.id, self.spec, self.target, self.deleting, self.status.value,
                                   self.trigger.value, self.message, replicas)
 
     def checkpoint_key(self) -> tuple:
         return (id(self.spec), self.target, self.deleting,
-                tuple((u, r.state, r.address, id(r.process), r.reconfigure_version, r.model_ids)
+                tuple((u, r.state, r.address, id(r.process), r.reconfigure_version, r.model_ids, r.rank)
                       for u, r in self.replicas.items()))
 
     def restore(self, snap: DeploymentSnapshot) -> None:
@@ -281,16 +361,21 @@ class DeploymentState:
                                 ReplicaState.RUNNING if state == ReplicaState.UPDATING else state,
                                 placed=True, reservation=r.reservation, process=process, address=r.address,
                                 start_time=r.start_time, model_ids=r.model_ids,
-                                reconnect_deadline=now + RECONNECT_GRACE_S)
+                                reconnect_deadline=now + RECONNECT_GRACE_S,
+                                rank=r.rank, rank_node=r.rank_node or (r.reservation.node_id if r.reservation else "local"))
             if rec.state == ReplicaState.STOPPING:
                 rec.stop_deadline = now + self.spec.config.graceful_shutdown_timeout_s
             if r.reservation is not None:
                 runtime.adopt_reservation(r.reservation)
             self.replicas[rec.unique_id] = rec
             self.controller.replicas_by_uid[rec.unique_id] = rec
+        for rec in self.replicas.values():
+            if rec.rank is None:  # a checkpoint written before ranks were kept
+                rec.rank = self._assign_rank(rec.rank_node)
 
     def on_replica_reconnected(self, rec: ReplicaRecord, ready: bool, model_ids: Optional[tuple]) -> None:
         rec.reconnect_deadline = 0.0
+        rec.told_rank = None
         if model_ids is not None:
             rec.model_ids = frozenset(model_ids)
         if ready:
@@ -313,6 +398,7 @@ class DeploymentState:
         self._health_checks(now)
         self.publish_if_changed()
         self._update_status()
+        self._tell_ranks()
 
     def _reap(self, now: float) -> None:
         for rec in list(self.replicas.values()):
@@ -460,6 +546,10 @@ class DeploymentState:
         settled = all(r.state == ReplicaState.RUNNING and r.code_version == self.code_version
                       and r.reconfigure_version == self.reconfigure_version for r in self.replicas.values())
         if settled and len(self.replicas) == self.target:
+            self._compact_ranks()
+            if self.status != DeploymentStatus.HEALTHY and any(
+                    r.told_rank != (r.rank, self.target) for r in self.replicas.values()):
+                return  # steady once every replica knows its rank and the world size (`_tell_ranks`)
             if self.status in (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING):
                 trigger = (DeploymentStatusTrigger.UPSCALE_COMPLETED if self.status == DeploymentStatus.UPSCALING
                            else DeploymentStatusTrigger.DOWNSCALE_COMPLETED)
@@ -487,3 +577,27 @@ class DeploymentState:
 
     def is_gone(self) -> bool:
         return self.deleting and not self.replicas
+
+
+def _lowest_free(used: set) -> int:
+    n = 0
+    while n in used:
+        n += 1
+    return n
+
+
+def _dense(current: dict) -> dict:
+    """New ranks 0..len-1 for `current` (key -> rank), changing as few as possible: a key whose rank is
+    in range keeps it (the first one, if two share it), the others take the free ranks in their order."""
+    size = len(current)
+    out: dict = {}
+    kept: set = set()
+    for key, rank in sorted(current.items(), key=lambda kv: kv[1]):
+        if 0 <= rank < size and rank not in kept:
+            out[key] = rank
+            kept.add(rank)
+    free = iter(sorted(set(range(size)) - kept))
+    for key, _ in sorted(current.items(), key=lambda kv: kv[1]):
+        if key not in out:
+            out[key] = next(free)
+    return out

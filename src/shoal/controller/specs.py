@@ -23,11 +23,18 @@ class DeploymentSpec:
     # Pickling a class by value is not byte-identical across processes, so without it every
     # rebuild in a fresh process would look like new code and restart the replicas.
     code_fingerprint: Optional[str] = None
+    # Set by `serve.run` for a deployment without a `version`: each run is new code, as in Ray Serve
+    # (which gives every unversioned deployment a random code version), so re-running an unchanged
+    # app replaces its replicas (their `__del__` runs, models reload). Config-file deploys leave it
+    # unset: there the fingerprint decides.
+    code_nonce: Optional[str] = None
 
     def code_version(self) -> str:
         """Changes when replicas must restart: code, constructor args, or resources."""
         h = hashlib.sha256(self.code_fingerprint.encode() if self.code_fingerprint else self.serialized_def)
         h.update(self.serialized_init_args)
+        if self.code_nonce:
+            h.update(self.code_nonce.encode())
         c = self.config
         h.update(json.dumps([c.ray_actor_options.model_dump(), c.placement_group_bundles,
                              c.placement_group_strategy, c.max_replicas_per_node, c.version],

@@ -3,8 +3,9 @@
 The socket is a Unix socket on one machine, or an authenticated TCP port (`tcp://*:0`: this node's
 address, any free port) when the replica runs on a cluster; the replica reports where it listens.
 
-Start-up: connect to the controller, fetch the deployment spec, listen, run the constructor and
-`reconfigure`, then report ready (or the constructor's traceback). The replica exits when the
+Start-up: connect to the controller, fetch the deployment spec (with this replica's rank), listen,
+run the constructor and `reconfigure`, pass one health check, then report ready (or the traceback of
+what failed). The replica exits when the
 controller asks it to stop, or when the controller is gone for good (its keeper died too); a
 controller that dies and restarts finds it serving and reconnected.
 """
@@ -54,6 +55,13 @@ class ReplicaServer:
         self.idle.set()
         self.loop = asyncio.get_event_loop()
         self._where = f"replica {replica_id.unique_id} of deployment '{replica_id.deployment_id.name}'"
+        self.rank = spec.get("rank")
+        self.world_size = spec.get("world_size", 1)
+        self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
+
+    def set_context(self, servable: Any) -> None:
+        """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
+        _set_replica_context(ReplicaContext(self.replica_id, servable, self.config, self.rank, self.world_size))
 
     # --- data plane ---------------------------------------------------------------------------
     def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
@@ -130,13 +138,27 @@ class ReplicaServer:
         await self.callable.check_health()  # type: ignore[union-attr]
 
     async def rpc_reconfigure(self, conn: Connection, config: Any) -> None:
-        self.config = config
-        self.max_ongoing = config.max_ongoing_requests
-        await self.callable.reconfigure(config.user_config)  # type: ignore[union-attr]
+        async with self._reconfigure_lock:
+            user_config_changed = config.user_config != self.config.user_config
+            self.config = config
+            self.max_ongoing = config.max_ongoing_requests
+            self.set_context(self.callable.obj)  # type: ignore[union-attr]
+            if user_config_changed:  # as in Ray: other option changes do not call the user's reconfigure
+                await self.callable.reconfigure(config.user_config, self.rank)  # type: ignore[union-attr]
         if self.rejected:
             for c in self.rejected:
                 c.send(_CAPACITY_FRAME)
             self.rejected.clear()
+
+    async def rpc_update_rank(self, conn: Connection, rank: Any, world_size: int) -> None:
+        """The controller moved this replica to another rank (ranks stay dense) or the deployment's
+        replica count changed. A new rank reaches the user's `reconfigure` (see UserCallable.reconfigure)."""
+        async with self._reconfigure_lock:
+            rank_changed = rank != self.rank
+            self.rank, self.world_size = rank, world_size
+            self.set_context(self.callable.obj if self.callable is not None else None)
+            if rank_changed and self.callable is not None:
+                await self.callable.reconfigure(self.config.user_config, rank)
 
     async def rpc_num_ongoing(self, conn: Connection) -> int:
         return self.ongoing
@@ -215,6 +237,19 @@ def _report_model_ids(client: Any, unique_id: str, loop: asyncio.AbstractEventLo
     return state
 
 
+async def _initial_health_check(uc: UserCallable, timeout: float) -> None:
+    """As in Ray Serve, a replica counts as started only once it passes one health check: a failure
+    (or no answer within health_check_timeout_s) is a start failure, reported and retried as a
+    constructor failure is."""
+    try:
+        await asyncio.wait_for(uc.check_health(), timeout)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"The replica's initial health check did not finish within "
+                           f"health_check_timeout_s={timeout:g}s.") from None
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"The replica failed its initial health check: {type(e).__name__}: {e}") from e
+
+
 def _exit(code: int) -> None:
     from shoal.common import exit_process
 
@@ -261,10 +296,11 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
         init_args, init_kwargs = ser.loads(spec["serialized_init_args"])
         uc = UserCallable(func_or_class, init_args, init_kwargs, replica_id.deployment_id.name,
                           server.config.max_ongoing_requests)
-        _set_replica_context(ReplicaContext(replica_id, None, server.config))
+        server.set_context(None)  # the constructor may read its rank and world_size
         await uc.initialize()
-        _set_replica_context(ReplicaContext(replica_id, uc.obj, server.config))
-        await uc.reconfigure(server.config.user_config)
+        server.set_context(uc.obj)
+        async with server._reconfigure_lock:
+            await uc.reconfigure(server.config.user_config, server.rank)
         server.callable = uc
         asgi_app = None
         if is_ingress(uc.obj):  # @serve.ingress: the ASGI app serves HTTP, bound to this instance
@@ -272,6 +308,7 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
             await server.ingress.startup()
             asgi_app = server.ingress.app
         server.http = HTTPAdapter(uc, asgi_app)
+        await _initial_health_check(uc, server.config.health_check_timeout_s)
     except BaseException as e:  # noqa: BLE001 - report the traceback to the controller
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         sys.stderr.write(tb)

@@ -172,14 +172,32 @@ class UserCallable:
                 await ret
         return True
 
-    async def reconfigure(self, user_config: Any) -> None:
-        if user_config is None:
+    async def reconfigure(self, user_config: Any, rank: Any = None) -> None:
+        """Call the user's `reconfigure(user_config)` as Ray Serve does: when a user_config is set,
+        or when `reconfigure` takes a `rank` argument (it then gets `rank=` the replica's `ReplicaRank`,
+        also with no user_config)."""
+        fn = getattr(self.obj, "reconfigure", None) if not self.is_function else None
+        wants_rank = False
+        if fn is not None:
+            try:
+                wants_rank = "rank" in inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                wants_rank = False
+        if user_config is None and not wants_rank:
             return
-        if not await self._maybe_call("reconfigure", user_config):
+        if fn is None:
             raise RayServeException(
                 f"user_config was given for deployment '{self.deployment_name}', but its class has no "
                 "`reconfigure(self, user_config)` method to receive it."
             )
+        call = functools.partial(fn, user_config, rank=rank) if wants_rank else functools.partial(fn, user_config)
+        if inspect.iscoroutinefunction(fn):
+            await call()
+            return
+        ctx = contextvars.copy_context()
+        ret = await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(ctx.run, call))
+        if inspect.isawaitable(ret):
+            await ret
 
     async def check_health(self) -> None:
         await self._maybe_call("check_health")

@@ -336,7 +336,7 @@ def test_run_until_signal(tmp_path, procs, sig, console_script):
     replicas = [p for p in tree if _is(p, "shoal.replica.server")]
     assert len(controllers) == 1, [p.cmdline() for p in tree]
     assert len(replicas) == 1, [p.cmdline() for p in tree]
-    assert len([p for p in tree if _is(p, "shoal.http.proxy")]) == 1, [p.cmdline() for p in tree]
+    assert len([p for p in tree if _is(p, "shoal.http.proxy")]) == 2, [p.cmdline() for p in tree]  # and a standby
     assert replicas[0].ppid() == controllers[0].pid
 
     # The replica's constructor output reaches the CLI's output, prefixed with app/deployment names.

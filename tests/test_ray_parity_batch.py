@@ -311,3 +311,63 @@ def test_max_num_models_per_replica_not_positive_is_a_value_error(bad):
         @serve.multiplexed(max_num_models_per_replica=bad)
         async def load(model_id: str):
             return model_id
+
+
+# --- multiplexed routing: a busy model spills onto an idle replica ---------------------------------
+
+class _Replica:
+    def __init__(self, name: str, models=(), inflight: int = 0, cap: int = 1):
+        self.replica_id, self.queue_len, self.max_ongoing_requests = name, inflight, cap
+        self.multiplexed_model_ids = set(models)
+        self.node_id = ""
+
+    def has_capacity(self) -> bool:
+        return self.queue_len < self.max_ongoing_requests
+
+
+class _ModelRequest:
+    def __init__(self, model: str, queued_for_s: float = 0.0):
+        self.multiplexed_model_id = model
+        self.queued_for_s = queued_for_s
+
+
+def _choose(replicas, model, queued_for_s=0.0):
+    from shoal.router.pow2 import PowerOfTwoChoicesRequestRouter
+
+    return PowerOfTwoChoicesRequestRouter().choose_replica(replicas, _ModelRequest(model, queued_for_s))
+
+
+def test_a_model_sticks_to_its_replica_while_it_has_room():
+    a, b, c = _Replica("a", {"1"}, cap=5), _Replica("b"), _Replica("c")
+    assert all(_choose([a, b, c], "1") is a for _ in range(50))
+
+
+def test_a_busy_model_spills_onto_the_replica_holding_the_fewest_models_at_once():
+    holder = _Replica("a", {"1"}, inflight=1)
+    idle = _Replica("b")
+    assert all(_choose([holder, idle], "1") is idle for _ in range(50))
+    # Several holders, all full: still an idle one, with the fewest models.
+    holders = [_Replica(f"h{i}", {"1", "x"}, inflight=1) for i in range(3)]
+    other, empty = _Replica("o", {"2", "3"}), _Replica("e", {"4"})
+    assert all(_choose(holders + [other, empty], "1") is empty for _ in range(50))
+
+
+def test_a_new_model_goes_to_the_replica_holding_the_fewest_models():
+    busy_with_many = _Replica("a", {"1", "2"}, cap=5)
+    few = _Replica("b", {"3"}, cap=5)
+    assert all(_choose([busy_with_many, few], "9") is few for _ in range(50))
+
+
+def test_after_the_matching_window_any_replica_with_room_takes_it():
+    from shoal.router.pow2 import MODEL_MATCH_WINDOW_S
+
+    holder = _Replica("a", {"1"}, inflight=1)          # full
+    crowded = _Replica("b", {"2", "3"}, inflight=0)    # room, but more models than the holder
+    assert _choose([holder, crowded], "1") is None     # within the window: wait for the model's tier
+    assert _choose([holder, crowded], "1", MODEL_MATCH_WINDOW_S + 0.1) is crowded
+    assert _choose([_Replica("z", inflight=1)], "1", 99.0) is None  # nothing has room: queue
+
+
+def test_requests_without_a_model_are_unaffected():
+    a, b = _Replica("a", {"1"}, inflight=1), _Replica("b", {"2"})
+    assert all(_choose([a, b], "") is b for _ in range(50))

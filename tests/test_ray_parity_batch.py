@@ -63,19 +63,25 @@ def test_generators_created_first_then_consumed_one_by_one_share_a_batch(use_cla
     assert batches == [["x1", "x2"]]
 
 
-def test_generator_errors_reach_each_caller_consumed_in_turn():
+@pytest.mark.parametrize("error", ["raise", "wrong_length"])
+def test_generator_errors_reach_each_caller_consumed_in_turn(error):
+    from shoal.exceptions import RayServeException
+
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=1000)
     async def func(xs):
         for i in range(5):
+            out = [(i, x) for x in xs]
             if i == 2:
-                raise RuntimeError("boom at 2")
-            yield [(i, x) for x in xs]
+                if error == "raise":
+                    raise RuntimeError("boom at 2")
+                yield out * 2
+            yield out
 
     async def main():
         gens = [func("a"), func("b")]
         for name, gen in zip("ab", gens):
             assert [await gen.__anext__() for _ in range(2)] == [(0, name), (1, name)]
-            with pytest.raises(RuntimeError, match="boom at 2"):
+            with pytest.raises(RuntimeError if error == "raise" else RayServeException):
                 await gen.__anext__()
             with pytest.raises(StopAsyncIteration):
                 await gen.__anext__()

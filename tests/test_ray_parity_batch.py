@@ -377,3 +377,16 @@ def test_after_the_matching_window_any_replica_with_room_takes_it():
 def test_requests_without_a_model_are_unaffected():
     a, b = _Replica("a", {"1"}, inflight=1), _Replica("b", {"2"})
     assert all(_choose([a, b], "") is b for _ in range(50))
+
+
+def test_ray_private_context_names_work():
+    from shoal import context
+
+    async def main():
+        assert serve.get_multiplexed_model_id() == ""
+        context._serve_request_context.set(context._RequestContext(multiplexed_model_id="1"))
+        assert serve.get_multiplexed_model_id() == "1"
+        assert context._get_serve_request_context().multiplexed_model_id == "1"
+        assert context._get_serve_batch_request_context() == []
+
+    run(main())

@@ -89,6 +89,9 @@ def current_batch_request_contexts() -> list:
     return list(_batch_request_context.get() or ())
 
 
-# Ray Serve's (private) names in `ray.serve.context`, which ported code and tests import.
+# Ray Serve's (private) names in `ray.serve.context`, which ported code and tests use.
+_RequestContext = RequestContext
+_serve_request_context = _request_context
+_serve_batch_request_context = _batch_request_context
 _get_serve_request_context = current_request_context
 _get_serve_batch_request_context = current_batch_request_contexts

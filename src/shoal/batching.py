@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import functools
 import inspect
 import logging
@@ -47,7 +46,6 @@ __all__ = ["batch", "get_batch_request_contexts"]
 
 logger = logging.getLogger("shoal.batching")
 _monotonic = time.monotonic  # queue times and deadlines (the loop's own clock may differ)
-
 
 
 def get_batch_request_contexts() -> list[RequestContext]:

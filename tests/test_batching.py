@@ -85,7 +85,16 @@ def test_both_forms_keep_the_function_kind_and_name():
     for f in (plain, called):
         assert inspect.iscoroutinefunction(f)
         assert f._get_max_batch_size() == 10 and f._get_batch_wait_timeout_s() == 0.01
-    assert inspect.isasyncgenfunction(gen)
+    # As in Ray Serve, a batched generator function is a plain function that queues the request when
+    # called and returns the caller's async generator.
+    assert not inspect.iscoroutinefunction(gen) and gen.__name__ == "gen"
+
+    async def items():
+        agen = gen(4)
+        assert inspect.isasyncgen(agen)
+        return [x async for x in agen]
+
+    assert run(items()) == [4]
     assert plain.__name__ == "plain" and plain.__wrapped__ is not None
     assert run(plain(3)) == 3
 
@@ -245,7 +254,7 @@ def test_exception_reaches_every_caller_and_the_queue_goes_on():
     run(main())
 
 
-@pytest.mark.parametrize("bad_result", [[1], [1, 2, 3, 4], None, 5])
+@pytest.mark.parametrize("bad_result", [[1], [1, 2, 3, 4]])
 def test_result_of_the_wrong_length_fails_every_caller(bad_result):
     @batch(max_batch_size=3, batch_wait_timeout_s=0.05)
     async def f(xs):
@@ -259,6 +268,33 @@ def test_result_of_the_wrong_length_fails_every_caller(bad_result):
     for e in errors:
         assert isinstance(e, RayServeException)
         assert "doesn't preserve batch size" in str(e)
+
+
+@pytest.mark.parametrize("bad_result", [None, 3, "abc", {1: 1, 2: 2, 3: 3}])
+def test_a_result_that_is_not_a_list_is_a_type_error(bad_result):
+    # As in Ray Serve (where taking the result's length fails): TypeError, not RayServeException.
+    @batch(max_batch_size=3, batch_wait_timeout_s=0.05)
+    async def f(xs):
+        return bad_result
+
+    @batch(max_batch_size=3, batch_wait_timeout_s=0.05)
+    async def g(xs):
+        yield bad_result
+
+    async def main():
+        unary = await asyncio.gather(*[f(i) for i in range(3)], return_exceptions=True)
+
+        async def drain(agen):
+            return [x async for x in agen]
+
+        streams = await asyncio.gather(*[drain(g(i)) for i in range(3)], return_exceptions=True)
+        return unary + streams
+
+    errors = run(main())
+    assert len(errors) == 6
+    for e in errors:
+        assert type(e) is TypeError, e
+        assert "must" in str(e) and "a list with one element per input" in str(e)
 
 
 # --- cancellation ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import httpx
@@ -56,3 +57,71 @@ def test_model_id_from_http_header(serve_app):
     assert first[1:] == ["model-h1", "h1"]
     pids = {httpx.get(url + "/", headers={"serve_multiplexed_model_id": "h1"}).json()[0] for _ in range(15)}
     assert pids == {first[0]}
+
+
+@serve.deployment
+class Gate:
+    """Callers wait here until `open` is called."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+        self.waiters = 0
+
+    async def wait(self):
+        self.waiters += 1
+        try:
+            await self.event.wait()
+        finally:
+            self.waiters -= 1
+
+    def open(self):
+        self.event.set()
+
+    def num_waiters(self):
+        return self.waiters
+
+
+@serve.deployment(num_replicas=2, max_ongoing_requests=1)
+class OneAtATime:
+    def __init__(self, gate):
+        self.gate = gate
+
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str):
+        return model_id
+
+    async def __call__(self, *args):
+        await self.get_model(serve.get_multiplexed_model_id())
+        await self.gate.wait.remote()
+        return os.getpid()
+
+
+def test_a_busy_model_spills_onto_an_idle_replica(serve_app):
+    # As in Ray Serve: the replica holding model "1" is full, so the second request for "1" goes to the
+    # idle replica (which loads it too) instead of queueing behind the first.
+    h = serve.run(OneAtATime.bind(Gate.bind())).options(multiplexed_model_id="1")
+    gate = serve.get_deployment_handle("Gate", "default")
+    first, second = h.remote(), h.remote()
+    wait_for(lambda: gate.num_waiters.remote().result() == 2, what="both requests running at once")
+    gate.open.remote().result()
+    assert first.result() != second.result()
+
+
+def test_a_busy_model_spills_over_http_too(serve_app):
+    serve.run(OneAtATime.bind(Gate.bind()))
+    gate = serve.get_deployment_handle("Gate", "default")
+    url = get_http_url() + "/"
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            calls = [asyncio.ensure_future(client.get(url, headers={"serve_multiplexed_model_id": "1"}))
+                     for _ in range(2)]
+            for _ in range(400):
+                if await gate.num_waiters.remote() == 2:
+                    break
+                await asyncio.sleep(0.05)
+            await gate.open.remote()
+            return [r.json() for r in await asyncio.gather(*calls)]
+
+    pids = asyncio.run(main())
+    assert len(set(pids)) == 2

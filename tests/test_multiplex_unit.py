@@ -134,9 +134,17 @@ def test_decorator_rejects_sync_and_wrong_arity() -> None:
         multiplexed(5)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5, 2.0, "3", None, True])
+@pytest.mark.parametrize("bad", [0, -2])
 def test_decorator_rejects_bad_max_num_models(bad: Any) -> None:
     with pytest.raises(ValueError, match=r"max_num_models_per_replica.*positive integer.*-1"):
+        @multiplexed(max_num_models_per_replica=bad)
+        async def load(model_id: str) -> str:
+            return model_id
+
+
+@pytest.mark.parametrize("bad", [1.5, 2.0, "3", None, True])
+def test_decorator_rejects_max_num_models_of_another_type(bad: Any) -> None:
+    with pytest.raises(TypeError, match=r"max_num_models_per_replica must be an integer"):
         @multiplexed(max_num_models_per_replica=bad)
         async def load(model_id: str) -> str:
             return model_id

@@ -3,7 +3,10 @@
 How a batch forms (per wrapped function, per instance for methods, per event loop):
 
 - Each call appends one request (its arguments, its request context, one future, or one stream for
-  async-generator functions) to a deque and awaits its own future. No task is made per call.
+  async-generator functions) to a deque and awaits its own future. No task is made per call. For an
+  async-generator function the request is queued when the function is *called* (the wrapper is a plain
+  function returning the caller's async generator), as in Ray Serve: callers that create several
+  generators and then consume them one after another still share one batch.
 - A runner task, started when a request arrives and none is running, takes requests from the front
   of the deque until the batch holds `max_batch_size` of them (or, with `batch_size_fn`, until the
   next one would push the summed size over `max_batch_size`: that one waits at the front for the
@@ -14,7 +17,10 @@ How a batch forms (per wrapped function, per instance for methods, per event loo
   itself, then forms the next from whatever queued up meanwhile; with more, each batch runs in its
   own task and the runner forms the next batch while a slot is free.
 - A batch whose requests asked for different multiplexed model ids runs as one call per model id
-  (in order of first appearance), each with `serve.get_multiplexed_model_id()` returning that id.
+  (started in order of first appearance, running concurrently, together counting as one batch for
+  `max_concurrent_batches`), each with `serve.get_multiplexed_model_id()` returning that id.
+- Inside the batched function the request context is empty (as in Ray Serve: the function serves many
+  requests); `get_batch_request_contexts()` gives each request's context.
 
 Arguments become per-argument lists: calls `f(x, y=z)` batch into `f([x1, x2], y=[z1, z2])`.
 """
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import functools
 import inspect
 import logging
@@ -34,17 +39,13 @@ import weakref
 from typing import Any, Callable, Optional
 
 from shoal import context as _context
-from shoal.context import RequestContext, _request_context
+from shoal.context import RequestContext, _batch_request_context, _request_context
 from shoal.exceptions import RayServeException
 
 __all__ = ["batch", "get_batch_request_contexts"]
 
 logger = logging.getLogger("shoal.batching")
 _monotonic = time.monotonic  # queue times and deadlines (the loop's own clock may differ)
-
-_batch_request_contexts: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
-    "shoal_batch_request_contexts", default=None
-)
 
 
 def get_batch_request_contexts() -> list[RequestContext]:
@@ -53,7 +54,7 @@ def get_batch_request_contexts() -> list[RequestContext]:
     Call it from inside a `@serve.batch` function: element `i` belongs to the caller whose item is
     element `i` of the argument lists.
     """
-    return list(_batch_request_contexts.get() or ())
+    return list(_batch_request_context.get() or ())
 
 
 # Ray Serve's (private) name for the same thing, so ported code keeps working.
@@ -107,14 +108,19 @@ class _Settings:
 class _Stream:
     """One caller's share of an async-generator batch: items in order, then end or an error."""
 
-    __slots__ = ("items", "waiter", "ended", "error", "closed")
+    __slots__ = ("loop", "items", "waiter", "ended", "error", "closed", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.items: collections.deque = collections.deque()
         self.waiter: Optional[asyncio.Future] = None
         self.ended = False    # the producer has no more items for this caller
         self.error: Optional[BaseException] = None
-        self.closed = False   # the caller stopped listening (cancelled, or closed its generator)
+        self.closed = False   # the caller stopped listening (cancelled, closed or dropped its generator)
+        self.owner: Any = None  # a weak reference to the caller's generator
+
+    def dropped(self, _ref: Any = None) -> None:
+        self.closed = True
 
     def done(self) -> bool:
         return self.closed or self.ended
@@ -135,6 +141,26 @@ class _Stream:
             self.ended = True
             self.error = error
             self._wake()
+
+
+async def _receive(stream: Optional[_Stream], enqueue: Optional[Callable[[], _Stream]]) -> Any:
+    """The async generator a caller of a batched generator function gets: its items, in order."""
+    if stream is None:
+        stream = enqueue()  # type: ignore[misc]
+    items = stream.items
+    try:
+        while True:
+            if items:
+                yield items.popleft()
+            elif stream.ended:
+                if stream.error is not None:
+                    raise stream.error
+                return
+            else:
+                waiter = stream.waiter = stream.loop.create_future()
+                await waiter
+    finally:
+        stream.closed = True
 
 
 def _fail(sink: Any, error: BaseException) -> None:
@@ -308,9 +334,12 @@ class _BatchQueue:
             groups: dict[str, list[tuple]] = {}
             for req in batch:
                 groups.setdefault(req[2].multiplexed_model_id, []).append(req)
-            for group in groups.values():
-                await self._run_group(group, recheck)
-                recheck = True  # later groups waited for the earlier ones
+            # One call per model id, all at once: each in its own task, so each has its own context
+            # (its model id), and a slow model does not hold up the others. Cancelling this batch
+            # cancels them all.
+            loop = self.loop
+            await asyncio.gather(*[loop.create_task(self._run_group(group, recheck))
+                                   for group in groups.values()])
         finally:
             self.active -= 1
             if self.items and self.runner is None and self.active < self.settings.max_concurrent_batches:
@@ -367,15 +396,17 @@ class _BatchQueue:
         group, args, kwargs = self._arguments(group)
         if not group:
             return
-        token = _request_context.set(group[0][2])
-        ctx_token = _batch_request_contexts.set([req[2] for req in group])
+        # The function serves many requests: its own request context is empty (as in Ray Serve), the
+        # requests' contexts are in the batch context (and get_multiplexed_model_id() reads it).
+        token = _request_context.set(RequestContext())
+        ctx_token = _batch_request_context.set([req[2] for req in group])
         try:
             if self.is_gen:
                 await self._run_generator(group, args, kwargs)
             else:
                 await self._run_function(group, args, kwargs)
         finally:
-            _batch_request_contexts.reset(ctx_token)
+            _batch_request_context.reset(ctx_token)
             _request_context.reset(token)
 
     async def _run_function(self, group: list[tuple], args: tuple, kwargs: dict) -> None:
@@ -393,10 +424,7 @@ class _BatchQueue:
                 if not fut.done():
                     fut.set_exception(e)
             return
-        n = len(futures)
-        err = self._size_error(results, n, (
-            "Batched function doesn't preserve batch size. The input list has length {n} but the returned "
-            f"value is {{got}}. '{self.name}' must return a list with one element per input."))
+        err = self._output_error(results, len(futures), False)
         if err is not None:
             for fut in futures:
                 if not fut.done():
@@ -408,19 +436,37 @@ class _BatchQueue:
             except asyncio.InvalidStateError:
                 pass  # that caller was cancelled while the batch ran
 
-    @staticmethod
-    def _size_error(out: Any, n: int, message: str) -> Optional[RayServeException]:
-        """The error every caller gets when a batch's output is not one element per input, else None.
+    def _output_error(self, out: Any, n: int, gen: bool) -> Optional[Exception]:
+        """The error every caller of a batch of `n` gets when the function's output (its return value, or
+        one yield of a generator) is not one element per input, else None.
 
-        `message` is formatted with `n` (the batch size) and `got` (a description of the output).
+        Not a sequence at all (no length; or a str, bytes or dict, whose elements are not per-input
+        results): `TypeError`, as in Ray Serve, where taking its length fails. A sequence of the wrong
+        length: `RayServeException` ("doesn't preserve batch size").
         """
-        try:
-            m = len(out)
-        except TypeError:
-            m = None
-        if m == n and not isinstance(out, (str, bytes, dict)):
-            return None
-        return RayServeException(message.format(n=n, got=_describe(out)))
+        if type(out) is list or type(out) is tuple:  # the common case first
+            if len(out) == n:
+                return None
+        else:
+            try:
+                m = len(out)
+            except TypeError:
+                m = None
+            if m is None or isinstance(out, (str, bytes, bytearray, dict)):
+                verb, did = ("yield", "yielded") if gen else ("return", "returned")
+                return TypeError(
+                    f"The batched {'generator' if gen else 'function'} '{self.name}' {did} {_describe(out)}, "
+                    f"but it must {verb} a list with one element per input (the batch has {n}).")
+            if m == n:
+                return None
+        if gen:
+            return RayServeException(
+                f"Batched generator doesn't preserve batch size. The input list has length {n} but it "
+                f"yielded {_describe(out)}. Each yield of '{self.name}' must be a list with one element "
+                "per input.")
+        return RayServeException(
+            f"Batched function doesn't preserve batch size. The input list has length {n} but the returned "
+            f"value is {_describe(out)}. '{self.name}' must return a list with one element per input.")
 
     async def _run_generator(self, group: list[tuple], args: tuple, kwargs: dict) -> None:
         streams = [req[3] for req in group]
@@ -428,9 +474,7 @@ class _BatchQueue:
         agen = self.call(*args, **kwargs)
         try:
             async for out in agen:
-                err = self._size_error(out, n, (
-                    "Batched generator doesn't preserve batch size. The input list has length {n} but it "
-                    f"yielded {{got}}. Each yield of '{self.name}' must be a list with one element per input."))
+                err = self._output_error(out, n, True)
                 if err is not None:
                     for s in streams:
                         s.end(err)
@@ -464,10 +508,12 @@ class _BatchQueue:
 
 
 def _describe(value: Any) -> str:
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
     try:
-        return f"a {type(value).__name__} of length {len(value)}"
+        return f"{article} {name} of length {len(value)}"
     except TypeError:
-        return f"a {type(value).__name__} (it has no length)"
+        return f"{article} {name} (it has no length)"
 
 
 # --- where the queues live ----------------------------------------------------------------------------
@@ -625,25 +671,24 @@ def _make_wrapper(func: Callable, settings: _Settings) -> Callable:
         return q, args
 
     if batcher.is_gen:
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def enqueue(args: tuple, kwargs: dict) -> _Stream:
             q, args = find_queue(args)
-            loop = q.loop
-            stream = _Stream()
+            stream = _Stream(q.loop)
             q.put((args, kwargs, _context._request_context.get(), stream, _monotonic()))
-            items = stream.items
+            return stream
+
+        # A plain function, not an async generator function: the request joins the queue when the
+        # function is called (as in Ray Serve), not when the caller first iterates its generator.
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                while True:
-                    if items:
-                        yield items.popleft()
-                    elif stream.ended:
-                        if stream.error is not None:
-                            raise stream.error
-                        return
-                    else:
-                        waiter = stream.waiter = loop.create_future()
-                        await waiter
-            finally:
-                stream.closed = True
+                asyncio.get_running_loop()
+            except RuntimeError:  # no event loop yet: queue on the first __anext__, on its loop
+                return _receive(None, functools.partial(enqueue, args, kwargs))
+            stream = enqueue(args, kwargs)
+            agen = _receive(stream, None)
+            # A caller that drops its generator without iterating it stops counting as a listener.
+            stream.owner = weakref.ref(agen, stream.dropped)
+            return agen
     else:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             # find_queue, inlined: this runs on every call.

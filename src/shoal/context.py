@@ -53,6 +53,11 @@ _replica_context: Optional[ReplicaContext] = None
 _request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
     "shoal_request_context", default=RequestContext()
 )
+# Inside a `@serve.batch` function: the contexts of the requests in the batch being run, one per element
+# of the argument lists (set by shoal.batching; None elsewhere). All of them ask for the same model.
+_batch_request_context: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "shoal_batch_request_context", default=None
+)
 
 
 def _set_replica_context(ctx: Optional[ReplicaContext]) -> None:
@@ -70,9 +75,29 @@ def get_replica_context() -> ReplicaContext:
 
 
 def get_multiplexed_model_id() -> str:
-    """The model id the current request asked for (`""` when none)."""
+    """The model id the current request asked for (`""` when none).
+
+    Inside a `@serve.batch` function it is the id shared by every request of the batch (batches are
+    split by model id), although the request context itself is empty there, as in Ray Serve.
+    """
+    batch = _batch_request_context.get()
+    if batch:
+        return batch[0].multiplexed_model_id
     return _request_context.get().multiplexed_model_id
 
 
 def current_request_context() -> RequestContext:
     return _request_context.get()
+
+
+def current_batch_request_contexts() -> list:
+    """The request contexts of the batch being run (inside a `@serve.batch` function), else `[]`."""
+    return list(_batch_request_context.get() or ())
+
+
+# Ray Serve's (private) names in `ray.serve.context`, which ported code and tests use.
+_RequestContext = RequestContext
+_serve_request_context = _request_context
+_serve_batch_request_context = _batch_request_context
+_get_serve_request_context = current_request_context
+_get_serve_batch_request_context = current_batch_request_contexts

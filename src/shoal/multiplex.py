@@ -339,7 +339,13 @@ class _LoaderSpec:
 
 
 def _validate_max(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (value > 0 or value == -1):
+    # As in Ray Serve: not an integer is a TypeError, an integer out of range a ValueError.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            "max_num_models_per_replica must be an integer (a positive one, or -1 for no limit); "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if not (value > 0 or value == -1):
         raise ValueError(
             "max_num_models_per_replica must be a positive integer, or -1 for no limit; "
             f"got {value!r}"

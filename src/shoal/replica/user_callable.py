@@ -27,6 +27,8 @@ def _kind_of(fn: Callable) -> int:
     target = fn.__func__ if inspect.ismethod(fn) else fn
     if inspect.isasyncgenfunction(target):
         return _ASYNC_GEN
+    if getattr(getattr(target, "_shoal_batcher", None), "is_gen", False):
+        return _ASYNC_GEN  # a `@serve.batch` generator: a plain function returning an async generator
     if inspect.isgeneratorfunction(target):
         return _SYNC_GEN
     if inspect.iscoroutinefunction(target):

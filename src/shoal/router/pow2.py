@@ -2,8 +2,14 @@
 
 Two random probes give almost the balance of "least loaded" at constant cost, and avoid the herd
 effect of every caller choosing the same minimum. On a cluster, a tie goes to the replica on the
-caller's own node. Multiplexed requests go to a replica that
-already holds their model; a model nobody holds goes to the replica holding the fewest models.
+caller's own node.
+
+Multiplexed requests (as in Ray Serve), tier by tier, power of two choices within a tier:
+1. the replicas that hold (or are loading) the request's model;
+2. when none does, or all of them are full: the replicas holding the fewest models, so a busy
+   model spills onto an idle replica at once instead of queueing behind its holders;
+3. when those are full too and the request has waited `MODEL_MATCH_WINDOW_S` in the queue: any
+   replica with room (the router re-runs its queue when that window ends).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Any, Optional, Sequence
 from shoal import common as _common
 from shoal.router.base import ReplicaView, RequestRouter
 
-# How long a multiplexed request waits for a replica that holds its model before taking any.
+# How long a multiplexed request waits for a replica that holds its model, or holds the fewest models,
+# before taking any replica with room (Ray Serve's RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S).
 MODEL_MATCH_WINDOW_S = 1.0
 
 
@@ -45,17 +52,25 @@ def pick_two(candidates: Sequence[ReplicaView]) -> Optional[ReplicaView]:
     return best
 
 
+def pick_for_model(candidates: Sequence[ReplicaView], model: str, request: Any) -> Optional[ReplicaView]:
+    """The replica for a request of multiplexed model `model` (the tiers are in the module's docstring)."""
+    if not candidates:
+        return None
+    holders = [c for c in candidates if model in c.multiplexed_model_ids]
+    if holders:
+        chosen = pick_two(holders)
+        if chosen is not None:
+            return chosen
+    fewest = min(len(c.multiplexed_model_ids) for c in candidates)
+    chosen = pick_two([c for c in candidates if len(c.multiplexed_model_ids) == fewest])
+    if chosen is not None or getattr(request, "queued_for_s", 0.0) < MODEL_MATCH_WINDOW_S:
+        return chosen
+    return pick_two(candidates)
+
+
 class PowerOfTwoChoicesRequestRouter(RequestRouter):
     def choose_replica(self, candidates: Sequence[ReplicaView], request: Any) -> Optional[ReplicaView]:
         model = getattr(request, "multiplexed_model_id", "")
         if not model:
             return pick_two(candidates)
-        holders = [c for c in candidates if model in c.multiplexed_model_ids]
-        if holders:
-            chosen = pick_two(holders)
-            if chosen is not None or getattr(request, "queued_for_s", 0.0) < MODEL_MATCH_WINDOW_S:
-                return chosen  # wait briefly for a replica that has the model
-        fewest = min((len(c.multiplexed_model_ids) for c in candidates if c.has_capacity()), default=None)
-        if fewest is None:
-            return None
-        return pick_two([c for c in candidates if len(c.multiplexed_model_ids) == fewest])
+        return pick_for_model(candidates, model, request)

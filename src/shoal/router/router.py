@@ -312,7 +312,13 @@ class Router:
                 continue
             entry = self.policy.choose_replica(self.ready, resp)
             if entry is None:
-                if not resp.multiplexed_model_id or skipped >= 16 or not any(e.has_capacity() for e in self.ready):
+                if not resp.multiplexed_model_id or not any(e.has_capacity() for e in self.ready):
+                    return
+                # Held back for its model while some replica has room: look again when its wait for the
+                # model's replicas ends (the timer may not run yet: it was queued before any replica was).
+                if self._rematch_timer is None:
+                    self._schedule_rematch()
+                if skipped >= 16:
                     return
                 skipped += 1
                 continue

@@ -172,9 +172,7 @@ class ReplicaServer:
         router may safely send elsewhere any request with a higher id that a lost connection leaves
         unanswered (see router.py). The connections are closed, their replies written, before exit.
         """
-        self.stopping = True
-        for c in self.conns:
-            c.notify("draining", max(c.tasks, default=0))
+        self._drain()
         await asyncio.sleep(min(wait_loop_s, 0.05) if self.ongoing == 0 else 0)
         await self.idle.wait()
         await self._teardown()
@@ -190,7 +188,7 @@ class ReplicaServer:
         fail the requests in flight with `ReplicaOutOfMemoryError(message)` and take no new ones."""
         from shoal.exceptions import ReplicaOutOfMemoryError
 
-        self.stopping = True
+        self._drain()  # what callers sent and this replica never ran goes elsewhere, not lost with it
         self.abort_error = ReplicaOutOfMemoryError(message)
         tasks = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "cr_code", None) is _HANDLE_CODE]
         for t in tasks:
@@ -198,6 +196,13 @@ class ReplicaServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0)  # let the error replies' writes go out before this reply
         return len(tasks)
+
+    def _drain(self) -> None:
+        """Take no new request, and tell every caller so: each data connection gets a `draining`
+        notice naming the highest request id running on it (see `rpc_graceful_shutdown`)."""
+        self.stopping = True
+        for c in self.conns:
+            c.notify("draining", max(c.tasks, default=0))
 
     async def _teardown(self) -> None:
         if self.ingress is not None:

@@ -73,7 +73,11 @@ class AdminClient:
             info = instance.read_info(self.instance_dir) if self.instance_dir else None
             if info is None or not (instance.restarting(info) or info.pid != self.info.pid):
                 raise AdminError([f"cannot reach the instance's admin API at {self.info.admin_url}: {e}"]) from None
-            self.info = info  # it died under this call: every admin call is safe to repeat on the new one
+            if method != "GET" and not isinstance(e, httpx.ConnectError):
+                # It died while handling a change: repeating it blindly could repeat what killed it.
+                raise AdminError([f"the shoal controller died while handling this request and is being "
+                                  f"restarted; check `shoal status`, then run the command again."]) from None
+            self.info = info  # not sent, or a read: safe to repeat on the new controller
             if instance.restarting(info):
                 self._wait_for_restart()
             else:

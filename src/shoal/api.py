@@ -100,6 +100,20 @@ def _validate_route_prefix(route_prefix: Optional[str]) -> None:
         raise ValueError(f"Invalid route_prefix {route_prefix!r}: it must not contain wildcards ('{{' or '}}').")
 
 
+def _with_prepared_policy(config: Any, where: str) -> Any:
+    """The config with its custom autoscaling policy imported and pickled for the controller."""
+    auto = config.autoscaling_config
+    if auto is None or auto.policy is None:
+        return config
+    try:
+        policy = auto.policy.prepared()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if policy is auto.policy:
+        return config
+    return config.model_copy(update={"autoscaling_config": auto.model_copy(update={"policy": policy})})
+
+
 def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) -> ApplicationSpec:
     """Walk the bound graph: one spec per deployment, nested applications replaced by handles."""
     specs: dict[str, DeploymentSpec] = {}
@@ -143,7 +157,8 @@ def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) 
         specs[d.name] = DeploymentSpec(
             name=d.name, serialized_def=serialized_def,
             serialized_init_args=ser.dumps_call_args(tuple(args), kwargs, f"the constructor of {where}"),
-            config=d.config, user_configured_options=d._user_configured, python_path=tuple(sys.path),
+            config=_with_prepared_policy(d.config, where), user_configured_options=d._user_configured,
+            python_path=tuple(sys.path),
         )
 
     visit(target)

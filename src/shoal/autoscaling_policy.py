@@ -128,7 +128,7 @@ def _cold_start(ctx: AutoscalingContext) -> Optional[int]:
 def _finish(desired: Any, ctx: AutoscalingContext, delay: dict) -> int:
     if isinstance(desired, bool) or not isinstance(desired, (int, float)):
         raise TypeError(f"an autoscaling policy must return (number of replicas, policy_state), "
-                        f"got {type(desired).__name__} as the number of replicas")
+                        f"got {desired!r} ({type(desired).__name__}) as the number of replicas")
     scaled = _apply_factors(desired, ctx.current_num_replicas, ctx.config)
     if ctx.current_num_replicas == 0 and scaled > 0:
         return scaled

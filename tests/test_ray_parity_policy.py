@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import sys
 import textwrap
 import time
@@ -72,10 +73,24 @@ def test_policy_accepts_a_path_a_function_or_a_class():
     assert isinstance(cls, type) and cls(**ready.policy_kwargs)(SimpleNamespace(policy_state={})) == (3, {"calls": 1})
     fn = AutoscalingPolicy(policy_function=routers_for_tests.two_replicas_policy).prepared()
     assert fn.policy_function == "routers_for_tests.two_replicas_policy"
+    assert pickle.loads(pickle.dumps(ready)).get_serialized_policy_def() == ready.get_serialized_policy_def()
     with pytest.raises(ValueError, match="JSON-serializable"):
         AutoscalingPolicy(policy_function="m:f", policy_kwargs={"x": object()})
     with pytest.raises(ValueError, match="could not be imported"):
         AutoscalingPolicy(policy_function="no_such_module_xyz:f").prepared()
+
+
+def test_config_files_take_an_application_level_policy():
+    from shoal.schema import ConfigError, parse_config
+
+    app = {"import_path": "a:b", "autoscaling_policy": {"policy_function": "m:f", "policy_kwargs": {"x": 1}}}
+    schema = parse_config({"applications": [app]}, "c.yaml")
+    assert schema.applications[0].autoscaling_policy == {"policy_function": "m:f", "policy_kwargs": {"x": 1}}
+    assert not schema.config_warnings  # no longer "not supported, ignored"
+    with pytest.raises(ConfigError, match=r"applications\[0\]\.autoscaling_policy\.policy_function"):
+        parse_config({"applications": [{"import_path": "a:b", "autoscaling_policy": {"policy_function": "f"}}]})
+    assert RequestRouterConfig(request_router_class=routers_for_tests.LowestIdRayRouter).request_router_class \
+        == "routers_for_tests:LowestIdRayRouter"  # a class is accepted, as in Ray
 
 
 def test_policy_module_travels_by_value(tmp_path):
@@ -304,12 +319,11 @@ def test_a_ray_style_router_routes_handle_and_http_requests(serve_app):
         return await asyncio.gather(*[h.remote() for _ in range(30)])
 
     assert len(set(asyncio.run(concurrently()))) >= 1
-    routed = [e for e in routers_for_tests.EVENTS if e[0] == "routed"]
-    completed = [e for e in routers_for_tests.EVENTS if e[0] == "completed"]
-    assert len(routed) == 50 and {e[1] for e in routed} == {"t1"}  # initialize_state got the kwargs
-    wait_for(lambda: len([e for e in routers_for_tests.EVENTS if e[0] == "completed"]) == 50,
+    routed = {e[2] for e in routers_for_tests.EVENTS if e[0] == "routed"}
+    assert len(routed) == 50  # on_request_routed for every request (a rejected one is routed again)
+    assert {e[1] for e in routers_for_tests.EVENTS} == {"t1"}  # initialize_state got request_router_kwargs
+    wait_for(lambda: {e[2] for e in routers_for_tests.EVENTS if e[0] == "completed"} == routed,
              what="on_request_completed for every request")
-    assert {e[2] for e in completed} <= {e[2] for e in routed}
     url = get_http_url()
     assert {httpx.get(url + "/").json() for _ in range(5)} == {pids[0]}  # the proxy uses it too
 

@@ -323,6 +323,12 @@ class Controller(RpcHandler):
             else:
                 ds.set_spec(dspec)
         app.deployment_names = new_names
+        if app.autoscaler is not None:
+            for dspec in spec.deployments:
+                auto = dspec.config.autoscaling_config
+                if auto is not None and auto.policy is not None and not auto.policy.is_default_policy_function():
+                    logger.warning("deployment %s has its own autoscaling policy and application '%s' one: the "
+                                   "application's takes precedence", DeploymentID(dspec.name, spec.name), spec.name)
         self._publish_routes()
         self.status_changed()
         self.save_checkpoint()  # before the caller hears "deployed": a restart must not forget it

@@ -105,3 +105,11 @@ def by_queue_depth_metric(ctx):
 
 def always_fails(ctx):
     raise RuntimeError("this policy always fails")
+
+
+class BadKwargsRayRouter(RayRequestRouter):
+    def initialize_state(self, **kwargs) -> None:
+        raise RuntimeError(f"unexpected request_router_kwargs {sorted(kwargs)}")
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        return [candidate_replicas]

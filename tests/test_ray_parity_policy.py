@@ -373,9 +373,12 @@ def test_multiplexed_requests_stick_with_rays_mixins(serve_app):
 
 
 @pytest.mark.parametrize("router, error", [("routers_for_tests:RaisingRayRouter", ValueError),
-                                           ("routers_for_tests:RaisingShoalRouter", LookupError)])
+                                           ("routers_for_tests:RaisingShoalRouter", LookupError),
+                                           ("routers_for_tests:BadKwargsRayRouter", RuntimeError)])
 def test_a_router_that_raises_fails_the_request_with_its_error(serve_app, router, error):
-    h = serve.run(Pid.options(num_replicas=1, request_router_config={"request_router_class": router}).bind())
+    kwargs = {"x": 1} if "BadKwargs" in router else {}  # its initialize_state raises
+    h = serve.run(Pid.options(num_replicas=1, request_router_config={
+        "request_router_class": router, "request_router_kwargs": kwargs}).bind())
     with pytest.raises(error):
         h.remote().result(timeout_s=30)
 
@@ -384,3 +387,9 @@ def test_a_router_that_raises_fails_the_request_with_its_error(serve_app, router
 
     assert all(isinstance(r, error) for r in asyncio.run(asyncio.wait_for(many(), 30)))
     assert httpx.get(get_http_url() + "/", timeout=30).status_code == 500
+
+
+def test_a_router_class_that_cannot_be_imported_fails_the_deploy(serve_app):
+    app = Pid.options(request_router_config={"request_router_class": "no_such_module_xyz:Router"}).bind()
+    with pytest.raises(ValueError, match="no_such_module_xyz"):
+        serve.run(app)

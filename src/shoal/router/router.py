@@ -163,6 +163,16 @@ class _Call:
         ))
 
 
+class _FailingPolicy(RequestRouter):
+    """The deployment's router class could not be imported or constructed: every request fails with why."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def choose_replica(self, candidates, request):
+        raise self.error
+
+
 class Router:
     def __init__(self, deployment_id: DeploymentID, loop: asyncio.AbstractEventLoop):
         self.deployment_id = deployment_id
@@ -419,10 +429,10 @@ class Router:
                 from shoal.request_router import RayRouterDriver
 
                 self.policy = self._async_policy = RayRouterDriver(self, cls, dict(kwargs), backoff)
-        except Exception as e:  # noqa: BLE001 - a bad policy must not take the deployment down
-            logger.error("could not load request router %s for %s (%r); using power of two choices",
+        except Exception as e:  # noqa: BLE001 - requests fail with the error, as in Ray, instead of hanging
+            logger.error("could not load request router %s for %s: %r; its requests fail with this error",
                          class_path, self.deployment_id, e)
-            self.policy = PowerOfTwoChoicesRequestRouter()
+            self.policy = _FailingPolicy(e)
         cls = type(self.policy)
         self._policy_hooks = self._async_policy is None and (
             cls.on_request_routed is not RequestRouter.on_request_routed

@@ -144,7 +144,7 @@ def test_a_failing_policy_keeps_the_count_and_logs_each_error_once(caplog):
     def broken(ctx):
         state["n"] += 1
         if state["n"] <= 25:
-            raise RuntimeError("metrics backend unreachable")
+            raise RuntimeError(f"metrics backend unreachable after {state['n'] * 0.1:.1f} s")
         return "three", {}
 
     cfg = AutoscalingConfig(min_replicas=1, max_replicas=5, upscale_delay_s=0,
@@ -393,3 +393,21 @@ def test_a_router_class_that_cannot_be_imported_fails_the_deploy(serve_app):
     app = Pid.options(request_router_config={"request_router_class": "no_such_module_xyz:Router"}).bind()
     with pytest.raises(ValueError, match="no_such_module_xyz"):
         serve.run(app)
+
+
+def test_a_ray_style_router_moves_on_when_its_replica_dies(serve_app):
+    import signal
+
+    h = serve.run(Pid.options(num_replicas=2, request_router_config={
+        "request_router_class": "routers_for_tests:LowestIdRayRouter"}).bind())
+    first = h.remote().result()
+    os.kill(first, signal.SIGKILL)
+
+    def other_replica_answers():
+        try:
+            return h.remote().result(timeout_s=30) != first
+        except serve.ReplicaDiedError:
+            return False  # sent before the loss was noticed: fails, never re-sent
+
+    wait_for(other_replica_answers, timeout=60, what="a request served by the surviving replica")
+    assert all(h.remote().result(timeout_s=30) != first for _ in range(10))

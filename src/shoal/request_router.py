@@ -166,7 +166,8 @@ class RunningReplica:
     def has_capacity(self) -> bool:
         """Room for one more request from this caller, and not shutting down (shoal)."""
         e = self._entry
-        return e.has_capacity() and not e.draining and e.last_accepted is None and e.conn is not None
+        return (e.has_capacity() and not e.draining and e.last_accepted is None and e.conn is not None
+                and not e.conn.closed)
 
     def __repr__(self) -> str:
         rid = self.replica_id
@@ -390,6 +391,7 @@ class RequestRouter(ABC):
         self._lazily_constructed_replicas_updated_event: Optional[asyncio.Event] = None
         self._lazily_fetched_loop: Optional[asyncio.AbstractEventLoop] = None
         self._room_event: Optional[asyncio.Event] = None  # shoal: set when room may have freed up
+        self._refresh: Optional[Callable[[], None]] = None  # shoal: brings `_replicas` up to date
 
     # --- configuration ------------------------------------------------------------------------
     def initialize_state(self, **kwargs: Any) -> None:
@@ -545,6 +547,8 @@ class RequestRouter(ABC):
         retried = False
         no_backoff = 0
         while True:
+            if self._refresh is not None:
+                self._refresh()
             while not self._replicas:
                 self._replicas_updated_event.clear()
                 await self._replicas_updated_event.wait()
@@ -608,6 +612,7 @@ class RayRouterDriver(_ShoalPolicy):
             prefer_local_node_routing=False, prefer_local_az_routing=False, self_availability_zone=None,
             **options)
         self.impl.initialize_state(**kwargs)
+        self.impl._refresh = self._sync_replicas
         self.fifo = isinstance(self.impl, FIFOMixin)
         self.tasks: Dict[Any, asyncio.Task] = {}
         self.requests: Dict[Any, PendingRequest] = {}

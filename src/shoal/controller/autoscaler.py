@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
@@ -69,14 +70,20 @@ class ErrorLog:
         self.seen: set[str] = set()
 
     def report(self, what: str, exc: BaseException, keeping: str) -> None:
-        key = f"{type(exc).__name__}: {exc}"
+        # Distinct: another type, another place it was raised, or another message (numbers aside, so a
+        # message quoting a time or a count does not make every tick's error a new one).
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        site = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        key = f"{type(exc).__name__}@{site}: {re.sub(r'[0-9.]+', '#', str(exc))}"
         if key in self.seen:
             return
         if len(self.seen) >= _MAX_REMEMBERED_ERRORS:
             self.seen.clear()
         self.seen.add(key)
-        logger.error("autoscaling policy of %s failed; keeping %s (this error is logged once): %s",
-                     what, keeping, key, exc_info=(type(exc), exc, exc.__traceback__))
+        logger.error("autoscaling policy of %s failed; keeping %s (this error is logged once): %s: %s",
+                     what, keeping, type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
 
 
 def _aggregate(points: list[tuple[float, float]], how: str, now: float) -> float:

@@ -633,9 +633,7 @@ class RayRouterDriver(_ShoalPolicy):
     def forget(self, resp: Any) -> None:
         """`resp` left the queue without this driver (cancelled): stop routing it."""
         task = self.tasks.pop(resp, None)
-        pr = self.requests.pop(resp, None)
-        if pr is not None and not pr.future.done():
-            pr.future.cancel()
+        self._done_routing(resp)
         if task is not None:
             task.cancel()
 
@@ -713,6 +711,15 @@ class RayRouterDriver(_ShoalPolicy):
             impl._pending_requests_to_fulfill.remove(pr)
         except ValueError:
             pass
+        model = pr.metadata.multiplexed_model_id
+        by_model = impl._pending_requests_by_model_id.get(model) if model else None
+        if by_model is not None:
+            try:
+                by_model.remove(pr)
+            except ValueError:
+                pass
+            if not by_model:
+                del impl._pending_requests_by_model_id[model]
         if not pr.future.done():
             pr.future.cancel()
 

@@ -18,6 +18,7 @@ read, so when such a connection is lost those still unanswered are sent to anoth
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import deque
@@ -170,7 +171,11 @@ class _FailingPolicy(RequestRouter):
         self.error = error
 
     def choose_replica(self, candidates, request):
-        raise self.error
+        try:
+            error = copy.copy(self.error)  # each request its own exception (tracebacks would pile up)
+        except Exception:  # noqa: BLE001
+            error = self.error
+        raise error.with_traceback(None)
 
 
 class Router:

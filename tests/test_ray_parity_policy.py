@@ -71,7 +71,9 @@ def test_policy_accepts_a_path_a_function_or_a_class():
     assert ready.policy_function == "routers_for_tests:ScaleTo" and ready.get_serialized_policy_def()
     cls = ready.get_policy()  # a class: the controller instantiates it once with policy_kwargs
     assert isinstance(cls, type) and cls(**ready.policy_kwargs)(SimpleNamespace(policy_state={})) == (3, {"calls": 1})
-    fn = AutoscalingPolicy(policy_function=routers_for_tests.two_replicas_policy).prepared()
+    by_object = AutoscalingPolicy(policy_function=routers_for_tests.two_replicas_policy)
+    assert by_object.model_dump(mode="json")["policy_function"] == "routers_for_tests.two_replicas_policy"
+    fn = by_object.prepared()
     assert fn.policy_function == "routers_for_tests.two_replicas_policy"
     assert pickle.loads(pickle.dumps(ready)).get_serialized_policy_def() == ready.get_serialized_policy_def()
     with pytest.raises(ValueError, match="JSON-serializable"):

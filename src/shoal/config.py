@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any, Callable, Dict, List, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+                      field_serializer, field_validator, model_validator)
 
 from shoal.common import DeploymentID, ReplicaID  # DeploymentID: Ray's `ray.serve.config` exports it too
 
@@ -70,6 +70,11 @@ def pickle_by_value(obj: Any) -> bytes:
             cloudpickle.unregister_pickle_by_value(module)
 
 
+def _callable_path(fn: Any) -> str:
+    """`module.QualName`, the form Ray gives a policy passed as a function or class."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', '?'))}"
+
+
 class AutoscalingPolicy(_Strict):
     """Which policy decides a deployment's (or, in a config file, an application's) replica count.
 
@@ -94,6 +99,11 @@ class AutoscalingPolicy(_Strict):
         elif not callable(v):
             raise ValueError("policy_function must be an import path, a function or a class.")
         return v
+
+    @field_serializer("policy_function", when_used="json")
+    def _function_as_path(self, v: Any) -> str:
+        """In a config file (`shoal build`), a function or class is written as its import path."""
+        return v if isinstance(v, str) else _callable_path(v)
 
     @field_validator("policy_kwargs")
     @classmethod
@@ -135,7 +145,7 @@ class AutoscalingPolicy(_Strict):
                 raise ValueError(f"autoscaling policy_function '{self.policy_function}' is not callable.")
             path = self.policy_function
         else:
-            path = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', '?'))}"
+            path = _callable_path(fn)
         try:
             data = pickle_by_value(fn)
         except Exception as e:  # noqa: BLE001

@@ -63,7 +63,8 @@ def test_scale_from_zero_serves_waiting_requests(serve_app):
 
 
 def test_custom_policy_from_import_path(serve_app):
-    @serve.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 4,
+    # As in Ray, a custom policy's answer waits for the deployment's upscale_delay_s (30 s by default).
+    @serve.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 0,
                                           "policy": {"policy_function": "routers_for_tests:two_replicas_policy"}})
     class Custom:
         def __call__(self):

@@ -18,6 +18,7 @@ from shoal.controller.specs import ApplicationSpec, DeploymentSpec
 from shoal.deployment import Application, Deployment, deployment_names
 from shoal.exceptions import DeployFailedError, RayServeException
 from shoal.handle import DeploymentHandle
+from shoal.router.base import load_router_class
 from shoal.status import ApplicationStatus, ServeStatus
 from shoal.transport import serialization as ser
 
@@ -101,6 +102,23 @@ def _validate_route_prefix(route_prefix: Optional[str]) -> None:
         raise ValueError(f"Invalid route_prefix {route_prefix!r}: it must not contain wildcards ('{{' or '}}').")
 
 
+DEFAULT_ROUTER_CLASS = "shoal.router.pow2:PowerOfTwoChoicesRequestRouter"
+
+
+def _with_prepared_policy(config: Any, where: str) -> Any:
+    """The config with its custom autoscaling policy imported and pickled for the controller."""
+    auto = config.autoscaling_config
+    if auto is None or auto.policy is None:
+        return config
+    try:
+        policy = auto.policy.prepared()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if policy is auto.policy:
+        return config
+    return config.model_copy(update={"autoscaling_config": auto.model_copy(update={"policy": policy})})
+
+
 def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) -> ApplicationSpec:
     """Walk the bound graph: one spec per deployment, nested applications replaced by handles."""
     specs: dict[str, DeploymentSpec] = {}
@@ -133,10 +151,18 @@ def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) 
             serialized_def = ser.dumps_callable(d.func_or_class)
         except Exception as e:  # noqa: BLE001
             raise TypeError(f"Could not serialize the code of {where}: {e}") from e
+        router_class = d.config.request_router_config.request_router_class
+        if router_class != DEFAULT_ROUTER_CLASS:
+            try:  # as in Ray, a router class that cannot be imported fails the deploy, not each request
+                load_router_class(router_class)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{where}: request_router_class '{router_class}' could not be loaded: "
+                                 f"{type(e).__name__}: {e}") from None
         specs[dname] = DeploymentSpec(
             name=dname, serialized_def=serialized_def,
             serialized_init_args=ser.dumps_call_args(tuple(args), kwargs, f"the constructor of {where}"),
-            config=d.config, user_configured_options=d._user_configured, python_path=tuple(sys.path),
+            config=_with_prepared_policy(d.config, where), user_configured_options=d._user_configured,
+            python_path=tuple(sys.path),
         )
 
     visit(target)

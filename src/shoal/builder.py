@@ -79,7 +79,12 @@ def build_specs(schema: ServeDeploySchema, app_dir: Optional[str] = None, source
         if on_step is not None:
             on_step(i, "prepare")
         try:
-            specs.append(build_app_spec(app, app_schema.name, app_schema.route_prefix))
+            spec = build_app_spec(app, app_schema.name, app_schema.route_prefix)
+            if app_schema.autoscaling_policy is not None:
+                from shoal.config import AutoscalingPolicy
+
+                spec.autoscaling_policy = AutoscalingPolicy.model_validate(app_schema.autoscaling_policy).prepared()
+            specs.append(spec)
         except Exception as e:  # noqa: BLE001 - e.g. code that cannot be pickled
             raise ConfigError(f"application '{app_schema.name}': {e}", source) from None
     add_fingerprints(specs)

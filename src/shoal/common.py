@@ -78,3 +78,5 @@ class DeploymentTargets:
     backpressure_retry_after_s: Optional[float] = None
     request_router_class: str = "shoal.router.pow2:PowerOfTwoChoicesRequestRouter"
     request_router_kwargs: tuple = ()  # sorted (name, value) pairs
+    # (initial_backoff_s, backoff_multiplier, max_backoff_s) for Ray-style routers; () for the defaults
+    request_router_backoff: tuple = ()

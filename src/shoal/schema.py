@@ -352,7 +352,16 @@ class ServeApplicationSchema(_SchemaModel):
     args: Dict[str, Any] = Field(default_factory=dict)
     logging_config: Optional[LoggingConfig] = None
     external_scaler_enabled: bool = False
+    # Application-level autoscaling policy ({"policy_function": ..., "policy_kwargs": {...}}): one policy
+    # decides for every autoscaling deployment of the application (their own policies are not used).
     autoscaling_policy: Optional[Dict[str, Any]] = None
+
+    @field_validator("autoscaling_policy", mode="before")
+    @classmethod
+    def _policy_to_dict(cls, v: Any) -> Any:
+        from shoal.config import AutoscalingPolicy
+
+        return v.model_dump() if isinstance(v, AutoscalingPolicy) else v
     deployments: List[DeploymentSchema] = Field(default_factory=list)  # type: ignore[valid-type]
 
     @model_validator(mode="before")
@@ -415,8 +424,15 @@ class ServeApplicationSchema(_SchemaModel):
         if self.runtime_env:
             self._warnings.append("runtime_env: ignored (shoal runs replicas in the current Python environment)")
         if self.autoscaling_policy is not None:
-            self._warnings.append("autoscaling_policy: application-level autoscaling policies are not "
-                                  "supported, ignored")
+            from shoal.config import AutoscalingPolicy
+
+            try:
+                AutoscalingPolicy.model_validate(self.autoscaling_policy)
+            except ValidationError as e:
+                first = e.errors()[0]
+                field = tuple(first["loc"]) or ("policy_function",)
+                raise _FieldError(("autoscaling_policy",) + field, first["msg"].removeprefix("Value error, "),
+                                  first.get("input") if _scalar(first.get("input")) else _NOTHING) from None
         for i, d in enumerate(self.deployments):
             self._warnings.extend(f"deployments[{i}].{w}" for w in d.config_warnings)
         return self

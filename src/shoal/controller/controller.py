@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from shoal.common import CONTROL_LOOP_INTERVAL_S, DeploymentID, DeploymentTargets
 from shoal.controller import checkpoint
-from shoal.controller.autoscaler import LoadReports
+from shoal.controller.autoscaler import ApplicationAutoscaler, LoadReports
 from shoal.controller.deployment_state import DeploymentState, ReplicaRecord
 from shoal.controller.proxy_state import ProxyManager
 from shoal.http.routes import Route
@@ -65,6 +65,18 @@ class ApplicationState:
         self.deployment_names: set[str] = set()
         # The app's entry of the config file it was deployed from (None: deployed by `serve.run`).
         self.config: Optional[dict] = None
+        self.autoscaler: Optional[ApplicationAutoscaler] = None
+        self.set_autoscaling_policy(spec)
+
+    def set_autoscaling_policy(self, spec: ApplicationSpec) -> None:
+        """The application-level policy of a config file's `autoscaling_policy`, if any."""
+        policy = getattr(spec, "autoscaling_policy", None)
+        if policy is None:
+            self.autoscaler = None
+        elif self.autoscaler is None:
+            self.autoscaler = ApplicationAutoscaler(spec.name, policy)
+        else:
+            self.autoscaler.configure(policy)
 
 
 class Controller(RpcHandler):
@@ -131,6 +143,7 @@ class Controller(RpcHandler):
 
     def reconcile(self) -> None:
         self.proxies.reconcile(self.shutting_down)
+        self._autoscale_apps()
         for ds in list(self.deployments.values()):
             ds.reconcile()
             if ds.is_gone():
@@ -155,6 +168,21 @@ class Controller(RpcHandler):
                     fut.set_result(None)
             self._status_waiters.clear()
         self.save_checkpoint()
+
+    def app_autoscaled(self, app_name: str) -> bool:
+        """Whether an application-level policy scales this application's deployments."""
+        app = self.apps.get(app_name)
+        return app is not None and app.autoscaler is not None and not app.deleting
+
+    def _autoscale_apps(self) -> None:
+        for app in self.apps.values():
+            if app.autoscaler is None or app.deleting:
+                continue
+            states = [self.deployments.get(DeploymentID(n, app.spec.name)) for n in sorted(app.deployment_names)]
+            scaled = [ds for ds in states if ds is not None and ds.autoscaler is not None and not ds.deleting]
+            if scaled:
+                for dep_id, desired in app.autoscaler.decide(scaled).items():
+                    self.deployments[dep_id].set_autoscale_target(desired)
 
     # --- checkpoint and recovery (controller/checkpoint.py) -------------------------------------
     def save_checkpoint(self) -> None:
@@ -296,6 +324,7 @@ class Controller(RpcHandler):
             app.spec = spec
             app.last_deployed_time_s = time.time()
             app.status = ApplicationStatus.DEPLOYING
+            app.set_autoscaling_policy(spec)
         app.config = config
         new_names = {d.name for d in spec.deployments}
         for old_name in app.deployment_names - new_names:
@@ -310,6 +339,12 @@ class Controller(RpcHandler):
             else:
                 ds.set_spec(dspec)
         app.deployment_names = new_names
+        if app.autoscaler is not None:
+            for dspec in spec.deployments:
+                auto = dspec.config.autoscaling_config
+                if auto is not None and auto.policy is not None and not auto.policy.is_default_policy_function():
+                    logger.warning("deployment %s has its own autoscaling policy and application '%s' one: the "
+                                   "application's takes precedence", DeploymentID(dspec.name, spec.name), spec.name)
         self._publish_routes()
         self.status_changed()
         self.save_checkpoint()  # before the caller hears "deployed": a restart must not forget it
@@ -396,6 +431,14 @@ class Controller(RpcHandler):
             ds = self.deployments.get(rec.replica_id.deployment_id)
             if ds is not None:
                 ds.publish_if_changed()
+
+    def notify_autoscaling_stats(self, conn: Connection, payload: tuple) -> None:
+        """What a replica's `record_autoscaling_stats()` returned (custom autoscaling metrics)."""
+        unique_id, values = payload
+        rec = self.replicas_by_uid.get(unique_id)
+        ds = self.deployments.get(rec.replica_id.deployment_id) if rec is not None else None
+        if ds is not None and ds.autoscaler is not None:
+            ds.autoscaler.metrics.record(rec.replica_id, values, time.time())  # type: ignore[union-attr]
 
     def notify_routes_ack(self, conn: Connection, version: int) -> None:
         self.proxies.acked(conn, version)

@@ -104,7 +104,7 @@ class DeploymentState:
         if cfg.autoscaling_config is not None:
             a = cfg.autoscaling_config
             if self.autoscaler is None:
-                self.autoscaler = DeploymentAutoscaler(a)
+                self.autoscaler = DeploymentAutoscaler(self.id, a)
             else:
                 self.autoscaler.configure(a)
             if old is None:
@@ -152,7 +152,9 @@ class DeploymentState:
                                  backpressure_status_code=cfg.backpressure_config.status_code,
                                  backpressure_retry_after_s=cfg.backpressure_config.retry_after_s,
                                  request_router_class=rc.request_router_class,
-                                 request_router_kwargs=tuple(sorted(rc.request_router_kwargs.items())))
+                                 request_router_kwargs=tuple(sorted(rc.request_router_kwargs.items())),
+                                 request_router_backoff=(rc.initial_backoff_s, rc.backoff_multiplier,
+                                                         rc.max_backoff_s))
 
     def publish_if_changed(self) -> None:
         key = (tuple((r.replica_id.unique_id, r.multiplexed_model_ids) for r in self.running_infos()),
@@ -431,12 +433,21 @@ class DeploymentState:
         if self.autoscaler is None or self.deleting:
             return
         queued, total = self.controller.load_reports.totals(self.id)
-        running = len(self._running())
-        desired = self.autoscaler.decide(self.id.name, self.id.app_name, running, self.target, queued, total)
-        if desired != self.target:
+        self.autoscaler.observe(queued, total)
+        if self.controller.app_autoscaled(self.id.app_name):
+            return  # the application's policy decides (Controller._autoscale_apps)
+        self.set_autoscale_target(self.autoscaler.decide(self.running_ids(), self.target))
+
+    def running_ids(self) -> list[ReplicaID]:
+        return [r.replica_id for r in self._running()]
+
+    def set_autoscale_target(self, desired: int) -> None:
+        if desired != self.target and not self.deleting:
             logger.info("autoscaling %s from %d to %d replicas (%.1f requests queued or running)",
-                        self.id, self.target, desired, total)
+                        self.id, self.target, desired, self.controller.load_reports.totals(self.id)[1])
             up = desired > self.target
+            if self.autoscaler is not None:
+                self.autoscaler.scaled(self.target, desired)
             self.target = desired
             if self.status in (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING):
                 self._set_status(DeploymentStatus.UPSCALING if up else DeploymentStatus.DOWNSCALING,

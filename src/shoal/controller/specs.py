@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from shoal.config import DeploymentConfig
 
@@ -57,3 +57,5 @@ class ApplicationSpec:
     route_prefix: Optional[str]
     ingress: str
     deployments: list[DeploymentSpec] = field(default_factory=list)
+    # A config file's application-level `autoscaling_policy` (`AutoscalingPolicy`, pickled by value).
+    autoscaling_policy: Optional[Any] = None

@@ -255,6 +255,45 @@ async def _initial_health_check(uc: UserCallable, timeout: float) -> None:
         raise RuntimeError(f"The replica failed its initial health check: {type(e).__name__}: {e}") from e
 
 
+# How long `record_autoscaling_stats()` may take (Ray's RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S).
+RECORD_AUTOSCALING_STATS_TIMEOUT_S = float(os.environ.get("RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S", 10.0))
+
+
+async def _report_autoscaling_stats(client: Any, server: ReplicaServer, unique_id: str) -> None:
+    """Ray's custom autoscaling metrics: while the deployment autoscales, call the user's
+    `record_autoscaling_stats()` every `min(metrics_interval_s, look_back_period_s / 5)` seconds and
+    send what it returns (`{name: number}`) to the controller. A result of the wrong shape turns the
+    reports off (as in Ray); a failure or a time-out is logged and skips one report."""
+    uc = server.callable
+    while True:
+        auto = server.config.autoscaling_config
+        if auto is None:
+            await asyncio.sleep(1.0)
+            continue
+        await asyncio.sleep(max(0.05, min(auto.metrics_interval_s, auto.look_back_period_s * 0.2)))
+        if server.stopping:
+            return
+        try:
+            values = await asyncio.wait_for(uc.call_hook("record_autoscaling_stats"),  # type: ignore[union-attr]
+                                            RECORD_AUTOSCALING_STATS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            logger.error("record_autoscaling_stats of %s timed out after %.0f s", server._where,
+                         RECORD_AUTOSCALING_STATS_TIMEOUT_S)
+            continue
+        except Exception as e:  # noqa: BLE001
+            logger.error("record_autoscaling_stats of %s failed: %r", server._where, e)
+            continue
+        bad = (f"returned {type(values).__name__}" if not isinstance(values, dict) else next(
+            (f"returned {type(v).__name__} for '{k}'" for k, v in values.items()
+             if not isinstance(k, str) or not isinstance(v, (int, float))), None))
+        if bad:
+            logger.error("record_autoscaling_stats of %s %s, expected Dict[str, int | float]; custom autoscaling "
+                         "metrics are turned off for this replica", server._where, bad)
+            return
+        if client.conn is not None and values:
+            client.conn.notify("autoscaling_stats", (unique_id, {k: float(v) for k, v in values.items()}))
+
+
 def _exit(code: int) -> None:
     from shoal.common import exit_process
 
@@ -322,6 +361,9 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     status["ready"] = True
     await client.control_call("replica_ready", unique_id, address=address,
                               node_id=os.environ.get("SHOAL_NODE_ID") or None)
+    stats_task = None
+    if uc.has_method("record_autoscaling_stats"):
+        stats_task = loop.create_task(_report_autoscaling_stats(client, server, unique_id))  # noqa: F841
     await orphaned.wait()
     listener.close()
     await server._teardown()

@@ -204,6 +204,17 @@ class UserCallable:
     async def check_health(self) -> None:
         await self._maybe_call("check_health")
 
+    def has_method(self, name: str) -> bool:
+        return not self.is_function and callable(getattr(self.obj, name, None))
+
+    async def call_hook(self, name: str) -> Any:
+        """Call the user's `name()` (sync ones in the thread pool) and return what it returns."""
+        fn = getattr(self.obj, name)
+        if inspect.iscoroutinefunction(fn):
+            return await fn()
+        ret = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        return await ret if inspect.isawaitable(ret) else ret
+
     async def teardown(self) -> None:
         """Run the user's `__del__` (sync or async) once, as Ray Serve does on shutdown."""
         if self.obj is None or self.is_function:

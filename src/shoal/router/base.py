@@ -1,5 +1,8 @@
 """The public, pluggable replica-choice interface (`request_router_config.request_router_class`).
 
+(Ray Serve's own interface, `RequestRouter` with an async `choose_replicas`, is in
+`shoal.request_router`; this synchronous one is shoal's faster path.)
+
 A router policy decides, for one request, which replica gets it. It is called on the caller's
 event loop on every request, so it must be quick and must not block. Subclass `RequestRouter`,
 override `choose_replica`, and name the class in the deployment's `request_router_config`:
@@ -61,7 +64,14 @@ def load_router_class(path: str) -> type:
     }
     path = aliases.get(path, path)
     module, _, name = path.partition(":") if ":" in path else path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, RequestRouter)):
-        raise TypeError(f"request_router_class '{path}' is not a subclass of shoal.router.RequestRouter.")
-    return cls
+    cls: Any = importlib.import_module(module)
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    if isinstance(cls, type) and issubclass(cls, RequestRouter):
+        return cls
+    from shoal.request_router import RequestRouter as RayStyleRequestRouter
+
+    if isinstance(cls, type) and issubclass(cls, RayStyleRequestRouter):
+        return cls
+    raise TypeError(f"request_router_class '{path}' is not a subclass of shoal.router.RequestRouter or "
+                    "shoal.request_router.RequestRouter (Ray's interface).")

@@ -18,6 +18,7 @@ read, so when such a connection is lost those still unanswered are sent to anoth
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import deque
@@ -163,6 +164,20 @@ class _Call:
         ))
 
 
+class _FailingPolicy(RequestRouter):
+    """The deployment's router class could not be imported or constructed: every request fails with why."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def choose_replica(self, candidates, request):
+        try:
+            error = copy.copy(self.error)  # each request its own exception (tracebacks would pile up)
+        except Exception:  # noqa: BLE001
+            error = self.error
+        raise error.with_traceback(None)
+
+
 class Router:
     def __init__(self, deployment_id: DeploymentID, loop: asyncio.AbstractEventLoop):
         self.deployment_id = deployment_id
@@ -177,7 +192,9 @@ class Router:
         self.exists: Optional[bool] = None
         self.closed = False
         self.policy: RequestRouter = PowerOfTwoChoicesRequestRouter()
-        self._policy_key: tuple = ("shoal.router.pow2:PowerOfTwoChoicesRequestRouter", ())
+        self._policy_key: tuple = ("shoal.router.pow2:PowerOfTwoChoicesRequestRouter", (), ())
+        # A Ray-style router's driver (shoal/request_router.py): told when requests queue or leave.
+        self._async_policy = None
         self._rematch_timer: Optional[asyncio.TimerHandle] = None
         # A new router holds requests until it has tried to connect to every replica it was told
         # about, so policies see the whole set from the first request (affinity needs it).
@@ -200,7 +217,11 @@ class Router:
             self.loop.create_task(self._resolve_then_assign(resp))
             return
         if not self.pending and not self._warming:
-            entry = self.policy.choose_replica(self.ready, resp) if self.ready else None
+            try:
+                entry = self.policy.choose_replica(self.ready, resp) if self.ready else None
+            except Exception as e:  # noqa: BLE001 - a router that raises fails the request with its error
+                resp._complete(exc=e)
+                return
             if entry is not None:
                 self._send(entry, resp)
                 return
@@ -210,6 +231,8 @@ class Router:
             return
         resp._queued_at = time.monotonic()
         self.pending.append(resp)
+        if self._async_policy is not None:
+            self._async_policy.queued(resp)
         if resp.multiplexed_model_id and self.ready:
             self._schedule_rematch()
         if not self.ready and self.on_queued_without_replicas is not None:
@@ -244,7 +267,7 @@ class Router:
             self._background -= 1
         self.assign(resp)
 
-    def _send(self, entry: ReplicaEntry, resp) -> None:
+    def _send(self, entry: ReplicaEntry, resp, call_cls: type = _Call) -> None:
         try:
             body = resp.payload
             if body is None:
@@ -256,7 +279,7 @@ class Router:
         except BaseException as e:  # noqa: BLE001
             resp._complete(exc=e)
             return
-        call = _Call(self, entry, resp)
+        call = call_cls(self, entry, resp)
         try:
             call.rid = entry.conn.request(body, call)  # type: ignore[union-attr]
         except ConnectionLost:  # the replica just went away: another one takes the request
@@ -310,7 +333,12 @@ class Router:
             if resp._cancelled:
                 del pending[skipped]
                 continue
-            entry = self.policy.choose_replica(self.ready, resp)
+            try:
+                entry = self.policy.choose_replica(self.ready, resp)
+            except Exception as e:  # noqa: BLE001 - a router that raises fails the request with its error
+                del pending[skipped]
+                resp._complete(exc=e)
+                continue
             if entry is None:
                 if not resp.multiplexed_model_id or not any(e.has_capacity() for e in self.ready):
                     return
@@ -342,6 +370,8 @@ class Router:
             self.pending.remove(resp)
         except ValueError:
             pass
+        if self._async_policy is not None:
+            self._async_policy.forget(resp)
         call = resp._call
         if call is not None:
             resp._call = None
@@ -358,12 +388,15 @@ class Router:
         self.max_queued_requests = targets.max_queued_requests
         self.backpressure_status_code = targets.backpressure_status_code
         self.backpressure_retry_after_s = targets.backpressure_retry_after_s
-        self._set_policy(targets.request_router_class, targets.request_router_kwargs)
+        self._set_policy(targets.request_router_class, targets.request_router_kwargs,
+                         getattr(targets, "request_router_backoff", ()))
         if not targets.exists:
             for entry in list(self.entries.values()):
                 self._retire(entry)
             pending, self.pending = self.pending, deque()
             for resp in pending:
+                if self._async_policy is not None:
+                    self._async_policy.forget(resp)
                 resp._complete(exc=self._unavailable())
             return
         new_ids = {r.replica_id.unique_id: r for r in targets.replicas}
@@ -391,20 +424,30 @@ class Router:
 
     _policy_hooks = False  # whether the policy overrides the on_request_routed / update_replicas hooks
 
-    def _set_policy(self, class_path: str, kwargs: tuple) -> None:
-        key = (class_path, kwargs)
+    def _set_policy(self, class_path: str, kwargs: tuple, backoff: tuple = ()) -> None:
+        key = (class_path, kwargs, backoff)
         if key == self._policy_key:
             return
         self._policy_key = key
+        if self._async_policy is not None:
+            self._async_policy.stop()
+            self._async_policy = None
         try:
-            self.policy = load_router_class(class_path)(**dict(kwargs))
-        except Exception as e:  # noqa: BLE001 - a bad policy must not take the deployment down
-            logger.error("could not load request router %s for %s (%r); using power of two choices",
+            cls = load_router_class(class_path)
+            if issubclass(cls, RequestRouter):
+                self.policy = cls(**dict(kwargs))
+            else:  # Ray's interface (shoal.request_router): async choose_replicas, run in tasks
+                from shoal.request_router import RayRouterDriver
+
+                self.policy = self._async_policy = RayRouterDriver(self, cls, dict(kwargs), backoff)
+        except Exception as e:  # noqa: BLE001 - requests fail with the error, as in Ray, instead of hanging
+            logger.error("could not load request router %s for %s: %r; its requests fail with this error",
                          class_path, self.deployment_id, e)
-            self.policy = PowerOfTwoChoicesRequestRouter()
+            self.policy = _FailingPolicy(e)
         cls = type(self.policy)
-        self._policy_hooks = (cls.on_request_routed is not RequestRouter.on_request_routed
-                              or cls.update_replicas is not RequestRouter.update_replicas)
+        self._policy_hooks = self._async_policy is None and (
+            cls.on_request_routed is not RequestRouter.on_request_routed
+            or cls.update_replicas is not RequestRouter.update_replicas)
 
     def _end_warming(self) -> None:
         if self._warming:
@@ -482,6 +525,8 @@ class Router:
     def close(self) -> None:
         """Close every replica connection (also after the router's loop has been closed)."""
         self.closed = True
+        if self._async_policy is not None:
+            self._async_policy.stop()
         for entry in list(self.entries.values()) + self.ready:
             entry.draining = True
             if entry.conn is not None:

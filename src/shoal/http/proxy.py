@@ -514,6 +514,9 @@ def main() -> None:
     session_dir, index = sys.argv[1], int(sys.argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
+    from shoal.serve_logging import apply_system_log_level
+
+    apply_system_log_level()
     from shoal.client import new_event_loop
 
     loop = new_event_loop()

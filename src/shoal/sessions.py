@@ -183,7 +183,6 @@ def read_status(session_dir: str, wait_s: float = 30.0) -> dict:
             try:
                 await asyncio.wait_for(conn.call("hello", role="observer", pid=os.getpid()), 10)
                 status = await asyncio.wait_for(conn.call("status"), 30)
-                url = await asyncio.wait_for(conn.call("http_url"), 10)
             except (ConnectionError, asyncio.TimeoutError):
                 if time.monotonic() > deadline:
                     raise
@@ -191,9 +190,7 @@ def read_status(session_dir: str, wait_s: float = 30.0) -> dict:
                 continue
             finally:
                 conn.close()
-            data = status.to_dict()
-            data["http_url"] = url
-            return data
+            return status.to_dict()
 
     return asyncio.run(ask())
 

@@ -332,6 +332,54 @@ def test_debug_lines_reach_the_driver_only_where_asked(tmp_path):
     assert [ln for ln in lines if "INFO-LINE" in ln and "(quiet/Model" in ln], out.stderr
 
 
+CONFIG_APP = """
+import logging
+from shoal import serve
+
+@serve.deployment
+class Chatty:
+    def __init__(self):
+        logging.getLogger("ray.serve").debug("CHATTY-DEBUG %s", logging.getLogger("ray.serve").level)
+
+    def __call__(self):
+        return "ok"
+
+app = Chatty.bind()
+"""
+
+CONFIG_FILE = """
+logging_config:
+  log_level: WARNING
+applications:
+  - name: quiet
+    route_prefix: /quiet
+    import_path: chatty:app
+  - name: loud
+    route_prefix: /loud
+    import_path: chatty:app
+    logging_config:
+      log_level: DEBUG
+"""
+
+
+def test_config_file_logging_config_reaches_the_replicas(tmp_path):
+    (tmp_path / "chatty.py").write_text(CONFIG_APP)
+    (tmp_path / "serve.yaml").write_text(CONFIG_FILE)
+    env = _env()
+    env.pop("SHOAL_INSTANCE_DIR", None)
+    run = subprocess.Popen([sys.executable, "-m", "shoal", "run", "serve.yaml", "--port", "0"], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _Output(run)
+    try:
+        out.wait_for("Application 'loud' is RUNNING", timeout=90)
+        out.wait_for("Application 'quiet' is RUNNING", timeout=90)
+        line = out.wait_for("CHATTY-DEBUG", timeout=30)  # the constructor's line, echoed
+        assert line.startswith("(loud/Chatty ") and line.endswith(f"CHATTY-DEBUG {logging.DEBUG}"), line
+    finally:
+        _stop(run)
+    assert not [ln for ln in out.text().splitlines() if "CHATTY-DEBUG" in ln and "(quiet/" in ln], out.text()
+
+
 # --- 17: a driver named like a library -------------------------------------------------------------
 LIBRARY_NAMED_DRIVER = """
 import sys
@@ -379,15 +427,16 @@ def test_a_user_file_named_like_a_library_does_not_shadow_it_in_shoal(tmp_path, 
     (tmp_path / driver).write_text(LIBRARY_NAMED_DRIVER.format(root_body=body))
     proc = subprocess.Popen([sys.executable, driver], cwd=tmp_path, env=_env(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _Output(proc)
     try:
-        line = _read_line(proc, "URL ", timeout=90)
+        line = out.wait_for("URL ", timeout=90)
         url = line.split()[1]
         assert httpx.get(url + "/", timeout=30).json() == expected
         with connect(url.replace("http://", "ws://") + "/ws", open_timeout=30) as ws:
             ws.send("Eureka!")
             assert ws.recv(timeout=30) == "Eureka!"
         proc.stdin.close()
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) == 0, out.text()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -529,11 +578,13 @@ def test_shoal_status_finds_a_shoal_run_instance(tmp_path):
 
         app = Hello.bind()
     """))
-    env = dict(_env(), SHOAL_INSTANCE_DIR=str(tmp_path / "no-detached-instance"))
+    env = _env()
+    env.pop("SHOAL_INSTANCE_DIR", None)  # (an explicit instance dir means a detached instance)
     run = subprocess.Popen([sys.executable, "-m", "shoal", "run", "statusapp:app", "--name", "statusapp", "--port",
                             "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _Output(run)
     try:
-        _read_line(run, "Press Ctrl-C to stop.", timeout=90)
+        output.wait_for("Press Ctrl-C to stop.", timeout=90)
         out = subprocess.run([sys.executable, "-m", "shoal", "status", "-o", "json", "--pid", str(run.pid)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -541,18 +592,22 @@ def test_shoal_status_finds_a_shoal_run_instance(tmp_path):
         assert data["applications"]["statusapp"]["status"] == "RUNNING"
         assert data["applications"]["statusapp"]["deployments"]["Hello"]["status"] == "HEALTHY"
         assert f"pid {run.pid}" in out.stderr and "shoal run statusapp:app" in out.stderr
-        table = subprocess.run([sys.executable, "-m", "shoal", "status"], cwd=tmp_path, env=env,
+        table = subprocess.run([sys.executable, "-m", "shoal", "status", "--pid", str(run.pid)], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0 and "statusapp" in table.stdout, table.stdout + table.stderr
+        # Without --pid: the detached instance if one runs, else the newest driver's (maybe not ours).
+        plain = subprocess.run([sys.executable, "-m", "shoal", "status"], cwd=tmp_path, env=env,
                                capture_output=True, text=True, timeout=60)
-        assert table.returncode == 0 and "RUNNING" in table.stdout, table.stdout + table.stderr
+        assert plain.returncode == 0, plain.stdout + plain.stderr
+        # An explicit instance directory means a detached instance only.
+        explicit = subprocess.run([sys.executable, "-m", "shoal", "status"], cwd=tmp_path, timeout=60,
+                                  env=dict(env, SHOAL_INSTANCE_DIR=str(tmp_path / "none")), capture_output=True,
+                                  text=True)
+        assert explicit.returncode == 1 and "shoal start" in explicit.stderr
         # Reading the status changed nothing: the instance still serves.
         assert serve_status_of(run.pid, tmp_path, env)["applications"]["statusapp"]["status"] == "RUNNING"
     finally:
-        run.send_signal(2)
-        try:
-            run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.wait()
+        _stop(run)
     missing = subprocess.run([sys.executable, "-m", "shoal", "status", "--pid", str(run.pid)], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and f"pid {run.pid}" in missing.stderr
@@ -598,23 +653,49 @@ def _env() -> dict:
     return env
 
 
-def _read_line(proc: subprocess.Popen, fragment: str, timeout: float) -> str:
-    """The first line of `proc`'s output containing `fragment`. A thread reads it all, also afterwards
-    (a full pipe would block the process)."""
-    found: list[str] = []
-    seen: list[str] = []
-    done = threading.Event()
+class _Output:
+    """Collects a process's output lines in a thread (a full pipe would block the process)."""
 
-    def read() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            seen.append(line)
-            if fragment in line and not found:
-                found.append(line.strip())
-                done.set()
-        done.set()
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
 
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(timeout) or not found:
-        raise AssertionError(f"no line with {fragment!r} within {timeout}s (exit code {proc.poll()}); got:\n"
-                             f"{''.join(seen)}")
-    return found[0]
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_for(self, fragment: str, timeout: float) -> str:
+        """The first line containing `fragment`."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    if fragment in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.thread.is_alive():
+                    raise AssertionError(f"no line with {fragment!r} within {timeout}s (exit code {self.proc.poll()});"
+                                         f" got:\n" + "\n".join(self.lines))
+                self.cond.wait(min(left, 0.2))
+
+    def text(self) -> str:
+        self.thread.join(10)
+        with self.cond:
+            return "\n".join(self.lines)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -228,6 +228,14 @@ def _deploy_many(specs: list[ApplicationSpec], runtime: Optional[str] = None, ad
                  wait: bool = True) -> list[DeploymentHandle]:
     start(runtime=runtime, address=address)
     client = client_mod.get_global_client()
+    from shoal.handle import _running_loop
+
+    if _running_loop() is client.loop:  # type: ignore[union-attr]
+        raise RayServeException(
+            "serve.run() was called on a replica's event loop, where it cannot wait for the deploy: often a "
+            "script's module-level serve.run(), run again because a replica imported the script as a module "
+            "(its deployments live there, or a file beside it is named like a library it imports). Put it "
+            "under `if __name__ == \"__main__\":`.")
     for spec in specs:
         client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
     for spec in specs if wait else ():

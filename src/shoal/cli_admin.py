@@ -185,13 +185,13 @@ def status(output: str, name: Optional[str], pid: Optional[int], instance_dir: O
            runtime: Optional[str], address: Optional[str]) -> None:
     """Show the status of the instance's proxies, applications and deployments.
 
-    The instance is the detached one (`shoal start`) if it runs, else the one of a running `shoal
-    run` (or of a script that called serve.run): the newest, or the one of --pid."""
+    The instance is the detached one (`shoal start`; the one of --instance-dir when given), else the
+    one of a running `shoal run` (or of a script that called serve.run): the newest, or that of --pid."""
     from shoal.cli_output import status_table
 
     if cli_ray.wants_ray(runtime):
         data = cli_ray.status(address)
-    elif pid is None and instance.read_info(_dir(instance_dir)) is not None:
+    elif pid is None and (instance_dir is not None or instance.read_info(_dir(instance_dir)) is not None):
         data = _admin_call(_connect(instance_dir).status)
     else:
         data = _driver_instance_status(instance_dir, pid)

@@ -459,6 +459,19 @@ def test_system_processes_get_the_user_dirs_last(tmp_path, monkeypatch):
     assert sessions.system_python_path() == [SRC, "/opt/lib"]
 
 
+def test_drop_implicit_cwd_where_safe_path_is_unsupported(tmp_path, monkeypatch):
+    class Flags:  # Python 3.10's sys.flags: no safe_path
+        pass
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "flags", Flags())
+    monkeypatch.setattr(sys, "path", [str(tmp_path), "/opt/lib", str(tmp_path)])
+    sessions.drop_implicit_cwd()
+    assert sys.path == ["/opt/lib", str(tmp_path)]  # the user's directory stays, last
+    sessions.drop_implicit_cwd()
+    assert sys.path == ["/opt/lib", str(tmp_path)]
+
+
 # --- 18: one traceback per failed start -------------------------------------------------------------
 FAILING_DRIVER = """
 from shoal import serve

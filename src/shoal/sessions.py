@@ -15,8 +15,8 @@ newest `SHOAL_KEEP_EXITED_SESSIONS` (default 3) of them for their logs.
 
 `system_env()` builds the environment of shoal's own processes (controller, supervisor, proxies): the
 driver's import path with the user's directories (the working directory and the script's) moved to
-the end, and `PYTHONSAFEPATH=1` (Python >= 3.11) so `python -m` does not put the working directory
-first. A driver script named like a library (`websockets.py`) then cannot shadow that library there,
+the end, and `PYTHONSAFEPATH=1` so `python -m` does not put the working directory first (Python 3.10
+ignores it: there the controller and proxies drop it themselves, `drop_implicit_cwd`). A driver script named like a library (`websockets.py`) then cannot shadow that library there,
 while user modules named by a config (custom policies, routers) still import. Replicas run user code:
 they put the driver's path back in its order (`replica/server.py`) and get the user's own
 `PYTHONSAFEPATH` back (`user_env`).
@@ -86,6 +86,14 @@ def system_env(base: Optional[dict] = None) -> dict:
     env[_USER_SAFEPATH_ENV] = env.get("PYTHONSAFEPATH", "")
     env["PYTHONSAFEPATH"] = "1"
     return env
+
+
+def drop_implicit_cwd() -> None:
+    """In a shoal process: forget the working directory `python -m` put first on the path where
+    `PYTHONSAFEPATH` is not supported (Python 3.10), before anything is imported lazily. (It stays
+    at the end, from `PYTHONPATH`, for user modules named in options.)"""
+    if not getattr(sys.flags, "safe_path", False) and sys.path and sys.path[0] == os.getcwd():
+        del sys.path[0]
 
 
 def user_env(env: dict) -> dict:

@@ -108,7 +108,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="(shoal controller) %(levelname)s %(asctime)s -- %(message)s")
     from shoal.serve_logging import apply_system_log_level
+    from shoal.sessions import drop_implicit_cwd
 
+    drop_implicit_cwd()
     apply_system_log_level()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

@@ -50,7 +50,7 @@ __all__ = [
     "LoggingConfig", "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError",
     "ReplicaState", "RequestCancelledError", "RequestRouterConfig", "ServeStatus", "delete", "deployment",
     "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "ingress",
-    "multiplexed", "run", "run_many", "RunTarget",
+    "multiplexed", "run", "run_many", "RunTarget", "_run", "_run_many",
     "shutdown", "shutdown_async", "start", "status",
 ]
 

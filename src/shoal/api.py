@@ -1,7 +1,9 @@
-"""The top-level functions of `shoal.serve`: start, run, delete, status, handles, shutdown."""
+"""The top-level functions of `shoal.serve`: start, run, run_many, delete, status, handles, shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -9,11 +11,13 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
+
+from pydantic import BaseModel
 
 from shoal import client as client_mod
 from shoal.common import SERVE_DEFAULT_APP_NAME, DeploymentID
-from shoal.config import HTTPOptions, validate_model
+from shoal.config import HTTPOptions, LoggingConfig, validate_model
 from shoal.controller.specs import ApplicationSpec, DeploymentSpec
 from shoal.deployment import Application, Deployment, deployment_names
 from shoal.exceptions import DeployFailedError, RayServeException
@@ -62,11 +66,8 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
             if key not in http_options and os.environ.get(env):
                 http_options[key] = os.environ[env]  # lets tests and ops pick a port without code changes
         opts = validate_model(HTTPOptions, http_options or {}, "http_options").model_dump()
-        logs_dir = None
-        if isinstance(logging_config, dict):
-            logs_dir = logging_config.get("logs_dir")
-        elif logging_config is not None:
-            logs_dir = getattr(logging_config, "logs_dir", None)
+        system_logging = to_logging_config(logging_config, "logging_config")
+        logs_dir = system_logging.logs_dir if system_logging is not None else None
         if proxy_location is not None:
             opts["proxy_location"] = getattr(proxy_location, "value", proxy_location)
         if runtime == "ray":
@@ -76,7 +77,9 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
                 raise RayServeException("The ray runtime needs Ray: pip install 'shoal[ray]'.") from e
             client = connect_driver(address, opts)
         else:
-            client = client_mod.start_controller(http_options=opts, logs_dir=logs_dir)
+            client = client_mod.start_controller(
+                http_options=opts, logs_dir=logs_dir,
+                log_level=system_logging.log_level if system_logging is not None else None)
         client_mod.set_global_client(client)
         ok, error = client.call_sync("wait_for_proxies", 60)
         if not ok:
@@ -170,17 +173,19 @@ def build_app_spec(target: Application, name: str, route_prefix: Optional[str]) 
                            deployments=list(specs.values()))
 
 
+def _new_code_versions(spec: ApplicationSpec) -> None:
+    """As in Ray, each `serve.run` of an unversioned deployment is a new code version: its replicas
+    are replaced (see DeploymentSpec.code_nonce); a `version` keeps them."""
+    for d in spec.deployments:
+        if d.config.version is None:
+            d.code_nonce = uuid.uuid4().hex
+
+
 def _force_local_testing_mode() -> bool:
     return any(os.environ.get(k) == "1" for k in ("SHOAL_FORCE_LOCAL_TESTING_MODE", "RAY_SERVE_FORCE_LOCAL_TESTING_MODE"))
 
 
-def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_APP_NAME,
-        route_prefix: Optional[str] = "/", logging_config: Any = None,
-        _local_testing_mode: bool = False, runtime: Optional[str] = None,
-        address: Optional[str] = None) -> DeploymentHandle:
-    """Deploy an application, wait until it is RUNNING, and return a handle to its ingress.
-
-    `runtime` and `address` are passed to `start()` when shoal is not running yet."""
+def _check_run_target(target: Any, name: Any, route_prefix: Optional[str], external_scaler_enabled: bool) -> None:
     if isinstance(target, Deployment):
         raise TypeError("serve.run expects an Application; call `.bind()` on the deployment first.")
     if not isinstance(target, Application):
@@ -188,14 +193,49 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
     if not isinstance(name, str) or not name:
         raise ValueError("Application name must be a non-empty string.")
     _validate_route_prefix(route_prefix)
+    if external_scaler_enabled:
+        raise ValueError("external_scaler_enabled=True is not supported by shoal: its autoscaler runs in the "
+                         "controller (`autoscaling_config`), with no external scaling API.")
+
+
+def to_logging_config(value: Any, what: str = "logging_config") -> Optional[LoggingConfig]:
+    """A `LoggingConfig` from what the user gave (None, a dict, or one already)."""
+    if value is None or isinstance(value, LoggingConfig):
+        return value
+    if isinstance(value, BaseModel):  # e.g. another library's LoggingConfig with the same fields
+        value = value.model_dump(exclude_unset=True)
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be a LoggingConfig or a dict, got {type(value).__name__}.")
+    return validate_model(LoggingConfig, value, what)  # type: ignore[return-value]
+
+
+def _apply_app_logging_config(spec: ApplicationSpec, logging_config: Optional[LoggingConfig]) -> None:
+    """An application's `logging_config` is each of its deployments' that sets none of its own (Ray's rule)."""
+    if logging_config is None:
+        return
+    for d in spec.deployments:
+        if d.config.logging_config is None:  # a copy: the Deployment's own config stays as the user made it
+            d.config = d.config.model_copy(update={"logging_config": logging_config})
+
+
+def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_APP_NAME,
+        route_prefix: Optional[str] = "/", logging_config: Any = None,
+        _local_testing_mode: bool = False, external_scaler_enabled: bool = False,
+        controller_options: Any = None, runtime: Optional[str] = None,
+        address: Optional[str] = None) -> DeploymentHandle:
+    """Deploy an application, wait until it is RUNNING, and return a handle to its ingress.
+
+    `logging_config` applies to each deployment of the application that has none of its own.
+    `runtime` and `address` are passed to `start()` when shoal is not running yet."""
+    _check_run_target(target, name, route_prefix, external_scaler_enabled)
+    logging_config = to_logging_config(logging_config)
     if _local_testing_mode or _force_local_testing_mode():
         from shoal.local_testing import run_local
 
-        return run_local(target, name)
+        return run_local(target, name, logging_config)
     spec = build_app_spec(target, name, route_prefix)
-    for d in spec.deployments:
-        if d.config.version is None:  # each run is a new code version (see DeploymentSpec.code_nonce)
-            d.code_nonce = uuid.uuid4().hex
+    _new_code_versions(spec)
+    _apply_app_logging_config(spec, logging_config)
     if not blocking:
         return _deploy(spec, runtime, address)
     with _SigtermAsInterrupt():  # installed first: a SIGTERM during the deploy also shuts down cleanly
@@ -209,15 +249,105 @@ def run(target: Application, blocking: bool = False, name: str = SERVE_DEFAULT_A
 
 
 def _deploy(spec: ApplicationSpec, runtime: Optional[str] = None, address: Optional[str] = None) -> DeploymentHandle:
+    return _deploy_many([spec], runtime, address)[0]
+
+
+def _deploy_many(specs: list[ApplicationSpec], runtime: Optional[str] = None, address: Optional[str] = None,
+                 wait: bool = True) -> list[DeploymentHandle]:
     start(runtime=runtime, address=address)
     client = client_mod.get_global_client()
-    client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
-    status, message = client.call_sync("wait_for_app", spec.name)  # type: ignore[union-attr]
-    if status == ApplicationStatus.DEPLOY_FAILED.value:
-        raise DeployFailedError(f"Application '{spec.name}' failed to deploy:\n{message}")
-    if status != ApplicationStatus.RUNNING.value:
-        raise RayServeException(f"Application '{spec.name}' did not reach RUNNING (status {status}): {message}")
-    return DeploymentHandle(spec.ingress, spec.name)
+    from shoal.handle import _running_loop
+
+    if _running_loop() is client.loop:  # type: ignore[union-attr]
+        raise RayServeException(
+            "serve.run() was called on a replica's event loop, where it cannot wait for the deploy: often a "
+            "script's module-level serve.run(), run again because a replica imported the script as a module "
+            "(its deployments live there, or a file beside it is named like a library it imports). Put it "
+            "under `if __name__ == \"__main__\":`.")
+    for spec in specs:
+        client.call_sync("deploy_app", spec)  # type: ignore[union-attr]
+    for spec in specs if wait else ():
+        status, message = client.call_sync("wait_for_app", spec.name)  # type: ignore[union-attr]
+        if status == ApplicationStatus.DEPLOY_FAILED.value:
+            raise DeployFailedError(f"Application '{spec.name}' failed to deploy:\n{message}")
+        if status != ApplicationStatus.RUNNING.value:
+            raise RayServeException(f"Application '{spec.name}' did not reach RUNNING (status {status}): {message}")
+    return [_cached_handle(client, spec.ingress, spec.name) for spec in specs]  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class RunTarget:
+    """One application for `serve.run_many`: what `serve.run` takes for one."""
+
+    target: Application
+    name: str = SERVE_DEFAULT_APP_NAME
+    route_prefix: Optional[str] = "/"
+    logging_config: Any = None
+    external_scaler_enabled: bool = False
+
+
+def run_many(targets: Sequence[RunTarget], blocking: bool = False, wait_for_ingress_deployment_creation: bool = True,
+             wait_for_applications_running: bool = True, _local_testing_mode: bool = False,
+             controller_options: Any = None, runtime: Optional[str] = None,
+             address: Optional[str] = None) -> list[DeploymentHandle]:
+    """Deploy several applications at once and return the handles to their ingresses, in order.
+
+    All are sent before any is waited for, so they start side by side. With
+    `wait_for_applications_running=False` the handles come back at once (calls through them wait
+    for replicas). Names and route prefixes must be unique among the targets."""
+    targets = list(targets)
+    if not targets:
+        raise ValueError("No applications provided.")
+    names: set[str] = set()
+    prefixes: set[str] = set()
+    for t in targets:
+        if not isinstance(t, RunTarget):
+            raise TypeError(f"serve.run_many expects RunTarget objects, got {type(t).__name__}.")
+        _check_run_target(t.target, t.name, t.route_prefix, t.external_scaler_enabled)
+        if t.name in names:
+            raise ValueError(f"Application name '{t.name}' appears more than once in the targets.")
+        if t.route_prefix is not None and t.route_prefix in prefixes:
+            raise ValueError(f"Route prefix '{t.route_prefix}' appears more than once in the targets.")
+        names.add(t.name)
+        if t.route_prefix is not None:
+            prefixes.add(t.route_prefix)
+    configs = [to_logging_config(t.logging_config) for t in targets]
+    if _local_testing_mode or _force_local_testing_mode():
+        from shoal.local_testing import run_local
+
+        return [run_local(t.target, t.name, lc) for t, lc in zip(targets, configs)]
+    specs = []
+    for t, lc in zip(targets, configs):
+        spec = build_app_spec(t.target, t.name, t.route_prefix)
+        _new_code_versions(spec)
+        _apply_app_logging_config(spec, lc)
+        specs.append(spec)
+    if not blocking:
+        return _deploy_many(specs, runtime, address, wait=wait_for_applications_running)
+    with _SigtermAsInterrupt():
+        try:
+            handles = _deploy_many(specs, runtime, address, wait=wait_for_applications_running)
+        except KeyboardInterrupt:
+            shutdown()
+            return [DeploymentHandle(s.ingress, s.name) for s in specs]
+        _block_until_interrupted()
+    return handles
+
+
+def _run(target: Application, *, _blocking: bool = True, name: str = SERVE_DEFAULT_APP_NAME,
+         route_prefix: Optional[str] = "/", logging_config: Any = None, _local_testing_mode: bool = False,
+         external_scaler_enabled: bool = False, controller_options: Any = None) -> DeploymentHandle:
+    """Ray's internal variant of `run`: `_blocking=False` returns without waiting for RUNNING."""
+    return _run_many([RunTarget(target, name, route_prefix, logging_config, external_scaler_enabled)],
+                     wait_for_applications_running=_blocking, _local_testing_mode=_local_testing_mode)[0]
+
+
+def _run_many(targets: Sequence[RunTarget], wait_for_ingress_deployment_creation: bool = True,
+              wait_for_applications_running: bool = True, _local_testing_mode: bool = False,
+              controller_options: Any = None) -> list[DeploymentHandle]:
+    """Ray's internal variant of `run_many` (never blocks until Ctrl-C)."""
+    return run_many(targets, False, wait_for_ingress_deployment_creation, wait_for_applications_running,
+                    _local_testing_mode)
 
 
 class _SigtermAsInterrupt:
@@ -263,6 +393,16 @@ def shutdown() -> None:
     client_mod.set_global_client(None)
 
 
+async def shutdown_async() -> None:
+    """`shutdown()` for async code: the event loop keeps running while shoal stops."""
+    from shoal.handle import _running_loop
+
+    client = client_mod.get_global_client(required=False)
+    if client is not None and _running_loop() is client.loop:
+        raise RuntimeError("serve.shutdown_async() cannot stop shoal from inside one of its replicas.")
+    await asyncio.get_running_loop().run_in_executor(None, shutdown)
+
+
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete one application (idempotent); its replicas drain and run `__del__`."""
     client = client_mod.get_global_client(required=False)
@@ -288,10 +428,25 @@ def get_app_handle(name: str) -> DeploymentHandle:
     if client is None:
         raise RayServeException(f"Application '{name}' does not exist (shoal is not running).")
     ingress = _call(client, "get_ingress", name)
-    return DeploymentHandle(ingress, name)
+    return _cached_handle(client, ingress, name)
 
 
-def get_deployment_handle(deployment_name: str, app_name: Optional[str] = None) -> DeploymentHandle:
+def _cached_handle(client: "client_mod.ServeClient", deployment_name: str, app_name: str,
+                   checked: bool = False) -> DeploymentHandle:
+    """The handle this process already gave out for the deployment, or a new one kept for next time
+    (as Ray Serve's client does: one per deployment, app and whether its existence was checked)."""
+    key = (deployment_name, app_name, checked)
+    handle = client.handle_cache.get(key)
+    if handle is None:
+        handle = client.handle_cache.setdefault(key, DeploymentHandle(deployment_name, app_name))
+    return handle
+
+
+def get_deployment_handle(deployment_name: str, app_name: Optional[str] = None, _check_exists: bool = True,
+                          _record_telemetry: bool = True) -> DeploymentHandle:
+    """A handle to a deployment by name; inside a replica `app_name` defaults to the replica's app.
+
+    Handles are kept per name: asking again returns the same handle (without asking the controller)."""
     from shoal.context import _replica_context
 
     if app_name is None:
@@ -300,18 +455,21 @@ def get_deployment_handle(deployment_name: str, app_name: Optional[str] = None) 
                                     "outside of a replica.")
         app_name = _replica_context.app_name
     from shoal.handle import _running_loop
-    from shoal.local_testing import is_local_app
+    from shoal.local_testing import is_local_app, local_handle
 
     if is_local_app(app_name):
-        return DeploymentHandle(deployment_name, app_name)
+        return local_handle(deployment_name, app_name)
     client = client_mod.get_global_client(required=False)
     if client is None:
         raise RayServeException("shoal is not running: call serve.start() or serve.run() first.")
-    if _running_loop() is client.loop:
-        return DeploymentHandle(deployment_name, app_name)  # can't block the replica's loop to check
+    if not _check_exists or _running_loop() is client.loop:  # (can't block the replica's loop to check)
+        return _cached_handle(client, deployment_name, app_name)
+    cached = client.handle_cache.get((deployment_name, app_name, True))
+    if cached is not None:
+        return cached
     if not _call(client, "deployment_exists", DeploymentID(deployment_name, app_name)):
         raise RayServeException(f"Deployment '{deployment_name}' in application '{app_name}' does not exist.")
-    return DeploymentHandle(deployment_name, app_name)
+    return _cached_handle(client, deployment_name, app_name, checked=True)
 
 
 def _call(client: "client_mod.ServeClient", method: str, *args: Any) -> Any:

@@ -416,6 +416,9 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
     if not name:
         raise click.BadParameter("the application name must not be empty.", param_hint="'--name'")
     start_kwargs = runtime_kwargs(runtime, address)
+    from shoal import sessions
+
+    sessions.driver_command = " ".join(["shoal", *sys.argv[1:]])  # how `shoal status` names this instance
     loaded = _load_target(target, arguments, name, route_prefix, app_dir, build_timeout)
     http_options = dict(loaded.http_options)
     for key, value in (("host", host), ("port", port)):

@@ -177,17 +177,24 @@ def wait_until_deployed(get_status: Any, names: list[str], timeout: float, settl
 @click.option("--output", "-o", "output", type=click.Choice(["table", "yaml", "json"]), default="table",
               show_default=True, help="table: for people; yaml/json: the shape of serve.status().")
 @click.option("--name", "-n", default=None, help="Only this application.")
+@click.option("--pid", type=int, default=None,
+              help="The `shoal run` (or serve.run script) process whose instance to show, when several run.")
 @instance_dir_option
 @runtime_options
-def status(output: str, name: Optional[str], instance_dir: Optional[str], runtime: Optional[str],
-           address: Optional[str]) -> None:
-    """Show the status of the instance's proxies, applications and deployments."""
+def status(output: str, name: Optional[str], pid: Optional[int], instance_dir: Optional[str],
+           runtime: Optional[str], address: Optional[str]) -> None:
+    """Show the status of the instance's proxies, applications and deployments.
+
+    The instance is the detached one (`shoal start`; the one of --instance-dir when given), else the
+    one of a running `shoal run` (or of a script that called serve.run): the newest, or that of --pid."""
     from shoal.cli_output import status_table
 
     if cli_ray.wants_ray(runtime):
         data = cli_ray.status(address)
-    else:
+    elif pid is None and (instance_dir is not None or instance.read_info(_dir(instance_dir)) is not None):
         data = _admin_call(_connect(instance_dir).status)
+    else:
+        data = _driver_instance_status(instance_dir, pid)
     if name is not None:
         data["applications"] = {k: v for k, v in data["applications"].items() if k == name}
     if output == "json":
@@ -196,6 +203,33 @@ def status(output: str, name: Optional[str], instance_dir: Optional[str], runtim
         click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
     else:
         click.echo(status_table(data))
+
+
+def _driver_instance_status(instance_dir: Optional[str], pid: Optional[int]) -> dict:
+    """The status of an instance a driver owns (`shoal run`), read from its controller's socket."""
+    from shoal import sessions
+
+    runs = sessions.running_driver_sessions()
+    if pid is not None:
+        chosen = [r for r in runs if r.pid == pid]
+        if not chosen:
+            raise click.ClickException(f"no running `shoal run` or serve.run process with pid {pid} owns a shoal "
+                                       f"instance (running: {', '.join(str(r.pid) for r in runs) or 'none'}).")
+    elif not runs:
+        raise click.ClickException(f"no shoal instance is running: none started with `shoal start` (looked in "
+                                   f"{_dir(instance_dir)}), and no `shoal run` or serve.run script is running.")
+    else:
+        chosen = runs
+    info = chosen[0]
+    others = [r for r in runs if r is not info]
+    note = f"the instance of {sessions.describe(info)}"
+    if others:
+        note += f"; {len(others)} more run (pids {', '.join(str(r.pid) for r in others)}: pick one with --pid)"
+    click.echo(f"shoal: {note}", err=True)
+    try:
+        return sessions.read_status(info.session_dir, float(os.environ.get("SHOAL_CONTROLLER_WAIT_S") or 30.0))
+    except Exception as e:  # noqa: BLE001 - it exited meanwhile, or its controller does not answer
+        raise click.ClickException(f"could not read the status of {sessions.describe(info)}: {e!r}") from None
 
 
 @click.command("config")

@@ -148,6 +148,9 @@ class ServeClient:
         # asyncio's own loop, not uvloop: uvloop re-installs signal handling on every run in the
         # main thread (~30 us), and this loop is run once or twice per call.
         self.sync_loop: Optional[SyncLoop] = SyncLoop(asyncio.new_event_loop()) if io_thread is not None else None
+        # The handles `serve.run`/`get_app_handle`/`get_deployment_handle` gave out, one per
+        # (deployment, app): asking again returns the same handle, with the routers it already has.
+        self.handle_cache: dict = {}
 
     # --- connecting ---------------------------------------------------------------------------
     async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
@@ -448,14 +451,23 @@ def _session_root() -> str:
     return root
 
 
-def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str] = None) -> ServeClient:
+def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str] = None,
+                     log_level: Any = None) -> ServeClient:
     """Spawn a private controller process for this driver and connect to it."""
-    session_dir = tempfile.mkdtemp(prefix=time.strftime("s%Y%m%d-%H%M%S-"), dir=_session_root())
+    from shoal import sessions
+    from shoal.serve_logging import SYSTEM_LOG_LEVEL_ENV
+
+    root = _session_root()
+    session_dir = tempfile.mkdtemp(prefix=time.strftime("s%Y%m%d-%H%M%S-"), dir=root)
     os.chmod(session_dir, 0o700)
-    env = dict(os.environ)
+    sessions.record_driver(session_dir)  # `shoal status` finds it; the clean-up leaves it alone meanwhile
+    sessions.sweep_in_background(root)  # session directories of instances that have exited
+    # The driver's import path reaches the controller, proxies and replicas, with the user's directories
+    # last, so a user module cannot shadow a library there (replicas restore the driver's order).
+    env = sessions.system_env()
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # The driver's import path reaches the controller and replicas, so user modules import there too.
-    env["PYTHONPATH"] = os.pathsep.join([p for p in [os.getcwd(), *sys.path] if p])
+    if log_level is not None:
+        env[SYSTEM_LOG_LEVEL_ENV] = str(log_level)
     env.update(keeper.keeper_env())  # this driver restarts the controller should it die (see keeper.py)
     cmd = [sys.executable, "-m", "shoal.controller", "--session-dir", session_dir]
     if logs_dir:

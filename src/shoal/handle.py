@@ -97,10 +97,23 @@ class DeploymentHandle:
             router = local_router(self.deployment_id)
             if router is None:
                 router = get_global_client().get_router(self.deployment_id, loop)
-            for old_loop in [k for k, r in self._routers.items() if r.closed or r.loop.is_closed()]:
-                del self._routers[old_loop]
+            for old_loop in [k for k, r in list(self._routers.items()) if r.closed or r.loop.is_closed()]:
+                self._routers.pop(old_loop, None)  # (a cached handle may be shared by threads)
             self._routers[loop] = router
         return router
+
+    def shutdown(self) -> None:
+        """Let go of this handle's routers (shared with its `.options()` copies) and their connections
+        to replicas: each closes once the requests sent through it are done. A later call through the
+        handle starts afresh."""
+        routers = list(self._routers.values())
+        self._routers.clear()
+        for router in routers:
+            _close_router_when_idle(router)
+
+    async def shutdown_async(self) -> None:
+        """`shutdown()` from async code."""
+        self.shutdown()
 
     def remote(self, *args: Any, **kwargs: Any) -> Union["DeploymentResponse", "DeploymentResponseGenerator"]:
         meta = self._meta
@@ -118,6 +131,35 @@ class DeploymentHandle:
         else:
             router.loop.call_soon_threadsafe(router.assign, resp)
         return resp
+
+
+def _close_router_when_idle(router: Any) -> None:
+    """Close `router` on its own loop once nothing is queued or running through it."""
+    close = getattr(router, "close", None)
+    if router.closed or close is None:  # (an in-process router of local testing mode holds no connection)
+        router.closed = True
+        return
+    loop = router.loop
+
+    def check() -> None:
+        if router.closed or loop.is_closed():
+            return
+        if router.pending or router.in_flight():
+            loop.call_later(0.05, check)
+        else:
+            close()
+
+    if loop.is_closed():
+        close()
+    elif _running_loop() is loop:
+        check()
+    elif router.sync_loop is not None:
+        router.sync_loop.submit(check)
+    else:
+        try:
+            loop.call_soon_threadsafe(check)
+        except RuntimeError:  # its loop closed meanwhile
+            close()
 
 
 def _rebuild_handle(name: str, app: str, method: str, stream: bool, model_id: str,

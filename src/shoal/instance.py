@@ -150,8 +150,10 @@ def start_detached(instance_dir: str, http_options: dict, admin_port: int = 0, r
     logs_dir = os.path.join(session_dir, "logs")
     os.makedirs(logs_dir, exist_ok=True)
     log_path = os.path.join(logs_dir, "controller.log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([p for p in [os.getcwd(), *sys.path] if p])
+    from shoal import sessions
+
+    sessions.sweep_in_background()  # session directories of instances that have exited
+    env = sessions.system_env(dict(os.environ, PYTHONUNBUFFERED="1"))  # no user module shadows a library
     # The supervisor runs the controller with these arguments and restarts it should it die.
     cmd = [sys.executable, "-m", "shoal.supervisor", "--session-dir", session_dir, "--instance-dir", instance_dir,
            "--http-options", json.dumps(http_options), "--admin-port", str(admin_port)]

@@ -25,6 +25,7 @@ logger = logging.getLogger("shoal.local_test")
 _loop_thread: Optional[tuple[asyncio.AbstractEventLoop, threading.Thread]] = None
 _apps: dict[str, str] = {}  # app name -> ingress deployment name
 _routers: dict[DeploymentID, "LocalRouter"] = {}
+_handles: dict[DeploymentID, DeploymentHandle] = {}  # one per deployment, as serve.get_*_handle give out
 
 
 def _local_loop() -> asyncio.AbstractEventLoop:
@@ -79,10 +80,14 @@ class LocalRouter:
             resp._complete(exc=RequestCancelledError(resp.request_id))  # type: ignore[attr-defined]
 
 
-def run_local(target: Any, name: str) -> DeploymentHandle:
+def run_local(target: Any, name: str, logging_config: Any = None) -> DeploymentHandle:
+    """Build the application in this process. Its `logging_config` (the last one given, as in Ray
+    Serve's local testing mode) sets the level of the serve loggers here."""
     from shoal.api import build_app_spec
+    from shoal.serve_logging import configure_local_testing
 
     spec = build_app_spec(target, name, None)
+    configure_local_testing(logging_config)
     loop = _local_loop()
     built: dict[str, UserCallable] = {}
 
@@ -99,10 +104,21 @@ def run_local(target: Any, name: str) -> DeploymentHandle:
         if d.config.ray_actor_options.num_gpus:
             logger.warning("num_gpus is ignored in local testing mode (deployment '%s').", d.name)
     asyncio.run_coroutine_threadsafe(construct(), loop).result()
+    for dep_id in [d for d in _routers if d.app_name == name]:  # a redeploy: handles pick the new ones
+        _routers.pop(dep_id).closed = True
+        _handles.pop(dep_id, None)
     for dname, uc in built.items():
         _routers[DeploymentID(dname, name)] = LocalRouter(DeploymentID(dname, name), uc, loop)
     _apps[name] = spec.ingress
-    return DeploymentHandle(spec.ingress, name)
+    return local_handle(spec.ingress, name)
+
+
+def local_handle(deployment_name: str, app_name: str) -> DeploymentHandle:
+    dep_id = DeploymentID(deployment_name, app_name)
+    handle = _handles.get(dep_id)
+    if handle is None:
+        handle = _handles.setdefault(dep_id, DeploymentHandle(deployment_name, app_name))
+    return handle
 
 
 def local_router(deployment_id: DeploymentID) -> Optional[LocalRouter]:
@@ -115,7 +131,7 @@ def is_local_app(name: str) -> bool:
 
 def local_app_ingress(name: str) -> Optional[DeploymentHandle]:
     ingress = _apps.get(name)
-    return DeploymentHandle(ingress, name) if ingress is not None else None
+    return local_handle(ingress, name) if ingress is not None else None
 
 
 def shutdown_local() -> None:
@@ -125,6 +141,7 @@ def shutdown_local() -> None:
     routers = list(_routers.values())
     _routers.clear()
     _apps.clear()
+    _handles.clear()
 
     async def teardown() -> None:
         for r in routers:

@@ -107,6 +107,11 @@ def main() -> None:
     os.makedirs(logs_dir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="(shoal controller) %(levelname)s %(asctime)s -- %(message)s")
+    from shoal.serve_logging import apply_system_log_level
+    from shoal.sessions import drop_implicit_cwd
+
+    drop_implicit_cwd()
+    apply_system_log_level()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(_main(args.session_dir, logs_dir, args))

@@ -216,7 +216,14 @@ class DeploymentState:
             return
         self.start_failures += 1
         self.last_failure = error
-        logger.warning("replica %s of %s failed to start:\n%s", rec.unique_id, self.id, error.rstrip())
+        if getattr(self.controller.runtime, "echoes_replica_output", False):
+            # Its traceback is in the replica's own output, echoed too: one line here says which.
+            lines = error.strip().splitlines()
+            log_file = getattr(rec.process, "log_file", None)
+            logger.warning("replica %s of %s failed to start: %s (the traceback is in its output%s)", rec.unique_id,
+                           self.id, lines[-1] if lines else "no error text", f", {log_file}" if log_file else "")
+        else:
+            logger.warning("replica %s of %s failed to start:\n%s", rec.unique_id, self.id, error.rstrip())
         self._stop(rec, graceful=False)
         threshold = self._failure_threshold()
         if self.start_failures < threshold:  # say why while retrying (deploy progress shows it)

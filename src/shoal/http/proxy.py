@@ -515,6 +515,11 @@ def main() -> None:
     session_dir, index = sys.argv[1], int(sys.argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
+    from shoal.serve_logging import apply_system_log_level
+    from shoal.sessions import drop_implicit_cwd
+
+    drop_implicit_cwd()  # (Python 3.10: uvicorn imports `websockets` later; a user's websockets.py must not win)
+    apply_system_log_level()
     from shoal.client import new_event_loop
 
     loop = new_event_loop()

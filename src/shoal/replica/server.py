@@ -27,6 +27,7 @@ from shoal.context import ReplicaContext, RequestContext, _request_context, _set
 from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
+from shoal.serve_logging import apply_log_level
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
 from shoal.transport.framing import Kind, pack
@@ -140,6 +141,8 @@ class ReplicaServer:
     async def rpc_reconfigure(self, conn: Connection, config: Any) -> None:
         async with self._reconfigure_lock:
             user_config_changed = config.user_config != self.config.user_config
+            if config.logging_config != self.config.logging_config:
+                apply_log_level(config.logging_config)
             self.config = config
             self.max_ongoing = config.max_ongoing_requests
             self.set_context(self.callable.obj)  # type: ignore[union-attr]
@@ -315,8 +318,7 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
     models = _report_model_ids(client, unique_id, loop)
     replica_id: ReplicaID = spec["replica_id"]
-    if spec["config"].logging_config is not None:
-        logging.getLogger().setLevel(spec["config"].logging_config.log_level)
+    apply_log_level(spec["config"].logging_config)  # the serve loggers (`ray.serve`, `shoal`)
     server = ReplicaServer(replica_id, spec)
     holder["server"] = server
     address = spec["address"]
@@ -335,7 +337,10 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     else:
         listener = await serve_unix(address, lambda: server, name=str(replica_id))
     try:
-        sys.path.extend(p for p in spec["python_path"] if p not in sys.path)
+        # The driver's import path, in its order, ahead of what this process started with: user code
+        # imports by name here as it did there (shoal's own modules are already imported).
+        python_path = list(spec["python_path"])
+        sys.path[:] = python_path + [p for p in sys.path if p not in python_path]
         func_or_class = ser.loads_callable(spec["serialized_def"])
         init_args, init_kwargs = ser.loads(spec["serialized_init_args"])
         uc = UserCallable(func_or_class, init_args, init_kwargs, replica_id.deployment_id.name,

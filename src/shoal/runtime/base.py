@@ -132,6 +132,9 @@ class FileCheckpointStore(CheckpointStore):
 
 class Runtime(ABC):
     name: str = "abstract"
+    # Whether the replicas' own output reaches the driver's terminal through the controller (the
+    # embedded runtime echoes their log files): then the controller need not repeat a traceback.
+    echoes_replica_output: bool = False
 
     @abstractmethod
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:

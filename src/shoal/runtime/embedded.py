@@ -216,6 +216,7 @@ def _same_process_alive(pid: int, create_time: float) -> bool:
 
 class EmbeddedRuntime(Runtime):
     name = "embedded"
+    echoes_replica_output = True
 
     def __init__(self, session_dir: str, logs_dir: str):
         self.session_dir = session_dir
@@ -319,7 +320,9 @@ class EmbeddedRuntime(Runtime):
                            os.path.join(self.logs_dir, f"proxy_{name}.log"), f"(proxy {name} pid={{pid}})")
 
     def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess:
-        env = dict(os.environ)
+        from shoal.sessions import user_env
+
+        env = user_env(dict(os.environ))  # user code runs here: the user's own PYTHONSAFEPATH
         env["PYTHONUNBUFFERED"] = "1"
         if reservation.request.num_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in reservation.gpu_ids)

@@ -1,11 +1,22 @@
-"""`from shoal import serve`: Ray Serve's public names with Ray Serve's semantics."""
+"""`from shoal import serve`: Ray Serve's public names with Ray Serve's semantics.
+
+A package, as `ray.serve` is: its modules `handle`, `config`, `schema`, `exceptions`, `context`,
+`request_router`, `autoscaling_policy`, `multiplex` and `batching` hold the names of Ray's modules of
+the same name (`from shoal.serve.config import AutoscalingContext`), taken from the shoal modules that
+implement them (see `_reexport.py`).
+"""
 
 from shoal.api import (
+    RunTarget,
+    _run,
+    _run_many,
     delete,
     get_app_handle,
     get_deployment_handle,
     run,
+    run_many,
     shutdown,
+    shutdown_async,
     start,
     status,
 )
@@ -39,6 +50,20 @@ __all__ = [
     "LoggingConfig", "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError",
     "ReplicaState", "RequestCancelledError", "RequestRouterConfig", "ServeStatus", "delete", "deployment",
     "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "ingress",
-    "multiplexed", "run",
-    "shutdown", "start", "status",
+    "multiplexed", "run", "run_many", "RunTarget", "_run", "_run_many",
+    "shutdown", "shutdown_async", "start", "status",
 ]
+
+# The modules of `ray.serve`, reachable as attributes too (`serve.config.ProxyLocation`); imported last,
+# and not in `__all__` (`from shoal.serve import *` must not bind `config` or `context` in the caller).
+from shoal.serve import (  # noqa: E402
+    autoscaling_policy,
+    batching,
+    config,
+    context,
+    exceptions,
+    handle,
+    multiplex,
+    request_router,
+    schema,
+)

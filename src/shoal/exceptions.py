@@ -51,6 +51,8 @@ class ReplicaDiedError(RayServeException):
 
 # Ray's name for the same failure, so ported `except ActorDiedError` clauses keep working.
 ActorDiedError = ReplicaDiedError
+# Ray raises this when a replica cannot be reached; in shoal that is a replica that died.
+ReplicaUnavailableError = ReplicaDiedError
 
 
 class ReplicaOutOfMemoryError(ReplicaDiedError):

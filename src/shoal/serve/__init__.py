@@ -6,6 +6,8 @@ the same name (`from shoal.serve.config import AutoscalingContext`), taken from 
 implement them (see `_reexport.py`).
 """
 
+import starlette.requests  # noqa: F401 - Ray's `serve` loads it, and Ray code relies on `starlette.requests`
+
 from shoal.api import (
     RunTarget,
     _run,

@@ -42,6 +42,20 @@ def _listening(url: str) -> set:
     return pids
 
 
+def _wait_served(url: str) -> None:
+    """Until a proxy answers `url` with "hello" (a 404 on the way: the new proxy has no route table)."""
+
+    def served() -> bool:
+        try:
+            r = httpx.get(url, timeout=5)
+        except httpx.HTTPError:
+            return False
+        assert r.status_code == 200, r.text
+        return r.text == "hello"
+
+    wait_for(served, what=f"a proxy to serve {url}")
+
+
 def test_restarted_proxy_routes_to_existing_apps(serve_app):
     @serve.deployment
     def hello(request):
@@ -54,16 +68,7 @@ def test_restarted_proxy_routes_to_existing_apps(serve_app):
     assert len(old) == 1
     standby = wait_for(lambda: _proxy_pids() - old, what="a standby proxy")
     os.kill(next(iter(old)), signal.SIGKILL)
-
-    def served_by_new_proxy():
-        try:
-            r = httpx.get(url, timeout=5)
-        except httpx.HTTPError:
-            return False
-        assert r.status_code == 200, r.text  # a 404 here: the new proxy has no route table
-        return r.text == "hello"
-
-    wait_for(served_by_new_proxy, what="the restarted proxy to serve /hello")
+    _wait_served(url)
     assert _listening(url) == standby  # the standby took over; a new standby replaces it
     wait_for(lambda: _proxy_pids() - standby - old, what="a new standby proxy")
 
@@ -82,15 +87,6 @@ def test_a_proxy_starts_anew_without_a_standby(monkeypatch):
         old = _proxy_pids()
         assert len(old) == 1 and _listening(url) == old  # no standby
         os.kill(old.pop(), signal.SIGKILL)
-
-        def served_by_new_proxy():
-            try:
-                r = httpx.get(url, timeout=5)
-            except httpx.HTTPError:
-                return False
-            assert r.status_code == 200, r.text  # a 404 here: the new proxy has no route table
-            return r.text == "hello"
-
-        wait_for(served_by_new_proxy, what="the restarted proxy to serve /hello")
+        _wait_served(url)
     finally:
         serve.shutdown()

@@ -285,24 +285,17 @@ class ServeClient:
                 time.sleep(0.01)  # the connection-lost callback clears `_connected` on the loop
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the controller from async code; waits for a restarting one up to `controller_wait_s`."""
         if asyncio.get_running_loop() is not self.loop:
             return await asyncio.wrap_future(
                 asyncio.run_coroutine_threadsafe(self.call(method, *args, **kwargs), self.loop))
-        deadline = time.monotonic() + self.controller_wait_s
-        while True:
-            if self.gave_up or self.closed:
-                raise self._not_reachable()
-            if self.conn is not None:
-                try:
-                    return await self._call_now(method, args, kwargs)
-                except ConnectionLost:
-                    pass
-            if time.monotonic() > deadline:
-                raise self._not_reachable()
-            await asyncio.sleep(0.02)
+        return await self._call_across_restarts(method, args, kwargs, time.monotonic() + self.controller_wait_s)
 
     async def control_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A replica's or proxy's call to the controller: waits across restarts for as long as one may come."""
+        return await self._call_across_restarts(method, args, kwargs, None)
+
+    async def _call_across_restarts(self, method: str, args: tuple, kwargs: dict, deadline: Optional[float]) -> Any:
         while True:
             if self.gave_up or self.closed:
                 raise self._not_reachable()
@@ -311,6 +304,8 @@ class ServeClient:
                     return await self._call_now(method, args, kwargs)
                 except ConnectionLost:
                     pass
+            if deadline is not None and time.monotonic() > deadline:
+                raise self._not_reachable()
             await asyncio.sleep(0.02)
 
     # --- routers ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import psutil
+from shoal.process_identity import create_time, same_process_alive
 
 KEEPER_PID_ENV = "SHOAL_KEEPER_PID"
 KEEPER_CREATE_TIME_ENV = "SHOAL_KEEPER_CREATE_TIME"
@@ -22,17 +22,13 @@ KEEPER_CREATE_TIME_ENV = "SHOAL_KEEPER_CREATE_TIME"
 def keeper_env(pid: Optional[int] = None) -> dict[str, str]:
     """Environment entries naming `pid` (default: this process) as the keeper."""
     pid = pid or os.getpid()
-    return {KEEPER_PID_ENV: str(pid), KEEPER_CREATE_TIME_ENV: repr(psutil.Process(pid).create_time())}
+    return {KEEPER_PID_ENV: str(pid), KEEPER_CREATE_TIME_ENV: repr(create_time(pid))}
 
 
 def keeper_alive() -> bool:
     """Whether the keeper named in this process's environment still runs (False when none is named)."""
     pid = os.environ.get(KEEPER_PID_ENV)
-    if not pid:
-        return False
     try:
-        p = psutil.Process(int(pid))
-        same = abs(p.create_time() - float(os.environ.get(KEEPER_CREATE_TIME_ENV) or 0)) < 0.01
-        return same and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, ValueError):
+        return bool(pid) and same_process_alive(int(pid), float(os.environ.get(KEEPER_CREATE_TIME_ENV) or 0))
+    except ValueError:
         return False

@@ -38,6 +38,8 @@ from typing import Optional
 
 import psutil
 
+from shoal.process_identity import same_process_alive
+
 DRIVER_FILE = "driver.json"
 CONTROLLER_SOCKET = "controller.sock"
 SESSION_NAME = re.compile(r"^s\d{8}-\d{6}-")
@@ -118,15 +120,7 @@ class DriverInfo:
     started_at: float = 0.0
 
     def alive(self) -> bool:
-        return _same_process_alive(self.pid, self.create_time)
-
-
-def _same_process_alive(pid: int, create_time: float) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        return same_process_alive(self.pid, self.create_time)
 
 
 def record_driver(session_dir: str) -> None:

@@ -19,9 +19,8 @@ import sys
 from collections import deque
 from typing import Optional, Union
 
-import psutil
-
 from shoal.common import ReplicaID
+from shoal.process_identity import create_time, same_process_alive
 from shoal.runtime.base import (
     RESOURCE_EPS,
     CheckpointStore,
@@ -161,7 +160,7 @@ class EmbeddedReplicaProcess(ReplicaProcess):
         if self._code is None:
             if self.popen is not None:
                 self._code = self.popen.poll()
-            elif not _same_process_alive(self.pid, self.create_time):
+            elif not same_process_alive(self.pid, self.create_time):
                 self._code = -1
             if self._code is not None:
                 self._runtime.logs.unfollow(self.log_file)
@@ -177,7 +176,7 @@ class EmbeddedReplicaProcess(ReplicaProcess):
         if self.popen is not None:
             if self.popen.poll() is None:
                 self.popen.send_signal(sig)
-        elif _same_process_alive(self.pid, self.create_time):
+        elif same_process_alive(self.pid, self.create_time):
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
@@ -191,27 +190,11 @@ class EmbeddedReplicaProcess(ReplicaProcess):
 def kill_described(description: dict) -> None:
     """SIGKILL the process a `describe` call described, if it is still that process."""
     pid = description.get("pid")
-    if pid and _same_process_alive(pid, description.get("create_time", 0.0)):
+    if pid and same_process_alive(pid, description.get("create_time", 0.0)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _create_time(pid: int) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
-def _same_process_alive(pid: int, create_time: float) -> bool:
-    """`pid` still runs and is the process we knew (not a reused pid, not a zombie)."""
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class EmbeddedRuntime(Runtime):
@@ -278,7 +261,7 @@ class EmbeddedRuntime(Runtime):
             start = log.tell()
             popen = subprocess.Popen([sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        proc = EmbeddedReplicaProcess(popen.pid, _create_time(popen.pid), log_file, self, popen)
+        proc = EmbeddedReplicaProcess(popen.pid, create_time(popen.pid), log_file, self, popen)
         proc._tail = self.logs.follow(log_file, prefix_fmt.format(pid=popen.pid), from_end=False, offset=start)
         return proc
 
@@ -295,7 +278,7 @@ class EmbeddedRuntime(Runtime):
 
     def adopt(self, description: dict) -> Optional[ReplicaProcess]:
         pid, create_time = description["pid"], description["create_time"]
-        if not _same_process_alive(pid, create_time):
+        if not same_process_alive(pid, create_time):
             return None
         proc = EmbeddedReplicaProcess(pid, create_time, description["log_file"], self)
         proc._tail = self.logs.follow(description["log_file"], description.get("prefix") or f"(pid={pid})",

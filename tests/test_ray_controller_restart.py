@@ -42,7 +42,9 @@ def serve_instance(ray_cluster):
     yield
 
 
-@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1})
+# A `version`: re-running with only option changes applies them in place (unversioned, every
+# `serve.run` is new code and replaces the replicas, as in Ray).
+@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1}, version="1")
 class Pid:
     def __init__(self):
         self.tag = "v1"

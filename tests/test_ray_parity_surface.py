@@ -275,10 +275,12 @@ def test_log_level_of_a_deployment_and_of_its_application(serve_app):
 
 
 def test_log_level_change_reconfigures_the_running_replica(serve_app):
-    h = serve.run(Levels.options(logging_config={"log_level": "INFO"}).bind(), name="relv", route_prefix="/relv")
+    # A `version` keeps the code version across runs (an unversioned re-run replaces replicas, as in Ray).
+    versioned = Levels.options(version="1")
+    h = serve.run(versioned.options(logging_config={"log_level": "INFO"}).bind(), name="relv", route_prefix="/relv")
     level, _, pid = h.remote().result()
     assert level == logging.INFO
-    h = serve.run(Levels.options(logging_config={"log_level": "DEBUG"}).bind(), name="relv", route_prefix="/relv")
+    h = serve.run(versioned.options(logging_config={"log_level": "DEBUG"}).bind(), name="relv", route_prefix="/relv")
     wait_for(lambda: h.remote().result()[0] == logging.DEBUG, what="the new log level")
     assert h.remote().result()[2] == pid  # the same process: reconfigured, not restarted
 

@@ -272,6 +272,9 @@ def _deploy_many(specs: list[ApplicationSpec], runtime: Optional[str] = None, ad
             raise DeployFailedError(f"Application '{spec.name}' failed to deploy:\n{message}")
         if status != ApplicationStatus.RUNNING.value:
             raise RayServeException(f"Application '{spec.name}' did not reach RUNNING (status {status}): {message}")
+    for spec in specs:  # a handle from before this deploy may hold an older replica set for a moment
+        for key in [k for k in client.handle_cache if k[1] == spec.name]:  # type: ignore[union-attr]
+            del client.handle_cache[key]  # type: ignore[union-attr]
     return [_cached_handle(client, spec.ingress, spec.name) for spec in specs]  # type: ignore[arg-type]
 
 

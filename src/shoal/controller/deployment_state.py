@@ -475,6 +475,8 @@ class DeploymentState:
         # Replicas that are not serving yet go first: stopping them costs nothing.
         outdated.sort(key=lambda r: r.state == ReplicaState.RUNNING)
         for rec in outdated[:max_to_stop]:
+            logger.info("replacing replica %s of %s: code version %s, the deployment's is %s", rec.unique_id,
+                        self.id, rec.code_version, self.code_version)
             self._stop(rec, graceful=rec.state == ReplicaState.RUNNING)
 
     def _reconfigure_outdated(self) -> None:

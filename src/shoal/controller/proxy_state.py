@@ -69,7 +69,6 @@ class ProxyManager:
         first = [0] if self.port == 0 and n > 1 else range(n)
         for i in first:
             self._launch(i)
-        self._launch_spare()
 
     def _launch(self, index: int) -> None:
         rec = self.proxies.get(index) or ProxyRecord(index)
@@ -120,6 +119,8 @@ class ProxyManager:
             for i in range(1, self.count):
                 if i not in self.proxies:
                     self._launch(i)
+        if all(r.status == ProxyStatus.HEALTHY for r in self.proxies.values()) and len(self.proxies) >= self.count:
+            self._launch_spare()  # once the serving proxies are up: their start-up gets the cores first
         self._signal()
 
     def failed(self, index: int, error: str) -> None:

@@ -714,3 +714,18 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_package_lists_the_public_names_it_loads_lazily():
+    """`shoal`'s lazy attributes are exactly `shoal.serve`'s public names, and shoal's own processes
+    import their modules without loading the public API."""
+    import subprocess
+    import sys
+
+    import shoal
+
+    assert shoal._PUBLIC == set(serve.__all__)
+    code = ("import sys, shoal.http.proxy, shoal.replica.server, shoal.controller.__main__; "
+            "print('shoal.serve' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

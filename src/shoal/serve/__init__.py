@@ -69,3 +69,16 @@ from shoal.serve import (  # noqa: E402
     request_router,
     schema,
 )
+
+
+def _publish_on_the_package() -> None:
+    """`import shoal; shoal.deployment(...)` works as `serve.deployment(...)`: the package's public
+    names are this module's. Some share a name with a shoal module (`shoal.deployment`,
+    `shoal.status`) that importing this module just bound on the package; rebind them here."""
+    import shoal
+
+    for name in __all__:
+        setattr(shoal, name, globals()[name])
+
+
+_publish_on_the_package()

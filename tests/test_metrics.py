@@ -8,6 +8,8 @@ polls with a generous bound; none depends on how fast anything is).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -19,6 +21,7 @@ from starlette.responses import StreamingResponse
 from conftest import wait_for
 from shoal import serve
 from shoal.api import get_http_url
+from shoal.client import get_global_client
 from shoal.serve import metrics
 
 APP = "metrics_http"
@@ -229,6 +232,24 @@ def test_driver_handle_calls_count_in_the_router_and_the_replica(site):
     s = eventually("ray_serve_num_router_requests_total", before + 4, **labels)
     s = eventually("ray_serve_deployment_request_counter_total", rep_before + 4, deployment="Site", route="")
     assert value(s, "ray_serve_deployment_queued_queries", deployment="Site", handle="driver") == 0
+
+
+def test_endpoint_and_live_totals_survive_a_controller_restart(site):
+    """The restarted controller listens where the old one did; live processes push their totals to it."""
+    base, _ = site
+    labels = dict(route=PREFIX, application=APP, method="GET", status_code="200")
+    before = value(scrape(), "ray_serve_num_http_requests_total", **labels) or 0
+    assert httpx.get(base, timeout=30).text == "ok"
+    eventually("ray_serve_num_http_requests_total", before + 1, **labels)
+    url = metrics.metrics_export_url()
+    client = get_global_client()
+    old = client.controller_proc.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: client.controller_proc.pid != old, timeout=60, what="a new controller")
+    assert metrics.metrics_export_url() == url
+    eventually("ray_serve_num_http_requests_total", before + 1, **labels)
+    assert httpx.get(base, timeout=30).text == "ok"
+    eventually("ray_serve_num_http_requests_total", before + 2, **labels)
 
 
 def test_batching_metrics(serve_instance):

@@ -220,10 +220,12 @@ class ProxyApp:
             request_id = _ID_PREFIX + str(next(_ids))
         rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
         # HTTP/1.1: without a length header there is no body to read.
-        body = await self._read_body(receive, send, rid_header) if has_body else b""
-        if body.__class__ is int:  # answered (413), or the client went away
-            self._record(route.prefix, route.app_name, route.ingress, scope["method"], body, t0)
-            return
+        body = b""
+        if has_body:
+            body = await self._read_body(receive, send, rid_header)
+            if body.__class__ is int:  # answered (413), or the client went away
+                self._record(route.prefix, route.app_name, route.ingress, scope["method"], body, t0)
+                return
         call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), body, model_id, request_id, session_id,
                         receive)
         cached = self.routers.get(route.prefix)

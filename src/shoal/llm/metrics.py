@@ -54,7 +54,7 @@ class LLMMetrics:
         # Every series exists from the start, as in vLLM (a dashboard's rate() needs the zero).
         self.prompt_tokens.inc(self.labels, 0.0)
         self.generation_tokens.inc(self.labels, 0.0)
-        REGISTRY.add_source(self._gauges)
+        REGISTRY.add_source(self._gauges, weak=True)  # ends with its LLMServer
 
     def _gauges(self, out: Snapshot) -> None:
         stats = getattr(self.engine, "stats", None)

@@ -145,9 +145,11 @@ class Registry:
                              + (f" and boundaries {list(m.bounds)}" if m.bounds else ""))
         return m
 
-    def add_source(self, source: Callable[[Snapshot], None]) -> None:
+    def add_source(self, source: Callable[[Snapshot], None], weak: bool = False) -> None:
+        """`source(snapshot)` adds its families when a snapshot is taken. `weak=True` (for a bound
+        method) lets its object go: the source then ends with it."""
         with self._lock:
-            self._sources.append(source)
+            self._sources.append(weakref.WeakMethod(source) if weak else source)  # type: ignore[arg-type]
 
     def remove_source(self, source: Callable[[Snapshot], None]) -> None:
         with self._lock:
@@ -160,10 +162,20 @@ class Registry:
         out: Snapshot = {}
         with self._lock:
             metrics = list(self._metrics.values())
-            sources = list(self._sources) + list(extra)
+            sources = list(self._sources)
         for m in metrics:
             m.collect(out)
+        live = []
         for source in sources:
+            if isinstance(source, weakref.WeakMethod):
+                fn = source()
+                if fn is None:
+                    self.remove_source(source)  # type: ignore[arg-type]
+                    continue
+                live.append(fn)
+            else:
+                live.append(source)
+        for source in live + list(extra):
             try:
                 source(out)
             except Exception:  # noqa: BLE001 - one broken source must not stop the others

@@ -93,13 +93,13 @@ def node_labels() -> tuple[str, str]:
 class ProxyStats:
     """The proxy's per-request counts. `record` is the only call on the request path."""
 
-    __slots__ = ("data", "_n", "ongoing")
+    __slots__ = ("data", "_n", "ongoing", "__weakref__")
 
     def __init__(self, ongoing: Any) -> None:
         self.data: dict[tuple, list] = {}
         self._n = len(REQUEST_LATENCY_BUCKETS_MS) + 1
         self.ongoing = ongoing  # () -> int: the proxy's requests in flight
-        REGISTRY.add_source(self.collect)
+        REGISTRY.add_source(self.collect, weak=True)  # ends with its proxy app
 
     def record(self, route: str, app: str, ingress: str, method: str, status: int, t0: float) -> None:
         """One finished request: `t0` is `time.perf_counter()` when it arrived."""
@@ -149,14 +149,14 @@ class ProxyStats:
 class ReplicaStats:
     """A replica's per-request counts: per route, a latency histogram list and then its error count."""
 
-    __slots__ = ("data", "_n", "labels", "ongoing")
+    __slots__ = ("data", "_n", "labels", "ongoing", "__weakref__")
 
     def __init__(self, deployment: str, replica: str, app: str, ongoing: Any) -> None:
         self.data: dict[str, list] = {}
         self._n = len(REQUEST_LATENCY_BUCKETS_MS) + 1
         self.labels = (deployment, replica, app)
         self.ongoing = ongoing  # () -> int
-        REGISTRY.add_source(self.collect)
+        REGISTRY.add_source(self.collect, weak=True)  # ends with its replica server
 
     def record(self, route: str, failed: bool, t0: float) -> None:
         ms = (_now() - t0) * 1000.0

@@ -88,5 +88,6 @@ def test_vllm_metrics_move_after_a_chat_completion(base_url):
     s = scrape()
     assert value(s, "vllm:num_requests_waiting", **labels) == 0
     assert value(s, "vllm:kv_cache_usage_perc", **labels) == 0
-    # The same text carries shoal's own metrics for the app.
-    assert value(s, "ray_serve_num_http_requests_total", application=APP, method="POST", status_code="200") >= 2
+    # The same text carries shoal's own metrics for the app (the proxy pushes on its own tick).
+    wait_for(lambda: (value(scrape(), "ray_serve_num_http_requests_total", application=APP, method="POST",
+                            status_code="200") or 0) >= 2, timeout=60, what="the proxy's count of the two requests")

@@ -48,8 +48,9 @@ def test_one_endpoint_shows_every_node(serve_app, ray_cluster):
     assert len(seen) >= 2
     wait_for(lambda: _sum(_scrape(), "ray_serve_num_http_requests_total", application="nodes",
                           status_code="200") == 12, timeout=60, what="12 requests counted by the proxies")
+    wait_for(lambda: _sum(_scrape(), "ray_serve_deployment_request_counter_total", application="nodes",
+                          deployment="Node") == 12, timeout=60, what="12 requests counted by the replicas")
     s = _scrape()
-    assert _sum(s, "ray_serve_deployment_request_counter_total", application="nodes", deployment="Node") == 12
     assert _sum(s, "ray_serve_deployment_replica_healthy", application="nodes", deployment="Node") == 3
     proxy_nodes = {dict(ls)["node_id"] for (n, ls), _ in s.items() if n == "ray_serve_num_ongoing_http_requests"}
     assert proxy_nodes == {ray_cluster.node_id(n) for n in ("head", "w1", "w2")}

@@ -316,6 +316,26 @@ def test_hub_sums_processes_and_keeps_totals_of_those_that_ended(monkeypatch):
     assert _hub_value(hub, "ray_serve_num_http_requests", ("/a",)) == 13
 
 
+def test_hub_drops_an_ended_replicas_own_series_later(monkeypatch):
+    from shoal.telemetry import exporter
+
+    monkeypatch.setattr(exporter, "RECONNECT_GRACE_S", 0.0)
+    monkeypatch.setattr(exporter, "DEAD_REPLICA_SERIES_TTL_S", 0.05)
+    hub = exporter.MetricsHub(_Controller())
+    conn = _Conn()
+    hub.update(conn, ("replica-x", {
+        "ray_serve_deployment_request_counter": ("counter", "", ("deployment", "replica"), None,
+                                                 {("D", "x"): 3.0}),
+        "ray_serve_num_router_requests": ("counter", "", ("deployment",), None, {("E",): 2.0}),
+    }))
+    hub.forget(conn)
+    time.sleep(0.01)
+    assert _hub_value(hub, "ray_serve_deployment_request_counter", ("D", "x")) == 3  # kept for a while
+    time.sleep(0.1)
+    assert _hub_value(hub, "ray_serve_deployment_request_counter", ("D", "x")) is None  # then gone, as in Ray
+    assert _hub_value(hub, "ray_serve_num_router_requests", ("E",)) == 2  # totals without a replica stay
+
+
 def test_hub_does_not_count_a_reconnected_process_twice():
     from shoal.telemetry import exporter
 
@@ -325,6 +345,15 @@ def test_hub_does_not_count_a_reconnected_process_twice():
     hub.forget(first)  # its connection dropped ...
     hub.update(_Conn(), ("proc", _snap(6, 0)))  # ... and it came back with its cumulative totals
     assert _hub_value(hub, "ray_serve_num_http_requests", ("/a",)) == 6
+
+
+def test_export_options():
+    from shoal.telemetry.exporter import export_options
+
+    assert export_options("off")["port"] == -1 and export_options(-1)["port"] == -1
+    assert export_options(0, "0.0.0.0") == {"host": "0.0.0.0", "port": 0}
+    with pytest.raises(ValueError, match="SHOAL_METRICS_EXPORT_PORT"):
+        export_options("eighty")
 
 
 def test_hub_exports_the_first_of_conflicting_definitions():
@@ -353,6 +382,8 @@ def test_user_metric_validation_outside_a_replica():
         metrics.Counter("test_unit_bad", tag_keys=["k"])  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         metrics.Counter("bad name")
+    with pytest.raises(ValueError, match="Invalid tag key"):
+        metrics.Counter("test_unit_bad_tag", tag_keys=("a-b",))
     with pytest.raises(ValueError):
         metrics.Histogram("test_unit_hist", boundaries=[])
     with pytest.raises(ValueError):

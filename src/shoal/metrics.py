@@ -31,6 +31,7 @@ APPLICATION_TAG = "application"
 ROUTE_TAG = "route"
 _RESERVED = (DEPLOYMENT_TAG, REPLICA_TAG, APPLICATION_TAG)
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 PREFIX = "ray_"  # Ray's metrics agent exports every metric under the `ray` namespace
 
 Number = Union[int, float]
@@ -62,6 +63,9 @@ class _Metric:
         for key in tag_keys:
             if not isinstance(key, str):
                 raise TypeError(f"Tag keys must be str, got {type(key)}.")
+            if not _LABEL.match(key) or key.startswith("__"):
+                raise ValueError(f"Invalid tag key {key!r}: use letters, digits and '_' (no digit first, "
+                                 "no leading '__').")
         serve_tags = _replica_tags()
         if serve_tags is not None:
             for key in _RESERVED:

@@ -35,6 +35,8 @@ DEAD_REPLICA_SERIES_TTL_S = 600.0
 # token before they join the retired totals.
 RECONNECT_GRACE_S = 60.0
 _CHECKPOINT_KEY = "metrics_export"
+# Labels that name one replica (vLLM's `engine` is the replica's id): its series end with it.
+_IDENTITY_LABELS = frozenset({"replica", "engine"})
 
 
 def export_options(port: Any = None, host: Optional[str] = None) -> dict:
@@ -42,7 +44,11 @@ def export_options(port: Any = None, host: Optional[str] = None) -> dict:
     if port is None:
         port = os.environ.get("SHOAL_METRICS_EXPORT_PORT", "").strip() or DEFAULT_PORT
     if isinstance(port, str):
-        port = OFF if port.lower() in ("off", "none", "false", "disabled") else int(port)
+        try:
+            port = OFF if port.lower() in ("off", "none", "false", "disabled") else int(port)
+        except ValueError:
+            raise ValueError(f"SHOAL_METRICS_EXPORT_PORT must be a port number, 0 (any free port) or -1/off "
+                             f"(no endpoint), not {port!r}") from None
     if port is None or int(port) < 0:
         port = OFF
     return {"host": host or os.environ.get("SHOAL_METRICS_EXPORT_HOST", "").strip() or DEFAULT_HOST,
@@ -92,7 +98,7 @@ class MetricsHub:
             keep: Snapshot = {}
             expire: Snapshot = {}
             for name, fam in snap.items():
-                (expire if "replica" in fam[2] else keep)[name] = fam
+                (expire if _IDENTITY_LABELS.intersection(fam[2]) else keep)[name] = fam
             _merge(self.retired, keep, self._conflicts)
             if expire:
                 self.expiring.append((now + DEAD_REPLICA_SERIES_TTL_S, expire))

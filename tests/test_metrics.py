@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 
 import httpx
 import pytest

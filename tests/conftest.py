@@ -12,6 +12,8 @@ from shoal import serve
 
 # Every shoal started by the tests, in this process or a child, listens on a free port.
 os.environ.setdefault("SHOAL_HTTP_PORT", "0")
+# ... and serves its Prometheus metrics on a free port too (not 8080; see docs/observability.md).
+os.environ.setdefault("SHOAL_METRICS_EXPORT_PORT", "0")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ _PUBLIC = frozenset({
     "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError", "ReplicaState",
     "RequestCancelledError", "RequestRouterConfig", "RunTarget", "ServeStatus", "_run", "_run_many", "batch",
     "delete", "deployment", "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id",
-    "get_replica_context", "ingress", "multiplexed", "run", "run_many", "shutdown", "shutdown_async", "start",
+    "get_replica_context", "ingress", "metrics", "multiplexed", "run", "run_many", "shutdown", "shutdown_async", "start",
     "status",
 })
 

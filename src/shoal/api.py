@@ -42,6 +42,7 @@ def _choose_runtime(runtime: Optional[str], address: Optional[str]) -> tuple[str
 
 def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: Any = None,
           logging_config: Any = None, runtime: Optional[str] = None, address: Optional[str] = None,
+          metrics_export_port: Optional[int] = None, metrics_export_host: Optional[str] = None,
           **_ignored: Any) -> None:
     """Start shoal, or do nothing if it already runs.
 
@@ -49,6 +50,10 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
     joins the Ray cluster at `address` (`"auto"`: the running one; None: `ray.init()`'s default, or
     the cluster this process already joined) and starts or joins shoal's detached controller there.
     `SHOAL_RUNTIME` and `SHOAL_RAY_ADDRESS` choose the same without code changes.
+
+    The instance's Prometheus metrics are served at `http://127.0.0.1:8080/metrics`:
+    `metrics_export_port` (0: any free port, -1: off) and `metrics_export_host` change that, as do
+    `SHOAL_METRICS_EXPORT_PORT` and `SHOAL_METRICS_EXPORT_HOST` (see docs/observability.md).
     """
     explicit = runtime
     runtime, address = _choose_runtime(runtime, address)
@@ -70,15 +75,18 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
         logs_dir = system_logging.logs_dir if system_logging is not None else None
         if proxy_location is not None:
             opts["proxy_location"] = getattr(proxy_location, "value", proxy_location)
+        from shoal.telemetry.exporter import export_options
+
+        metrics = export_options(metrics_export_port, metrics_export_host)
         if runtime == "ray":
             try:
                 from shoal.runtime.ray import connect_driver
             except ImportError as e:
                 raise RayServeException("The ray runtime needs Ray: pip install 'shoal[ray]'.") from e
-            client = connect_driver(address, opts)
+            client = connect_driver(address, opts, metrics)
         else:
             client = client_mod.start_controller(
-                http_options=opts, logs_dir=logs_dir,
+                http_options=opts, logs_dir=logs_dir, metrics_options=metrics,
                 log_level=system_logging.log_level if system_logging is not None else None)
         client_mod.set_global_client(client)
         ok, error = client.call_sync("wait_for_proxies", 60)

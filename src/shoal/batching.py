@@ -208,6 +208,7 @@ class _BatchQueue:
         self.active = 0             # batches running
         self.tasks: set[asyncio.Task] = set()
         self.head_size: Optional[tuple] = None  # (request, size) of a request deferred by batch_size_fn
+        self.metrics: Any = None  # Ray's batching metrics, made with the first batch (telemetry/serve_metrics.py)
 
     def put(self, req: tuple) -> None:
         items = self.items
@@ -230,6 +231,7 @@ class _BatchQueue:
                 batch = await self._form_batch()
                 if not batch:
                     continue
+                self._record_formed(batch, settings.max_batch_size)
                 self.active += 1
                 if settings.max_concurrent_batches == 1:
                     await self._execute(batch, False)
@@ -308,6 +310,16 @@ class _BatchQueue:
                 if timer is not None:
                     timer.cancel()
 
+    def _record_formed(self, batch: list[tuple], max_size: int) -> None:
+        try:
+            if self.metrics is None:
+                from shoal.telemetry.serve_metrics import BatchMetrics
+
+                self.metrics = BatchMetrics(self.name.rsplit(".", 1)[-1])
+            self.metrics.formed(len(batch), max_size, _monotonic() - batch[0][4], len(self.items))
+        except Exception:  # noqa: BLE001 - metrics never fail a batch
+            logger.debug("batch metrics failed", exc_info=True)
+
     @staticmethod
     def _size_of(size_fn: Callable, req: tuple) -> Any:
         args, kwargs = req[0], req[1]
@@ -323,6 +335,7 @@ class _BatchQueue:
         return size
 
     async def _execute(self, batch: list[tuple], recheck: bool) -> None:
+        started = _monotonic()
         try:
             model_id = batch[0][2].multiplexed_model_id
             for req in batch:
@@ -341,6 +354,8 @@ class _BatchQueue:
             await asyncio.gather(*[loop.create_task(self._run_group(group, recheck))
                                    for group in groups.values()])
         finally:
+            if self.metrics is not None:
+                self.metrics.executed(_monotonic() - started)
             self.active -= 1
             if self.items and self.runner is None and self.active < self.settings.max_concurrent_batches:
                 self.runner = self.loop.create_task(self._run())

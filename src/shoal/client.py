@@ -159,7 +159,15 @@ class ServeClient:
         reply = await self.conn.call("hello", role=role, pid=os.getpid(), **hello)
         self._connected.set()
         self.start_load_reports()
+        self._start_metrics()
         return reply
+
+    def _start_metrics(self) -> None:
+        """Push this process's metrics to the controller about once a second (shoal/telemetry)."""
+        from shoal.telemetry.registry import start_pushing
+        from shoal.telemetry.serve_metrics import routers_source
+
+        start_pushing(self, [routers_source(self)])
 
     def _on_connection_lost(self, conn: Connection) -> None:
         """The controller connection closed: the controller died or is restarting (I/O loop)."""
@@ -447,7 +455,7 @@ def _session_root() -> str:
 
 
 def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str] = None,
-                     log_level: Any = None) -> ServeClient:
+                     log_level: Any = None, metrics_options: Optional[dict] = None) -> ServeClient:
     """Spawn a private controller process for this driver and connect to it."""
     from shoal import sessions
     from shoal.serve_logging import SYSTEM_LOG_LEVEL_ENV
@@ -485,7 +493,8 @@ def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str
             raise RayServeException("The shoal controller did not start within 60 s.")
         time.sleep(0.005)
     asyncio.run_coroutine_threadsafe(
-        client.connect("driver", owner=True, http_options=http_options), io.loop).result(30)
+        client.connect("driver", owner=True, http_options=http_options, metrics_options=metrics_options),
+        io.loop).result(30)
     atexit.register(_shutdown_at_exit, client)
     return client
 

@@ -32,6 +32,7 @@ async def _main(session_dir: str, logs_dir: str, args: argparse.Namespace) -> No
         snap = checkpoint.load(controller.checkpoint_store)  # type: ignore[arg-type]
         if snap is not None:
             controller.restore(snap)
+            await controller.metrics.resume()  # the metrics endpoint where it was
     path = os.path.join(session_dir, CONTROLLER_SOCKET)
     tmp = path + ".tmp"
     server = await serve_unix(tmp, lambda: controller, name="controller")
@@ -73,6 +74,9 @@ async def _start_detached(controller: Controller, session_dir: str, args: argpar
 
     http_options = json.loads(args.http_options or "{}")
     controller.proxies.configure(http_options)  # a recovered controller keeps the options it had
+    from shoal.telemetry.exporter import export_options
+
+    await controller.metrics.configure(export_options())  # SHOAL_METRICS_EXPORT_PORT/_HOST (no-op if resumed)
     # A restarted controller answers on the port its predecessor had: the CLI finds it unchanged.
     token = instance.read_token(args.instance_dir)
     try:

@@ -30,6 +30,7 @@ from shoal.status import (
     ProxyStatus,
     ServeStatus,
 )
+from shoal.telemetry.exporter import MetricsHub
 from shoal.transport.connection import Connection, ConnectionLost, RpcHandler
 
 logger = logging.getLogger("shoal.controller")
@@ -99,6 +100,7 @@ class Controller(RpcHandler):
         self.checkpoint_store = runtime.checkpoint_store()
         self.checkpoint_extra: dict = {}  # saved with the checkpoint: what the process main needs back
         self._checkpoint_key: Optional[tuple] = None
+        self.metrics = MetricsHub(self)  # every process's metrics, served to Prometheus (telemetry/)
 
     # --- helpers used by deployment states ------------------------------------------------------
     def wake(self) -> None:
@@ -266,6 +268,7 @@ class Controller(RpcHandler):
             if owner and self.owner is None:
                 self.owner = conn
             self.proxies.configure(extra.get("http_options"))
+            await self.metrics.configure(extra.get("metrics_options"))
             return {"http_options": self.proxies.options}
         if role == "proxy":
             return self.proxies.hello(conn, extra["index"], extra.get("serving_port", 0))
@@ -422,6 +425,16 @@ class Controller(RpcHandler):
         if self.load_reports.update(conn, payload):
             self.wake()  # requests may be waiting with no replica: decide now, not at the next tick
 
+    def notify_metrics(self, conn: Connection, payload: tuple) -> None:
+        """A process's metrics (cumulative, about once a second while they change)."""
+        self.metrics.update(conn, payload)
+
+    async def rpc_metrics_url(self, conn: Connection) -> Optional[str]:
+        return self.metrics.url
+
+    async def rpc_metrics_text(self, conn: Connection) -> str:
+        return self.metrics.text()
+
     def notify_model_ids(self, conn: Connection, payload: tuple) -> None:
         """A replica's multiplexed models changed: routers should prefer it for those models."""
         unique_id, model_ids = payload
@@ -483,6 +496,7 @@ class Controller(RpcHandler):
         await self.proxies.wait_exited(timeout=3.0)
         if self.checkpoint_store is not None:
             self.checkpoint_store.clear()  # nothing to recover: a restart after this starts empty
+        self.metrics.close()
         self.done.set()
 
     # --- calls from replicas --------------------------------------------------------------------
@@ -513,6 +527,7 @@ class Controller(RpcHandler):
             subs.discard(conn)
         self.proxies.on_disconnect(conn)
         self.load_reports.forget(conn)
+        self.metrics.forget(conn)
         rec = getattr(conn, "replica", None)
         if rec is not None:
             rec.conn = None

@@ -23,6 +23,7 @@ from shoal.controller.checkpoint import DeploymentSnapshot, ReplicaSnapshot
 from shoal.controller.specs import DeploymentSpec
 from shoal.runtime.base import ReplicaProcess, Reservation, ResourceRequest
 from shoal.status import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+from shoal.telemetry import serve_metrics
 from shoal.transport.connection import ConnectionLost
 
 if TYPE_CHECKING:
@@ -204,6 +205,8 @@ class DeploymentState:
             return
         rec.state = ReplicaState.RUNNING
         rec.last_health_check = time.monotonic()
+        serve_metrics.replica_started(self.id.name, rec.unique_id, self.id.app_name,
+                                      (time.time() - rec.start_time) * 1000.0)
         self.start_failures = 0
         self.backoff_exp = 0
         self.controller.wake()
@@ -263,6 +266,7 @@ class DeploymentState:
 
     def _forget(self, rec: ReplicaRecord) -> None:
         self.replicas.pop(rec.unique_id, None)
+        serve_metrics.replica_gone(self.id.name, rec.unique_id, self.id.app_name)
         self.controller.replicas_by_uid.pop(rec.unique_id, None)
         if rec.reservation is not None:
             self.controller.runtime.release(rec.reservation)

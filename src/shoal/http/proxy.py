@@ -26,6 +26,7 @@ from shoal.http.convert import TEXT_UTF8
 from shoal.http.routes import Route, RouteTable
 from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
+from shoal.telemetry.serve_metrics import CALLER, ProxyStats, router_cell
 from shoal.transport.serialization import PlainPickler
 
 logger = logging.getLogger("shoal.proxy")
@@ -40,6 +41,8 @@ _pickler = PlainPickler()  # the proxy serves from one loop
 _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
+_now = time.perf_counter
+CLIENT_GONE = 499  # the status metrics record for a request whose client went away (nginx's)
 
 
 class HTTPCall:
@@ -135,6 +138,10 @@ class ProxyApp:
         self._ticking = False
         # A time-out shorter than two ticks gets its timer at once, so it is never late by a tick.
         self._timer_at_once = self.timeout_s is not None and self.timeout_s <= 2 * _WATCH_TICK_S
+        # Metrics: requests routed and not yet answered, and one `record` per answered request.
+        self.ongoing = 0
+        self.stats = ProxyStats(lambda: self.ongoing)
+        self._record = self.stats.record
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -153,6 +160,7 @@ class ProxyApp:
         if cached is not None and cached[0] is route and not cached[1].closed:
             return cached[1]
         router = self.client.get_router(DeploymentID(route.ingress, route.app_name), self.loop)
+        router.requests_cell = router_cell(router.deployment_id, route.prefix)  # metrics: counted per route
         self.routers[route.prefix] = (route, router)
         return router
 
@@ -185,13 +193,16 @@ class ProxyApp:
             if path == "/-/routes":
                 body = json.dumps(self.routes.as_dict()).encode()
                 return await _respond(send, 200, body, [(b"content-type", b"application/json")])
+        t0 = _now()
         root = scope["root_path"]
         route = self.routes.match(path[len(root):] if root and path.startswith(root) else path)
         if route is None:
-            return await _respond(send, 404, (
+            await _respond(send, 404, (
                 f"Path '{path}' not found. Ping http://{scope['server'][0]}:{scope['server'][1]}/-/routes "
                 "for available routes.").encode() if scope.get("server") else
                 f"Path '{path}' not found. Ping /-/routes for available routes.".encode())
+            self._record("", "", "", scope["method"], 404, t0)  # no route label: paths are unbounded
+            return
         request_id = ""
         model_id = ""
         session_id = ""
@@ -209,15 +220,20 @@ class ProxyApp:
             request_id = _ID_PREFIX + str(next(_ids))
         rid_header = (_REQUEST_ID_HEADER, request_id.encode("latin-1"))
         # HTTP/1.1: without a length header there is no body to read.
-        body = await self._read_body(receive, send, rid_header) if has_body else b""
-        if body is None:
-            return  # answered (413) or the client went away
+        body = b""
+        if has_body:
+            body = await self._read_body(receive, send, rid_header)
+            if body.__class__ is int:  # answered (413), or the client went away
+                self._record(route.prefix, route.app_name, route.ingress, scope["method"], body, t0)
+                return
         call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), body, model_id, request_id, session_id,
                         receive)
         cached = self.routers.get(route.prefix)
         router = call.router = cached[1] if cached is not None and cached[0] is route and not cached[1].closed \
             else self._router(route)
+        self.ongoing += 1
         router.assign(call)
+        status = 500  # unless the response says otherwise (a stream that breaks midway stays 500)
         try:
             if not call.finished:
                 self._track(call)
@@ -229,16 +245,18 @@ class ProxyApp:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
-            await self._relay(call, router, send, rid_header)
+            status = await self._relay(call, router, send, rid_header)
         finally:
             self._untrack(call)
+            self.ongoing -= 1
+            self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
 
-    async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Optional[bytes]:
-        """The whole body, within the configured limit; None when it was answered with 413 or the
-        client went away."""
+    async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
+        """The whole body, within the configured limit; else the status to record: 413 (answered so)
+        or CLIENT_GONE."""
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            return None
+            return CLIENT_GONE
         body = msg.get("body", b"")
         size = len(body)
         if msg.get("more_body"):
@@ -246,7 +264,7 @@ class ProxyApp:
             while msg.get("more_body"):
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
-                    return None
+                    return CLIENT_GONE
                 chunk = msg.get("body", b"")
                 size += len(chunk)
                 if self.max_body and size > self.max_body:
@@ -256,7 +274,7 @@ class ProxyApp:
         if self.max_body and size > self.max_body:
             await _respond(send, 413, f"Request body exceeds the limit of {self.max_body} bytes.".encode(),
                            extra=[rid_header])
-            return None
+            return 413
         return body
 
     def _track(self, call: HTTPCall) -> None:
@@ -302,8 +320,10 @@ class ProxyApp:
         if call.timeout_handle is not None:
             call.timeout_handle.cancel()
 
-    async def _relay(self, call: HTTPCall, router: Any, send: Any, rid_header: tuple) -> None:
+    async def _relay(self, call: HTTPCall, router: Any, send: Any, rid_header: tuple) -> int:
+        """Write a streamed (or failed) response; returns the status for metrics."""
         started = False
+        status = 500
         while True:
             if not call.items and not call.finished:
                 await call.wait()
@@ -321,33 +341,38 @@ class ProxyApp:
         if exc is None:
             if started:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
-            return
+                return status
+            await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
+            return 500
         if started:
             if isinstance(exc, RequestCancelledError) and not call.timed_out:
-                return  # the client went away midway: nobody to tell, nothing to log
+                return CLIENT_GONE  # the client went away midway: nobody to tell, nothing to log
             raise RuntimeError("the response stream failed midway") from exc  # uvicorn drops the connection
-        await self._error_response(exc, call, router, send, rid_header)
+        return await self._error_response(exc, call, router, send, rid_header)
 
     async def _error_response(self, exc: BaseException, call: HTTPCall, router: Any, send: Any,
-                              rid_header: tuple) -> None:
+                              rid_header: tuple) -> int:
+        """Answer a request that failed before its response started; returns the status."""
         if call.timed_out:
-            return await _respond(send, 408, f"Request {call.request_id} timed out after {self.timeout_s}s."
-                                  .encode(), extra=[rid_header])
+            await _respond(send, 408, f"Request {call.request_id} timed out after {self.timeout_s}s."
+                           .encode(), extra=[rid_header])
+            return 408
         if isinstance(exc, RequestCancelledError):
-            return  # the client went away
+            return CLIENT_GONE  # the client went away
         if isinstance(exc, BackPressureError):
             status = getattr(router, "backpressure_status_code", 503) or 503
             extra = [rid_header]
             retry = getattr(router, "backpressure_retry_after_s", None)
             if retry is not None:
                 extra.append((b"retry-after", str(int(retry) if float(retry).is_integer() else retry).encode()))
-            return await _respond(send, status, exc.message.encode(), extra=extra)
+            await _respond(send, status, exc.message.encode(), extra=extra)
+            return status
         if isinstance(exc, DeploymentUnavailableError):
-            return await _respond(send, 503, str(exc).encode(), extra=[rid_header])
+            await _respond(send, 503, str(exc).encode(), extra=[rid_header])
+            return 503
         logger.warning("request %s failed in the replica: %s: %s", call.request_id, type(exc).__name__, exc)
         await _respond(send, 500, b"Internal Server Error", extra=[rid_header])
+        return 500
 
     # --- WebSocket -----------------------------------------------------------------------------
     async def websocket(self, scope: dict, receive: Any, send: Any) -> None:
@@ -459,6 +484,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     loop = asyncio.get_running_loop()
     client = ServeClient(loop, session_dir)
     set_global_client(client)
+    CALLER["handle"] = "proxy"  # the `handle` label of this process's router metrics
     standby = _Standby() if index < 0 else None
     if standby is not None:
         client.controller_recoverable = lambda: False  # a standby leaves with its controller

@@ -738,6 +738,9 @@ class TransformersEngine:
         out["active"] = len(self._active)
         out["waiting"] = len(self._waiting) + len(self._incoming)
         out["kv_cache_bytes"] = self._store.nbytes if self._store is not None else 0
+        # KV-cache usage for metrics: the tokens held for running requests, of what the cache can hold.
+        out["kv_cache_tokens"] = sum(s.position for s in list(self._active))
+        out["kv_cache_capacity_tokens"] = self.max_num_seqs * self.max_model_len
         return out
 
     # -- request intake (event-loop side) ----------------------------------------------------------

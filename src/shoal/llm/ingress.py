@@ -91,6 +91,16 @@ class OpenAiIngress:
             return error_response(model_not_found(model_id, list(cards)))
         return JSONResponse(cards[model_id])
 
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus metrics, as `vllm serve` answers on its port: the whole instance's (the
+        models' `vllm:*` and shoal's `ray_serve_*`), from the controller that gathers them."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from shoal.metrics import metrics_text_async
+
+        return Response(await metrics_text_async(), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, ChatCompletionRequest, "chat")

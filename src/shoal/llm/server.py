@@ -11,10 +11,12 @@ import asyncio
 import base64
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Union
 
 from .config import LLMConfig, load_llm_config
+from .metrics import LLMMetrics
 from .engine import (
     EmbeddingEngine,
     EngineShutdownError,
@@ -65,6 +67,7 @@ class LLMServer:
         logger.info("loading model %s from %s", self.model_id, self.config.model_loading_config.source)
         await self.engine.start()
         self.kind = "embedding" if isinstance(self.engine, EmbeddingEngine) else "generate"
+        self.metrics = LLMMetrics(self.model_id, self.engine)  # vLLM's metrics, labelled by model_name
         logger.info("model %s ready", self.model_id)
 
     # -- OpenAI methods ----------------------------------------------------------------------------
@@ -130,7 +133,9 @@ class LLMServer:
                 param="model", code="model_not_supported",
             )
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        started = time.monotonic()
         output = await self.engine.embed(texts)
+        self.metrics.embedded(output.prompt_tokens, started)
         data = []
         for i, vector in enumerate(output.embeddings):
             value: Any = vector
@@ -167,7 +172,7 @@ class LLMServer:
                 param="model", code="model_not_supported",
             )
         try:
-            return self.engine.generate(request)
+            return self.metrics.track(self.engine.generate(request))
         except PromptTooLongError as exc:
             raise OpenAIError(400, str(exc), param=param, code="context_length_exceeded") from None
         except ValueError as exc:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any, Optional
 
@@ -28,12 +29,15 @@ from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
 from shoal.serve_logging import apply_log_level
+from shoal.telemetry.serve_metrics import CALLER, ReplicaStats
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
 from shoal.transport.framing import Kind, pack
 
 logger = logging.getLogger("shoal.replica")
 _CAPACITY_FRAME = pack(Kind.CAPACITY, 0)
+_now = time.perf_counter
+_ROOT_PATH = 8  # where the wire scope (http/scope.py) holds root_path: the route prefix appended
 
 
 class ReplicaServer:
@@ -59,6 +63,8 @@ class ReplicaServer:
         self.rank = spec.get("rank")
         self.world_size = spec.get("world_size", 1)
         self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
+        dep = replica_id.deployment_id
+        self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
@@ -78,19 +84,27 @@ class ReplicaServer:
             conn.tasks[rid] = task
 
     async def _handle(self, conn: Connection, rid: int, body: bytes) -> None:
+        t0 = _now()
+        route = ""  # the metrics' route: the HTTP route prefix; handle calls have none (as in Ray)
+        failed = True  # an exception or a cancellation counts as an error, as in Ray
         try:
             method, stream, model_id, request_id, args, kwargs = ser.loads(body)
-            _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
             uc = self.callable
             if method == HTTP_METHOD:
+                route = args[0][_ROOT_PATH] or "/"
+                _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name,
+                                                    route))
                 await self.http.handle(conn, rid, *args)  # type: ignore[union-attr]
-            elif stream:
-                async for item in uc.call_stream(method, args, kwargs):  # type: ignore[union-attr]
-                    conn.reply(Kind.ITEM, rid, ser.dumps(item))
-                conn.reply(Kind.END, rid)
             else:
-                result = await uc.call(method, args, kwargs)  # type: ignore[union-attr]
-                conn.reply(Kind.OK, rid, ser.dumps(result))
+                _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
+                if stream:
+                    async for item in uc.call_stream(method, args, kwargs):  # type: ignore[union-attr]
+                        conn.reply(Kind.ITEM, rid, ser.dumps(item))
+                    conn.reply(Kind.END, rid)
+                else:
+                    result = await uc.call(method, args, kwargs)  # type: ignore[union-attr]
+                    conn.reply(Kind.OK, rid, ser.dumps(result))
+            failed = False
         except asyncio.CancelledError:
             if self.abort_error is not None:  # cancelled by `abort_requests`: the caller learns why
                 conn.reply(Kind.ERROR, rid, ser.dumps_exception(self.abort_error, self._where))
@@ -101,6 +115,7 @@ class ReplicaServer:
                 logger.exception("request %s to %s failed", rid, self._where)
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
+            self.stats.record(route, failed, t0)
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:
@@ -179,6 +194,7 @@ class ReplicaServer:
         await asyncio.sleep(min(wait_loop_s, 0.05) if self.ongoing == 0 else 0)
         await self.idle.wait()
         await self._teardown()
+        _flush_metrics()  # the last counts reach the controller before this process ends
         conns = [c for c in self.conns if not c.closed]
         for c in conns:
             c.close()
@@ -297,6 +313,15 @@ async def _report_autoscaling_stats(client: Any, server: ReplicaServer, unique_i
             client.conn.notify("autoscaling_stats", (unique_id, {k: float(v) for k, v in values.items()}))
 
 
+def _flush_metrics() -> None:
+    from shoal.client import get_global_client
+    from shoal.telemetry.registry import flush
+
+    client = get_global_client(required=False)
+    if client is not None:
+        flush(client)
+
+
 def _exit(code: int) -> None:
     from shoal.common import exit_process
 
@@ -318,6 +343,7 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
     models = _report_model_ids(client, unique_id, loop)
     replica_id: ReplicaID = spec["replica_id"]
+    CALLER["handle"] = f"{replica_id.deployment_id.app_name}#{replica_id.deployment_id.name}"  # router metrics
     apply_log_level(spec["config"].logging_config)  # the serve loggers (`ray.serve`, `shoal`)
     server = ReplicaServer(replica_id, spec)
     holder["server"] = server

@@ -33,6 +33,7 @@ from shoal.exceptions import (
 )
 from shoal.router.base import RequestRouter, load_router_class
 from shoal.router.pow2 import MODEL_MATCH_WINDOW_S, PowerOfTwoChoicesRequestRouter
+from shoal.telemetry.serve_metrics import router_cell
 from shoal.transport import serialization as ser
 from shoal.transport.connection import Connection, ConnectionLost, connect
 from shoal.transport.framing import Kind
@@ -202,10 +203,14 @@ class Router:
         self.on_queued_without_replicas = None  # set by the client: tells the controller at once
         self.sync_loop = None  # set when sync callers drive this router's loop (see sync_loop.py)
         self._background = 0  # connects and argument resolutions in progress
+        # Metrics: requests this process sent to the deployment (ray_serve_num_router_requests), in a
+        # cell shared by the process's routers of the deployment (and route), which outlives them.
+        self.requests_cell = router_cell(deployment_id)
 
     # --- requests -----------------------------------------------------------------------------
     def assign(self, resp) -> None:
         """Send `resp` to a replica now, or queue it. Runs on `self.loop`."""
+        self.requests_cell[0] += 1
         if resp._cancelled:
             resp._complete(exc=RequestCancelledError(resp.request_id))
             return
@@ -265,6 +270,7 @@ class Router:
             return
         finally:
             self._background -= 1
+        self.requests_cell[0] -= 1  # counted when it first came to `assign`
         self.assign(resp)
 
     def _send(self, entry: ReplicaEntry, resp, call_cls: type = _Call) -> None:

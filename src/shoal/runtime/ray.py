@@ -539,6 +539,8 @@ class ShoalController(_EndsThroughRay):
                 logger.exception("recovering from the checkpoint failed; starting with no applications")
                 runtime = RayRuntime(server.address, secret, record["actor_id"])
                 controller = holder["controller"] = Controller(runtime)
+            else:
+                await controller.metrics.resume()  # the metrics endpoint where it was
         runtime.remove_stray_placement_groups()
         _kv_put(RECORD_KEY, json.dumps(dict(record, address=server.address)).encode())
         runner = asyncio.get_running_loop().create_task(controller.run())
@@ -558,7 +560,8 @@ class ShoalController(_EndsThroughRay):
         return self._info
 
 
-def connect_driver(address: Optional[str], http_options: Optional[dict]) -> Any:
+def connect_driver(address: Optional[str], http_options: Optional[dict],
+                   metrics_options: Optional[dict] = None) -> Any:
     """Join (or start) the shoal instance on a Ray cluster; returns the driver's ServeClient.
 
     Should the controller be restarting, this waits for it (at most START_TIMEOUT_S)."""
@@ -593,7 +596,8 @@ def connect_driver(address: Optional[str], http_options: Optional[dict]) -> Any:
             _set_reconnect_hooks(client, info["actor_id"], info["address"])
             try:
                 asyncio.run_coroutine_threadsafe(
-                    client.connect("driver", owner=False, http_options=http_options), io.loop).result(60)
+                    client.connect("driver", owner=False, http_options=http_options,
+                                   metrics_options=metrics_options), io.loop).result(60)
                 return client
             except (OSError, ConnectionError) as e:  # it died just now: Ray restarts it, ask again
                 if client.conn is not None:

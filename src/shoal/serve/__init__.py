@@ -36,6 +36,7 @@ from shoal.handle import DeploymentHandle, DeploymentResponse, DeploymentRespons
 from shoal.http.ingress import ingress
 from shoal.batching import batch
 from shoal.multiplex import multiplexed
+from shoal import metrics  # `from shoal.serve import metrics`, as `from ray.serve import metrics`
 from shoal.status import (
     ApplicationStatus,
     DeploymentStatus,
@@ -52,7 +53,7 @@ __all__ = [
     "LoggingConfig", "ProxyStatus", "RayServeException", "ReplicaContext", "ReplicaDiedError",
     "ReplicaState", "RequestCancelledError", "RequestRouterConfig", "ServeStatus", "delete", "deployment",
     "get_app_handle", "get_deployment_handle", "get_multiplexed_model_id", "get_replica_context", "ingress",
-    "multiplexed", "run", "run_many", "RunTarget", "_run", "_run_many",
+    "metrics", "multiplexed", "run", "run_many", "RunTarget", "_run", "_run_many",
     "shutdown", "shutdown_async", "start", "status",
 ]
 

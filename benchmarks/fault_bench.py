@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -193,21 +192,13 @@ def worker(framework: str) -> None:
 
 # --- the table -----------------------------------------------------------------------------------
 def run_side(python: str, framework: str, timeout_s: float) -> Optional[dict]:
-    print(f"running {framework} side...", file=sys.stderr, flush=True)
-    proc = subprocess.Popen([python, __file__, "--worker", framework], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        print(f"{framework} side did not finish within {timeout_s:.0f} s (n/a)", file=sys.stderr)
-        return None
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"{framework} side failed:\n{(err + out)[-3000:]}", file=sys.stderr)
-    return None
+    """One side in its own process group (handle_bench.run_command); None (n/a) when it fails."""
+    from handle_bench import run_command
+
+    side = run_command(framework, [python, __file__, "--worker", framework], timeout_s)
+    if side.result is None:
+        print(f"{framework} side failed:\n{side.error}", file=sys.stderr)
+    return side.result
 
 
 def main() -> None:

@@ -11,18 +11,29 @@ moves to shoal keeps working) and shoal through `shoal.*`: together the *serve l
 - `serve.start(logging_config=...)` (a config file's top-level one with `shoal run`) sets them in the
   controller and the HTTP proxies (`SHOAL_LOG_LEVEL` in their environment).
 
-`encoding` and `enable_access_log` reach the replica with the rest of its config; shoal writes plain
-text lines and keeps no access log yet.
+In a replica, every record its log handlers write carries the request it was written for (from the
+request context, so also in the deployments a request reaches by handle: the request id travels with
+each handle call) and the replica: `request_id`, `route`, `application`, `deployment`, `replica`,
+`worker_id` (the pid); `encoding: JSON` writes them as one JSON object per line, with the record
+attributes named in `additional_log_standard_attrs`. `enable_access_log` (default on) writes one
+`shoal.access` line per request: `METHOD ROUTE STATUS LATENCYms` (handle calls: `CALL method OK|ERROR`).
+The proxies write one per HTTP request unless `serve.start(logging_config={"enable_access_log": False})`
+(`SHOAL_ACCESS_LOG=0` in their environment). See docs/observability.md, "Logs".
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Optional
 
+from shoal.context import _request_context
+
 SERVE_LOGGER_NAMES = ("ray.serve", "shoal")
 SYSTEM_LOG_LEVEL_ENV = "SHOAL_LOG_LEVEL"
+ACCESS_LOG_ENV = "SHOAL_ACCESS_LOG"  # "0": the proxies write no access log
+ACCESS_LOGGER_NAME = "shoal.access"
 DEFAULT_LOG_LEVEL = "INFO"
 _FORMAT = "%(levelname)s %(asctime)s %(name)s -- %(message)s"
 
@@ -49,3 +60,75 @@ def apply_system_log_level() -> None:
     if level:
         for name in SERVE_LOGGER_NAMES:
             logging.getLogger(name).setLevel(int(level) if level.isdigit() else level)
+
+
+def system_access_log_enabled() -> bool:
+    """In the proxies: whether `serve.start(logging_config=...)` left the access log on."""
+    return os.environ.get(ACCESS_LOG_ENV, "1") != "0"
+
+
+# --- replicas -------------------------------------------------------------------------------------
+_REPLICA_TEXT_FORMAT = "%(levelname)s %(asctime)s %(name)s %(application)s#%(deployment)s %(replica)s " \
+                       "%(request_id)s -- %(message)s"
+
+
+class ServeContextFilter(logging.Filter):
+    """Puts the request (from the request context) and the replica on each record a handler writes:
+    the work is per record, none per request."""
+
+    def __init__(self, application: str, deployment: str, replica: str):
+        super().__init__()
+        self.application = application
+        self.deployment = deployment
+        self.replica = replica
+        self.worker_id = str(os.getpid())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = _request_context.get()
+        record.request_id = ctx.request_id
+        record.route = ctx.route
+        record.application = self.application
+        record.deployment = self.deployment
+        record.replica = self.replica
+        record.worker_id = self.worker_id
+        return True
+
+
+_JSON_FIELDS = ("request_id", "route", "application", "deployment", "replica", "worker_id")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: levelname, asctime, message, the context fields, and the record
+    attributes named in `additional_log_standard_attrs`."""
+
+    def __init__(self, additional_attrs: Any = ()):
+        super().__init__()
+        self.additional_attrs = tuple(additional_attrs or ())
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"levelname": record.levelname, "asctime": self.formatTime(record), "name": record.name,
+               "message": record.getMessage()}
+        for k in _JSON_FIELDS:
+            out[k] = getattr(record, k, "")
+        for k in self.additional_attrs:
+            out[k] = getattr(record, k, None)
+        if record.exc_info:
+            out["exc_text"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_replica(logging_config: Optional[Any], replica_id: Any) -> bool:
+    """Set the serve loggers' level, the context filter and the formatter (`encoding`) on the root
+    handlers of a replica; returns whether its access log is on."""
+    apply_log_level(logging_config)
+    dep = replica_id.deployment_id
+    encoding = getattr(logging_config, "encoding", None) or "TEXT"
+    extra = getattr(logging_config, "additional_log_standard_attrs", None) or ()
+    formatter = JSONFormatter(extra) if encoding == "JSON" else logging.Formatter(_REPLICA_TEXT_FORMAT)
+    ctx_filter = ServeContextFilter(dep.app_name, dep.name, replica_id.unique_id)
+    for handler in logging.getLogger().handlers:
+        for f in [f for f in handler.filters if isinstance(f, ServeContextFilter)]:
+            handler.removeFilter(f)
+        handler.addFilter(ctx_filter)
+        handler.setFormatter(formatter)
+    return bool(getattr(logging_config, "enable_access_log", True)) if logging_config is not None else True

@@ -30,6 +30,7 @@ from shoal.telemetry.serve_metrics import CALLER, ProxyStats, router_cell
 from shoal.transport.serialization import PlainPickler
 
 logger = logging.getLogger("shoal.proxy")
+access_logger = logging.getLogger("shoal.access")
 
 _REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
 _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
@@ -142,6 +143,10 @@ class ProxyApp:
         self.ongoing = 0
         self.stats = ProxyStats(lambda: self.ongoing)
         self._record = self.stats.record
+        # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none).
+        from shoal.serve_logging import system_access_log_enabled
+
+        self.access_log = system_access_log_enabled()
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -250,6 +255,10 @@ class ProxyApp:
             self._untrack(call)
             self.ongoing -= 1
             self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
+            if self.access_log:  # formatted by logging, and only when a handler writes it
+                access_logger.info("%s %s %s %.1fms request_id=%s application=%s deployment=%s", scope["method"],
+                                   route.prefix, status, (_now() - t0) * 1000.0, request_id, route.app_name,
+                                   route.ingress)
 
     async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
         """The whole body, within the configured limit; else the status to record: 413 (answered so)

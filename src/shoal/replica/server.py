@@ -28,13 +28,14 @@ from shoal.context import ReplicaContext, RequestContext, _request_context, _set
 from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
-from shoal.serve_logging import apply_log_level
+from shoal.serve_logging import ACCESS_LOGGER_NAME, configure_replica
 from shoal.telemetry.serve_metrics import CALLER, ReplicaStats
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
 from shoal.transport.framing import Kind, pack
 
 logger = logging.getLogger("shoal.replica")
+access_logger = logging.getLogger(ACCESS_LOGGER_NAME)
 _CAPACITY_FRAME = pack(Kind.CAPACITY, 0)
 _now = time.perf_counter
 _ROOT_PATH = 8  # where the wire scope (http/scope.py) holds root_path: the route prefix appended
@@ -65,6 +66,7 @@ class ReplicaServer:
         self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
         dep = replica_id.deployment_id
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
+        self.access_log = True  # logging_config.enable_access_log (set by configure_replica)
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
@@ -87,6 +89,8 @@ class ReplicaServer:
         t0 = _now()
         route = ""  # the metrics' route: the HTTP route prefix; handle calls have none (as in Ray)
         failed = True  # an exception or a cancellation counts as an error, as in Ray
+        method = ""
+        status: Any = None  # an HTTP response's status, for the access log
         try:
             method, stream, model_id, request_id, args, kwargs = ser.loads(body)
             uc = self.callable
@@ -94,7 +98,7 @@ class ReplicaServer:
                 route = args[0][_ROOT_PATH] or "/"
                 _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name,
                                                     route))
-                await self.http.handle(conn, rid, *args)  # type: ignore[union-attr]
+                status = await self.http.handle(conn, rid, *args)  # type: ignore[union-attr]
             else:
                 _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
                 if stream:
@@ -116,6 +120,13 @@ class ReplicaServer:
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
             self.stats.record(route, failed, t0)
+            if self.access_log:  # formatted by logging, and only when a handler writes it
+                if method == HTTP_METHOD:
+                    access_logger.info("%s %s %s %.1fms", args[0][3] if args[0][0] == "http" else "WEBSOCKET", route, 500 if failed else (status or 200),
+                                       (_now() - t0) * 1000.0)
+                else:
+                    access_logger.info("CALL %s %s %.1fms", method, "ERROR" if failed else "OK",
+                                       (_now() - t0) * 1000.0)
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:
@@ -157,7 +168,7 @@ class ReplicaServer:
         async with self._reconfigure_lock:
             user_config_changed = config.user_config != self.config.user_config
             if config.logging_config != self.config.logging_config:
-                apply_log_level(config.logging_config)
+                self.access_log = configure_replica(config.logging_config, self.replica_id)
             self.config = config
             self.max_ongoing = config.max_ongoing_requests
             self.set_context(self.callable.obj)  # type: ignore[union-attr]
@@ -344,8 +355,9 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     models = _report_model_ids(client, unique_id, loop)
     replica_id: ReplicaID = spec["replica_id"]
     CALLER["handle"] = f"{replica_id.deployment_id.app_name}#{replica_id.deployment_id.name}"  # router metrics
-    apply_log_level(spec["config"].logging_config)  # the serve loggers (`ray.serve`, `shoal`)
     server = ReplicaServer(replica_id, spec)
+    # The serve loggers' level (`ray.serve`, `shoal`), the request fields on every line, the encoding.
+    server.access_log = configure_replica(spec["config"].logging_config, replica_id)
     holder["server"] = server
     address = spec["address"]
     status = {"ready": False, "address": address}

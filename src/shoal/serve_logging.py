@@ -16,7 +16,8 @@ request context, so also in the deployments a request reaches by handle: the req
 each handle call) and the replica: `request_id`, `route`, `application`, `deployment`, `replica`,
 `worker_id` (the pid); `encoding: JSON` writes them as one JSON object per line, with the record
 attributes named in `additional_log_standard_attrs`. `enable_access_log` (default on) writes one
-`shoal.access` line per request: `METHOD ROUTE STATUS LATENCYms` (handle calls: `CALL method OK|ERROR`).
+`shoal.access` line per request: `METHOD ROUTE STATUS LATENCYms` (handle calls: `CALL method OK|ERROR`),
+gathered and written in batches (`AccessLog`).
 The proxies write one per HTTP request unless `serve.start(logging_config={"enable_access_log": False})`
 (`SHOAL_ACCESS_LOG=0` in their environment). See docs/observability.md, "Logs".
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Optional
 
 from shoal.context import _request_context
@@ -115,6 +117,94 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info:
             out["exc_text"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+# --- access lines ---------------------------------------------------------------------------------
+ACCESS_FLUSH_PERIOD_S = 0.2
+_TIME_CACHE: list = [-1, ""]
+
+
+def _asctime(t: float) -> str:
+    """logging's default `asctime` ("2024-01-31 12:00:00,123"), the date part formatted once a second."""
+    sec = int(t)
+    if sec != _TIME_CACHE[0]:
+        _TIME_CACHE[0], _TIME_CACHE[1] = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+    return f"{_TIME_CACHE[1]},{int((t - sec) * 1000):03d}"
+
+
+class AccessLog:
+    """Access lines, off the hot path: a request appends a tuple of its fields; a timer on the
+    process's loop (one per period, not per request) formats the lines gathered meanwhile and writes
+    them to the root logger's stream handlers in one write, when the `shoal.access` logger is enabled
+    for INFO (so `log_level` filters them as it filters any INFO line).
+
+    `line(fields, asctime)` formats one entry as the process's other lines are formatted."""
+
+    def __init__(self, loop: Any, line: Any, period_s: float = ACCESS_FLUSH_PERIOD_S):
+        self.loop = loop
+        self.line = line
+        self.period_s = period_s
+        self.pending: list = []
+        self.scheduled = False
+
+    def add(self, fields: tuple) -> None:
+        self.pending.append(fields)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_later(self.period_s, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        entries, self.pending = self.pending, []
+        if not entries or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
+            return
+        line = self.line
+        try:
+            text = "".join([line(e, _asctime(e[0])) + "\n" for e in entries])
+        except Exception:  # noqa: BLE001 - a log line must never break serving
+            logging.getLogger("shoal").exception("could not format access lines")
+            return
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.acquire()
+                try:
+                    h.stream.write(text)
+                    h.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+                finally:
+                    h.release()
+
+
+def proxy_access_line(e: tuple, asctime: str) -> str:
+    """(wall time, method, route, status, latency s, request id, app, ingress deployment)."""
+    return (f"INFO {asctime} {ACCESS_LOGGER_NAME} -- {e[1]} {e[2]} {e[3]} {e[4] * 1000.0:.1f}ms "
+            f"request_id={e[5]} application={e[6]} deployment={e[7]}")
+
+
+def replica_access_formatter(logging_config: Optional[Any], replica_id: Any) -> Any:
+    """The line of one replica access entry: (wall time, method, route, status, latency s, request id),
+    in the replica's encoding."""
+    dep = replica_id.deployment_id
+    app, name, replica, pid = dep.app_name, dep.name, replica_id.unique_id, str(os.getpid())
+    if (getattr(logging_config, "encoding", None) or "TEXT") == "JSON":
+        extra = {k: None for k in getattr(logging_config, "additional_log_standard_attrs", None) or ()}
+
+        def json_line(e: tuple, asctime: str) -> str:
+            out = {"levelname": "INFO", "asctime": asctime, "name": ACCESS_LOGGER_NAME,
+                   "message": f"{e[1]} {e[2] or '-'} {e[3]} {e[4] * 1000.0:.1f}ms", "request_id": e[5],
+                   "route": "" if e[1] == "CALL" else e[2], "application": app, "deployment": name, "replica": replica, "worker_id": pid}
+            if extra:
+                out.update(extra)
+            return json.dumps(out)
+
+        return json_line
+    prefix = f"{ACCESS_LOGGER_NAME} {app}#{name} {replica}"
+
+    def text_line(e: tuple, asctime: str) -> str:
+        return f"INFO {asctime} {prefix} {e[5]} -- {e[1]} {e[2] or '-'} {e[3]} {e[4] * 1000.0:.1f}ms"
+
+    return text_line
 
 
 def configure_replica(logging_config: Optional[Any], replica_id: Any) -> bool:

@@ -30,7 +30,6 @@ from shoal.telemetry.serve_metrics import CALLER, ProxyStats, router_cell
 from shoal.transport.serialization import PlainPickler
 
 logger = logging.getLogger("shoal.proxy")
-access_logger = logging.getLogger("shoal.access")
 
 _REQUEST_ID_HEADER = SERVE_HTTP_REQUEST_ID_HEADER.encode()
 _MODEL_ID_HEADER = SERVE_MULTIPLEXED_MODEL_ID.encode()
@@ -43,6 +42,7 @@ _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
 _now = time.perf_counter
+_time = time.time
 CLIENT_GONE = 499  # the status metrics record for a request whose client went away (nginx's)
 
 
@@ -144,9 +144,10 @@ class ProxyApp:
         self.stats = ProxyStats(lambda: self.ongoing)
         self._record = self.stats.record
         # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none).
-        from shoal.serve_logging import system_access_log_enabled
+        from shoal.serve_logging import AccessLog, proxy_access_line, system_access_log_enabled
 
         self.access_log = system_access_log_enabled()
+        self.access = AccessLog(self.loop, proxy_access_line)  # written in batches, off the request path
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -255,10 +256,9 @@ class ProxyApp:
             self._untrack(call)
             self.ongoing -= 1
             self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
-            if self.access_log:  # formatted by logging, and only when a handler writes it
-                access_logger.info("%s %s %s %.1fms request_id=%s application=%s deployment=%s", scope["method"],
-                                   route.prefix, status, (_now() - t0) * 1000.0, request_id, route.app_name,
-                                   route.ingress)
+            if self.access_log:
+                self.access.add((_time(), scope["method"], route.prefix, status, _now() - t0, request_id,
+                                 route.app_name, route.ingress))
 
     async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
         """The whole body, within the configured limit; else the status to record: 413 (answered so)

@@ -28,16 +28,16 @@ from shoal.context import ReplicaContext, RequestContext, _request_context, _set
 from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
-from shoal.serve_logging import ACCESS_LOGGER_NAME, configure_replica
+from shoal.serve_logging import AccessLog, configure_replica, replica_access_formatter
 from shoal.telemetry.serve_metrics import CALLER, ReplicaStats
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
 from shoal.transport.framing import Kind, pack
 
 logger = logging.getLogger("shoal.replica")
-access_logger = logging.getLogger(ACCESS_LOGGER_NAME)
 _CAPACITY_FRAME = pack(Kind.CAPACITY, 0)
 _now = time.perf_counter
+_time = time.time
 _ROOT_PATH = 8  # where the wire scope (http/scope.py) holds root_path: the route prefix appended
 
 
@@ -66,11 +66,17 @@ class ReplicaServer:
         self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
         dep = replica_id.deployment_id
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
-        self.access_log = True  # logging_config.enable_access_log (set by configure_replica)
+        # logging_config.enable_access_log (set by `configure_logging`), and where the lines gather.
+        self.access_log = True
+        self.access = AccessLog(self.loop, replica_access_formatter(self.config.logging_config, replica_id))
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
         _set_replica_context(ReplicaContext(self.replica_id, servable, self.config, self.rank, self.world_size))
+
+    def configure_logging(self, logging_config: Any) -> None:
+        self.access_log = configure_replica(logging_config, self.replica_id)
+        self.access.line = replica_access_formatter(logging_config, self.replica_id)
 
     # --- data plane ---------------------------------------------------------------------------
     def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
@@ -89,7 +95,7 @@ class ReplicaServer:
         t0 = _now()
         route = ""  # the metrics' route: the HTTP route prefix; handle calls have none (as in Ray)
         failed = True  # an exception or a cancellation counts as an error, as in Ray
-        method = ""
+        method = request_id = ""
         status: Any = None  # an HTTP response's status, for the access log
         try:
             method, stream, model_id, request_id, args, kwargs = ser.loads(body)
@@ -120,13 +126,13 @@ class ReplicaServer:
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
             self.stats.record(route, failed, t0)
-            if self.access_log:  # formatted by logging, and only when a handler writes it
+            if self.access_log:  # a tuple per request; formatted and written in batches (AccessLog)
                 if method == HTTP_METHOD:
-                    access_logger.info("%s %s %s %.1fms", args[0][3] if args[0][0] == "http" else "WEBSOCKET", route, 500 if failed else (status or 200),
-                                       (_now() - t0) * 1000.0)
+                    self.access.add((_time(), args[0][3] if args[0][0] == "http" else "WEBSOCKET", route,
+                                     500 if failed else (status or 200), _now() - t0, request_id))
                 else:
-                    access_logger.info("CALL %s %s %.1fms", method, "ERROR" if failed else "OK",
-                                       (_now() - t0) * 1000.0)
+                    self.access.add((_time(), "CALL", method, "ERROR" if failed else "OK", _now() - t0,
+                                     request_id))
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:
@@ -168,7 +174,7 @@ class ReplicaServer:
         async with self._reconfigure_lock:
             user_config_changed = config.user_config != self.config.user_config
             if config.logging_config != self.config.logging_config:
-                self.access_log = configure_replica(config.logging_config, self.replica_id)
+                self.configure_logging(config.logging_config)
             self.config = config
             self.max_ongoing = config.max_ongoing_requests
             self.set_context(self.callable.obj)  # type: ignore[union-attr]
@@ -357,7 +363,7 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     CALLER["handle"] = f"{replica_id.deployment_id.app_name}#{replica_id.deployment_id.name}"  # router metrics
     server = ReplicaServer(replica_id, spec)
     # The serve loggers' level (`ray.serve`, `shoal`), the request fields on every line, the encoding.
-    server.access_log = configure_replica(spec["config"].logging_config, replica_id)
+    server.configure_logging(spec["config"].logging_config)
     holder["server"] = server
     address = spec["address"]
     status = {"ready": False, "address": address}

@@ -133,34 +133,37 @@ def _asctime(t: float) -> str:
 
 
 class AccessLog:
-    """Access lines, off the hot path: a request appends a tuple of its fields; a timer on the
+    """Access lines, off the hot path: a request appends its `width` fields to one flat list (no
+    object that outlives the request, so nothing for the cyclic GC to follow); a timer on the
     process's loop (one per period, not per request) formats the lines gathered meanwhile and writes
     them to the root logger's stream handlers in one write, when the `shoal.access` logger is enabled
     for INFO (so `log_level` filters them as it filters any INFO line).
 
     `line(fields, asctime)` formats one entry as the process's other lines are formatted."""
 
-    def __init__(self, loop: Any, line: Any, period_s: float = ACCESS_FLUSH_PERIOD_S):
+    def __init__(self, loop: Any, line: Any, width: int, period_s: float = ACCESS_FLUSH_PERIOD_S):
         self.loop = loop
         self.line = line
+        self.width = width
         self.period_s = period_s
         self.pending: list = []
         self.scheduled = False
 
     def add(self, fields: tuple) -> None:
-        self.pending.append(fields)
+        self.pending += fields
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_later(self.period_s, self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
-        entries, self.pending = self.pending, []
-        if not entries or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
+        flat, self.pending = self.pending, []
+        if not flat or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
             return
-        line = self.line
+        line, w = self.line, self.width
         try:
-            text = "".join([line(e, _asctime(e[0])) + "\n" for e in entries])
+            text = "".join([line(e, _asctime(e[0])) + "\n"
+                            for e in (flat[i:i + w] for i in range(0, len(flat), w))])
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")
             return

@@ -147,7 +147,7 @@ class ProxyApp:
         from shoal.serve_logging import AccessLog, proxy_access_line, system_access_log_enabled
 
         self.access_log = system_access_log_enabled()
-        self.access = AccessLog(self.loop, proxy_access_line)  # written in batches, off the request path
+        self.access = AccessLog(self.loop, proxy_access_line, 8)  # written in batches, off the request path
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)

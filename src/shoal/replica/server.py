@@ -68,7 +68,7 @@ class ReplicaServer:
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
         # logging_config.enable_access_log (set by `configure_logging`), and where the lines gather.
         self.access_log = True
-        self.access = AccessLog(self.loop, replica_access_formatter(self.config.logging_config, replica_id))
+        self.access = AccessLog(self.loop, replica_access_formatter(self.config.logging_config, replica_id), 6)
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""

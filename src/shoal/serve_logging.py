@@ -121,30 +121,38 @@ class JSONFormatter(logging.Formatter):
 
 # --- access lines ---------------------------------------------------------------------------------
 ACCESS_FLUSH_PERIOD_S = 0.2
-_TIME_CACHE: list = [-1, ""]
+_MILLIS = [f",{i:03d}" for i in range(1000)]
 
 
-def _asctime(t: float) -> str:
-    """logging's default `asctime` ("2024-01-31 12:00:00,123"), the date part formatted once a second."""
-    sec = int(t)
-    if sec != _TIME_CACHE[0]:
-        _TIME_CACHE[0], _TIME_CACHE[1] = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-    return f"{_TIME_CACHE[1]},{int((t - sec) * 1000):03d}"
+def _asctimes(times: list) -> list:
+    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time, the date part
+    formatted once per second."""
+    out = []
+    last, date = -1, ""
+    for t in times:
+        sec = int(t)
+        if sec != last:
+            last, date = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        out.append(date + _MILLIS[int((t - sec) * 1000.0)])
+    return out
 
 
 class AccessLog:
-    """Access lines, off the hot path: a request appends its `width` fields to one flat list (no
-    object that outlives the request, so nothing for the cyclic GC to follow); a timer on the
+    """Access lines, off the hot path: a request appends its `width` fields (the first its wall time)
+    to one flat list (nothing that outlives the request for the cyclic GC to follow); a timer on the
     process's loop (one per period, not per request) formats the lines gathered meanwhile and writes
     them to the root logger's stream handlers in one write, when the `shoal.access` logger is enabled
     for INFO (so `log_level` filters them as it filters any INFO line).
 
-    `line(fields, asctime)` formats one entry as the process's other lines are formatted."""
+    The lines are formatted with `fmt`, a %-format of one line (the first field as asctime), applied
+    to the whole batch at once; or, when `fmt` is None, by `line(fields)`."""
 
-    def __init__(self, loop: Any, line: Any, width: int, period_s: float = ACCESS_FLUSH_PERIOD_S):
+    def __init__(self, loop: Any, width: int, fmt: Optional[str] = None, line: Any = None,
+                 period_s: float = ACCESS_FLUSH_PERIOD_S):
         self.loop = loop
-        self.line = line
         self.width = width
+        self.fmt = fmt
+        self.line = line
         self.period_s = period_s
         self.pending: list = []
         self.scheduled = False
@@ -160,10 +168,14 @@ class AccessLog:
         flat, self.pending = self.pending, []
         if not flat or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
             return
-        line, w = self.line, self.width
+        w = self.width
         try:
-            text = "".join([line(e, _asctime(e[0])) + "\n"
-                            for e in (flat[i:i + w] for i in range(0, len(flat), w))])
+            flat[0::w] = _asctimes(flat[0::w])
+            if self.fmt is not None:
+                text = (self.fmt * (len(flat) // w)) % tuple(flat)
+            else:
+                line = self.line
+                text = "".join([line(flat[i:i + w]) + "\n" for i in range(0, len(flat), w)])
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")
             return
@@ -179,35 +191,34 @@ class AccessLog:
                     h.release()
 
 
-def proxy_access_line(e: tuple, asctime: str) -> str:
-    """(wall time, method, route, status, latency s, request id, app, ingress deployment)."""
-    return (f"INFO {asctime} {ACCESS_LOGGER_NAME} -- {e[1]} {e[2]} {e[3]} {e[4] * 1000.0:.1f}ms "
-            f"request_id={e[5]} application={e[6]} deployment={e[7]}")
+# A proxy's entry: (wall time, method, route, status, latency ms, request id, app, ingress deployment).
+PROXY_ACCESS_WIDTH = 8
+PROXY_ACCESS_FORMAT = (f"INFO %s {ACCESS_LOGGER_NAME} -- %s %s %s %.1fms request_id=%s application=%s "
+                       "deployment=%s\n")
+# A replica's: (wall time, request id, method ("CALL" for a handle call), route (the method called),
+# status ("OK"/"ERROR" for a handle call), latency ms).
+REPLICA_ACCESS_WIDTH = 6
 
 
-def replica_access_formatter(logging_config: Optional[Any], replica_id: Any) -> Any:
-    """The line of one replica access entry: (wall time, method, route, status, latency s, request id),
-    in the replica's encoding."""
+def replica_access_log(loop: Any, logging_config: Optional[Any], replica_id: Any) -> AccessLog:
+    """The access log of a replica, its lines in the replica's encoding."""
     dep = replica_id.deployment_id
     app, name, replica, pid = dep.app_name, dep.name, replica_id.unique_id, str(os.getpid())
     if (getattr(logging_config, "encoding", None) or "TEXT") == "JSON":
         extra = {k: None for k in getattr(logging_config, "additional_log_standard_attrs", None) or ()}
 
-        def json_line(e: tuple, asctime: str) -> str:
-            out = {"levelname": "INFO", "asctime": asctime, "name": ACCESS_LOGGER_NAME,
-                   "message": f"{e[1]} {e[2] or '-'} {e[3]} {e[4] * 1000.0:.1f}ms", "request_id": e[5],
-                   "route": "" if e[1] == "CALL" else e[2], "application": app, "deployment": name, "replica": replica, "worker_id": pid}
+        def json_line(e: list) -> str:
+            out = {"levelname": "INFO", "asctime": e[0], "name": ACCESS_LOGGER_NAME,
+                   "message": f"{e[2]} {e[3]} {e[4]} {e[5]:.1f}ms", "request_id": e[1],
+                   "route": "" if e[2] == "CALL" else e[3], "application": app, "deployment": name,
+                   "replica": replica, "worker_id": pid}
             if extra:
                 out.update(extra)
             return json.dumps(out)
 
-        return json_line
-    prefix = f"{ACCESS_LOGGER_NAME} {app}#{name} {replica}"
-
-    def text_line(e: tuple, asctime: str) -> str:
-        return f"INFO {asctime} {prefix} {e[5]} -- {e[1]} {e[2] or '-'} {e[3]} {e[4] * 1000.0:.1f}ms"
-
-    return text_line
+        return AccessLog(loop, REPLICA_ACCESS_WIDTH, line=json_line)
+    prefix = f"{ACCESS_LOGGER_NAME} {app}#{name} {replica}".replace("%", "%%")
+    return AccessLog(loop, REPLICA_ACCESS_WIDTH, fmt=f"INFO %s {prefix} %s -- %s %s %s %.1fms\n")
 
 
 def configure_replica(logging_config: Optional[Any], replica_id: Any) -> bool:

@@ -144,10 +144,11 @@ class ProxyApp:
         self.stats = ProxyStats(lambda: self.ongoing)
         self._record = self.stats.record
         # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none).
-        from shoal.serve_logging import AccessLog, proxy_access_line, system_access_log_enabled
+        from shoal.serve_logging import (PROXY_ACCESS_FORMAT, PROXY_ACCESS_WIDTH, AccessLog,
+                                         system_access_log_enabled)
 
         self.access_log = system_access_log_enabled()
-        self.access = AccessLog(self.loop, proxy_access_line, 8)  # written in batches, off the request path
+        self.access = AccessLog(self.loop, PROXY_ACCESS_WIDTH, PROXY_ACCESS_FORMAT)  # written in batches
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -257,8 +258,8 @@ class ProxyApp:
             self.ongoing -= 1
             self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
             if self.access_log:
-                self.access.add((_time(), scope["method"], route.prefix, status, _now() - t0, request_id,
-                                 route.app_name, route.ingress))
+                self.access.add((_time(), scope["method"], route.prefix, status, (_now() - t0) * 1000.0,
+                                 request_id, route.app_name, route.ingress))
 
     async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
         """The whole body, within the configured limit; else the status to record: 413 (answered so)

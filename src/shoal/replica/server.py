@@ -28,7 +28,7 @@ from shoal.context import ReplicaContext, RequestContext, _request_context, _set
 from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
-from shoal.serve_logging import AccessLog, configure_replica, replica_access_formatter
+from shoal.serve_logging import configure_replica, replica_access_log
 from shoal.telemetry.serve_metrics import CALLER, ReplicaStats
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
@@ -68,7 +68,7 @@ class ReplicaServer:
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
         # logging_config.enable_access_log (set by `configure_logging`), and where the lines gather.
         self.access_log = True
-        self.access = AccessLog(self.loop, replica_access_formatter(self.config.logging_config, replica_id), 6)
+        self.access = replica_access_log(self.loop, self.config.logging_config, replica_id)
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
@@ -76,7 +76,8 @@ class ReplicaServer:
 
     def configure_logging(self, logging_config: Any) -> None:
         self.access_log = configure_replica(logging_config, self.replica_id)
-        self.access.line = replica_access_formatter(logging_config, self.replica_id)
+        self.access.flush()
+        self.access = replica_access_log(self.loop, logging_config, self.replica_id)
 
     # --- data plane ---------------------------------------------------------------------------
     def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
@@ -128,11 +129,11 @@ class ReplicaServer:
             self.stats.record(route, failed, t0)
             if self.access_log:  # a tuple per request; formatted and written in batches (AccessLog)
                 if method == HTTP_METHOD:
-                    self.access.add((_time(), args[0][3] if args[0][0] == "http" else "WEBSOCKET", route,
-                                     500 if failed else (status or 200), _now() - t0, request_id))
+                    self.access.add((_time(), request_id, args[0][3] if args[0][0] == "http" else "WEBSOCKET",
+                                     route, 500 if failed else (status or 200), (_now() - t0) * 1000.0))
                 else:
-                    self.access.add((_time(), "CALL", method, "ERROR" if failed else "OK", _now() - t0,
-                                     request_id))
+                    self.access.add((_time(), request_id, "CALL", method, "ERROR" if failed else "OK",
+                                     (_now() - t0) * 1000.0))
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:

@@ -87,7 +87,8 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
         else:
             client = client_mod.start_controller(
                 http_options=opts, logs_dir=logs_dir, metrics_options=metrics,
-                log_level=system_logging.log_level if system_logging is not None else None)
+                log_level=system_logging.log_level if system_logging is not None else None,
+                access_log=system_logging.enable_access_log if system_logging is not None else True)
         client_mod.set_global_client(client)
         ok, error = client.call_sync("wait_for_proxies", 60)
         if not ok:

@@ -455,10 +455,11 @@ def _session_root() -> str:
 
 
 def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str] = None,
-                     log_level: Any = None, metrics_options: Optional[dict] = None) -> ServeClient:
+                     log_level: Any = None, metrics_options: Optional[dict] = None,
+                     access_log: bool = True) -> ServeClient:
     """Spawn a private controller process for this driver and connect to it."""
     from shoal import sessions
-    from shoal.serve_logging import SYSTEM_LOG_LEVEL_ENV
+    from shoal.serve_logging import ACCESS_LOG_ENV, SYSTEM_LOG_LEVEL_ENV
 
     root = _session_root()
     session_dir = tempfile.mkdtemp(prefix=time.strftime("s%Y%m%d-%H%M%S-"), dir=root)
@@ -471,6 +472,8 @@ def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str
     env.setdefault("PYTHONUNBUFFERED", "1")
     if log_level is not None:
         env[SYSTEM_LOG_LEVEL_ENV] = str(log_level)
+    if not access_log:
+        env[ACCESS_LOG_ENV] = "0"  # the proxies' access log
     env.update(keeper.keeper_env())  # this driver restarts the controller should it die (see keeper.py)
     cmd = [sys.executable, "-m", "shoal.controller", "--session-dir", session_dir]
     if logs_dir:

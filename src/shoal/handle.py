@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from shoal.common import SERVE_DEFAULT_APP_NAME, DeploymentID
+from shoal.context import _request_context
 from shoal.exceptions import RayServeException, RequestCancelledError
 
 _request_counter = itertools.count(1)
@@ -179,7 +180,10 @@ class _Request:
         self.multiplexed_model_id = meta.multiplexed_model_id
         self.args = args
         self.kwargs = kwargs
-        self.request_id = _REQUEST_PREFIX + str(next(_request_counter))
+        # `internal_request_id` is this call's own; `request_id` is the one of the request being served
+        # (an HTTP request's `x-request-id`, a handle call's), so it travels through nested handle calls.
+        self.internal_request_id = iid = _REQUEST_PREFIX + str(next(_request_counter))
+        self.request_id = _request_context.get().request_id or iid
         self._router = router
         self._on_loop = on_loop
         # Set when this thread drives the router's loop itself (sync callers in a driver).

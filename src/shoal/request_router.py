@@ -690,7 +690,8 @@ class RayRouterDriver(_ShoalPolicy):
         pr = self.requests.get(resp)
         if pr is None:
             meta = RequestMetadata(
-                request_id=resp.request_id, call_method=resp.method_name, is_streaming=bool(resp.stream),
+                request_id=resp.request_id, internal_request_id=getattr(resp, "internal_request_id", ""),
+                call_method=resp.method_name, is_streaming=bool(resp.stream),
                 multiplexed_model_id=resp.multiplexed_model_id or "", app_name=self.router.deployment_id.app_name,
                 session_id=getattr(resp, "session_id", "") or "")
             pr = self.requests[resp] = PendingRequest(list(resp.args), dict(resp.kwargs or {}), meta)
@@ -792,7 +793,8 @@ class RayRouterDriver(_ShoalPolicy):
 
     def completed(self, entry: "ReplicaEntry", resp: Any) -> None:
         self._call_hook("decrement_queue_len_cache", entry.replica_id)
-        self._call_hook("on_request_completed", entry.replica_id, resp.request_id)
+        self._call_hook("on_request_completed", entry.replica_id,
+                        getattr(resp, "internal_request_id", "") or resp.request_id)
         self.impl._room()
 
 

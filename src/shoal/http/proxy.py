@@ -42,6 +42,7 @@ _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
 _now = time.perf_counter
+_time = time.time
 CLIENT_GONE = 499  # the status metrics record for a request whose client went away (nginx's)
 
 
@@ -142,6 +143,12 @@ class ProxyApp:
         self.ongoing = 0
         self.stats = ProxyStats(lambda: self.ongoing)
         self._record = self.stats.record
+        # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none).
+        from shoal.serve_logging import (PROXY_ACCESS_FORMAT, PROXY_ACCESS_WIDTH, AccessLog,
+                                         system_access_log_enabled)
+
+        self.access_log = system_access_log_enabled()
+        self.access = AccessLog(self.loop, PROXY_ACCESS_WIDTH, PROXY_ACCESS_FORMAT)  # written in batches
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -250,6 +257,9 @@ class ProxyApp:
             self._untrack(call)
             self.ongoing -= 1
             self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
+            if self.access_log:
+                self.access.add((_time(), scope["method"], route.prefix, status, (_now() - t0) * 1000.0,
+                                 request_id, route.app_name, route.ingress))
 
     async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
         """The whole body, within the configured limit; else the status to record: 413 (answered so)

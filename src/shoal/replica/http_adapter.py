@@ -128,7 +128,8 @@ class HTTPAdapter:
         self._plain = (fn, kind, takes_request)
         return self._plain
 
-    async def handle(self, conn: Connection, rid: int, wire_scope: tuple, body: bytes) -> None:
+    async def handle(self, conn: Connection, rid: int, wire_scope: tuple, body: bytes) -> Any:
+        """Answers the request; returns the response's status where it is known (for the access log)."""
         scope = scope_from_wire(wire_scope)
         if scope["type"] != "http":
             return await self._websocket(scope, conn, rid)
@@ -137,7 +138,7 @@ class HTTPAdapter:
             responder = Responder(conn, rid)
             await self.asgi_app(scope, inbox.receive, responder.send)
             responder.finish()
-            return
+            return responder.start[0] if responder.start else None
         # A plain deployment, in this coroutine (no extra level per request): an async `__call__`
         # runs right here, a sync one in the pool, a generator streams.
         fn, kind, takes_request = self._plain or self._resolve_plain()
@@ -151,12 +152,14 @@ class HTTPAdapter:
         plain = to_http(result)
         if plain is not None:
             conn.reply(Kind.OK, rid, _dumps_plain(plain))
+            return plain[0]
         elif isinstance(result, _GENERATOR_TYPES):  # `__call__` returned a generator: stream it too
             await self._stream(self.callable.iterate(result), conn, rid)
         else:  # a Starlette Response: run it as an ASGI app
             responder = Responder(conn, rid)
             await result(scope, inbox.receive, responder.send)
             responder.finish()
+            return responder.start[0] if responder.start else None
 
     async def _stream(self, items: AsyncIterator[Any], conn: Connection, rid: int) -> None:
         """A generator `__call__`: each item is sent as a chunk as soon as it is produced."""

@@ -28,7 +28,7 @@ from shoal.context import ReplicaContext, RequestContext, _request_context, _set
 from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
-from shoal.serve_logging import apply_log_level
+from shoal.serve_logging import configure_replica, replica_access_log
 from shoal.telemetry.serve_metrics import CALLER, ReplicaStats
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
@@ -37,6 +37,7 @@ from shoal.transport.framing import Kind, pack
 logger = logging.getLogger("shoal.replica")
 _CAPACITY_FRAME = pack(Kind.CAPACITY, 0)
 _now = time.perf_counter
+_time = time.time
 _ROOT_PATH = 8  # where the wire scope (http/scope.py) holds root_path: the route prefix appended
 
 
@@ -65,10 +66,18 @@ class ReplicaServer:
         self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
         dep = replica_id.deployment_id
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
+        # logging_config.enable_access_log (set by `configure_logging`), and where the lines gather.
+        self.access_log = True
+        self.access = replica_access_log(self.loop, self.config.logging_config, replica_id)
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
         _set_replica_context(ReplicaContext(self.replica_id, servable, self.config, self.rank, self.world_size))
+
+    def configure_logging(self, logging_config: Any) -> None:
+        self.access_log = configure_replica(logging_config, self.replica_id)
+        self.access.flush()
+        self.access = replica_access_log(self.loop, logging_config, self.replica_id)
 
     # --- data plane ---------------------------------------------------------------------------
     def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
@@ -87,6 +96,8 @@ class ReplicaServer:
         t0 = _now()
         route = ""  # the metrics' route: the HTTP route prefix; handle calls have none (as in Ray)
         failed = True  # an exception or a cancellation counts as an error, as in Ray
+        method = request_id = ""
+        status: Any = None  # an HTTP response's status, for the access log
         try:
             method, stream, model_id, request_id, args, kwargs = ser.loads(body)
             uc = self.callable
@@ -94,7 +105,7 @@ class ReplicaServer:
                 route = args[0][_ROOT_PATH] or "/"
                 _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name,
                                                     route))
-                await self.http.handle(conn, rid, *args)  # type: ignore[union-attr]
+                status = await self.http.handle(conn, rid, *args)  # type: ignore[union-attr]
             else:
                 _request_context.set(RequestContext(request_id, model_id, self.replica_id.deployment_id.app_name))
                 if stream:
@@ -116,6 +127,13 @@ class ReplicaServer:
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
             self.stats.record(route, failed, t0)
+            if self.access_log:  # a tuple per request; formatted and written in batches (AccessLog)
+                if method == HTTP_METHOD:
+                    self.access.add((_time(), request_id, args[0][3] if args[0][0] == "http" else "WEBSOCKET",
+                                     route, 500 if failed else (status or 200), (_now() - t0) * 1000.0))
+                else:
+                    self.access.add((_time(), request_id, "CALL", method, "ERROR" if failed else "OK",
+                                     (_now() - t0) * 1000.0))
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:
@@ -157,7 +175,7 @@ class ReplicaServer:
         async with self._reconfigure_lock:
             user_config_changed = config.user_config != self.config.user_config
             if config.logging_config != self.config.logging_config:
-                apply_log_level(config.logging_config)
+                self.configure_logging(config.logging_config)
             self.config = config
             self.max_ongoing = config.max_ongoing_requests
             self.set_context(self.callable.obj)  # type: ignore[union-attr]
@@ -344,8 +362,9 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
     models = _report_model_ids(client, unique_id, loop)
     replica_id: ReplicaID = spec["replica_id"]
     CALLER["handle"] = f"{replica_id.deployment_id.app_name}#{replica_id.deployment_id.name}"  # router metrics
-    apply_log_level(spec["config"].logging_config)  # the serve loggers (`ray.serve`, `shoal`)
     server = ReplicaServer(replica_id, spec)
+    # The serve loggers' level (`ray.serve`, `shoal`), the request fields on every line, the encoding.
+    server.configure_logging(spec["config"].logging_config)
     holder["server"] = server
     address = spec["address"]
     status = {"ready": False, "address": address}

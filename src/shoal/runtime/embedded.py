@@ -64,7 +64,7 @@ class LogTailer:
     Processes write straight to their log files, never to a pipe the controller holds: a pipe would
     break (EPIPE on every `print`) when the controller dies, and replicas must outlive it. The
     controller follows the files instead, every `PERIOD_S`, and keeps each one's last lines for
-    error messages.
+    error messages. Access lines (`shoal.access`, see serve_logging.py) are left in the files only.
     """
 
     PERIOD_S = 0.1
@@ -126,6 +126,8 @@ class _Followed:
             return
         out = []
         for raw in lines:
+            if b"shoal.access" in raw and (b" shoal.access " in raw or b'"shoal.access"' in raw):
+                continue  # access lines stay in the file, as Ray keeps them off the driver's terminal
             line = raw.decode("utf-8", "replace")
             self.tail.append(line)
             out.append(f"{self.prefix} {line}\n")

@@ -42,6 +42,19 @@ class Front:
         return await self.down.hello.remote("front")
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _access_log_on():
+    """Access lines are opt-in for now (SHOAL_ACCESS_LOG=1, see serve_logging.ACCESS_LOG_ENV); the
+    module's instance starts after this, so its processes inherit the switch."""
+    old = os.environ.get("SHOAL_ACCESS_LOG")
+    os.environ["SHOAL_ACCESS_LOG"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("SHOAL_ACCESS_LOG", None)
+    else:
+        os.environ["SHOAL_ACCESS_LOG"] = old
+
 def _logs_dir() -> str:
     return get_global_client().session_dir + "/logs"
 

@@ -31,11 +31,14 @@ class Load:
     """Steady traffic through a handle and over HTTP, from two threads, until stopped."""
 
     def __init__(self, handle, url: str):
+        """`handle`: a deployment handle to call too, or None for HTTP load only."""
         self.handle, self.url = handle, url
         self.ok: list[float] = []  # completion times
         self.failures: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._handles), threading.Thread(target=self._http)]
+        self._threads = [threading.Thread(target=self._http)]
+        if handle is not None:  # a CLI-driven instance has no driver to hold a handle: HTTP only
+            self._threads.append(threading.Thread(target=self._handles))
 
     def __enter__(self) -> "Load":
         for t in self._threads:
@@ -271,16 +274,20 @@ def _http_pids(url: str, n: int) -> set:
     return wait_for(collect, what=f"{n} replicas answering over HTTP")
 
 
-def test_detached_instance_survives_a_controller_kill(inst):  # noqa: F811 - the fixture
+def _start_with_pid_app(inst, replicas: int) -> tuple[dict, str]:  # noqa: F811 - the fixture
+    """`shoal start`, then `shoal deploy` of the pid app; the instance's record and the app's URL."""
     inst.write("pidapp.py", PID_MODULE)
-    inst.write("serve.yaml", CONFIG.format(replicas=2))
+    inst.write("serve.yaml", CONFIG.format(replicas=replicas))
     inst.cli("start")
     inst.cli("deploy", "serve.yaml")
-    info = inst.info
-    url = inst.http_url() + "/pid"
+    return inst.info, inst.http_url() + "/pid"
+
+
+def test_detached_instance_survives_a_controller_kill(inst):  # noqa: F811 - the fixture
+    info, url = _start_with_pid_app(inst, replicas=2)
     before = _http_pids(url, 2)
     supervisor = psutil.Process(info["supervisor_pid"])
-    with Load(_NoHandle(), url) as load:
+    with Load(None, url) as load:
         wait_for(lambda: load.served_since(0) > 20, what="load running")
         killed_at = time.monotonic()
         os.kill(info["pid"], signal.SIGKILL)
@@ -300,12 +307,7 @@ def test_detached_instance_survives_a_controller_kill(inst):  # noqa: F811 - the
 
 
 def test_control_calls_during_an_outage_fail_clearly_then_recover(inst):  # noqa: F811 - the fixture
-    inst.write("pidapp.py", PID_MODULE)
-    inst.write("serve.yaml", CONFIG.format(replicas=1))
-    inst.cli("start")
-    inst.cli("deploy", "serve.yaml")
-    info = inst.info
-    url = inst.http_url() + "/pid"
+    info, url = _start_with_pid_app(inst, replicas=1)
     supervisor = psutil.Process(info["supervisor_pid"])
     supervisor.suspend()  # the restart is held back
     try:
@@ -321,13 +323,3 @@ def test_control_calls_during_an_outage_fail_clearly_then_recover(inst):  # noqa
     inst.env["SHOAL_CONTROLLER_WAIT_S"] = "60"
     assert inst.status()["applications"]["pid"]["status"] == "RUNNING"
     inst.cli("shutdown", "-y")
-
-
-class _NoHandle:
-    """Load over HTTP only (a CLI-driven instance has no driver to hold a handle)."""
-
-    def remote(self):
-        return self
-
-    def result(self, timeout_s=None):
-        time.sleep(0.05)

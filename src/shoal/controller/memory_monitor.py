@@ -86,6 +86,22 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _env_number(name: str, raw: str, default: float, valid: Callable[[float], bool], allowed: str) -> float:
+    """`raw` (an environment variable's text) as a number, or `default` (with a warning) when it is not one
+    or not `allowed`; empty means the default."""
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        logger.warning("%s=%r is not a number; using %g", name, raw, default)
+        return default
+    if not valid(value):
+        logger.warning("%s=%r is not %s; using %g", name, raw, allowed, default)
+        return default
+    return value
+
+
 @dataclass(frozen=True)
 class MemorySettings:
     enforce_limits: bool = True
@@ -97,30 +113,10 @@ class MemorySettings:
         env = os.environ if env is None else env
         enforce = (env.get("SHOAL_MEMORY_LIMITS") or "on").strip().lower() not in _OFF
         raw = (env.get("SHOAL_MEMORY_USAGE_THRESHOLD") or "").strip().lower()
-        threshold: Optional[float] = DEFAULT_USAGE_THRESHOLD
-        if raw in _OFF:
-            threshold = None
-        elif raw:
-            try:
-                threshold = float(raw)
-            except ValueError:
-                logger.warning("SHOAL_MEMORY_USAGE_THRESHOLD=%r is not a number; using %g", raw,
-                               DEFAULT_USAGE_THRESHOLD)
-            else:
-                if not 0 < threshold <= 1:
-                    logger.warning("SHOAL_MEMORY_USAGE_THRESHOLD=%r is not in (0, 1]; using %g", raw,
-                                   DEFAULT_USAGE_THRESHOLD)
-                    threshold = DEFAULT_USAGE_THRESHOLD
-        interval = DEFAULT_INTERVAL_S
-        raw_interval = (env.get("SHOAL_MEMORY_MONITOR_INTERVAL_S") or "").strip()
-        if raw_interval:
-            try:
-                interval = float(raw_interval)
-            except ValueError:
-                logger.warning("SHOAL_MEMORY_MONITOR_INTERVAL_S=%r is not a number; using %g", raw_interval,
-                               DEFAULT_INTERVAL_S)
-            if interval <= 0:
-                interval = DEFAULT_INTERVAL_S
+        threshold = None if raw in _OFF else _env_number(
+            "SHOAL_MEMORY_USAGE_THRESHOLD", raw, DEFAULT_USAGE_THRESHOLD, lambda v: 0 < v <= 1, "in (0, 1]")
+        interval = _env_number("SHOAL_MEMORY_MONITOR_INTERVAL_S", (env.get("SHOAL_MEMORY_MONITOR_INTERVAL_S") or "").strip(),
+                               DEFAULT_INTERVAL_S, lambda v: v > 0, "positive")
         return cls(enforce, threshold, interval)
 
     @property

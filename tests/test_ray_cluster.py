@@ -260,7 +260,15 @@ def test_node_loss_replaces_replicas_and_fails_only_requests_in_flight_there(ser
 
     with pytest.raises(ReplicaDiedError, match="died while handling request"):
         in_flight.result(timeout_s=60)
-    # Calls keep succeeding while the lost replica is replaced on the other nodes.
+
+    def lost_replica_dropped():
+        d = serve.status().applications["default"].deployments["WhereAmI"]
+        return d.replica_states.get("RUNNING", 0) < 3 or d.status != "HEALTHY"
+
+    # Once the controller has seen the lost node's replica go (and told the routers), calls keep
+    # succeeding while it is replaced on the other nodes. (A call sent to it before that was in
+    # flight there: it fails like the one above, and is never re-sent.)
+    wait_for(lost_replica_dropped, timeout=60, what="the lost replica to leave the replica set")
     responses = [h.remote() for _ in range(30)]
     assert all(r.result(timeout_s=60) != dead for r in responses)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,12 +147,14 @@ class _Proc:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_line(self, fragment: str, timeout: float = STARTUP_TIMEOUT_S) -> str:
+    def wait_for_line(self, fragment: str, timeout: float = STARTUP_TIMEOUT_S, regex: bool = False) -> str:
+        """The first line containing `fragment` (or matching it as a regular expression when `regex`)."""
         deadline = time.monotonic() + timeout
+        found = re.compile(fragment).search if regex else (lambda line: fragment in line)
         with self._cond:
             while True:
                 for line in self.lines:
-                    if fragment in line:
+                    if found(line):
                         return line
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):

@@ -79,10 +79,11 @@ def test_autoscaling_llm_example_scales_up_under_load(serve_app):
             extra_body={"ignore_eos": True},
         )
         n = 0
-        async for _ in chunks:
-            n += 1
-            if scaled:
-                break  # the point is made; stop early
+        async with chunks:  # closing the stream on `break` aborts its generation and frees the slot
+            async for _ in chunks:
+                n += 1
+                if scaled:
+                    break  # the point is made; stop early
         return n
 
     async def load() -> None:

@@ -35,7 +35,7 @@ def test_load_scales_up_then_down_after_the_delay(serve_app):
     h = serve.run(Scaled.bind(sig), name="scaled", route_prefix="/scaled")
     assert _replicas("scaled", "Scaled") == 1
     waiting = [h.remote() for _ in range(3)]  # three in flight, one per replica wanted
-    wait_for(lambda: _replicas("scaled", "Scaled") == 3, timeout=30, what="scale up to 3")
+    wait_for(lambda: _replicas("scaled", "Scaled") == 3, timeout=60, what="scale up to 3")
     sig.send.remote().result()
     [r.result(timeout_s=30) for r in waiting]
     wait_for(lambda: _replicas("scaled", "Scaled") == 1, timeout=30, what="scale back down to 1")
@@ -71,7 +71,7 @@ def test_custom_policy_from_import_path(serve_app):
             return "ok"
 
     serve.run(Custom.bind(), name="custom", route_prefix="/custom")
-    wait_for(lambda: _replicas("custom", "Custom") == 2, timeout=30, what="the custom policy's count")
+    wait_for(lambda: _replicas("custom", "Custom") == 2, timeout=60, what="the custom policy's count")
 
 
 def _ctx(**kw) -> AutoscalingContext:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import wait_for
 from test_cli import _alive, _shoal_cmd
-from test_cli_instance import APP_MODULE, CLI_TIMEOUT_S, CONFIG, Instance, _get
+from test_cli_instance import APP_MODULE, CLI_TIMEOUT_S, CONFIG, Instance, _get, stop_instance
 
 RECORD = """
 import os
@@ -33,6 +33,12 @@ def record(name):
         f.write(f"{os.getpgrp()} {os.getpid()} {child.pid}")
     os.replace(os.path.join(here, name + ".tmp"), os.path.join(here, name))
 """
+
+# The limits the tests set: the builder must be past `record` when it is killed, so they cover its
+# start-up (a new Python importing shoal) with a wide margin: 0.5 s here when idle, within 3 s with two
+# busy cores beside it; only at a load of 16 did it take 6-8 s. The fraction checks that one is accepted.
+BUILD_LIMIT = "6"
+BUILDER_LIMIT = "5.5"
 
 HANG_AT_IMPORT = """
 import time
@@ -84,11 +90,8 @@ def inst(tmp_path):
         except OSError:
             continue
         _kill(pids)
-    try:
-        controller = psutil.Process(instance.info["pid"])
-        _kill([controller.pid, *(p.pid for p in controller.children(recursive=True))])
-    except (OSError, psutil.Error, ValueError):
-        pass
+    # The supervisor too: a test that kills the controller leaves one restarted by it.
+    stop_instance(instance)
 
 
 def _kill(pids) -> None:
@@ -152,20 +155,21 @@ def _assert_untouched(inst: Instance, url: str, before: dict, deployed_at: float
 def test_a_hung_import_or_builder_fails_the_deploy_and_leaves_nothing_running(inst):
     url, before, deployed_at = _start_with_an_app(inst)
 
-    done = inst.cli("deploy", "hung.yaml", "--build-timeout", "3", check=1)
-    assert ("Error: hung.yaml: applications[0].import_path: building application 'hung' timed out after 3 s "
-            "while importing 'hang_mod:app'; the builder process was killed") in done.stderr, done.stderr
+    done = inst.cli("deploy", "hung.yaml", "--build-timeout", BUILD_LIMIT, check=1)
+    assert ("Error: hung.yaml: applications[0].import_path: building application 'hung' timed out after "
+            f"{BUILD_LIMIT} s while importing 'hang_mod:app'; the builder process was killed") in done.stderr, \
+        done.stderr
     assert "Traceback" not in done.stderr
     _assert_build_gone(inst)
     _assert_untouched(inst, url, before, deployed_at)
 
     # A builder function that hangs, with the limit from the environment.
-    env = dict(inst.env, SHOAL_BUILD_TIMEOUT_S="2.5")
+    env = dict(inst.env, SHOAL_BUILD_TIMEOUT_S=BUILDER_LIMIT)
     done = subprocess.run(_shoal_cmd() + ["deploy", "slow.yaml"], cwd=str(inst.workdir), env=env,
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert done.returncode == 1, done.stderr
-    assert ("applications[0].import_path: building application 'slow' timed out after 2.5 s while calling the "
-            "application builder 'slow_builder:build'") in done.stderr, done.stderr
+    assert ("applications[0].import_path: building application 'slow' timed out after "
+            f"{BUILDER_LIMIT} s while calling the application builder 'slow_builder:build'") in done.stderr, done.stderr
     _assert_build_gone(inst, "slow_builder.pids")
     _assert_untouched(inst, url, before, deployed_at)
 
@@ -236,17 +240,18 @@ def test_the_builder_dies_with_the_controller(inst):
 
 
 def test_run_of_a_config_with_a_hung_import_fails(inst):
-    done = inst.cli("run", "hung.yaml", "--build-timeout", "3", check=1)
-    assert ("Error: hung.yaml: applications[0].import_path: building application 'hung' timed out after 3 s "
-            "while importing 'hang_mod:app'; the builder process was killed") in done.stderr, done.stderr
+    done = inst.cli("run", "hung.yaml", "--build-timeout", BUILD_LIMIT, check=1)
+    assert ("Error: hung.yaml: applications[0].import_path: building application 'hung' timed out after "
+            f"{BUILD_LIMIT} s while importing 'hang_mod:app'; the builder process was killed") in done.stderr, \
+        done.stderr
     assert "Traceback" not in done.stderr
     _assert_build_gone(inst)
 
 
 def test_deploy_to_a_ray_cluster_bounds_the_build_too(inst):
     # The build comes first, in the CLI's own builder process: it fails before Ray is contacted.
-    done = inst.cli("deploy", "hung.yaml", "--runtime", "ray", "--address", "127.0.0.1:1", "--build-timeout", "3",
-                    check=1)
-    assert ("Error: hung.yaml: applications[0].import_path: building application 'hung' timed out after 3 s "
-            "while importing 'hang_mod:app'") in done.stderr, done.stderr
+    done = inst.cli("deploy", "hung.yaml", "--runtime", "ray", "--address", "127.0.0.1:1",
+                    "--build-timeout", BUILD_LIMIT, check=1)
+    assert ("Error: hung.yaml: applications[0].import_path: building application 'hung' timed out after "
+            f"{BUILD_LIMIT} s while importing 'hang_mod:app'") in done.stderr, done.stderr
     _assert_build_gone(inst)

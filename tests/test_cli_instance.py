@@ -112,7 +112,10 @@ class Instance:
     @property
     def info(self) -> dict:
         with open(os.path.join(self.dir, "instance.json")) as f:
-            return json.load(f)
+            info = json.load(f)
+        # Kept for `stop_instance`: a restarting controller may not have rewritten the file yet.
+        self.last_info = info
+        return info
 
     @property
     def token(self) -> str:
@@ -146,24 +149,28 @@ def inst(tmp_path):
     instance = Instance(tmp_path)
     instance.write("instapp.py", APP_MODULE.format(gate=str(tmp_path / "gate")))
     yield instance
-    # Whatever a failed test left running is stopped here: the supervisor first (it would restart the
-    # controller), then every process of the instance's session (adopted replicas are nobody's children).
+    stop_instance(instance)
+
+
+def stop_instance(instance: Instance) -> None:
+    """Stop whatever a test left running: the supervisor first (it would restart the controller), then
+    every process of the instance's session (adopted replicas and proxies are nobody's children)."""
     try:
         info = instance.info
-    except (OSError, ValueError):
-        return
-    for pid in (info.get("supervisor_pid"), info["pid"]):
-        try:
-            if pid:
-                psutil.Process(pid).kill()
-        except psutil.Error:
-            pass
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if info["session_dir"] in " ".join(p.info["cmdline"] or []):
-                p.kill()
-        except psutil.Error:
-            pass
+    except (OSError, ValueError):  # none, or a restarted controller has not rewritten it yet
+        info = getattr(instance, "last_info", None)
+        if info is None:
+            return
+    # By session directory (every process of it names it on its command line), never by a pid that a
+    # process which exited meanwhile may have passed on.
+    for supervisor_only in (True, False):
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmdline = " ".join(p.info["cmdline"] or [])
+                if info["session_dir"] in cmdline and (not supervisor_only or "shoal.supervisor" in cmdline):
+                    p.kill()
+            except psutil.Error:
+                pass
 
 
 def _get(url: str) -> dict:

@@ -116,7 +116,9 @@ def test_health_check_failure_replaces_replica(serve_app, tmp_path):
     h = serve.run(H.bind())
     pid = h.remote().result()
     flag.write_text(str(pid))
-    wait_for(lambda: h.remote().result(timeout_s=5) != pid, timeout=30, what="replacement of the unhealthy replica")
+    # Calls queue while the replacement starts (the unhealthy one left the replica set): that start-up
+    # can take many seconds on a loaded machine, so each call gets a generous time-out.
+    wait_for(lambda: h.remote().result(timeout_s=60) != pid, timeout=120, what="replacement of the unhealthy replica")
 
 
 def test_del_runs_on_delete_and_shutdown(serve_app, tmp_path):

@@ -42,6 +42,22 @@ def _listening(url: str) -> set:
     return pids
 
 
+def _standby_ready(standby: set) -> bool:
+    """Whether the standby said hello: only then does it hold the route table, connect to the route's
+    replica (beside the serving proxy: two connections accepted on the replica's data socket) and take
+    over a proxy that dies. A standby still starting is passed over for a new process."""
+    controller = psutil.Process(get_global_client().controller_proc.pid)
+    for p in controller.children(recursive=True):
+        try:
+            if "shoal.replica.server" in p.cmdline():
+                # The replica's data socket `<session>/r/<id>.sock`: the listener and each accepted connection.
+                named = [c for c in p.net_connections("unix") if "/r/" in c.laddr and c.laddr.endswith(".sock")]
+                return len(standby) == 1 and len(named) - 1 >= 2
+        except psutil.Error:
+            pass
+    return False
+
+
 def _wait_served(url: str) -> None:
     """Until a proxy answers `url` with "hello" (a 404 on the way: the new proxy has no route table)."""
 
@@ -67,6 +83,7 @@ def test_restarted_proxy_routes_to_existing_apps(serve_app):
     old = _listening(url)
     assert len(old) == 1
     standby = wait_for(lambda: _proxy_pids() - old, what="a standby proxy")
+    wait_for(lambda: _standby_ready(standby), timeout=60, what="the standby proxy to say hello and warm its routers")
     os.kill(next(iter(old)), signal.SIGKILL)
     _wait_served(url)
     assert _listening(url) == standby  # the standby took over; a new standby replaces it

@@ -43,7 +43,7 @@ def test_kill_9_under_load_loses_no_queued_request(serve_app):
     assert all(isinstance(f, serve.ReplicaDiedError) and "died while handling" in str(f) for f in failed)
     assert sorted(r[1] for r in results if not isinstance(r, BaseException)) == \
         sorted(set(range(40)) - {i for i, r in enumerate(results) if isinstance(r, BaseException)})
-    wait_for(lambda: _running("work", "Work") == 2, timeout=30, what="the replacement replica")
+    wait_for(lambda: _running("work", "Work") == 2, timeout=60, what="the replacement replica")
 
 
 def test_rolling_update_under_http_load_fails_no_request(serve_app):

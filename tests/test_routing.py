@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import httpx
@@ -37,6 +38,41 @@ def test_custom_router_class_is_used(serve_app):
     h = serve.run(app)
     pids = [h.remote().result() for _ in range(30)]  # one at a time: the lowest id always has room
     assert len(set(pids)) == 1
+
+
+@serve.deployment(num_replicas=3)
+class ReplicaId:
+    def __call__(self, *args):
+        return serve.get_replica_context().replica_id.unique_id
+
+
+def test_requests_wait_for_a_slow_first_connection(serve_app, monkeypatch):
+    """A new router holds its first requests until it has tried to connect to every replica, however
+    long that takes (a caller starved of CPU): else they would all go to the replicas it reached first,
+    and a policy would see the set change under it (a session moving, not the lowest id chosen)."""
+    from shoal.client import get_global_client
+    from shoal.router import router as router_mod
+
+    h = serve.run(ReplicaId.options(request_router_config={
+        "request_router_class": "routers_for_tests:LowestIdRouter"}).bind())
+
+    async def call():
+        return await h.remote()
+
+    asyncio.run(call())  # through a router of its own loop: subscribes this process to the replica set
+    replicas = get_global_client()._targets[h.deployment_id].replicas
+    assert len(replicas) == 3
+    lowest = min(replicas, key=lambda r: r.replica_id.unique_id)
+    real_connect = router_mod.connect
+
+    async def slow_to_the_lowest(address, *args, **kwargs):
+        if address == lowest.address:
+            await asyncio.sleep(2.0)
+        return await real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(router_mod, "connect", slow_to_the_lowest)  # the sync callers' new router uses it
+    answers = {h.remote().result(timeout_s=60) for _ in range(10)}
+    assert answers == {lowest.replica_id.unique_id}  # from the first request on
 
 
 def test_session_affinity_keeps_a_session_on_one_replica(serve_app):

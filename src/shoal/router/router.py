@@ -35,13 +35,20 @@ from shoal.router.base import RequestRouter, load_router_class
 from shoal.router.pow2 import MODEL_MATCH_WINDOW_S, PowerOfTwoChoicesRequestRouter
 from shoal.telemetry.serve_metrics import router_cell
 from shoal.transport import serialization as ser
-from shoal.transport.connection import Connection, ConnectionLost, connect
+from shoal.transport.connection import TCP_PREFIX, Connection, ConnectionLost, connect
 from shoal.transport.framing import Kind
 
 logger = logging.getLogger(__name__)
 
 
 _REQUEST_TYPES: tuple = ()
+
+# A new router holds its requests until its first attempt to connect to each replica it was told about
+# has ended (connected or failed), however long a starved caller takes to get there. Only an attempt
+# that hangs ends the wait sooner: over TCP after 1 s (a host that does not answer); on this machine
+# after 10 s (a local connect succeeds or fails at once, unless the replica stopped accepting).
+WARMING_CAP_TCP_S = 1.0
+WARMING_CAP_LOCAL_S = 10.0
 
 
 def _request_types() -> tuple:
@@ -200,6 +207,7 @@ class Router:
         # A new router holds requests until it has tried to connect to every replica it was told
         # about, so policies see the whole set from the first request (affinity needs it).
         self._warming = False
+        self._untried: set[str] = set()  # replicas whose first connection attempt has not ended
         self.on_queued_without_replicas = None  # set by the client: tells the controller at once
         self.sync_loop = None  # set when sync callers drive this router's loop (see sync_loop.py)
         self._background = 0  # connects and argument resolutions in progress
@@ -414,9 +422,12 @@ class Router:
                 entry.info = info
                 entry.max_ongoing = info.max_ongoing_requests
                 entry.models = set(info.multiplexed_model_ids)
-        if not self.ready and any(uid not in self.entries for uid in new_ids):
+        new = [info for uid, info in new_ids.items() if uid not in self.entries]
+        if not self.ready and new:
             self._warming = True
-            self.loop.call_later(1.0, self._end_warming)  # never hold requests longer than this
+            self._untried.update(info.replica_id.unique_id for info in new)
+            tcp = any(info.address.startswith(TCP_PREFIX) for info in new)
+            self.loop.call_later(WARMING_CAP_TCP_S if tcp else WARMING_CAP_LOCAL_S, self._end_warming)
         for uid, info in new_ids.items():
             if uid not in self.entries:
                 entry = ReplicaEntry(info, self)
@@ -456,9 +467,16 @@ class Router:
             or cls.update_replicas is not RequestRouter.update_replicas)
 
     def _end_warming(self) -> None:
+        self._untried.clear()
         if self._warming:
             self._warming = False
             self._drain()
+
+    def _first_try_over(self, entry: ReplicaEntry) -> None:
+        """The first connection attempt to `entry` ended: stop holding requests once all have."""
+        self._untried.discard(entry.info.replica_id.unique_id)
+        if self._warming and not self._untried:
+            self._end_warming()
 
     def _background_done(self, _task: asyncio.Task) -> None:
         self._background -= 1
@@ -471,19 +489,23 @@ class Router:
         delay = 0.02
         for attempt in range(8):
             if entry.draining:
+                self._first_try_over(entry)
                 return
             try:
                 conn = await connect(entry.info.address, handler=entry, name=str(entry.info.replica_id),
                                           on_capacity=self._on_capacity, immediate=self.sync_loop is not None)
             except OSError:
+                self._first_try_over(entry)  # requests need not wait for the retries
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue
             if entry.draining:
                 conn.close()
+                self._first_try_over(entry)
                 return
             entry.conn = conn
             self.ready.append(entry)
+            self._first_try_over(entry)
             self._drain()
             return
         logger.warning("could not connect to replica %s at %s", entry.info.replica_id, entry.info.address)

@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from conftest import wait_for
-from test_cli_instance import Instance
+from test_cli import _shoal_cmd
+from test_cli_instance import CLI_TIMEOUT_S, Instance
 
 pytestmark = pytest.mark.timeout(900)  # the first test may install chromium (apt-get)
 
@@ -197,7 +198,7 @@ def test_snapshot_shows_apps_replicas_rates_logs_and_decisions(dash):
     assert any(p["error_rate"] > 0 for p in busy), busy  # one caller asks for failures
     logs = [line for r in slow["replicas"] for line in r["log_tail"]]
     assert any("dashboard-test: served a request" in line for line in logs), logs
-    [decision, *_] = _decisions(dash)
+    *_, decision = _decisions(dash)  # newest first: this is the first scale-up
     assert decision["application"] == "scaler" and decision["from"] == 1 and decision["to"] > 1
     assert "requests queued or running" in decision["reason"] and "target 1 per replica" in decision["reason"]
     # A poll that has seen everything up to T gets only newer points.
@@ -205,6 +206,43 @@ def test_snapshot_shows_apps_replicas_rates_logs_and_decisions(dash):
     assert all(p["t"] > newest for p in _deployment(_snapshot(dash, since=newest), "scaler", "Slow")["series"])
     bad = dash.admin("GET", "/dashboard/api/snapshot", params={"since": "yesterday"})
     assert bad.status_code == 400 and "since" in bad.text
+
+
+def _shoal_dashboard(inst: Instance, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in inst.env.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+    return subprocess.run(_shoal_cmd() + ["dashboard", *args], cwd=str(inst.workdir), env={**environ, **env},
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+def _logs_in(inst: Instance, url: str) -> bool:
+    admin = inst.info["admin_url"]
+    assert url.startswith(admin + "/dashboard/login?code="), url
+    r = httpx.get(url, timeout=30, trust_env=False)
+    return r.status_code == 303 and "HttpOnly" in r.headers.get("set-cookie", "")
+
+
+def test_shoal_dashboard_command(dash, tmp_path):
+    # --url: the link alone on stdout (for scripts), how long it works on stderr.
+    printed = _shoal_dashboard(dash, "--url")
+    assert printed.returncode == 0, printed.stderr
+    assert "works once, within 5 minutes" in printed.stderr
+    assert _logs_in(dash, printed.stdout.strip())
+    # A browser ($BROWSER, as Python's webbrowser reads it) is handed a fresh link.
+    opened = tmp_path / "opened"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    browser.chmod(0o755)
+    done = _shoal_dashboard(dash, BROWSER=str(browser))
+    assert done.returncode == 0 and "Opened the dashboard" in done.stderr, done.stderr
+    url = wait_for(lambda: opened.exists() and opened.read_text().strip(), what="the browser to be started")
+    assert _logs_in(dash, url)
+    # No display to start a browser on (an SSH session): the link is printed instead.
+    headless = _shoal_dashboard(dash)
+    assert headless.returncode == 0 and "No browser could be started" in headless.stderr
+    assert _logs_in(dash, headless.stdout.strip())
+    # No instance: a clear error.
+    missing = _shoal_dashboard(dash, "--instance-dir", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no shoal instance is running" in missing.stderr
 
 
 # --- the page in a real browser --------------------------------------------------------------------------

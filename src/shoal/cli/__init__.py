@@ -5,7 +5,7 @@ One module per family of commands, each joining the `main` group here:
 - `run.py`: `shoal run`, a foreground instance owned by the command;
 - `instance.py`: `start`, `deploy`, `status`, `config`, `shutdown` (a detached instance, over its
   admin API) and `build`; `ray.py`: the same commands against a Ray cluster (`--runtime ray`);
-- `llm.py`: `shoal llm serve`;
+- `llm.py`: `shoal llm serve`; `dashboard.py`: `shoal dashboard` (the detached instance's web page);
 - `output.py`: the status table and deploy progress; `common.py`, `signals.py`: shared options,
   messages and Ctrl-C handling.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import click
 
 from shoal import __version__
-from shoal.cli import instance, llm, run
+from shoal.cli import dashboard, instance, llm, run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +27,7 @@ def main() -> None:
     """shoal: Ray Serve's programming model on one machine."""
 
 
-for _command in (run.run, *instance.COMMANDS, llm.llm):
+for _command in (run.run, *instance.COMMANDS, dashboard.dashboard, llm.llm):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -7,7 +7,7 @@ const POLL_MS = 1500;
 const WINDOW_S = 600;
 const SVG = "http://www.w3.org/2000/svg";
 
-const state = { since: 0, series: {}, open: new Set(), failures: 0 };
+const state = { since: 0, series: {}, open: new Set(), failures: 0, first: Infinity };
 
 // --- DOM helpers (text only: log lines and messages never become markup) ---------------------------
 function h(tag, attrs, ...children) {
@@ -60,10 +60,8 @@ const fmtTime = (t) => new Date(t * 1000).toLocaleTimeString();
 // `lines`: [[label, [[t, v|null], ...]], ...]; one or two lines share the y axis (from 0).
 function chart(title, lines, fmt, now) {
   const W = 300, H = 70, L = 0, R = 0, T = 4, B = 1;
-  // The x axis spans the points there are (at least a minute), up to WINDOW_S.
-  let first = now;
-  for (const [, pts] of lines) if (pts.length) first = Math.min(first, pts[0][0]);
-  const span = Math.min(WINDOW_S, Math.max(60, Math.ceil((now - first) / 60) * 60));
+  // Every chart spans the same time: the page's oldest point (at least a minute), up to WINDOW_S.
+  const span = Math.min(WINDOW_S, Math.max(60, Math.ceil((now - state.first) / 60) * 60));
   const t0 = now - span;
   const x = (t) => L + ((t - t0) / span) * (W - L - R);
   let max = 0, count = 0;
@@ -89,6 +87,10 @@ function chart(title, lines, fmt, now) {
     }
     for (const sg of segments) {
       const d = sg.map(([px, py], j) => (j ? "L" : "M") + px + "," + py).join("");
+      if (sg.length === 1) {  // a lone value between gaps: a dot, or it would not show
+        svg.append(s("circle", { class: `s${i} dot`, cx: sg[0][0], cy: sg[0][1], r: 1.8 }));
+        continue;
+      }
       if (lines.length === 1) svg.append(s("path", { class: "area", d: `${d}L${sg[sg.length - 1][0]},${y(0)}L${sg[0][0]},${y(0)}Z` }));
       svg.append(s("path", { class: `s${i} line`, d }));
     }
@@ -210,6 +212,8 @@ function render(snap) {
   const replicas = deps.flatMap((d) => d.replicas);
   const lastOf = (d) => { const p = state.series[`${d.app}/${d.name}`]; return p && p.length ? p[p.length - 1] : null; };
   snap.applications.forEach((a) => a.deployments.forEach((d) => { d.app = a.name; }));
+  for (const d of deps) if (d.series.length) state.first = Math.min(state.first, d.series[0].t);
+  if (state.first === Infinity || state.first < now - WINDOW_S) state.first = Math.max(now - WINDOW_S, Math.min(state.first, now));
   const apps = document.getElementById("apps");
   apps.replaceChildren(...(snap.applications.length ? snap.applications.map((a) => appView(a, now))
     : [h("p", { class: "muted" }, "No applications. Deploy one with `shoal deploy config.yaml`.")]));

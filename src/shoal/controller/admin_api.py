@@ -41,12 +41,13 @@ from starlette.routing import Route
 from starlette.websockets import WebSocketClose
 
 from shoal.builder import build_specs_async, build_timeout_s
+from shoal.dashboard.auth import readable_with_cookie
+from shoal.dashboard.web import Dashboard, not_logged_in
 from shoal.exceptions import RayServeException
 from shoal.schema import ConfigError, ConfigWarning, parse_config
 
 if TYPE_CHECKING:
     from shoal.controller.controller import Controller
-    from shoal.dashboard.web import Dashboard
 
 logger = logging.getLogger("shoal.controller")
 
@@ -62,7 +63,7 @@ class _Auth:
     """ASGI middleware: loopback peers with the right bearer token only; the dashboard's session
     cookie opens its read-only pages (see `shoal.dashboard.auth`)."""
 
-    def __init__(self, app: Any, token: str, dashboard: Optional["Dashboard"] = None):
+    def __init__(self, app: Any, token: str, dashboard: Optional[Dashboard] = None):
         self.app = app
         self.expected = f"Bearer {token}".encode()
         self.dashboard = dashboard
@@ -78,8 +79,6 @@ class _Auth:
         elif secrets.compare_digest(given, self.expected) or self._dashboard_allows(scope, headers):
             return await self.app(scope, receive, send)
         elif self.dashboard is not None and scope["type"] == "http" and scope["path"].rstrip("/") == "/dashboard":
-            from shoal.dashboard.web import not_logged_in
-
             refusal = not_logged_in()  # a browser without a session: say how to get one
         else:
             refusal = JSONResponse({"error": "missing or wrong bearer token (see the instance's token file)"},
@@ -91,8 +90,6 @@ class _Auth:
     def _dashboard_allows(self, scope: dict, headers: dict) -> bool:
         """The login link (its code is checked by the route), or a read of the dashboard with a valid
         session cookie sent to this instance by name (not to a host name that resolves here)."""
-        from shoal.dashboard.auth import readable_with_cookie
-
         d = self.dashboard
         if d is None or scope["type"] != "http":
             return False
@@ -117,7 +114,7 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def make_app(controller: "Controller", token: str, dashboard: Optional["Dashboard"] = None) -> Any:
+def make_app(controller: "Controller", token: str, dashboard: Optional[Dashboard] = None) -> Any:
     lock = asyncio.Lock()  # one build and apply at a time: each sees the result of the previous one
     newest = [0]  # the number of the newest PUT: an older one that has not applied yet gives way
     building: dict[int, asyncio.Future] = {}  # the build in progress, by the number of its PUT
@@ -211,8 +208,6 @@ class AdminServer:
     def __init__(self, controller: "Controller", token: str, port: int = 0):
         import uvicorn
 
-        from shoal.dashboard.web import Dashboard
-
         class _Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:  # the controller handles its own signals
@@ -223,8 +218,8 @@ class AdminServer:
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.dashboard = Dashboard(controller, token, self.port)
-        config = uvicorn.Config(make_app(controller, token, self.dashboard), loop="none", lifespan="off", access_log=False,
-                                log_level="warning", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(make_app(controller, token, self.dashboard), loop="none", lifespan="off",
+                                access_log=False, log_level="warning", timeout_graceful_shutdown=2)
         self.server = _Server(config)
         self.task: Optional[asyncio.Task] = None
 

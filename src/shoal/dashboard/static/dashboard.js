@@ -39,7 +39,8 @@ function fmtNum(v, digits = 1) {
   if (a >= 100) return v.toFixed(0);
   return v.toFixed(digits).replace(/\.0+$/, "");
 }
-const fmtMs = (v) => (v === null || v === undefined ? "–" : v >= 1000 ? fmtNum(v / 1000, 2) + " s" : fmtNum(v, 1) + " ms");
+const fmtMs = (v) => (v === null || v === undefined ? "–"
+  : v >= 1000 ? fmtNum(v / 1000, 2) + " s" : fmtNum(v, 1) + " ms");
 const fmtPct = (v) => (v === null || v === undefined ? "–" : fmtNum(v * 100, 1) + "%");
 function fmtBytes(b) {
   if (b === null || b === undefined) return "–";
@@ -70,7 +71,9 @@ function chart(title, lines, fmt, now) {
   const y = (v) => T + (1 - v / top) * (H - T - B);
   const svg = s("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
                          "data-points": count, role: "img", "aria-label": title });
-  for (const f of [0, 0.5, 1]) svg.append(s("line", { class: "grid", x1: L, x2: W - R, y1: y(top * f), y2: y(top * f) }));
+  for (const f of [0, 0.5, 1]) {
+    svg.append(s("line", { class: "grid", x1: L, x2: W - R, y1: y(top * f), y2: y(top * f) }));
+  }
   // Text lives outside the SVG, which stretches to the box's width.
   const axisY = h("div", { class: "axis-y" }, fmt(top));
   const axisX = h("div", { class: "axis-x" }, h("span", {}, `-${fmtNum(span / 60, 1)}m`),
@@ -91,7 +94,9 @@ function chart(title, lines, fmt, now) {
         svg.append(s("circle", { class: `s${i} dot`, cx: sg[0][0], cy: sg[0][1], r: 1.8 }));
         continue;
       }
-      if (lines.length === 1) svg.append(s("path", { class: "area", d: `${d}L${sg[sg.length - 1][0]},${y(0)}L${sg[0][0]},${y(0)}Z` }));
+      if (lines.length === 1) {  // the area under a lone line
+        svg.append(s("path", { class: "area", d: `${d}L${sg[sg.length - 1][0]},${y(0)}L${sg[0][0]},${y(0)}Z` }));
+      }
       svg.append(s("path", { class: `s${i} line`, d }));
     }
   });
@@ -126,10 +131,15 @@ function hover(box, svg, lines, fmt, x, W) {
     cursor.setAttribute("x1", x(at)); cursor.setAttribute("x2", x(at));
     tip.textContent = `${fmtTime(at)}  ${vals.join(" · ")}`;
     tip.hidden = false;
-    tip.style.left = Math.max(0, Math.min(ev.clientX - box.getBoundingClientRect().left + 8, box.clientWidth - 160)) + "px";
+    const left = ev.clientX - box.getBoundingClientRect().left + 8;
+    tip.style.left = Math.max(0, Math.min(left, box.clientWidth - 160)) + "px";
     tip.style.top = "18px";
   });
-  svg.addEventListener("mouseleave", () => { tip.hidden = true; cursor.setAttribute("x1", -10); cursor.setAttribute("x2", -10); });
+  svg.addEventListener("mouseleave", () => {
+    tip.hidden = true;
+    cursor.setAttribute("x1", -10);
+    cursor.setAttribute("x2", -10);
+  });
 }
 
 // --- the page ----------------------------------------------------------------------------------------
@@ -160,15 +170,16 @@ function deploymentView(app, dep, now) {
   }
   const rows = dep.replicas.map((r) => {
     const logKey = `${key}/${r.id}`;
-    const logs = h("details", { class: "logs", open: state.open.has(logKey),
-                                ontoggle: (ev) => (ev.target.open ? state.open.add(logKey) : state.open.delete(logKey)) },
+    const toggled = (ev) => (ev.target.open ? state.open.add(logKey) : state.open.delete(logKey));
+    const logs = h("details", { class: "logs", open: state.open.has(logKey), ontoggle: toggled },
       h("summary", {}, `${r.log_tail.length} lines`),
       h("pre", { class: "log" }, r.log_tail.length ? r.log_tail.join("\n") : "(no output yet)"));
     return h("tr", { class: "replica", "data-replica": r.id },
         h("td", {}, r.id), h("td", {}, pill(r.state)), h("td", { class: "num" }, r.pid ?? "–"), h("td", {}, r.node),
         h("td", { class: "num" }, fmtAge(r.age_s)), h("td", { class: "num" }, r.ongoing_requests ?? "–"),
         h("td", { class: "num" }, fmtBytes(r.rss_bytes)),
-        dep.llm ? h("td", { class: "num" }, `${fmtNum(r.llm_running ?? 0, 0)} / ${fmtNum(r.llm_waiting ?? 0, 0)}`) : null,
+        dep.llm ? h("td", { class: "num" }, `${fmtNum(r.llm_running ?? 0, 0)} / ${fmtNum(r.llm_waiting ?? 0, 0)}`)
+          : null,
         h("td", {}, logs));
   });
   return h("div", { class: "deployment", "data-deployment": dep.name },
@@ -179,12 +190,14 @@ function deploymentView(app, dep, now) {
       auto ? h("span", { class: "kv" }, "autoscaling ", h("b", {}, `${auto.min_replicas}–${auto.max_replicas}`),
                `, target ${fmtNum(auto.target_ongoing_requests, 1)} ongoing/replica`) : null,
       h("span", { class: "kv" }, "max ongoing ", h("b", {}, dep.max_ongoing_requests)),
-      dep.llm ? h("span", { class: "kv" }, "engine ", h("b", {}, `${dep.llm.running} running, ${dep.llm.waiting} waiting`)) : null),
+      dep.llm ? h("span", { class: "kv" }, "engine ",
+                  h("b", {}, `${dep.llm.running} running, ${dep.llm.waiting} waiting`)) : null),
     dep.message ? h("div", { class: "message" }, dep.message) : null,
     h("div", { class: "charts" }, charts),
     dep.replicas.length ? h("table", { class: "replicas-table" },
       h("thead", {}, h("tr", {}, ["replica", "state", "pid", "node", "age", "ongoing", "RSS"].map((c, i) =>
-        h("th", { class: i >= 2 && i !== 3 ? "num" : "" }, c)), dep.llm ? h("th", { class: "num" }, "engine run/wait") : null,
+        h("th", { class: i >= 2 && i !== 3 ? "num" : "" }, c)),
+        dep.llm ? h("th", { class: "num" }, "engine run/wait") : null,
         h("th", {}, "log"))),
       h("tbody", {}, rows)) : h("div", { class: "muted" }, "no replicas"));
 }
@@ -193,7 +206,8 @@ function appView(app, now) {
   return h("div", { class: "app", "data-app": app.name },
     h("div", { class: "head" },
       h("span", { class: "app-name" }, app.name), pill(app.status),
-      app.route_prefix ? h("span", { class: "kv" }, "route ", h("b", {}, app.route_prefix)) : h("span", { class: "kv" }, "no HTTP route"),
+      app.route_prefix ? h("span", { class: "kv" }, "route ", h("b", {}, app.route_prefix))
+        : h("span", { class: "kv" }, "no HTTP route"),
       h("span", { class: "kv" }, "ingress ", h("b", {}, app.ingress)),
       h("span", { class: "kv" }, "deployed ", h("b", {}, fmtTime(app.last_deployed_time_s)))),
     app.message ? h("div", { class: "message" }, app.message) : null,
@@ -210,15 +224,21 @@ function render(snap) {
     h("span", { class: "muted" }, `controller pid ${inst.controller_pid}`));
   const deps = snap.applications.flatMap((a) => a.deployments);
   const replicas = deps.flatMap((d) => d.replicas);
-  const lastOf = (d) => { const p = state.series[`${d.app}/${d.name}`]; return p && p.length ? p[p.length - 1] : null; };
+  const lastOf = (d) => {
+    const p = state.series[`${d.app}/${d.name}`];
+    return p && p.length ? p[p.length - 1] : null;
+  };
   snap.applications.forEach((a) => a.deployments.forEach((d) => { d.app = a.name; }));
   for (const d of deps) if (d.series.length) state.first = Math.min(state.first, d.series[0].t);
-  if (state.first === Infinity || state.first < now - WINDOW_S) state.first = Math.max(now - WINDOW_S, Math.min(state.first, now));
+  if (state.first === Infinity || state.first < now - WINDOW_S) {
+    state.first = Math.max(now - WINDOW_S, Math.min(state.first, now));
+  }
   const apps = document.getElementById("apps");
   apps.replaceChildren(...(snap.applications.length ? snap.applications.map((a) => appView(a, now))
     : [h("p", { class: "muted" }, "No applications. Deploy one with `shoal deploy config.yaml`.")]));
   const totalRps = deps.reduce((sum, d) => sum + ((lastOf(d) || {}).rps || 0), 0);
-  const stat = (value, label) => h("div", { class: "stat" }, h("div", { class: "value" }, value), h("div", { class: "label" }, label));
+  const stat = (value, label) => h("div", { class: "stat" },
+    h("div", { class: "value" }, value), h("div", { class: "label" }, label));
   document.getElementById("summary").replaceChildren(
     stat(snap.applications.length, "applications"),
     stat(deps.length, "deployments"),
@@ -230,17 +250,20 @@ function render(snap) {
     h("thead", {}, h("tr", {}, ["time", "deployment", "replicas", "why"].map((c) => h("th", {}, c)))),
     h("tbody", {}, dec.map((e) => h("tr", {},
       h("td", {}, fmtTime(e.time)), h("td", {}, `${e.application}/${e.deployment}`),
-      h("td", { class: e.to > e.from ? "up" : "down" }, `${e.from} → ${e.to}`), h("td", { class: "reason" }, e.reason)))))
+      h("td", { class: e.to > e.from ? "up" : "down" }, `${e.from} → ${e.to}`),
+      h("td", { class: "reason" }, e.reason)))))
     : h("p", { class: "muted" }, "None yet."));
 }
 
 async function poll() {
   const conn = document.getElementById("connection");
   try {
-    const r = await fetch(`/dashboard/api/snapshot?since=${state.since}`, { cache: "no-store", credentials: "same-origin" });
+    const r = await fetch(`/dashboard/api/snapshot?since=${state.since}`,
+                          { cache: "no-store", credentials: "same-origin" });
     if (r.status === 401 || r.status === 403) {
       const banner = document.getElementById("banner");
-      banner.textContent = "Your dashboard session has ended (or the instance was restarted with a new token): run `shoal dashboard` again.";
+      banner.textContent = "Your dashboard session has ended (or the instance was restarted with a new token): "
+        + "run `shoal dashboard` again.";
       banner.hidden = false;
       conn.textContent = "logged out"; conn.className = "connection down";
       return;  // no more polling: a new login link is needed
@@ -249,7 +272,9 @@ async function poll() {
     const snap = await r.json();
     render(snap);
     let newest = state.since;
-    for (const a of snap.applications) for (const d of a.deployments) for (const p of d.series) newest = Math.max(newest, p.t);
+    for (const a of snap.applications) {
+      for (const d of a.deployments) for (const p of d.series) newest = Math.max(newest, p.t);
+    }
     state.since = newest;
     state.failures = 0;
     conn.textContent = `live · ${fmtTime(snap.time)}`; conn.className = "connection live";

@@ -244,6 +244,8 @@ def test_shoal_dashboard_command(dash, tmp_path):
     # No instance: a clear error.
     missing = _shoal_dashboard(dash, "--instance-dir", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no shoal instance is running" in missing.stderr
+    on_ray = _shoal_dashboard(dash, SHOAL_RUNTIME="ray")
+    assert on_ray.returncode == 1 and "Ray's dashboard" in on_ray.stderr
 
 
 # --- the page in a real browser --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Optional
 
 import click
 
+from shoal.cli import ray as cli_ray
 from shoal.cli.common import err
 from shoal.cli.instance import _admin_call, _connect, instance_dir_option
 
@@ -34,6 +35,10 @@ def _has_display() -> bool:
 @instance_dir_option
 def dashboard(print_url: bool, instance_dir: Optional[str]) -> None:
     """Open the live dashboard of the detached instance (`shoal start`) in a browser."""
+    if cli_ray.wants_ray(None):
+        raise click.ClickException("the dashboard is served by a detached instance on this machine (`shoal start`); "
+                                   "on a Ray cluster (SHOAL_RUNTIME=ray) use Ray's dashboard and shoal's metrics "
+                                   "endpoint (docs/observability.md)")
     client = _connect(instance_dir)
     login = _admin_call(client.dashboard_login)
     url, minutes = login["login_url"], login["expires_in_s"] / 60

@@ -23,7 +23,7 @@ from conftest import wait_for
 from click.testing import CliRunner
 
 import shoal
-from shoal import cli
+from shoal import cli, import_path
 from shoal.deployment import Application
 
 STARTUP_TIMEOUT_S = 60
@@ -251,7 +251,7 @@ def app_dir(tmp_path, monkeypatch):
 ])
 def test_load_application_forms(app_dir, attr, ingress_args):
     d, name = app_dir
-    app = cli.load_application(name + attr, str(d))
+    app = import_path.load_application(name + attr, str(d))
     assert isinstance(app, Application)
     assert app.deployment.name == "Greeter"
     assert app.deployment.init_args == ingress_args
@@ -261,7 +261,7 @@ def test_load_application_forms(app_dir, attr, ingress_args):
 def test_load_application_app_dir_default_is_cwd(app_dir, monkeypatch):
     d, name = app_dir
     monkeypatch.chdir(d)
-    assert isinstance(cli.load_application(f"{name}:app"), Application)
+    assert isinstance(import_path.load_application(f"{name}:app"), Application)
 
 
 @pytest.mark.parametrize("attr, fragments", [
@@ -273,9 +273,9 @@ def test_load_application_app_dir_default_is_cwd(app_dir, monkeypatch):
 ])
 def test_load_application_errors(app_dir, attr, fragments):
     d, name = app_dir
-    with pytest.raises(cli.ImportPathError) as info:
-        cli.load_application(name + attr, str(d))
-    msg = info.value.message
+    with pytest.raises(import_path.ImportPathError) as info:
+        import_path.load_application(name + attr, str(d))
+    msg = str(info.value)
     assert f"'{name}{attr}'" in msg
     for fragment in fragments:
         assert fragment in msg
@@ -287,17 +287,17 @@ def test_load_application_module_errors(tmp_path, monkeypatch):
     _write(tmp_path, f"raises_{uniq}.py", "x = 1 / 0\n")
     _write(tmp_path, f"missingdep_{uniq}.py", f"import no_such_dependency_{uniq}\n")
     try:
-        with pytest.raises(cli.ImportPathError, match=f"module 'no_such_module_{uniq}' not found"):
-            cli.load_application(f"no_such_module_{uniq}:app", str(tmp_path))
-        with pytest.raises(cli.ImportPathError, match=r"ZeroDivisionError: division by zero \(at .*raises_"):
-            cli.load_application(f"raises_{uniq}:app", str(tmp_path))
-        with pytest.raises(cli.ImportPathError, match=f"importing module 'missingdep_{uniq}' failed: "
+        with pytest.raises(import_path.ImportPathError, match=f"module 'no_such_module_{uniq}' not found"):
+            import_path.load_application(f"no_such_module_{uniq}:app", str(tmp_path))
+        with pytest.raises(import_path.ImportPathError, match=r"ZeroDivisionError: division by zero \(at .*raises_"):
+            import_path.load_application(f"raises_{uniq}:app", str(tmp_path))
+        with pytest.raises(import_path.ImportPathError, match=f"importing module 'missingdep_{uniq}' failed: "
                                                       f"ModuleNotFoundError.*no_such_dependency_{uniq}"):
-            cli.load_application(f"missingdep_{uniq}:app", str(tmp_path))
-        with pytest.raises(cli.ImportPathError, match="expected 'module:attribute'"):
-            cli.load_application("justaname", str(tmp_path))
-        with pytest.raises(cli.ImportPathError, match="is not a directory"):
-            cli.load_application("m:app", str(tmp_path / "nowhere"))
+            import_path.load_application(f"missingdep_{uniq}:app", str(tmp_path))
+        with pytest.raises(import_path.ImportPathError, match="expected 'module:attribute'"):
+            import_path.load_application("justaname", str(tmp_path))
+        with pytest.raises(import_path.ImportPathError, match="is not a directory"):
+            import_path.load_application("m:app", str(tmp_path / "nowhere"))
     finally:
         for mod in [m for m in sys.modules if m.endswith(uniq)]:
             sys.modules.pop(mod, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoal.cli_output import DeployProgress, replica_summary, status_table
+from shoal.cli.output import DeployProgress, replica_summary, status_table
 from shoal.status import (ApplicationStatus, ApplicationStatusOverview, DeploymentStatus, DeploymentStatusOverview,
                           DeploymentStatusTrigger, ProxyStatus, ReplicaState, ServeStatus)
 

@@ -111,5 +111,9 @@ class AdminClient:
     def shutdown(self) -> None:
         self._request("DELETE", "/api/serve/applications/")
 
+    def dashboard_login(self) -> dict:
+        """A one-time login link for the web dashboard: {"code", "login_url", "expires_in_s"}."""
+        return self._request("POST", "/api/dashboard/login-code")
+
     def close(self) -> None:
         self.http.close()

@@ -37,6 +37,8 @@ from pydantic import create_model, field_validator, model_validator
 from shoal.common import SERVE_DEFAULT_APP_NAME
 from shoal.config import AutoscalingConfig, DeploymentConfig, HTTPOptions, LoggingConfig, ProxyLocation, RayActorOptions
 from shoal.deployment import _DEPLOYMENT_OPTIONS, Application, Deployment, deployment_names
+from shoal.import_path import ImportPathError, describe_error, split_import_path
+from shoal.import_path import import_attribute as _import_attribute
 
 __all__ = [
     "BUILD_HEADER", "ConfigError", "ConfigWarning", "DeploymentSchema", "GRPCOptionsSchema", "HTTPOptionsSchema",
@@ -400,12 +402,10 @@ class ServeApplicationSchema(_SchemaModel):
     @field_validator("import_path")
     @classmethod
     def _check_import_path(cls, v: str) -> str:
-        from shoal.cli import ImportPathError, _split_import_path
-
         try:
-            _split_import_path(v)
+            split_import_path(v)
         except ImportPathError as e:
-            raise ValueError(_strip_invalid(e.message)) from None
+            raise ValueError(_strip_invalid(str(e))) from None
         return v
 
     @model_validator(mode="after")
@@ -550,12 +550,10 @@ def load_config_file(path: Union[str, os.PathLike]) -> ServeDeploySchema:
 def import_attribute(import_path: str, base_dir: Optional[Union[str, os.PathLike]] = None) -> Any:
     """Import `module:attr` / `module.attr` (attr may be dotted), as `shoal run` does; `base_dir` goes
     first on `sys.path`. Failures become `ConfigError`s."""
-    from shoal import cli
-
     try:
-        return cli.import_attribute(import_path, None if base_dir is None else os.fspath(base_dir))
-    except cli.ImportPathError as e:
-        raise ConfigError(e.message) from None
+        return _import_attribute(import_path, None if base_dir is None else os.fspath(base_dir))
+    except ImportPathError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _builder_model(builder: Any, param: inspect.Parameter) -> Optional[type]:
@@ -577,8 +575,6 @@ def call_app_builder(target: Any, args: Optional[Dict[str, Any]], import_path: s
     `args` as its one argument, first validated into the parameter's pydantic model when it is
     annotated with one (errors name `args.<field>`).
     """
-    from shoal.cli import _describe
-
     args = dict(args or {})
     if isinstance(target, (Application, Deployment)):
         if args:
@@ -589,7 +585,7 @@ def call_app_builder(target: Any, args: Optional[Dict[str, Any]], import_path: s
         try:
             return target.bind()
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"Could not bind deployment '{import_path}': {_describe(e)}") from None
+            raise ConfigError(f"Could not bind deployment '{import_path}': {describe_error(e)}") from None
     if isinstance(target, type):
         raise ConfigError(f"'{import_path}' is a class, not an application: decorate it with @serve.deployment "
                           f"and point at `{target.__name__}.bind()` (or at the deployment itself).")
@@ -618,7 +614,7 @@ def call_app_builder(target: Any, args: Optional[Dict[str, Any]], import_path: s
     try:
         built = target(*call_args)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"The application builder '{import_path}' failed: {_describe(e)}") from None
+        raise ConfigError(f"The application builder '{import_path}' failed: {describe_error(e)}") from None
     if not isinstance(built, Application):
         raise ConfigError(f"The application builder '{import_path}' returned {type(built).__name__}, not an "
                           "Application (from Deployment.bind()).")

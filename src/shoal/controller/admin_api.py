@@ -11,6 +11,9 @@ loopback address is refused (403) as well. Routes follow Ray's dashboard where o
     GET    /api/serve/status          -> serve.status() as plain data (enum values as their names);
                                          `?wait_routes=1`: once every proxy has the current route table
 
+The web dashboard's routes (`/dashboard...`, `POST /api/dashboard/login-code`) are in
+`shoal.dashboard.web`; a browser reads them with a session cookie instead of the token.
+
 A PUT is validated (schema) here, then built in a fresh `python -m shoal.builder` process
 (imports, builders, overrides), then applied declaratively; any error leaves the running
 applications untouched. `?app_dir=DIR` puts DIR first on the builder's import path;
@@ -38,6 +41,8 @@ from starlette.routing import Route
 from starlette.websockets import WebSocketClose
 
 from shoal.builder import build_specs_async, build_timeout_s
+from shoal.dashboard.auth import readable_with_cookie
+from shoal.dashboard.web import Dashboard, not_logged_in
 from shoal.exceptions import RayServeException
 from shoal.schema import ConfigError, ConfigWarning, parse_config
 
@@ -55,27 +60,49 @@ def _is_loopback(host: Optional[str]) -> bool:
 
 
 class _Auth:
-    """ASGI middleware: loopback peers with the right bearer token only."""
+    """ASGI middleware: loopback peers with the right bearer token only; the dashboard's session
+    cookie opens its read-only pages (see `shoal.dashboard.auth`)."""
 
-    def __init__(self, app: Any, token: str):
+    def __init__(self, app: Any, token: str, dashboard: Optional[Dashboard] = None):
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        self.dashboard = dashboard
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"")
         if not _is_loopback(client[0] if client else None):
             refusal: Any = JSONResponse({"error": "the admin API serves loopback clients only"}, 403)
-        elif not secrets.compare_digest(given, self.expected):
+        elif secrets.compare_digest(given, self.expected) or self._dashboard_allows(scope, headers):
+            return await self.app(scope, receive, send)
+        elif self.dashboard is not None and scope["type"] == "http" and scope["path"].rstrip("/") == "/dashboard":
+            refusal = not_logged_in()  # a browser without a session: say how to get one
+        else:
             refusal = JSONResponse({"error": "missing or wrong bearer token (see the instance's token file)"},
                                    401, headers={"WWW-Authenticate": "Bearer"})
-        else:
-            return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             refusal = WebSocketClose(code=1008)
         await refusal(scope, receive, send)
+
+    def _dashboard_allows(self, scope: dict, headers: dict) -> bool:
+        """The login link (its code is checked by the route), or a read of the dashboard with a valid
+        session cookie sent to this instance by name (not to a host name that resolves here)."""
+        d = self.dashboard
+        if d is None or scope["type"] != "http":
+            return False
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path == "/dashboard/login":
+            return True
+        if not readable_with_cookie(method, path):
+            return False
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host not in (f"127.0.0.1:{d.port}", f"localhost:{d.port}"):
+            return False
+        session = d.auth.session_of(headers.get(b"cookie", b"").decode("latin-1"))
+        return session is not None and d.auth.valid(session)
 
 
 SUPERSEDED = "superseded by a newer deploy (the latest config wins); nothing of this one was applied"
@@ -87,7 +114,7 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def make_app(controller: "Controller", token: str) -> Any:
+def make_app(controller: "Controller", token: str, dashboard: Optional[Dashboard] = None) -> Any:
     lock = asyncio.Lock()  # one build and apply at a time: each sees the result of the previous one
     newest = [0]  # the number of the newest PUT: an older one that has not applied yet gives way
     building: dict[int, asyncio.Future] = {}  # the build in progress, by the number of its PUT
@@ -170,8 +197,9 @@ def make_app(controller: "Controller", token: str) -> Any:
         Route("/api/serve/applications/", get_apps, methods=["GET"]),
         Route("/api/serve/applications/", put_apps, methods=["PUT"]),
         Route("/api/serve/applications/", delete_apps, methods=["DELETE"]),
+        *(dashboard.routes() if dashboard is not None else []),
     ])
-    return _Auth(app, token)
+    return _Auth(app, token, dashboard)
 
 
 class AdminServer:
@@ -189,8 +217,9 @@ class AdminServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(make_app(controller, token), loop="none", lifespan="off", access_log=False,
-                                log_level="warning", timeout_graceful_shutdown=2)
+        self.dashboard = Dashboard(controller, token, self.port)
+        config = uvicorn.Config(make_app(controller, token, self.dashboard), loop="none", lifespan="off",
+                                access_log=False, log_level="warning", timeout_graceful_shutdown=2)
         self.server = _Server(config)
         self.task: Optional[asyncio.Task] = None
 
@@ -199,6 +228,7 @@ class AdminServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
+        self.dashboard.start()
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
         while not self.server.started and not self.task.done():
             await asyncio.sleep(0.01)
@@ -206,6 +236,7 @@ class AdminServer:
             self.task.result()
 
     async def stop(self) -> None:
+        self.dashboard.stop()
         self.server.should_exit = True
         if self.task is not None:
             with contextlib.suppress(Exception):

@@ -63,6 +63,20 @@ class LoadReports:
         return queued, queued + sum(r for _, r in reports.values())
 
 
+class ScalingLog:
+    """The latest autoscaling decisions (for the dashboard): when, which deployment, from, to, why."""
+
+    def __init__(self, size: int = 50) -> None:
+        self.events: deque[dict] = deque(maxlen=size)
+
+    def record(self, dep_id: DeploymentID, old: int, new: int, why: str) -> None:
+        self.events.append({"time": time.time(), "application": dep_id.app_name, "deployment": dep_id.name,
+                            "from": old, "to": new, "reason": why})
+
+    def recent(self) -> list[dict]:
+        return list(reversed(self.events))  # newest first
+
+
 class ErrorLog:
     """Logs each distinct policy error once (the control loop would repeat it every 100 ms)."""
 
@@ -217,6 +231,21 @@ class DeploymentAutoscaler:
             return target
         self.policy_state = state
         return result
+
+    def explain(self, by_app: bool) -> str:
+        """Why the policy moved the count, in words: the load it saw and the policy that decided."""
+        cfg = self.config
+        now = self.samples[-1][1] if self.samples else 0.0
+        seen = (f"{now:g} requests queued or running, {self._window(1):.1f} "
+                f"({cfg.aggregation_function} over the last {cfg.look_back_period_s:g} s)")
+        if by_app:
+            return f"{seen}; the application's autoscaling policy decided"
+        p = cfg.policy
+        if p is not None and not p.is_default_policy_function():
+            name = p.policy_function if isinstance(p.policy_function, str) else getattr(
+                p.policy_function, "__name__", "custom")
+            return f"{seen}; custom policy {name}"
+        return f"{seen}; target {cfg.target_ongoing_requests:g} per replica"
 
     def scaled(self, old: int, new: int) -> None:
         if new > old:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from shoal.common import CONTROL_LOOP_INTERVAL_S, DeploymentID, DeploymentTargets
 from shoal.controller import checkpoint
-from shoal.controller.autoscaler import ApplicationAutoscaler, LoadReports
+from shoal.controller.autoscaler import ApplicationAutoscaler, LoadReports, ScalingLog
 from shoal.controller.deployment_state import DeploymentState, ReplicaRecord
 from shoal.controller.proxy_state import ProxyManager
 from shoal.http.routes import Route
@@ -97,6 +97,7 @@ class Controller(RpcHandler):
         self._status_waiters: list[asyncio.Future] = []
         self.proxies = ProxyManager(self)
         self.load_reports = LoadReports()
+        self.scaling_log = ScalingLog()  # recent autoscaling decisions, for the dashboard
         self.checkpoint_store = runtime.checkpoint_store()
         self.checkpoint_extra: dict = {}  # saved with the checkpoint: what the process main needs back
         self._checkpoint_key: Optional[tuple] = None

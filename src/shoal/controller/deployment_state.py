@@ -459,6 +459,8 @@ class DeploymentState:
             up = desired > self.target
             if self.autoscaler is not None:
                 self.autoscaler.scaled(self.target, desired)
+                self.controller.scaling_log.record(self.id, self.target, desired, self.autoscaler.explain(
+                    self.controller.app_autoscaled(self.id.app_name)))
             self.target = desired
             if self.status in (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING):
                 self._set_status(DeploymentStatus.UPSCALING if up else DeploymentStatus.DOWNSCALING,

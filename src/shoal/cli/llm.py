@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import click
 
-from .models import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
+from shoal.llm.models import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
 
 APP_NAME = "llm"
 _PROGRESS_POLL_S = 0.5
@@ -108,9 +108,9 @@ def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[st
     """Deploy with progress, print how to call it, block; always shut down. Returns the exit code."""
     from shoal import api
     from shoal import client as client_mod
-    from shoal.cli import _Signals, _StopRequested
+    from shoal.cli.signals import Signals, StopRequested
 
-    signals = _Signals()
+    signals = Signals()
     signals.install()
     code = 0
     try:
@@ -132,7 +132,7 @@ def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[st
         signals.defer_interrupt()
         click.echo("Error: the shoal controller exited unexpectedly; stopping.", err=True)
         code = 1
-    except _StopRequested as stop:
+    except StopRequested as stop:
         signals.defer_interrupt()
         sig = stop.args[0] if stop.args else signal.SIGINT
         click.echo(f"Got {signal.Signals(sig).name}; shutting down.", err=True)
@@ -151,7 +151,7 @@ def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[st
 
 def _watch_deploy(api: Any, lost: list[bool]) -> Optional[str]:
     """Print each deployment's replica states as they change until the app runs; the error, if any."""
-    from shoal.cli_output import DeployProgress
+    from shoal.cli.output import DeployProgress
 
     started = time.monotonic()
     progress = DeployProgress(

@@ -4,7 +4,7 @@
 `status`, `config` and `shutdown` find it through the instance directory (`--instance-dir`,
 `$SHOAL_INSTANCE_DIR`) and talk to its admin REST API (`controller/admin_api.py`) with the token
 from that directory. With `--runtime ray` (or `SHOAL_RUNTIME=ray`) the same commands drive the
-instance on a Ray cluster instead (`cli_ray.py`).
+instance on a Ray cluster instead (`cli/ray.py`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import Any, Optional
 import click
 import yaml
 
-from shoal import cli_ray, instance
-from shoal.cli import _warn, build_timeout_option, load_application, runtime_options
+from shoal import instance
+from shoal.cli import ray as cli_ray
+from shoal.cli.common import build_timeout_option, import_path_errors, runtime_options, warn
+from shoal.import_path import load_application
 
 POLL_S = 0.25
 
@@ -130,7 +132,7 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, build_tim
         except schema.ConfigError as e:
             raise click.ClickException(str(e)) from None
     for w in caught:
-        _warn(str(w.message))
+        warn(str(w.message))
     if cli_ray.wants_ray(runtime):
         return cli_ray.deploy(config_file, config_schema, app_dir, wait, timeout, address, wait_until_deployed,
                               build_timeout)
@@ -142,7 +144,7 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, build_tim
     reply = _admin_call(client.deploy, body, os.path.abspath(app_dir), build_timeout, prefix=f"{config_file}: ")
     for note in reply.get("warnings", []):
         if not any(note in str(w.message) for w in caught):
-            _warn(f"{config_file}: {note}")
+            warn(f"{config_file}: {note}")
     names = reply.get("applications", [])
     click.echo(f"Sent {config_file} to the instance: {', '.join(names) or 'no applications'}.")
     if not wait:
@@ -154,7 +156,7 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, build_tim
 def wait_until_deployed(get_status: Any, names: list[str], timeout: float, settle: Any) -> None:
     """Print progress from `get_status()` until the applications `names` are RUNNING (then `settle()`),
     one failed, or `timeout` passes (the last two are errors)."""
-    from shoal.cli_output import DeployProgress
+    from shoal.cli.output import DeployProgress
 
     progress = DeployProgress(click.echo, names)
     deadline = time.monotonic() + timeout
@@ -187,7 +189,7 @@ def status(output: str, name: Optional[str], pid: Optional[int], instance_dir: O
 
     The instance is the detached one (`shoal start`; the one of --instance-dir when given), else the
     one of a running `shoal run` (or of a script that called serve.run): the newest, or that of --pid."""
-    from shoal.cli_output import status_table
+    from shoal.cli.output import status_table
 
     if cli_ray.wants_ray(runtime):
         data = cli_ray.status(address)
@@ -290,7 +292,8 @@ def build(import_paths: tuple[str, ...], app_dir: str, output_path: Optional[str
     """Write a config file for the applications at IMPORT_PATH... with every option their code sets."""
     from shoal.schema import build_config, to_yaml
 
-    apps = [load_application(p, app_dir) for p in import_paths]
+    with import_path_errors():
+        apps = [load_application(p, app_dir) for p in import_paths]
     text = to_yaml(build_config(apps, list(import_paths)))
     if output_path is None:
         sys.stdout.write(text)
@@ -300,7 +303,5 @@ def build(import_paths: tuple[str, ...], app_dir: str, output_path: Optional[str
         click.echo(f"Wrote {output_path}.")
 
 
-def register(main: click.Group) -> None:
-    for command in (start, deploy, status, config, shutdown, build):
-        main.add_command(command)
+COMMANDS = (start, deploy, status, config, shutdown, build)
 

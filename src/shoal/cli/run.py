@@ -1,221 +1,27 @@
-"""The `shoal` command line (also `python -m shoal`), mirroring Ray Serve's `serve` CLI.
+"""`shoal run IMPORT_PATH|CONFIG.yaml`: deploy, and keep running until Ctrl-C or SIGTERM.
 
-`shoal run IMPORT_PATH|CONFIG.yaml` deploys and keeps running until Ctrl-C or SIGTERM (a private
-instance, owned by this process; with `--runtime ray`, the cluster's shared instance, of which it
-removes only what it added). The commands that drive a detached instance (`start`, `deploy`,
-`status`, `config`, `shutdown`) and `build` live in `cli_admin.py`; `main` stays a click group so
-other command groups join it with one `main.add_command(...)`.
+The instance is private, owned by this process; with `--runtime ray` it is the cluster's shared
+instance, of which `run` removes only what it added. `--reload` rebuilds in a fresh builder process
+when a file under the app dir changes.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
 import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Optional
 
 import click
 
-from shoal import __version__
+from shoal.cli import ray as cli_ray
+from shoal.cli.common import build_timeout_option, err, import_path_errors, is_config_file, parse_key_values
+from shoal.cli.common import runtime_kwargs, runtime_options, warn
+from shoal.cli.signals import Signals, StopRequested
 from shoal.common import SERVE_DEFAULT_APP_NAME
-from shoal.deployment import Application, Deployment
-
-
-class ImportPathError(click.ClickException):
-    """An import path that does not lead to an application; shown as one line, exit code 1."""
-
-    exit_code = 1
-
-
-def _split_import_path(import_path: str) -> tuple[str, str]:
-    """`pkg.module:attr` or `pkg.module.attr` -> (module, attribute path)."""
-    if ":" in import_path:
-        module, _, attr = import_path.partition(":")
-    else:
-        module, _, attr = import_path.rpartition(".")
-    if not module or not attr or ":" in attr:
-        raise ImportPathError(
-            f"Invalid import path '{import_path}': expected 'module:attribute' or 'module.attribute'.")
-    return module, attr
-
-
-def _where(e: BaseException) -> str:
-    """' (at file:line)' for the innermost frame of an exception raised by user code."""
-    frames = traceback.extract_tb(e.__traceback__)
-    if not frames or isinstance(e, SyntaxError):  # a SyntaxError names its file and line itself
-        return ""
-    last = frames[-1]
-    return f" (at {last.filename}:{last.lineno})"
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}{_where(e)}"
-
-
-def _import_module(module: str, import_path: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        # Only a missing module named by the path itself is "not found"; a missing dependency of
-        # the user's module is an error inside that module.
-        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-            raise ImportPathError(
-                f"Could not import '{import_path}': module '{module}' not found "
-                f"(searched the app dir and the Python path; is --app-dir right?).") from None
-        raise ImportPathError(f"Could not import '{import_path}': importing module '{module}' failed: "
-                              f"{_describe(e)}") from None
-    except Exception as e:  # noqa: BLE001 - any error in the user's module becomes one clear line
-        raise ImportPathError(f"Could not import '{import_path}': importing module '{module}' failed: "
-                              f"{_describe(e)}") from None
-
-
-def import_attribute(import_path: str, app_dir: Optional[str] = ".") -> Any:
-    """Import what `module:attr` / `module.attr` names (attr may be dotted), with `app_dir` first on
-    `sys.path` (it stays there, so replicas, which get the driver's `sys.path`, import it too)."""
-    if app_dir is not None:
-        path = os.path.abspath(app_dir)
-        if not os.path.isdir(path):
-            raise ImportPathError(f"Could not import '{import_path}': app dir '{app_dir}' is not a directory.")
-        if path in sys.path:
-            sys.path.remove(path)
-        sys.path.insert(0, path)
-        importlib.invalidate_caches()
-    module_name, attr_path = _split_import_path(import_path)
-    obj: Any = _import_module(module_name, import_path)
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ImportPathError(f"Could not import '{import_path}': module '{module_name}' has no attribute "
-                                  f"'{attr_path}'.") from None
-    return obj
-
-
-def load_application(import_path: str, app_dir: Optional[str] = ".") -> Application:
-    """Import `import_path` and turn what it names into an Application.
-
-    The attribute may be an Application (from `.bind()`), a Deployment (bound with no arguments),
-    or a builder function called with no arguments that returns an Application.
-    """
-    obj = import_attribute(import_path, app_dir)
-    if isinstance(obj, Application):
-        return obj
-    if isinstance(obj, Deployment):
-        try:
-            return obj.bind()
-        except Exception as e:  # noqa: BLE001
-            raise ImportPathError(f"Could not bind deployment '{import_path}': {_describe(e)}") from None
-    if isinstance(obj, type):
-        raise ImportPathError(
-            f"'{import_path}' is a class, not an application: decorate it with @serve.deployment and "
-            f"point at `{obj.__name__}.bind()` (or at the deployment itself).")
-    if callable(obj):
-        try:
-            built = obj()
-        except Exception as e:  # noqa: BLE001
-            raise ImportPathError(f"The application builder '{import_path}' failed when called with no "
-                                  f"arguments: {_describe(e)}") from None
-        if isinstance(built, Application):
-            return built
-        raise ImportPathError(f"The application builder '{import_path}' returned {type(built).__name__}, "
-                              f"not an Application (from Deployment.bind()).")
-    raise ImportPathError(f"'{import_path}' is a {type(obj).__name__}, not an application: expected an "
-                          f"Application (from Deployment.bind()), a Deployment, or a builder function.")
-
-
-class _StopRequested(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM while it may be interrupted."""
-
-
-class _Signals:
-    """SIGINT/SIGTERM handling for `shoal run`: a request to stop is remembered while the main thread
-    must not be interrupted (spawning the controller), and raised as `_StopRequested` otherwise."""
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self.interruptible = False
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.received is not None and not self.interruptible:
-            return  # already stopping: a second Ctrl-C does not cut the clean-up short
-        self.received = signum
-        if self.interruptible:
-            self.interruptible = False
-            raise _StopRequested(signum)
-
-    def allow_interrupt(self) -> None:
-        self.interruptible = True
-        if self.received is not None:
-            self.interruptible = False
-            raise _StopRequested(self.received)
-
-    def defer_interrupt(self) -> None:
-        self.interruptible = False
-
-
-def _err(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def _warn(message: str) -> None:
-    click.echo(f"Warning: {message}", err=True)
-
-
-def is_config_file(target: str) -> bool:
-    return target.endswith((".yaml", ".yml", ".json")) or os.path.isfile(target)
-
-
-def parse_key_values(arguments: tuple[str, ...]) -> dict[str, str]:
-    """`key=value` command-line arguments -> the args dict a builder function receives."""
-    args: dict[str, str] = {}
-    for item in arguments:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.UsageError(f"Invalid argument {item!r}: expected key=value.")
-        args[key] = value
-    return args
-
-
-def runtime_kwargs(runtime: Optional[str], address: Optional[str]) -> dict[str, Any]:
-    """`--runtime` / `--address` as keyword arguments for `serve.start`, only those given."""
-    return {k: v for k, v in (("runtime", runtime), ("address", address)) if v is not None}
-
-
-def runtime_options(f: Any) -> Any:
-    f = click.option("--address", "-a", default=None,
-                     help="Address of the Ray cluster (with --runtime ray; default: $SHOAL_RAY_ADDRESS, else the "
-                          "running cluster).")(f)
-    return click.option("--runtime", type=click.Choice(["embedded", "ray"]), default=None,
-                        help="Where replicas run (default: $SHOAL_RUNTIME, else embedded: processes on this "
-                             "machine).")(f)
-
-
-def build_timeout_option(f: Any) -> Any:
-    return click.option("--build-timeout", type=click.FloatRange(0, math.inf, min_open=True, max_open=True),
-                        default=None, envvar="SHOAL_BUILD_TIMEOUT_S", show_default="$SHOAL_BUILD_TIMEOUT_S, else 120",
-                        help="Seconds that building a config's applications (importing them, calling their "
-                             "builders) may take; then the builder process is killed and the command fails.")(f)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version=__version__, prog_name="shoal", message="%(prog)s %(version)s")
-def main() -> None:
-    """shoal: Ray Serve's programming model on one machine."""
+from shoal.import_path import ImportPathError, describe_error, import_attribute, load_application
 
 
 @dataclass
@@ -254,7 +60,7 @@ def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefi
             except schema.ConfigError as e:
                 raise click.ClickException(str(e)) from None
         for w in caught:
-            _warn(str(w.message))
+            warn(str(w.message))
         watch.append(os.path.abspath(target))
         start_options = {k: getattr(config_schema, k) for k in ("proxy_location", "logging_config")
                          if k in config_schema.model_fields_set}
@@ -273,7 +79,7 @@ def _load_target(target: str, arguments: tuple[str, ...], name: str, route_prefi
     try:
         spec = api.build_app_spec(app, name, route_prefix)
     except Exception as e:  # noqa: BLE001
-        raise ImportPathError(f"Could not prepare '{target}': {_describe(e)}") from None
+        raise ImportPathError(f"Could not prepare '{target}': {describe_error(e)}") from None
     from shoal.builder import add_fingerprints
 
     add_fingerprints([spec])  # a --reload rebuild of unchanged code then keeps the replicas
@@ -287,7 +93,7 @@ class _ProgressThread:
     def __init__(self, client: Any, names: list[str]):
         import threading
 
-        from shoal.cli_output import DeployProgress
+        from shoal.cli.output import DeployProgress
 
         self.client = client
         self.progress = DeployProgress(click.echo, names)
@@ -375,12 +181,12 @@ def _rebuild(target: str, loaded: _Target, app_dir: str, build_timeout: Optional
             config = schema.load_config_file(target).model_dump(mode="json", exclude_unset=True)
         specs = build_specs_in_subprocess(config, os.path.abspath(app_dir), build_timeout, source=source)
     except schema.ConfigError as e:
-        _err(f"Error: not reloaded: {e}")
+        err(f"Error: not reloaded: {e}")
         return None
     return _Target(config, specs, loaded.http_options, loaded.watch, loaded.declarative, loaded.start_options)
 
 
-@main.command("run")
+@click.command("run")
 @click.argument("target", metavar="IMPORT_PATH|CONFIG")
 @click.argument("arguments", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--name", "-n", default=SERVE_DEFAULT_APP_NAME, show_default=True,
@@ -419,20 +225,19 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
     from shoal import sessions
 
     sessions.driver_command = " ".join(["shoal", *sys.argv[1:]])  # how `shoal status` names this instance
-    loaded = _load_target(target, arguments, name, route_prefix, app_dir, build_timeout)
+    with import_path_errors():
+        loaded = _load_target(target, arguments, name, route_prefix, app_dir, build_timeout)
     http_options = dict(loaded.http_options)
     for key, value in (("host", host), ("port", port)):
         source = ctx.get_parameter_source(key)
         if key not in http_options or source in (click.core.ParameterSource.COMMANDLINE,
                                                  click.core.ParameterSource.ENVIRONMENT):
             http_options[key] = value
-    from shoal import cli_ray
-
     on_ray = cli_ray.wants_ray(runtime)
     # On a cluster the instance is shared: stopping deletes this run's applications, and stops the
     # instance only if this run started it and nothing else was deployed meanwhile.
     started_here = on_ray and not cli_ray.instance_exists(address, for_run=True)
-    signals = _Signals()
+    signals = Signals()
     signals.install()
     code = 0
     watcher: Optional[_Watcher] = None
@@ -449,7 +254,7 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
         error = _deploy_and_wait(client, loaded)
         if error is not None:
             signals.defer_interrupt()
-            _err(f"Error: {error}")
+            err(f"Error: {error}")
             code = 1
         else:
             _announce(loaded)
@@ -465,20 +270,20 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
                     if rebuilt is not None:
                         error = _deploy_and_wait(client, rebuilt)
                         if error is not None:
-                            _err(f"Error: {error}")
+                            err(f"Error: {error}")
                         else:
                             loaded = rebuilt
                             _announce(loaded)
             signals.defer_interrupt()
-            _err("Error: the shoal controller exited unexpectedly; stopping.")
+            err("Error: the shoal controller exited unexpectedly; stopping.")
             code = 1
-    except _StopRequested as stop:
+    except StopRequested as stop:
         signals.defer_interrupt()
         sig = stop.args[0] if stop.args else signal.SIGINT
-        _err(f"Got {signal.Signals(sig).name}; shutting down.")
+        err(f"Got {signal.Signals(sig).name}; shutting down.")
     except Exception as e:  # noqa: BLE001 - e.g. the controller failed to start
         signals.defer_interrupt()
-        _err(f"Error: {e}")
+        err(f"Error: {e}")
         code = 1
     finally:
         signals.defer_interrupt()
@@ -497,7 +302,7 @@ def run(ctx: click.Context, target: str, arguments: tuple[str, ...], name: str, 
 def _leave_cluster(loaded: _Target, started_here: bool) -> None:
     """`shoal run --runtime ray` stops: delete this run's applications; stop the cluster instance only
     when this run started it and no other application is left on it."""
-    from shoal import api, cli_ray
+    from shoal import api
     from shoal import client as client_mod
 
     client = client_mod.get_global_client(required=False)
@@ -509,7 +314,7 @@ def _leave_cluster(loaded: _Target, started_here: bool) -> None:
             api.shutdown()
             return
     except Exception as e:  # noqa: BLE001 - the controller is gone: nothing left to delete
-        _err(f"Error: could not delete the applications: {e}")
+        err(f"Error: could not delete the applications: {e}")
     cli_ray.leave(client)
 
 
@@ -521,17 +326,3 @@ def _announce(loaded: _Target) -> None:
         prefix = spec.route_prefix
         where = f" at {url}{prefix if prefix != '/' else ''}" if url and prefix else ""
         click.echo(f"Application '{spec.name}' is RUNNING (ingress: {spec.ingress}){where}. Press Ctrl-C to stop.")
-
-
-from shoal import cli_admin  # noqa: E402 - registers the instance commands on `main`
-
-cli_admin.register(main)
-
-
-from shoal.llm.cli import llm as _llm_commands  # noqa: E402 - registered after `main` exists
-
-main.add_command(_llm_commands)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -394,3 +394,36 @@ def test_user_metric_validation_outside_a_replica():
 
     fam = REGISTRY.snapshot()["ray_test_unit_counter"]
     assert fam[0] == "counter" and fam[4] == {("v",): 2.0}
+
+
+def test_hub_slices_by_node_and_keeps_ended_totals_on_their_node(monkeypatch):
+    """On a cluster each node's endpoint shows what that node's processes pushed; the controller's
+    own metrics belong to the controller's node."""
+    from shoal import common
+    from shoal.telemetry import exporter
+
+    monkeypatch.setattr(common, "LOCAL_NODE_ID", "head")
+    hub = exporter.MetricsHub(_Controller())
+    a, b, c = _Conn(), _Conn(), _Conn()
+    a.node_id, b.node_id, c.node_id = "head", "w1", "w1"
+    hub.update(a, ("proc-a", _snap(5, 1)))
+    hub.update(b, ("proc-b", _snap(7, 2)))
+    hub.update(c, ("proc-c", _snap(1, 1)))
+
+    def value(node, name, labels):
+        fam = hub.merged(node).get(name)
+        return None if fam is None else fam[4].get(labels)
+
+    assert value("head", "ray_serve_num_http_requests", ("/a",)) == 5
+    assert value("w1", "ray_serve_num_http_requests", ("/a",)) == 8
+    assert value("w2", "ray_serve_num_http_requests", ("/a",)) is None
+    assert value(None, "ray_serve_num_http_requests", ("/a",)) == 13  # the whole instance
+    assert value("w1", "ray_serve_num_ongoing_http_requests", ("n",)) == 3
+    monkeypatch.setattr(exporter, "RECONNECT_GRACE_S", -1.0)
+    hub.forget(b)  # ended: its total stays on its node
+    assert value("w1", "ray_serve_num_http_requests", ("/a",)) == 8
+    assert value("head", "ray_serve_num_http_requests", ("/a",)) == 5
+    assert value("w1", "ray_serve_num_ongoing_http_requests", ("n",)) == 1
+    head_text, w1_text = hub.text("head"), hub.text("w1")
+    assert 'ray_serve_num_http_requests_total{route="/a"} 5.0' in head_text
+    assert 'ray_serve_num_http_requests_total{route="/a"} 8.0' in w1_text

@@ -154,6 +154,10 @@ class ServeClient:
 
     # --- connecting ---------------------------------------------------------------------------
     async def connect(self, role: str, extra_handler: Any = None, **hello: Any) -> Any:
+        from shoal import common
+
+        # Its node: on a cluster, this process's metrics are exported by that node's endpoint.
+        hello.setdefault("node_id", common.LOCAL_NODE_ID)
         self._role, self._extra_handler, self._hello = role, extra_handler, hello
         self.conn = await connect(self.controller_address, handler=ClientHandler(self, extra_handler), name="controller")
         reply = await self.conn.call("hello", role=role, pid=os.getpid(), **hello)

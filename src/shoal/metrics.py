@@ -177,10 +177,18 @@ class Histogram(_Metric):
 
 
 def metrics_export_url() -> Optional[str]:
-    """Where the running instance serves Prometheus metrics (None: the endpoint is off)."""
+    """Where the running instance serves Prometheus metrics (None: the endpoint is off). On the Ray
+    runtime, where each node has its endpoint: the one of this process's node (else the head's)."""
     from shoal import client as client_mod
 
     return client_mod.get_global_client().call_sync("metrics_url")
+
+
+def metrics_export_urls() -> Dict[str, str]:
+    """Every metrics endpoint of the running instance, by Ray node id (one machine: one, under "")."""
+    from shoal import client as client_mod
+
+    return client_mod.get_global_client().call_sync("metrics_urls")
 
 
 def metrics_text() -> str:
@@ -197,4 +205,5 @@ async def metrics_text_async() -> str:
     return await client_mod.get_global_client().call("metrics_text")
 
 
-__all__ = ["Counter", "Gauge", "Histogram", "metrics_export_url", "metrics_text", "metrics_text_async"]
+__all__ = ["Counter", "Gauge", "Histogram", "metrics_export_url", "metrics_export_urls", "metrics_text",
+           "metrics_text_async"]

@@ -146,6 +146,7 @@ class Controller(RpcHandler):
 
     def reconcile(self) -> None:
         self.proxies.reconcile(self.shutting_down)
+        self.metrics.tick()
         self._autoscale_apps()
         for ds in list(self.deployments.values()):
             ds.reconcile()
@@ -265,6 +266,10 @@ class Controller(RpcHandler):
     async def rpc_hello(self, conn: Connection, role: str, pid: int, owner: bool = False,
                         unique_id: str = "", **extra: Any) -> Any:
         conn.name = f"{role}(pid={pid})"
+        conn.node_id = extra.get("node_id") or ""  # its metrics belong to this node's endpoint
+        if role == "metrics_exporter":
+            self.metrics.exporter_hello(conn, conn.node_id, extra.get("url"))
+            return None
         if role == "driver":
             if owner and self.owner is None:
                 self.owner = conn
@@ -431,10 +436,18 @@ class Controller(RpcHandler):
         self.metrics.update(conn, payload)
 
     async def rpc_metrics_url(self, conn: Connection) -> Optional[str]:
-        return self.metrics.url
+        """The endpoint showing the caller's metrics (on Ray: its node's)."""
+        return self.metrics.url_for(getattr(conn, "node_id", ""))
 
-    async def rpc_metrics_text(self, conn: Connection) -> str:
-        return self.metrics.text()
+    async def rpc_metrics_urls(self, conn: Connection) -> dict[str, str]:
+        """Every endpoint by node id (one machine: one, under "")."""
+        if not self.metrics.per_node:
+            return {"": self.metrics.url} if self.metrics.url else {}
+        return dict(self.metrics.node_urls)
+
+    async def rpc_metrics_text(self, conn: Connection, node_id: Optional[str] = None) -> str:
+        """The whole instance's metrics text, or one node's slice (`node_id`)."""
+        return self.metrics.text(node_id)
 
     def notify_model_ids(self, conn: Connection, payload: tuple) -> None:
         """A replica's multiplexed models changed: routers should prefer it for those models."""

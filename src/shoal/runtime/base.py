@@ -165,6 +165,18 @@ class Runtime(ABC):
     def close(self) -> None:
         """Release anything the runtime holds (called when the controller exits)."""
 
+    # --- per-node metrics endpoints ----------------------------------------------------------------
+    # False: the controller serves the instance's one metrics endpoint itself. True (a cluster):
+    # an exporter on every node serves that node's processes' metrics, fetched from the controller.
+    exports_metrics_per_node: bool = False
+
+    def ensure_node_exporters(self, options: dict) -> None:
+        """Run a metrics exporter on every node that lacks one (`options`: host, port). Called on
+        every reconcile tick: cheap when nothing changed."""
+
+    def stop_node_exporters(self) -> None:
+        """Stop the exporters (shoal shuts down)."""
+
     # --- surviving a controller restart ----------------------------------------------------------
     def checkpoint_store(self) -> Optional[CheckpointStore]:
         """Where the controller checkpoints its state (None: it cannot be restarted)."""

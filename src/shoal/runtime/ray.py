@@ -51,6 +51,8 @@ NAMESPACE = "shoal"
 CONTROLLER_NAME = "SHOAL_CONTROLLER"
 HEAD_RESOURCE = "node:__internal_head__"
 NODES_TTL_S = 0.5
+# A node's metrics exporter that exited (it could not listen, say) is started again after this long.
+EXPORTER_RETRY_S = 10.0
 # How long a driver waits for the controller actor to answer: its first start, or a restart by Ray.
 START_TIMEOUT_S = 120.0
 
@@ -221,6 +223,7 @@ class ShoalWorker(_EndsThroughRay):
         auth.set_secret(secret)
         _set_node_env()
         from shoal import client as client_mod
+        from shoal import common
 
         # Should the controller actor die, Ray restarts it: keep serving meanwhile and reconnect to
         # wherever it then listens; give up (exit) only once it is gone for good.
@@ -230,6 +233,12 @@ class ShoalWorker(_EndsThroughRay):
             from shoal.replica.server import run_replica
 
             _thread_main(lambda: run_replica(controller_address, arg), "shoal-replica")
+        elif role == "metrics_exporter":
+            from shoal.telemetry.node_exporter import run_node_exporter
+
+            options = json.loads(arg)
+            _thread_main(lambda: run_node_exporter(controller_address, common.LOCAL_NODE_ID, options["host"],
+                                                   int(options["port"])), "shoal-metrics")
         else:
             from shoal.http.proxy import run_proxy
 
@@ -237,7 +246,8 @@ class ShoalWorker(_EndsThroughRay):
 
 
 class RayReplicaProcess(ReplicaProcess):
-    """A replica or proxy actor, as the controller sees it: alive until its `wait` call fails.
+    """A replica, proxy or metrics exporter actor, as the controller sees it: alive until its `wait`
+    call fails.
 
     `handle` is the actor handle pickled (`describe`): a restarted controller unpickles it to adopt
     the actor, so worker actors need no names (a name costs a blocking lookup on every launch).
@@ -328,6 +338,8 @@ class RayRuntime(Runtime):
         self.used: dict[str, dict[str, float]] = {}  # node -> resources shoal's replicas reserved there
         self._alive: list[dict] = []
         self._alive_at = -NODES_TTL_S
+        self.exporters: dict[str, RayReplicaProcess] = {}  # node -> its metrics exporter actor
+        self._exporter_retry_at: dict[str, float] = {}  # node -> when an exporter that exited is replaced
 
     def _nodes(self) -> list[dict]:
         """Alive nodes, asked of Ray at most every NODES_TTL_S: a pending replica is retried on every
@@ -474,6 +486,39 @@ class RayRuntime(Runtime):
         actor = self.worker.options(**opts).remote("replica", self.controller_address, self.secret,
                                                   replica_id.unique_id, self.controller_id)
         return RayReplicaProcess(actor, reservation.node_id, pg)
+
+    # --- per-node metrics endpoints -------------------------------------------------------------
+    exports_metrics_per_node = True
+
+    def ensure_node_exporters(self, options: dict) -> None:
+        """One exporter actor per alive node (`telemetry/node_exporter.py`). Named after the instance
+        (the controller actor's id, which a Ray restart keeps) and the node: a restarted controller
+        gets the running ones back by name (`get_if_exists`) instead of starting others."""
+        nodes = self._nodes()
+        for gone in set(self.exporters) - {n["NodeID"] for n in nodes}:  # its actor went with its node
+            del self.exporters[gone]
+        for node in nodes:
+            node_id = node["NodeID"]
+            have = self.exporters.get(node_id)
+            if have is not None and have.exit_code() is None:
+                continue
+            if have is not None:
+                if time.monotonic() < self._exporter_retry_at.get(node_id, 0.0):
+                    continue
+                self._exporter_retry_at[node_id] = time.monotonic() + EXPORTER_RETRY_S
+                logger.warning("the metrics exporter on node %s exited (%s); starting another",
+                               node_id, have.recent_output())
+            opts = self._options()
+            opts.update(name=f"shoal-metrics-{self.controller_id}-{node_id}", get_if_exists=True, num_cpus=0,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+            actor = self.worker.options(**opts).remote("metrics_exporter", self.controller_address, self.secret,
+                                                      json.dumps(options), self.controller_id)
+            self.exporters[node_id] = RayReplicaProcess(actor, node_id)
+
+    def stop_node_exporters(self) -> None:
+        for process in self.exporters.values():
+            process.kill()
+        self.exporters.clear()
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
         nodes = self._nodes()

@@ -15,8 +15,10 @@ How values from many processes meet (docs/observability.md has the long version)
   counters and histograms of that process are kept (gauges are dropped), so sums never go
   backwards; series that name the ended replica itself are dropped 10 minutes later. A scrape
   merges everything (samples with equal labels are summed) and renders it through a
-  `prometheus_client` custom collector on `http://127.0.0.1:8080/metrics` (`exporter.py`).
+  `prometheus_client` custom collector on `http://127.0.0.1:8080/metrics` (`exporter.py`,
+  `endpoint.py`). On the Ray runtime the endpoints are per node: an exporter actor on each node
+  serves the slice its node's processes pushed (`node_exporter.py`).
 
-`registry.py` holds the per-process store and the pusher, `names.py` Ray Serve's and vLLM's
-metric names, `exporter.py` the controller side.
+`registry.py` holds the per-process store and the pusher, `serve_metrics.py` Ray Serve's metrics,
+`exporter.py` the controller side, `endpoint.py` the HTTP endpoint, `node_exporter.py` a Ray node's.
 """

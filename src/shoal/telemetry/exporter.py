@@ -1,27 +1,31 @@
 """The controller's side: gathers every process's snapshot and serves them in Prometheus format.
 
-`MetricsHub` keeps the latest snapshot each connected process pushed (`notify_metrics`), and the
-counters and histograms of processes that ended (their gauges are dropped: a dead proxy has no
-requests in flight). A scrape merges all of them with the controller's own metrics (replica
-health, targets, start-up latency) and renders them through a `prometheus_client` custom collector.
+`MetricsHub` keeps the latest snapshot each connected process pushed (`notify_metrics`), with the
+node that process runs on (from its hello), and the counters and histograms of processes that ended
+(their gauges are dropped: a dead proxy has no requests in flight). A scrape merges them with the
+controller's own metrics (replica health, targets, start-up latency) and renders them through a
+`prometheus_client` custom collector.
 
-The endpoint is a small HTTP server on the controller's event loop (so a scrape reads the state
-between two events, never halfway through one): `GET /metrics` (or `/`), loopback by default.
+Where it is served: on one machine, by a small HTTP server on the controller's event loop (so a
+scrape reads the state between two events, never halfway through one): `GET /metrics` (or `/`),
+loopback by default. On the Ray runtime, per node, as Ray does: an exporter actor on every node
+(`node_exporter.py`) listens there and, on each scrape, fetches that node's slice from here.
 Options: `{"host": ..., "port": ...}` from the driver that started shoal (`serve.start`'s
 `metrics_export_port`/`metrics_export_host`, else `SHOAL_METRICS_EXPORT_PORT`/`_HOST`); port 0 picks
 a free port, -1 (or "off") turns the endpoint off. A port already taken falls back to a free one,
-with a warning naming it. A restarted controller listens where its predecessor did.
+with a warning naming it. A restarted controller listens where its predecessor did (per node: the
+exporters outlive it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections import deque
 from typing import Any, Optional
 
+from shoal.telemetry.endpoint import MetricsEndpoint, endpoint_url
 from shoal.telemetry.registry import COUNTER, GAUGE, HISTOGRAM, REGISTRY, Snapshot, merge_samples
 
 logger = logging.getLogger("shoal.controller")
@@ -56,20 +60,25 @@ def export_options(port: Any = None, host: Optional[str] = None) -> dict:
 
 
 class MetricsHub:
+    """Every process's latest snapshot, by the node it runs on (its `node_id` hello; "" on one
+    machine): the whole instance for `metrics_text()`, one node's slice for that node's exporter."""
+
     def __init__(self, controller: Any) -> None:
         self.controller = controller
-        self.live: dict[Any, tuple] = {}         # connection -> (process token, latest snapshot)
-        self.ending: dict[str, tuple] = {}       # token -> (deadline, snapshot) of a process that left
-        self.retired: Snapshot = {}               # counters/histograms of ended processes
-        self.expiring: deque = deque()            # (deadline, snapshot) of ended replicas' own series
+        self.live: dict[Any, tuple] = {}         # connection -> (process token, latest snapshot, node)
+        self.ending: dict[str, tuple] = {}       # token -> (deadline, snapshot, node) of a process that left
+        self.retired: dict[str, Snapshot] = {}   # node -> counters/histograms of ended processes
+        self.expiring: deque = deque()            # (deadline, snapshot, node) of ended replicas' own series
         self.options: Optional[dict] = None
-        self.server: Optional[asyncio.AbstractServer] = None
+        self.endpoint: Optional[MetricsEndpoint] = None
         self.url: Optional[str] = None
+        self.per_node = False                     # the runtime's node exporters serve the endpoints
+        self.node_urls: dict[str, str] = {}       # node -> where its exporter listens (per_node only)
         self._conflicts: set = set()
         from shoal.telemetry.serve_metrics import controller_source
 
         self._controller_source = controller_source(controller)
-        self._registry: Any = None
+        self._registries: dict[Optional[str], Any] = {}
 
     # --- what processes push ------------------------------------------------------------------
     def update(self, conn: Any, payload: Any) -> None:
@@ -82,57 +91,81 @@ class MetricsHub:
         if not isinstance(snapshot, dict) or getattr(conn, "closed", False):
             return
         self.ending.pop(token, None)
-        self.live[conn] = (token, snapshot)
+        self.live[conn] = (token, snapshot, getattr(conn, "node_id", ""))
 
     def forget(self, conn: Any) -> None:
         """A process's connection ended: its totals stay (for a while under its token, in case it
-        reconnects, then folded into the retired totals)."""
+        reconnects, then folded into the retired totals of its node)."""
         entry = self.live.pop(conn, None)
         if entry is not None:
-            token, snap = entry
-            self.ending[token] = (time.monotonic() + RECONNECT_GRACE_S, _without_gauges(snap))
+            token, snap, node = entry
+            self.ending[token] = (time.monotonic() + RECONNECT_GRACE_S, _without_gauges(snap), node)
+        node = getattr(conn, "exporter_node", None)
+        if node is not None and self.node_urls.get(node) == conn.exporter_url:  # a node's exporter left
+            del self.node_urls[node]
 
     def _fold_ended(self, now: float) -> None:
-        for token in [t for t, (deadline, _) in self.ending.items() if deadline < now]:
-            snap = self.ending.pop(token)[1]
+        for token in [t for t, (deadline, _, _) in self.ending.items() if deadline < now]:
+            _, snap, node = self.ending.pop(token)
             keep: Snapshot = {}
             expire: Snapshot = {}
             for name, fam in snap.items():
                 (expire if _IDENTITY_LABELS.intersection(fam[2]) else keep)[name] = fam
-            _merge(self.retired, keep, self._conflicts)
+            _merge(self.retired.setdefault(node, {}), keep, self._conflicts)
             if expire:
-                self.expiring.append((now + DEAD_REPLICA_SERIES_TTL_S, expire))
+                self.expiring.append((now + DEAD_REPLICA_SERIES_TTL_S, expire, node))
         while self.expiring and self.expiring[0][0] < now:
             self.expiring.popleft()
 
     # --- the merged view ----------------------------------------------------------------------
-    def merged(self) -> Snapshot:
+    def merged(self, node: Optional[str] = None) -> Snapshot:
+        """The whole instance (`node` None), or what the processes on `node` counted; the
+        controller's own metrics belong to the controller's node, as in Ray."""
+        from shoal import common
+
         self._fold_ended(time.monotonic())
         out: Snapshot = {}
-        _merge(out, self.retired, self._conflicts)
-        for _, snap in self.expiring:
-            _merge(out, snap, self._conflicts)
-        for _, snap in list(self.ending.values()):
-            _merge(out, snap, self._conflicts)
-        for _, snap in list(self.live.values()):
-            _merge(out, snap, self._conflicts)
-        _merge(out, REGISTRY.snapshot([self._controller_source]), self._conflicts)
+        for n, snap in self.retired.items():
+            if node is None or n == node:
+                _merge(out, snap, self._conflicts)
+        for entries in (self.expiring, self.ending.values(), self.live.values()):
+            for entry in list(entries):
+                if node is None or entry[2] == node:
+                    _merge(out, entry[1], self._conflicts)
+        if node is None or node == common.LOCAL_NODE_ID:
+            _merge(out, REGISTRY.snapshot([self._controller_source]), self._conflicts)
         return out
 
-    def text(self) -> str:
-        """Everything, in Prometheus' text format."""
+    def text(self, node: Optional[str] = None) -> str:
+        """Everything (or one node's slice), in Prometheus' text format."""
         from prometheus_client import generate_latest
 
-        if self._registry is None:
+        registry = self._registries.get(node)
+        if registry is None:
             from prometheus_client import CollectorRegistry
 
-            self._registry = CollectorRegistry(auto_describe=False)
-            self._registry.register(_Collector(self))
-        return generate_latest(self._registry).decode("utf-8")
+            registry = self._registries[node] = CollectorRegistry(auto_describe=False)
+            registry.register(_Collector(self, node))
+        return generate_latest(registry).decode("utf-8")
+
+    def url_for(self, node: str) -> Optional[str]:
+        """The endpoint that shows `node`'s processes (the controller's node's, for a node without one)."""
+        from shoal import common
+
+        if not self.per_node:
+            return self.url
+        return self.node_urls.get(node) or self.node_urls.get(common.LOCAL_NODE_ID)
+
+    def exporter_hello(self, conn: Any, node: str, url: Optional[str]) -> None:
+        """A node's exporter listens at `url` (it says so again after a controller restart)."""
+        if url:
+            conn.exporter_node, conn.exporter_url = node, url
+            self.node_urls[node] = url
 
     # --- the endpoint -------------------------------------------------------------------------
     async def configure(self, options: Optional[dict]) -> None:
-        """Start the endpoint once (the first options win, as for HTTP options)."""
+        """Start the endpoint once (the first options win, as for HTTP options): here, or, on a
+        runtime that exports per node (Ray), one exporter per node."""
         if self.options is not None or options is None:
             return
         self.options = dict(options)
@@ -142,28 +175,35 @@ class MetricsHub:
             self._remember(OFF)
             return
         host = self.options.get("host") or DEFAULT_HOST
-        try:
-            self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        except OSError as e:
-            if port == 0:
-                logger.warning("the metrics endpoint could not listen on %s: %s", host, e)
-                return
-            try:
-                self.server = await asyncio.start_server(self._serve, host, 0, reuse_address=True)
-            except OSError as e2:
-                logger.warning("the metrics endpoint could not listen on %s: %s", host, e2)
-                return
-            logger.warning("port %d is taken (%s); the metrics endpoint listens on port %d instead "
-                           "(set SHOAL_METRICS_EXPORT_PORT or serve.start(metrics_export_port=...))",
-                           port, e.strerror or e, self.server.sockets[0].getsockname()[1])
-        actual = self.server.sockets[0].getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{actual}/metrics"
+        if self.controller.runtime.exports_metrics_per_node:
+            self.per_node = True
+            self._remember(port)
+            self.tick()
+            return
+
+        async def render() -> str:
+            return self.text()
+
+        self.endpoint = MetricsEndpoint(render)
+        actual = await self.endpoint.listen(host, port)
+        if actual is None:
+            return
+        self.url = endpoint_url(host, actual)
         self._remember(actual)
         logger.info("Prometheus metrics at %s", self.url)
 
+    def tick(self) -> None:
+        """Per node: an exporter on every node (new nodes get one; one that died is replaced)."""
+        if self.per_node and self.options is not None and not self.controller.shutting_down:
+            try:
+                self.controller.runtime.ensure_node_exporters(
+                    {"host": self.options.get("host") or DEFAULT_HOST, "port": int(self.options.get("port", 0))})
+            except Exception:  # noqa: BLE001 - e.g. Ray busy: the next tick tries again
+                logger.exception("starting the per-node metrics exporters failed")
+
     async def resume(self) -> None:
-        """After a restart: listen where the controller that died did."""
+        """After a restart: listen where the controller that died did (per node: the exporters,
+        which outlive the controller, are found again)."""
         saved = self.controller.checkpoint_extra.get(_CHECKPOINT_KEY)
         if saved:
             await self.configure({"host": saved[0], "port": saved[1]})
@@ -173,38 +213,11 @@ class MetricsHub:
         self.controller.checkpoint_extra[_CHECKPOINT_KEY] = (host, port)
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            while True:  # headers: not needed
-                h = await asyncio.wait_for(reader.readline(), 10)
-                if h in (b"\r\n", b"\n", b""):
-                    break
-            parts = line.decode("latin-1").split()
-            method = parts[0] if parts else ""
-            path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
-            if method not in ("GET", "HEAD"):
-                status, ctype, body = "405 Method Not Allowed", "text/plain; charset=utf-8", b"Method Not Allowed\n"
-            elif path in ("/metrics", "/"):
-                from prometheus_client import CONTENT_TYPE_LATEST
-
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.text().encode("utf-8")
-            else:
-                status, ctype, body = "404 Not Found", "text/plain; charset=utf-8", b"Not Found: try /metrics\n"
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode("latin-1")
-            writer.write(head if method == "HEAD" else head + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, OSError):
-            pass
-        except Exception:  # noqa: BLE001 - a scrape must never take the controller down
-            logger.exception("serving a metrics scrape failed")
-        finally:
-            writer.close()
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        if self.per_node:
+            self.controller.runtime.stop_node_exporters()
 
 
 def _without_gauges(snap: Snapshot) -> Snapshot:
@@ -229,10 +242,11 @@ def _merge(out: Snapshot, snap: Snapshot, conflicts: set) -> None:
 
 
 class _Collector:
-    """A `prometheus_client` custom collector over the merged snapshot."""
+    """A `prometheus_client` custom collector over the merged snapshot (of one node, or all)."""
 
-    def __init__(self, hub: MetricsHub) -> None:
+    def __init__(self, hub: MetricsHub, node: Optional[str] = None) -> None:
         self.hub = hub
+        self.node = node
 
     def describe(self) -> list:
         return []  # no collect() at registration time
@@ -240,7 +254,7 @@ class _Collector:
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        for name, (kind, doc, labels, bounds, samples) in sorted(self.hub.merged().items()):
+        for name, (kind, doc, labels, bounds, samples) in sorted(self.hub.merged(self.node).items()):
             labels = list(labels)
             try:
                 if kind == COUNTER:

@@ -333,17 +333,21 @@ def test_run_until_signal(tmp_path, procs, sig, console_script):
     line = cli_proc.wait_for_line(RUNNING_LINE)
     assert line.startswith("Application 'myapp' is RUNNING")
 
-    tree = _tree(cli_proc.popen.pid)
+    # The standby proxy is started once the serving one is healthy, so it may come just after RUNNING.
+    def with_standby() -> list:
+        tree = _tree(cli_proc.popen.pid)
+        return tree if len([p for p in tree if _is(p, "shoal.http.proxy")]) == 2 else []
+
+    tree = wait_for(with_standby, timeout=60, what="the proxy and its standby")
     recorded.extend(tree)
     controllers = [p for p in tree if _is(p, "shoal.controller")]
     replicas = [p for p in tree if _is(p, "shoal.replica.server")]
     assert len(controllers) == 1, [p.cmdline() for p in tree]
     assert len(replicas) == 1, [p.cmdline() for p in tree]
-    assert len([p for p in tree if _is(p, "shoal.http.proxy")]) == 2, [p.cmdline() for p in tree]  # and a standby
     assert replicas[0].ppid() == controllers[0].pid
 
     # The replica's constructor output reaches the CLI's output, prefixed with app/deployment names.
-    constructed = cli_proc.wait_for_line(CONSTRUCTED, timeout=10)
+    constructed = cli_proc.wait_for_line(CONSTRUCTED)
     assert constructed.startswith(f"(myapp/Greeter replica="), constructed
     assert f"pid={replicas[0].pid})" in constructed
 
@@ -351,7 +355,7 @@ def test_run_until_signal(tmp_path, procs, sig, console_script):
     assert cli_proc.wait() == 0, cli_proc.output
     assert f"Got {sig.name}; shutting down." in cli_proc.output
     assert "Traceback" not in cli_proc.output
-    _wait_all_gone(tree, timeout=10)
+    _wait_all_gone(tree, timeout=EXIT_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -386,7 +390,7 @@ def test_run_app_dir_option(tmp_path, procs):
     recorded.extend(tree)
     cli_proc.popen.send_signal(signal.SIGINT)
     assert cli_proc.wait() == 0, cli_proc.output
-    _wait_all_gone(tree, timeout=10)
+    _wait_all_gone(tree, timeout=EXIT_TIMEOUT_S)
 
 
 def test_run_constructor_fails(tmp_path, procs):
@@ -407,7 +411,7 @@ def test_run_constructor_fails(tmp_path, procs):
             recorded.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    _wait_all_gone(recorded, timeout=10)
+    _wait_all_gone(recorded, timeout=EXIT_TIMEOUT_S)
 
 
 # --- a driver script: serve.shutdown() and SIGKILL ---------------------------------------------
@@ -420,7 +424,7 @@ def _start_driver(tmp_path, mode: str) -> tuple[_Proc, list[psutil.Process]]:
     except BaseException:
         driver.kill()
         raise
-    pids = json.loads(line)
+    pids = json.loads(line[line.index('{"controller"'):])  # another process's output may precede it
     assert len(pids["replicas"]) == 1 and len(pids["proxies"]) == 2, line  # the proxy and its standby
     processes = []
     for pid in [pids["controller"], *pids["replicas"], *pids["proxies"]]:
@@ -438,7 +442,7 @@ def test_driver_shutdown_leaves_nothing(tmp_path, procs):
     recorded.extend(processes)
     assert driver.wait() == 0, driver.output
     assert "SHUTDOWN-DONE" in driver.output
-    _wait_all_gone(processes, timeout=5)
+    _wait_all_gone(processes, timeout=EXIT_TIMEOUT_S)
 
 
 def test_driver_sigkill_leaves_nothing(tmp_path, procs):
@@ -449,7 +453,7 @@ def test_driver_sigkill_leaves_nothing(tmp_path, procs):
     assert all(_alive(p) for p in processes)
     driver.popen.send_signal(signal.SIGKILL)
     assert driver.wait() == -signal.SIGKILL
-    _wait_all_gone(processes, timeout=20)
+    _wait_all_gone(processes, timeout=EXIT_TIMEOUT_S)
 
 
 SLOW_MODULE = """
@@ -461,7 +465,7 @@ from shoal import serve
 class Slow:
     def __init__(self):
         print("SLOW-CONSTRUCTING", flush=True)
-        time.sleep(60)
+        time.sleep(600)
 
 
 app = Slow.bind()
@@ -478,14 +482,12 @@ def test_run_interrupted_while_deploying(tmp_path, procs):
     tree = _tree(cli_proc.popen.pid)
     recorded.extend(tree)
     assert any(_is(p, "shoal.replica.server") for p in tree)
-    t0 = time.monotonic()
     cli_proc.popen.send_signal(signal.SIGINT)
-    assert cli_proc.wait(timeout=20) == 0, cli_proc.output
-    assert time.monotonic() - t0 < 10, cli_proc.output
+    assert cli_proc.wait(timeout=60) == 0, cli_proc.output  # long before the 600 s constructor ends
     assert "Got SIGINT; shutting down." in cli_proc.output
     assert "is RUNNING" not in cli_proc.output
     assert "Traceback" not in cli_proc.output
-    _wait_all_gone(tree, timeout=10)
+    _wait_all_gone(tree, timeout=EXIT_TIMEOUT_S)
 
 
 def test_run_outlives_a_controller_kill(tmp_path, procs):
@@ -510,7 +512,7 @@ def test_run_outlives_a_controller_kill(tmp_path, procs):
     assert replicas and all(_alive(p) for p in replicas)  # adopted, not restarted
     cli_proc.popen.send_signal(signal.SIGINT)
     assert cli_proc.wait() == 0, cli_proc.output
-    _wait_all_gone(everything + new, timeout=10)
+    _wait_all_gone(everything + new, timeout=EXIT_TIMEOUT_S)
 
 
 def _sessions_processes(tree: list) -> list:

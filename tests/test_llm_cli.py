@@ -15,7 +15,7 @@ from conftest import require_llm_stack  # noqa: E402
 require_llm_stack()
 
 import openai  # noqa: E402
-from test_cli import _is, _Proc, _shoal_cmd, _tree, _wait_all_gone, procs  # noqa: E402,F401
+from test_cli import EXIT_TIMEOUT_S, _is, _Proc, _shoal_cmd, _tree, _wait_all_gone, procs  # noqa: E402,F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -46,7 +46,7 @@ def test_llm_serve_defaults_progress_example_and_clean_exit(tmp_path, procs):
     assert len([p for p in tree if _is(p, "shoal.replica.server")]) == 3  # ingress + two models
     server.popen.send_signal(signal.SIGINT)
     assert server.wait(60) == 0, server.output
-    _wait_all_gone(tree, timeout=20)
+    _wait_all_gone(tree, timeout=EXIT_TIMEOUT_S)
 
 
 def test_llm_serve_bad_model_is_one_clear_line(tmp_path, procs):

@@ -36,11 +36,11 @@ _WALL = time.time
 Render = Callable[[list, list], str]
 
 
-def asctimes(times: list) -> list:
-    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time; the date part is
-    formatted once per second in the batch, not once per line."""
-    dates = {s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in set(map(int, times))}
-    return [dates[int(t)] + _MILLIS[int((t % 1.0) * 1000.0)] for t in times]
+def asctimes(millis: list) -> list:
+    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time in whole ms since
+    the epoch; the date part is formatted once per second in the batch, not once per line."""
+    dates = {s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in {m // 1000 for m in millis}}
+    return [dates[m // 1000] + _MILLIS[m % 1000] for m in millis]
 
 
 class AccessLog:
@@ -72,7 +72,7 @@ class AccessLog:
         w = self.width
         try:
             offset = _WALL() - _PERF()  # perf_counter -> wall clock, once per batch
-            ends = [t0 + ms * 0.001 + offset for t0, ms in zip(flat[0::w], flat[1::w])]
+            ends = [int((t0 + ms * 0.001 + offset) * 1000.0) for t0, ms in zip(flat[0::w], flat[1::w])]
             text = self.render(asctimes(ends), [flat[i::w] for i in range(1, w)])
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")

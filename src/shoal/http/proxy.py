@@ -151,6 +151,14 @@ class ProxyApp:
         self.access = AccessLog(self.loop, PROXY_ACCESS_WIDTH,
                                 proxy_render(system_log_encoding(), component))
 
+    def name_access_lines(self, component: str) -> None:
+        """A standby that took over proxy `component`'s place: its access lines say so from now on."""
+        from shoal.access_log import proxy_render
+        from shoal.serve_logging import system_log_encoding
+
+        self.access.flush()
+        self.access.render = proxy_render(system_log_encoding(), component)
+
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
         self.routes_ready = True
@@ -520,6 +528,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     if standby is not None:  # ready, routers warm: wait to replace a proxy that dies
         index, port_wanted, reuse_port = await standby.order
         client._hello["index"] = index
+        app.name_access_lines(f"proxy_{index}")
         from shoal import client as client_mod
         from shoal.keeper import keeper_alive
 
@@ -558,7 +567,6 @@ def main() -> None:
     drop_implicit_cwd()  # (Python 3.10: uvicorn imports `websockets` later; a user's websockets.py must not win)
     configure_system_logging(f"proxy_{index}" if index >= 0 else "proxy_standby")
     from shoal.client import new_event_loop
-
     from shoal.log_rotation import setup_rotation
 
     loop = new_event_loop()

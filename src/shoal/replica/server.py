@@ -423,7 +423,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver, which shuts us down
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
     from shoal.client import new_event_loop
-
     from shoal.log_rotation import setup_rotation
 
     loop = new_event_loop()

@@ -118,6 +118,17 @@ _ACCESS_LINE = re.compile(rb'^(?:INFO [^\n]{23} shoal\.access |\{"levelname": "I
                           rb'"name": "shoal\.access")[^\n]*\n', re.M)
 
 
+def _drop_access_lines(data: bytes) -> bytes:
+    """`data` without its access lines. Under load a read is most often access lines only: then two
+    counts (C speed, no regular expression) tell so and nothing is left to split."""
+    found = data.count(b" shoal.access ") or data.count(b'"name": "shoal.access"')
+    if not found:
+        return data
+    if found == data.count(b"\n") and data.endswith(b"\n") and _ACCESS_LINE.match(data):
+        return b""
+    return _ACCESS_LINE.sub(b"", data)
+
+
 class _Followed:
     def __init__(self, path: str, prefix: str, from_end: bool, offset: int):
         self.path = path
@@ -151,8 +162,7 @@ class _Followed:
         data = self.partial + data
         if final and data and not data.endswith(b"\n"):
             data += b"\n"
-        if b"shoal.access" in data:  # access lines stay in the file, as Ray keeps them off the terminal
-            data = _ACCESS_LINE.sub(b"", data)
+        data = _drop_access_lines(data)  # they stay in the file, as Ray keeps them off the terminal
         *lines, self.partial = data.split(b"\n")
         if not lines:
             return

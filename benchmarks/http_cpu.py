@@ -1,4 +1,4 @@
-"""CPU time per HTTP request of shoal's proxy and replica processes: a noise-robust cost measure.
+"""CPU time per HTTP request of shoal's proxy, replica and controller processes: a noise-robust cost measure.
 
 Wall-clock requests/s on a shared 2-core machine moves with whatever else runs; the CPU seconds a
 process spends per request move far less. This deploys the benchmark's no-op deployment, runs wrk
@@ -95,7 +95,8 @@ def main() -> None:
         wait_ready(url, 30)
 
     shoal = _with_server(start_shoal, serve.shutdown, lambda: _runs(
-        url, {"proxy": _find("shoal.http.proxy"), "replica": _find("shoal.replica.server")}, a, "shoal"))
+        url, {"proxy": _find("shoal.http.proxy"), "replica": _find("shoal.replica.server"),
+              "controller": _find("shoal.controller")}, a, "shoal"))
     bare = None
     if not a.no_bare:
         server: list[subprocess.Popen] = []
@@ -112,7 +113,8 @@ def main() -> None:
         bare = _with_server(start_bare, stop_bare, lambda: _runs(
             url, {"uvicorn": psutil.Process(server[0].pid)}, a, "bare"))
     line = (f"best CPU/request at {a.connections} connections: shoal proxy {shoal['proxy']:.1f} us + "
-            f"replica {shoal['replica']:.1f} us = {shoal['proxy'] + shoal['replica']:.1f} us")
+            f"replica {shoal['replica']:.1f} us = {shoal['proxy'] + shoal['replica']:.1f} us; controller "
+            f"{shoal['controller']:.1f} us (it follows the log files)")
     if bare:
         line += f"; bare uvicorn {bare['uvicorn']:.1f} us"
     print(line, flush=True)

@@ -88,7 +88,8 @@ def start(http_options: Union[None, dict, HTTPOptions] = None, proxy_location: A
             client = client_mod.start_controller(
                 http_options=opts, logs_dir=logs_dir, metrics_options=metrics,
                 log_level=system_logging.log_level if system_logging is not None else None,
-                access_log=system_logging.enable_access_log if system_logging is not None else True)
+                access_log=system_logging.enable_access_log if system_logging is not None else True,
+                log_encoding=system_logging.encoding if system_logging is not None else None)
         client_mod.set_global_client(client)
         ok, error = client.call_sync("wait_for_proxies", 60)
         if not ok:

@@ -460,10 +460,13 @@ def _session_root() -> str:
 
 def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str] = None,
                      log_level: Any = None, metrics_options: Optional[dict] = None,
-                     access_log: bool = True) -> ServeClient:
+                     access_log: bool = True, log_encoding: Optional[str] = None) -> ServeClient:
     """Spawn a private controller process for this driver and connect to it."""
     from shoal import sessions
-    from shoal.serve_logging import ACCESS_LOG_ENV, SYSTEM_LOG_LEVEL_ENV
+    from shoal.log_rotation import LOG_FILE_ENV, rotation_settings
+    from shoal.serve_logging import SYSTEM_ACCESS_LOG_ENV, SYSTEM_LOG_ENCODING_ENV, SYSTEM_LOG_LEVEL_ENV
+
+    rotation_settings()  # a bad SHOAL_LOG_ROTATION_* / RAY_ROTATION_* value fails here, not in every replica
 
     root = _session_root()
     session_dir = tempfile.mkdtemp(prefix=time.strftime("s%Y%m%d-%H%M%S-"), dir=root)
@@ -476,8 +479,11 @@ def start_controller(http_options: Optional[dict] = None, logs_dir: Optional[str
     env.setdefault("PYTHONUNBUFFERED", "1")
     if log_level is not None:
         env[SYSTEM_LOG_LEVEL_ENV] = str(log_level)
+    env.pop(LOG_FILE_ENV, None)  # this controller writes to the driver's terminal, not to a log file
     if not access_log:
-        env[ACCESS_LOG_ENV] = "0"  # the proxies' access log
+        env[SYSTEM_ACCESS_LOG_ENV] = "0"  # the proxies' access log
+    if log_encoding is not None:
+        env[SYSTEM_LOG_ENCODING_ENV] = log_encoding  # the controller's and the proxies' lines
     env.update(keeper.keeper_env())  # this driver restarts the controller should it die (see keeper.py)
     cmd = [sys.executable, "-m", "shoal.controller", "--session-dir", session_dir]
     if logs_dir:

@@ -154,6 +154,10 @@ def start_detached(instance_dir: str, http_options: dict, admin_port: int = 0, r
 
     sessions.sweep_in_background()  # session directories of instances that have exited
     env = sessions.system_env(dict(os.environ, PYTHONUNBUFFERED="1"))  # no user module shadows a library
+    from shoal.log_rotation import LOG_FILE_ENV, rotation_settings
+
+    rotation_settings()  # a bad rotation setting fails here, in `shoal start`
+    env[LOG_FILE_ENV] = log_path  # the controller rotates it by size (log_rotation.py)
     # The supervisor runs the controller with these arguments and restarts it should it die.
     cmd = [sys.executable, "-m", "shoal.supervisor", "--session-dir", session_dir, "--instance-dir", instance_dir,
            "--http-options", json.dumps(http_options), "--admin-port", str(admin_port)]

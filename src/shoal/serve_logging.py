@@ -15,12 +15,12 @@ In a replica, every record its log handlers write carries the request it was wri
 request context, so also in the deployments a request reaches by handle: the request id travels with
 each handle call) and the replica: `request_id`, `route`, `application`, `deployment`, `replica`,
 `worker_id` (the pid); `encoding: JSON` writes them as one JSON object per line, with the record
-attributes named in `additional_log_standard_attrs`. With `SHOAL_ACCESS_LOG=1` (off by default for
-now: see ACCESS_LOG_ENV), `enable_access_log` (default on) writes one
-`shoal.access` line per request: `METHOD ROUTE STATUS LATENCYms` (handle calls: `CALL method OK|ERROR`),
-gathered and written in batches (`AccessLog`).
-The proxies write one per HTTP request under the same switch, unless
-`serve.start(logging_config={"enable_access_log": False})` (which sets `SHOAL_ACCESS_LOG=0` for them). See docs/observability.md, "Logs".
+attributes named in `additional_log_standard_attrs`. `enable_access_log` (default on) writes one
+`shoal.access` line per request (access_log.py): `METHOD ROUTE STATUS LATENCYms` (handle calls:
+`CALL method OK|ERROR`). The proxies write one per HTTP request, in the encoding of
+`serve.start(logging_config=...)`, unless it says `enable_access_log: False`. `SHOAL_ACCESS_LOG=0` in
+the environment of the process that starts shoal turns every access line off. See
+docs/observability.md, "Logs".
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any, Optional
 
+from shoal.access_log import REPLICA_ACCESS_WIDTH, AccessLog, replica_render
 from shoal.context import _request_context
 
 SERVE_LOGGER_NAMES = ("ray.serve", "shoal")
+# What `serve.start(logging_config=...)` asks of the controller and the proxies, in their environment.
 SYSTEM_LOG_LEVEL_ENV = "SHOAL_LOG_LEVEL"
-# Access lines are opt-in for now: `SHOAL_ACCESS_LOG=1` in the environment of `serve.start` / `shoal
-# start` turns them on (proxies and replicas; `enable_access_log: False` still turns a deployment's off).
-# On by default they cost 10-12% of the HTTP path's requests/s, above the 10% budget (issue 14).
+SYSTEM_LOG_ENCODING_ENV = "SHOAL_LOG_ENCODING"
+SYSTEM_ACCESS_LOG_ENV = "SHOAL_SYSTEM_ACCESS_LOG"  # "0": the proxies write no access lines
+# The user's switch: "0" turns every access line off (proxies and replicas), whatever `logging_config` says.
 ACCESS_LOG_ENV = "SHOAL_ACCESS_LOG"
-ACCESS_LOGGER_NAME = "shoal.access"
 DEFAULT_LOG_LEVEL = "INFO"
 _FORMAT = "%(levelname)s %(asctime)s %(name)s -- %(message)s"
 
@@ -60,17 +60,31 @@ def configure_local_testing(logging_config: Optional[Any]) -> None:
         logger.addHandler(handler)
 
 
-def apply_system_log_level() -> None:
-    """In the controller and the proxies: the level `serve.start(logging_config=...)` asked for."""
+def configure_system_logging(component: str) -> None:
+    """In the controller and the proxies: the level and encoding `serve.start(logging_config=...)`
+    asked for. JSON lines name the `component` (e.g. `proxy_0`) where a replica's name its replica."""
     level = os.environ.get(SYSTEM_LOG_LEVEL_ENV)
     if level:
         for name in SERVE_LOGGER_NAMES:
             logging.getLogger(name).setLevel(int(level) if level.isdigit() else level)
+    if system_log_encoding() == "JSON":
+        formatter = JSONFormatter(fields={"component": component, "worker_id": str(os.getpid())})
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(formatter)
+
+
+def system_log_encoding() -> str:
+    return "JSON" if os.environ.get(SYSTEM_LOG_ENCODING_ENV) == "JSON" else "TEXT"
+
+
+def access_log_allowed() -> bool:
+    """False when `SHOAL_ACCESS_LOG=0` turned every access line off."""
+    return os.environ.get(ACCESS_LOG_ENV, "1") != "0"
 
 
 def system_access_log_enabled() -> bool:
-    """In the proxies: whether `serve.start(logging_config=...)` left the access log on."""
-    return os.environ.get(ACCESS_LOG_ENV, "0") == "1"
+    """In the proxies: whether `serve.start(logging_config=...)` (and SHOAL_ACCESS_LOG) left the access log on."""
+    return access_log_allowed() and os.environ.get(SYSTEM_ACCESS_LOG_ENV, "1") != "0"
 
 
 # --- replicas -------------------------------------------------------------------------------------
@@ -107,15 +121,19 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line: levelname, asctime, message, the context fields, and the record
     attributes named in `additional_log_standard_attrs`."""
 
-    def __init__(self, additional_attrs: Any = ()):
+    def __init__(self, additional_attrs: Any = (), fields: Optional[dict] = None):
         super().__init__()
         self.additional_attrs = tuple(additional_attrs or ())
+        self.fields = fields  # fixed fields (a proxy's): then the record's context fields are not read
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"levelname": record.levelname, "asctime": self.formatTime(record), "name": record.name,
                "message": record.getMessage()}
-        for k in _JSON_FIELDS:
-            out[k] = getattr(record, k, "")
+        if self.fields is not None:
+            out.update(self.fields)
+        else:
+            for k in _JSON_FIELDS:
+                out[k] = getattr(record, k, "")
         for k in self.additional_attrs:
             out[k] = getattr(record, k, None)
         if record.exc_info:
@@ -123,106 +141,13 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-# --- access lines ---------------------------------------------------------------------------------
-ACCESS_FLUSH_PERIOD_S = 0.2
-_MILLIS = [f",{i:03d}" for i in range(1000)]
-
-
-def _asctimes(times: list) -> list:
-    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time, the date part
-    formatted once per second."""
-    out = []
-    last, date = -1, ""
-    for t in times:
-        sec = int(t)
-        if sec != last:
-            last, date = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-        out.append(date + _MILLIS[int((t - sec) * 1000.0)])
-    return out
-
-
-class AccessLog:
-    """Access lines, off the hot path: a request appends its `width` fields (the first its wall time)
-    to one flat list (nothing that outlives the request for the cyclic GC to follow); a timer on the
-    process's loop (one per period, not per request) formats the lines gathered meanwhile and writes
-    them to the root logger's stream handlers in one write, when the `shoal.access` logger is enabled
-    for INFO (so `log_level` filters them as it filters any INFO line).
-
-    The lines are formatted with `fmt`, a %-format of one line (the first field as asctime), applied
-    to the whole batch at once; or, when `fmt` is None, by `line(fields)`."""
-
-    def __init__(self, loop: Any, width: int, fmt: Optional[str] = None, line: Any = None,
-                 period_s: float = ACCESS_FLUSH_PERIOD_S):
-        self.loop = loop
-        self.width = width
-        self.fmt = fmt
-        self.line = line
-        self.period_s = period_s
-        self.pending: list = []
-        self.scheduled = False
-
-    def add(self, fields: tuple) -> None:
-        self.pending += fields
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_later(self.period_s, self.flush)
-
-    def flush(self) -> None:
-        self.scheduled = False
-        flat, self.pending = self.pending, []
-        if not flat or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
-            return
-        w = self.width
-        try:
-            flat[0::w] = _asctimes(flat[0::w])
-            if self.fmt is not None:
-                text = (self.fmt * (len(flat) // w)) % tuple(flat)
-            else:
-                line = self.line
-                text = "".join([line(flat[i:i + w]) + "\n" for i in range(0, len(flat), w)])
-        except Exception:  # noqa: BLE001 - a log line must never break serving
-            logging.getLogger("shoal").exception("could not format access lines")
-            return
-        for h in logging.getLogger().handlers:
-            if isinstance(h, logging.StreamHandler):
-                h.acquire()
-                try:
-                    h.stream.write(text)
-                    h.flush()
-                except Exception:  # noqa: BLE001
-                    pass
-                finally:
-                    h.release()
-
-
-# A proxy's entry: (wall time, method, route, status, latency ms, request id, app, ingress deployment).
-PROXY_ACCESS_WIDTH = 8
-PROXY_ACCESS_FORMAT = (f"INFO %s {ACCESS_LOGGER_NAME} -- %s %s %s %.1fms request_id=%s application=%s "
-                       "deployment=%s\n")
-# A replica's: (wall time, request id, method ("CALL" for a handle call), route (the method called),
-# status ("OK"/"ERROR" for a handle call), latency ms).
-REPLICA_ACCESS_WIDTH = 6
-
-
 def replica_access_log(loop: Any, logging_config: Optional[Any], replica_id: Any) -> AccessLog:
-    """The access log of a replica, its lines in the replica's encoding."""
+    """The access log of a replica, its lines in the replica's encoding (access_log.py)."""
     dep = replica_id.deployment_id
-    app, name, replica, pid = dep.app_name, dep.name, replica_id.unique_id, str(os.getpid())
-    if (getattr(logging_config, "encoding", None) or "TEXT") == "JSON":
-        extra = {k: None for k in getattr(logging_config, "additional_log_standard_attrs", None) or ()}
-
-        def json_line(e: list) -> str:
-            out = {"levelname": "INFO", "asctime": e[0], "name": ACCESS_LOGGER_NAME,
-                   "message": f"{e[2]} {e[3]} {e[4]} {e[5]:.1f}ms", "request_id": e[1],
-                   "route": "" if e[2] == "CALL" else e[3], "application": app, "deployment": name,
-                   "replica": replica, "worker_id": pid}
-            if extra:
-                out.update(extra)
-            return json.dumps(out)
-
-        return AccessLog(loop, REPLICA_ACCESS_WIDTH, line=json_line)
-    prefix = f"{ACCESS_LOGGER_NAME} {app}#{name} {replica}".replace("%", "%%")
-    return AccessLog(loop, REPLICA_ACCESS_WIDTH, fmt=f"INFO %s {prefix} %s -- %s %s %s %.1fms\n")
+    render = replica_render(getattr(logging_config, "encoding", None) or "TEXT", dep.app_name, dep.name,
+                            replica_id.unique_id, str(os.getpid()),
+                            getattr(logging_config, "additional_log_standard_attrs", None) or ())
+    return AccessLog(loop, REPLICA_ACCESS_WIDTH, render)
 
 
 def configure_replica(logging_config: Optional[Any], replica_id: Any) -> bool:
@@ -239,6 +164,6 @@ def configure_replica(logging_config: Optional[Any], replica_id: Any) -> bool:
             handler.removeFilter(f)
         handler.addFilter(ctx_filter)
         handler.setFormatter(formatter)
-    if not system_access_log_enabled():
+    if not access_log_allowed():
         return False
     return bool(getattr(logging_config, "enable_access_log", True)) if logging_config is not None else True

@@ -111,13 +111,16 @@ def main() -> None:
     os.makedirs(logs_dir, exist_ok=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="(shoal controller) %(levelname)s %(asctime)s -- %(message)s")
-    from shoal.serve_logging import apply_system_log_level
+    from shoal.serve_logging import configure_system_logging
     from shoal.sessions import drop_implicit_cwd
 
     drop_implicit_cwd()
-    apply_system_log_level()
+    configure_system_logging("controller")
+    from shoal.log_rotation import setup_rotation
+
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    setup_rotation(loop)  # a detached controller's controller.log rotates by size (log_rotation.py)
     loop.run_until_complete(_main(args.session_dir, logs_dir, args))
     sys.stderr.flush()
     os._exit(0)

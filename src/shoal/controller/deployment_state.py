@@ -194,7 +194,8 @@ class DeploymentState:
         rec.address = runtime.replica_address(rec.replica_id)
         rec.start_time = time.time()
         try:
-            rec.process = runtime.launch(rec.replica_id, res)
+            logging_config = self.spec.config.logging_config
+            rec.process = runtime.launch(rec.replica_id, res, logs_dir=logging_config.logs_dir if logging_config else None)
         except Exception as e:  # noqa: BLE001
             logger.exception("launching replica %s failed", rec.replica_id)
             self._on_start_failure(rec, f"The replica process could not be launched: {e!r}")

@@ -42,7 +42,6 @@ _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
 _now = time.perf_counter
-_time = time.time
 CLIENT_GONE = 499  # the status metrics record for a request whose client went away (nginx's)
 
 
@@ -121,7 +120,7 @@ class HTTPCall:
 class ProxyApp:
     """The ASGI app uvicorn serves (an ASGI 3 callable: `__call__` returns the coroutine to await)."""
 
-    def __init__(self, client: Any, options: dict):
+    def __init__(self, client: Any, options: dict, component: str = "proxy"):
         self.client = client
         self.options = options
         self.routes = RouteTable()
@@ -143,12 +142,22 @@ class ProxyApp:
         self.ongoing = 0
         self.stats = ProxyStats(lambda: self.ongoing)
         self._record = self.stats.record
-        # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none).
-        from shoal.serve_logging import (PROXY_ACCESS_FORMAT, PROXY_ACCESS_WIDTH, AccessLog,
-                                         system_access_log_enabled)
+        # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none),
+        # gathered as raw fields and written in batches (access_log.py).
+        from shoal.access_log import PROXY_ACCESS_WIDTH, AccessLog, proxy_render
+        from shoal.serve_logging import system_access_log_enabled, system_log_encoding
 
         self.access_log = system_access_log_enabled()
-        self.access = AccessLog(self.loop, PROXY_ACCESS_WIDTH, PROXY_ACCESS_FORMAT)  # written in batches
+        self.access = AccessLog(self.loop, PROXY_ACCESS_WIDTH,
+                                proxy_render(system_log_encoding(), component))
+
+    def name_access_lines(self, component: str) -> None:
+        """A standby that took over proxy `component`'s place: its access lines say so from now on."""
+        from shoal.access_log import proxy_render
+        from shoal.serve_logging import system_log_encoding
+
+        self.access.flush()
+        self.access.render = proxy_render(system_log_encoding(), component)
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -256,10 +265,10 @@ class ProxyApp:
         finally:
             self._untrack(call)
             self.ongoing -= 1
-            self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
+            ms = self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
             if self.access_log:
-                self.access.add((_time(), scope["method"], route.prefix, status, (_now() - t0) * 1000.0,
-                                 request_id, route.app_name, route.ingress))
+                self.access.add((t0, ms, scope["method"], route.prefix, status, request_id, route.app_name,
+                                 route.ingress))
 
     async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
         """The whole body, within the configured limit; else the status to record: 413 (answered so)
@@ -500,7 +509,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
         client.controller_recoverable = lambda: False  # a standby leaves with its controller
     info = await client.connect("proxy", extra_handler=standby, index=index)
     options = info["http_options"]
-    app = ProxyApp(client, options)
+    app = ProxyApp(client, options, f"proxy_{index}" if index >= 0 else "proxy_standby")
 
     def apply_routes(routes: list, version: int) -> None:
         app.set_routes(routes)
@@ -519,6 +528,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     if standby is not None:  # ready, routers warm: wait to replace a proxy that dies
         index, port_wanted, reuse_port = await standby.order
         client._hello["index"] = index
+        app.name_access_lines(f"proxy_{index}")
         from shoal import client as client_mod
         from shoal.keeper import keeper_alive
 
@@ -551,15 +561,17 @@ def main() -> None:
     session_dir, index = sys.argv[1], int(sys.argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
-    from shoal.serve_logging import apply_system_log_level
+    from shoal.serve_logging import configure_system_logging
     from shoal.sessions import drop_implicit_cwd
 
     drop_implicit_cwd()  # (Python 3.10: uvicorn imports `websockets` later; a user's websockets.py must not win)
-    apply_system_log_level()
+    configure_system_logging(f"proxy_{index}" if index >= 0 else "proxy_standby")
     from shoal.client import new_event_loop
+    from shoal.log_rotation import setup_rotation
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    setup_rotation(loop)  # its log file rotates by size (log_rotation.py)
     loop.run_until_complete(run_proxy(session_dir, index))
     from shoal.common import exit_process
 

@@ -37,7 +37,6 @@ from shoal.transport.framing import Kind, pack
 logger = logging.getLogger("shoal.replica")
 _CAPACITY_FRAME = pack(Kind.CAPACITY, 0)
 _now = time.perf_counter
-_time = time.time
 _ROOT_PATH = 8  # where the wire scope (http/scope.py) holds root_path: the route prefix appended
 
 
@@ -126,14 +125,13 @@ class ReplicaServer:
                 logger.exception("request %s to %s failed", rid, self._where)
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
-            self.stats.record(route, failed, t0)
-            if self.access_log:  # a tuple per request; formatted and written in batches (AccessLog)
+            ms = self.stats.record(route, failed, t0)
+            if self.access_log:  # raw fields per request; formatted and written in batches (access_log.py)
                 if method == HTTP_METHOD:
-                    self.access.add((_time(), request_id, args[0][3] if args[0][0] == "http" else "WEBSOCKET",
-                                     route, 500 if failed else (status or 200), (_now() - t0) * 1000.0))
+                    self.access.add((t0, ms, request_id, args[0][3] if args[0][0] == "http" else "WEBSOCKET",
+                                     route, 500 if failed else (status or 200)))
                 else:
-                    self.access.add((_time(), request_id, "CALL", method, "ERROR" if failed else "OK",
-                                     (_now() - t0) * 1000.0))
+                    self.access.add((t0, ms, request_id, "CALL", method, "ERROR" if failed else "OK"))
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:
@@ -425,9 +423,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver, which shuts us down
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
     from shoal.client import new_event_loop
+    from shoal.log_rotation import setup_rotation
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
+    setup_rotation(loop)  # its log file rotates by size (log_rotation.py)
     loop.run_until_complete(run_replica(session_dir, unique_id))
 
 

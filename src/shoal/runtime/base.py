@@ -148,7 +148,8 @@ class Runtime(ABC):
         """Where the replica will listen for requests."""
 
     @abstractmethod
-    def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess: ...
+    def launch(self, replica_id: ReplicaID, reservation: Reservation,
+               logs_dir: Optional[str] = None) -> ReplicaProcess: ...
 
     @abstractmethod
     def launch_proxy(self, index: int) -> ReplicaProcess:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from collections import deque
 from typing import Optional, Union
 
 from shoal.common import ReplicaID
+from shoal.log_rotation import LOG_FILE_ENV
 from shoal.process_identity import create_time, same_process_alive
 from shoal.runtime.base import (
     RESOURCE_EPS,
@@ -64,7 +66,10 @@ class LogTailer:
     Processes write straight to their log files, never to a pipe the controller holds: a pipe would
     break (EPIPE on every `print`) when the controller dies, and replicas must outlive it. The
     controller follows the files instead, every `PERIOD_S`, and keeps each one's last lines for
-    error messages. Access lines (`shoal.access`, see serve_logging.py) are left in the files only.
+    error messages. Access lines (`shoal.access`, see access_log.py) are left in the files only; they
+    are dropped by one regular expression over what was read (C speed: the controller must not
+    spend a Python loop per request). A file its process rotated (log_rotation.py) is read to its
+    end, then the new file at the same path is followed from its start.
     """
 
     PERIOD_S = 0.1
@@ -108,6 +113,22 @@ class LogTailer:
             self._task.cancel()
 
 
+# An access line (access_log.py), TEXT or JSON: its logger name sits right after `asctime`.
+_ACCESS_LINE = re.compile(rb'^(?:INFO [^\n]{23} shoal\.access |\{"levelname": "INFO", "asctime": "[^"\n]*", '
+                          rb'"name": "shoal\.access")[^\n]*\n', re.M)
+
+
+def _drop_access_lines(data: bytes) -> bytes:
+    """`data` without its access lines. Under load a read is most often access lines only: then two
+    counts (C speed, no regular expression) tell so and nothing is left to split."""
+    found = data.count(b" shoal.access ") or data.count(b'"name": "shoal.access"')
+    if not found:
+        return data
+    if found == data.count(b"\n") and data.endswith(b"\n") and _ACCESS_LINE.match(data):
+        return b""
+    return _ACCESS_LINE.sub(b"", data)
+
+
 class _Followed:
     def __init__(self, path: str, prefix: str, from_end: bool, offset: int):
         self.path = path
@@ -117,17 +138,36 @@ class _Followed:
         self.fh = open(path, "ab+")  # created if missing; read from where it ends (or begins)
         self.fh.seek(0, os.SEEK_END) if from_end else self.fh.seek(offset)
 
+    def _rotated(self) -> bool:
+        """Whether the path now names another file than the one read (its process rotated it)."""
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self.fh.fileno()).st_ino
+        except OSError:  # not there (yet): keep reading the old one
+            return False
+
     def read(self, final: bool = False) -> None:
-        data = self.partial + self.fh.read()
+        data = self.fh.read()
+        if not final and self._rotated():
+            data += self.fh.read()  # what came in before the process switched files
+            if data and not data.endswith(b"\n"):
+                data += b"\n"  # a line cut by the switch ends there
+            try:
+                fh = open(self.path, "rb")
+            except OSError:
+                fh = None
+            if fh is not None:
+                self.fh.close()
+                self.fh = fh
+                data += self.fh.read()
+        data = self.partial + data
         if final and data and not data.endswith(b"\n"):
             data += b"\n"
+        data = _drop_access_lines(data)  # they stay in the file, as Ray keeps them off the terminal
         *lines, self.partial = data.split(b"\n")
         if not lines:
             return
         out = []
         for raw in lines:
-            if b"shoal.access" in raw and (b" shoal.access " in raw or b'"shoal.access"' in raw):
-                continue  # access lines stay in the file, as Ray keeps them off the driver's terminal
             line = raw.decode("utf-8", "replace")
             self.tail.append(line)
             out.append(f"{self.prefix} {line}\n")
@@ -259,6 +299,7 @@ class EmbeddedRuntime(Runtime):
         return os.path.join(self.session_dir, "r", replica_id.unique_id + ".sock")
 
     def _spawn(self, args: list[str], env: dict, log_file: str, prefix_fmt: str) -> EmbeddedReplicaProcess:
+        env[LOG_FILE_ENV] = log_file  # the child rotates it (log_rotation.py)
         with open(log_file, "ab") as log:  # the child writes its output here itself (see LogTailer)
             start = log.tell()
             popen = subprocess.Popen([sys.executable, "-m", *args], env=env, stdin=subprocess.DEVNULL,
@@ -304,7 +345,9 @@ class EmbeddedRuntime(Runtime):
         return self._spawn(["shoal.http.proxy", self.session_dir, str(index)], env,
                            os.path.join(self.logs_dir, f"proxy_{name}.log"), f"(proxy {name} pid={{pid}})")
 
-    def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess:
+    def launch(self, replica_id: ReplicaID, reservation: Reservation, logs_dir: Optional[str] = None) -> ReplicaProcess:
+        """`logs_dir`: where its log file goes (its deployment's `logging_config.logs_dir`), else the
+        session's logs directory."""
         from shoal.sessions import user_env
 
         env = user_env(dict(os.environ))  # user code runs here: the user's own PYTHONSAFEPATH
@@ -314,6 +357,10 @@ class EmbeddedRuntime(Runtime):
         elif self.totals["GPU"] and "CUDA_VISIBLE_DEVICES" not in os.environ:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a replica that asked for no GPU gets none
         d = replica_id.deployment_id
-        log_file = os.path.join(self.logs_dir, f"replica_{d.app_name}_{d.name}_{replica_id.unique_id}.log")
+        where = self.logs_dir
+        if logs_dir:
+            where = os.path.abspath(os.path.expanduser(logs_dir))
+            os.makedirs(where, exist_ok=True)
+        log_file = os.path.join(where, f"replica_{d.app_name}_{d.name}_{replica_id.unique_id}.log")
         return self._spawn(["shoal.replica.server", self.session_dir, replica_id.unique_id], env, log_file,
                            f"({d.app_name}/{d.name} replica={replica_id.unique_id} pid={{pid}})")

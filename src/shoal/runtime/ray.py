@@ -468,7 +468,9 @@ class RayRuntime(Runtime):
         # Unnamed: a name costs a blocking lookup in Ray on every launch.
         return dict(namespace=NAMESPACE, lifetime="detached", max_restarts=0, max_concurrency=2)
 
-    def launch(self, replica_id: ReplicaID, reservation: Reservation) -> ReplicaProcess:
+    def launch(self, replica_id: ReplicaID, reservation: Reservation,
+               logs_dir: Optional[str] = None) -> ReplicaProcess:
+        # (`logs_dir` is not honoured here yet: Ray places its workers' log files.)
         r = reservation.request
         opts = self._options()
         opts.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources))

@@ -101,8 +101,9 @@ class ProxyStats:
         self.ongoing = ongoing  # () -> int: the proxy's requests in flight
         REGISTRY.add_source(self.collect, weak=True)  # ends with its proxy app
 
-    def record(self, route: str, app: str, ingress: str, method: str, status: int, t0: float) -> None:
-        """One finished request: `t0` is `time.perf_counter()` when it arrived."""
+    def record(self, route: str, app: str, ingress: str, method: str, status: int, t0: float) -> float:
+        """One finished request: `t0` is `time.perf_counter()` when it arrived. Returns its latency
+        in ms (the access line reuses it: one clock read per request for both)."""
         ms = (_now() - t0) * 1000.0
         key = (route, app, ingress, method, status)
         h = self.data.get(key)
@@ -110,6 +111,7 @@ class ProxyStats:
             h = self.data[key] = [0] * self._n + [0.0]
         h[bisect_left(REQUEST_LATENCY_BUCKETS_MS, ms)] += 1
         h[-1] += ms
+        return ms
 
     def collect(self, out: Snapshot) -> None:
         requests: dict = {}
@@ -158,7 +160,8 @@ class ReplicaStats:
         self.ongoing = ongoing  # () -> int
         REGISTRY.add_source(self.collect, weak=True)  # ends with its replica server
 
-    def record(self, route: str, failed: bool, t0: float) -> None:
+    def record(self, route: str, failed: bool, t0: float) -> float:
+        """One finished request; returns its latency in ms (for the access line)."""
         ms = (_now() - t0) * 1000.0
         h = self.data.get(route)
         if h is None:
@@ -167,6 +170,7 @@ class ReplicaStats:
         h[-2] += ms
         if failed:
             h[-1] += 1
+        return ms
 
     def collect(self, out: Snapshot) -> None:
         ok: dict = {}

@@ -93,3 +93,15 @@ def test_rotation_settings_ray_names_and_bad_values():
         rotation_settings({"SHOAL_LOG_ROTATION_BACKUP_COUNT": "-1"})
     with pytest.raises(ValueError, match="RAY_ROTATION_MAX_BYTES='1MB'.*whole number"):
         rotation_settings({"RAY_ROTATION_MAX_BYTES": "1MB"})
+
+
+def test_echoed_lines_are_written_in_whole_line_pieces_that_a_pipe_takes_atomically():
+    """The controller echoes replica output to the terminal the driver prints to: each write must fit
+    in one atomic pipe write and end at a line end, so a driver's print never lands inside a line."""
+    from shoal.runtime.embedded import PIPE_ATOMIC_BYTES, _whole_line_chunks
+
+    lines = [f"(app/D replica=abc) line {i} " + "x" * 90 + "\n" for i in range(200)] + ["é" * 1500 + "\n"]
+    chunks = list(_whole_line_chunks(lines))
+    assert "".join(chunks) == "".join(lines)
+    assert len(chunks) > 1 and all(c.endswith("\n") for c in chunks)
+    assert all(len(c.encode()) <= PIPE_ATOMIC_BYTES for c in chunks)

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from shoal.common import ReplicaID
 from shoal.log_rotation import LOG_FILE_ENV
@@ -172,13 +172,33 @@ class _Followed:
             self.tail.append(line)
             out.append(f"{self.prefix} {line}\n")
         try:
-            sys.stderr.write("".join(out))
-            sys.stderr.flush()
+            for chunk in _whole_line_chunks(out):
+                sys.stderr.write(chunk)
+                sys.stderr.flush()
         except (OSError, ValueError):  # the terminal went away: the log file still has it all
             pass
 
     def close(self) -> None:
         self.fh.close()
+
+
+PIPE_ATOMIC_BYTES = 4096  # POSIX PIPE_BUF: a write up to this size reaches a pipe in one piece
+
+
+def _whole_line_chunks(lines: list) -> Iterator[str]:
+    """`lines` joined into writes that each fit in one atomic pipe write, so another process writing to
+    the same terminal or pipe (the driver's own prints) can land between our lines, never inside one."""
+    chunk: list = []
+    size = 0
+    for line in lines:
+        n = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+        if chunk and size + n > PIPE_ATOMIC_BYTES:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += n
+    if chunk:
+        yield "".join(chunk)
 
 
 class EmbeddedReplicaProcess(ReplicaProcess):

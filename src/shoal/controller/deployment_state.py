@@ -200,6 +200,20 @@ class DeploymentState:
             self._on_start_failure(rec, f"The replica process could not be launched: {e!r}")
         return True
 
+    def on_replica_node(self, rec: ReplicaRecord, node_id: str) -> None:
+        """The replica runs on `node_id` (it says so when it connects). On a cluster the scheduler may
+        have started it on another node than the runtime reserved, or on a node added for it: the
+        runtime's accounting follows it, and so does its rank while it has not been told one yet."""
+        res = rec.reservation
+        if not node_id or res is None or (res.node_id == node_id and not res.waiting):
+            return
+        self.controller.runtime.placed(res, node_id)
+        if rec.rank_node != node_id and rec.told_rank is None:
+            rec.rank = None  # not its own holder while the node's ranks are counted
+            rec.rank_node = node_id
+            rec.rank = self._assign_rank(node_id)
+        self.controller.wake()
+
     def on_replica_ready(self, rec: ReplicaRecord) -> None:
         if rec.state != ReplicaState.STARTING:
             return
@@ -525,6 +539,20 @@ class DeploymentState:
             if rec.state == ReplicaState.STARTING and not rec.placed:
                 if not self._try_place(rec):
                     break
+        if not self.pending_reason:
+            self.pending_reason = self._waiting_reason()
+
+    def _waiting_reason(self) -> str:
+        """Says which replicas wait for the cluster to add a node (launched, so its autoscaler sees
+        them, but no node has room yet); "" when none does."""
+        waiting = [r.reservation.waiting for r in self.replicas.values()
+                   if r.state == ReplicaState.STARTING and r.reservation is not None and r.reservation.waiting]
+        if not waiting:
+            return ""
+        n = len(waiting)
+        return (f"Deployment '{self.id.name}' in application '{self.id.app_name}' has {n} "
+                f"{'replica' if n == 1 else 'replicas'} waiting for the cluster to add a node with {waiting[0]}. "
+                f"{'It starts' if n == 1 else 'They start'} there once the cluster's autoscaler adds one.")
 
     def _health_checks(self, now: float) -> None:
         cfg = self.spec.config

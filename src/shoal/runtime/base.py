@@ -63,6 +63,10 @@ class Reservation:
     request: ResourceRequest
     gpu_ids: list[int] = field(default_factory=list)
     node_id: str = "local"
+    # Set by a cluster runtime when no node has room now: what the replica waits for the cluster to
+    # add ("CPU: 1 (every node ... is full)"). Its process is launched all the same, so the cluster's
+    # autoscaler sees the demand; cleared once it starts (`Runtime.placed`).
+    waiting: str = ""
 
 
 class ReplicaProcess(ABC):
@@ -161,6 +165,13 @@ class Runtime(ABC):
     def proxy_count(self, http_options: dict) -> int:
         """How many HTTP proxies to run (a cluster runtime runs one per node)."""
         return int(http_options.get("num_proxies", 1))
+
+    def placed(self, reservation: Reservation, node_id: str) -> None:
+        """The replica started on `node_id` (it says so when it first connects). A cluster runtime
+        may have let its scheduler pick another node than `reserve` did, or none yet: its
+        accounting follows the replica to where it runs."""
+        reservation.node_id = node_id
+        reservation.waiting = ""
 
     def close(self) -> None:
         """Release anything the runtime holds (called when the controller exits)."""

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import sys
 import threading
 import time
@@ -37,13 +36,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from shoal.common import ReplicaID
 from shoal.exceptions import RayServeException
 from shoal.runtime.base import (
-    RESOURCE_EPS,
     CheckpointStore,
     ReplicaProcess,
     Reservation,
     ResourceRequest,
     Runtime,
 )
+from shoal.runtime.ray_placement import NodeView, Placement
 from shoal.transport import auth
 from shoal.transport.connection import parse_tcp_address
 
@@ -51,6 +50,9 @@ NAMESPACE = "shoal"
 CONTROLLER_NAME = "SHOAL_CONTROLLER"
 HEAD_RESOURCE = "node:__internal_head__"
 NODES_TTL_S = 0.5
+# Every node has 1 of each resource named so (Ray's implicit resources; its autoscaler counts a new
+# node's as 1 too): a replica taking 1/max of its deployment's makes max_replicas_per_node a hard limit.
+IMPLICIT_RESOURCE_PREFIX = "node:__internal_implicit_resource_"
 # How long a driver waits for the controller actor to answer: its first start, or a restart by Ray.
 START_TIMEOUT_S = 120.0
 
@@ -304,8 +306,15 @@ def _alive_nodes() -> list[dict]:
     return sorted(nodes, key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
 
 
-def _fits(have: dict, wanted: dict[str, float]) -> bool:
-    return all(have.get(k, 0.0) + RESOURCE_EPS >= v for k, v in wanted.items())
+def _available_per_node() -> Optional[dict[str, dict[str, float]]]:
+    """What Ray counts as free on each node now (its other work too); None when Ray cannot say."""
+    try:
+        from ray._private import state
+
+        return state.available_resources_per_node()
+    except Exception:  # noqa: BLE001 - then shoal's own accounting alone decides
+        logger.debug("cannot read the nodes' available resources", exc_info=True)
+        return None
 
 
 class RayRuntime(Runtime):
@@ -323,18 +332,22 @@ class RayRuntime(Runtime):
         self.controller_id = controller_id  # the controller actor's id: workers check it is still there
         self._adopted_groups: set[str] = set()  # placement groups of adopted replicas (hex ids)
         self.worker = ray.remote(ShoalWorker)
-        self.per_node: dict[tuple[str, str], int] = {}  # (deployment, node) -> replicas placed there
-        self.reserved: dict[int, tuple[str, str]] = {}  # id(reservation) -> its key in per_node
-        self.used: dict[str, dict[str, float]] = {}  # node -> resources shoal's replicas reserved there
+        self.placement = Placement()  # shoal's reservations per node, and the node choice
         self._alive: list[dict] = []
+        self._views: list[NodeView] = []
         self._alive_at = -NODES_TTL_S
 
     def _nodes(self) -> list[dict]:
         """Alive nodes, asked of Ray at most every NODES_TTL_S: a pending replica is retried on every
-        reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata service."""
+        reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata service. With
+        them, what Ray counts as free on each (`_views`)."""
         now = time.monotonic()
         if now - self._alive_at >= NODES_TTL_S:
             self._alive, self._alive_at = _alive_nodes(), now
+            available = _available_per_node()
+            self._views = [NodeView(n["NodeID"], dict(n.get("Resources", {})),
+                                    None if available is None else available.get(n["NodeID"], {}))
+                           for n in self._alive]
         return self._alive
 
     def capacity(self) -> dict[str, float]:
@@ -346,55 +359,19 @@ class RayRuntime(Runtime):
         return max(1, len(self._nodes()))
 
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
-        """Pick a node for one replica: one with room, the fewest of this deployment's replicas first.
-
-        Room is each node's resources less what shoal's replicas there reserved (the embedded
-        runtime's accounting, per node); the actor is then pinned to that node. A request that no
-        node can hold now stays pending with a reason, as on one machine.
-        """
-        wanted = request.as_dict()
+        """A node for one replica to prefer, or none: then it waits for Ray to add one (see
+        `runtime/ray_placement.py`). Never a refusal: the actor is launched either way, so a replica
+        that fits no node now is demand that Ray's autoscaler sees."""
         if request.placement_group_bundles:
             return Reservation(request, node_id="")  # Ray places the group, or keeps it pending
-        alive = self._nodes()
-        parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
-        able = [n for n in alive if _fits(n.get("Resources", {}), wanted)]
-        if not able:
-            return f"needs {parts}, and no node of the Ray cluster has that much"
-        free = {n["NodeID"]: {k: v - self.used.get(n["NodeID"], {}).get(k, 0.0)
-                              for k, v in n.get("Resources", {}).items()} for n in able}
-        nodes = [nid for nid, have in free.items() if _fits(have, wanted)]
-        if not nodes:
-            return f"needs {parts}, and every node that could hold it is full"
-        counts = {nid: self.per_node.get((request.group, nid), 0) for nid in nodes}
-        if request.max_replicas_per_node:
-            nodes = [nid for nid in nodes if counts[nid] < request.max_replicas_per_node]
-            if not nodes:
-                return (f"may run at most {request.max_replicas_per_node} replica(s) per node, and every "
-                        f"node that fits has that many")
-        totals: dict[str, int] = {}
-        for (_, nid), c in self.per_node.items():
-            totals[nid] = totals.get(nid, 0) + c
-        node_id = min(nodes, key=lambda nid: (counts[nid], totals.get(nid, 0), random.random()))
-        reservation = Reservation(request, node_id=node_id)
-        self._account(reservation)
-        return reservation
-
-    def _account(self, reservation: Reservation) -> None:
-        key = (reservation.request.group, reservation.node_id)
-        self.per_node[key] = self.per_node.get(key, 0) + 1
-        used = self.used.setdefault(reservation.node_id, {})
-        for k, v in reservation.request.as_dict().items():
-            used[k] = used.get(k, 0.0) + v
-        self.reserved[id(reservation)] = key
+        self._nodes()
+        return self.placement.choose(request, self._views, self._alive_at)
 
     def release(self, reservation: Reservation) -> None:
-        key = self.reserved.pop(id(reservation), None)
-        if key is None:
-            return
-        self.per_node[key] = max(0, self.per_node.get(key, 0) - 1)
-        used = self.used.get(key[1], {})
-        for k, v in reservation.request.as_dict().items():
-            used[k] = used.get(k, 0.0) - v
+        self.placement.release(reservation)
+
+    def placed(self, reservation: Reservation, node_id: str) -> None:
+        self.placement.placed(reservation, node_id)
 
     # --- surviving a controller restart ----------------------------------------------------------
     def checkpoint_store(self) -> CheckpointStore:
@@ -445,8 +422,7 @@ class RayRuntime(Runtime):
                     pass
 
     def adopt_reservation(self, reservation: Reservation) -> None:
-        if reservation.node_id:  # a placement group's replica reserved nothing here (Ray placed the group)
-            self._account(reservation)
+        self.placement.adopt(reservation)
 
     def replica_address(self, replica_id: ReplicaID) -> str:
         return "tcp://*:0"  # this node's address, any free port: the replica reports the real one
@@ -463,14 +439,21 @@ class RayRuntime(Runtime):
         if r.memory:
             opts["memory"] = r.memory
         pg = None
+        if r.max_replicas_per_node and not r.placement_group_bundles:
+            opts["resources"][IMPLICIT_RESOURCE_PREFIX + r.group] = 1.0 / r.max_replicas_per_node
         if r.placement_group_bundles:
             pg = ray.util.placement_group([dict(b) for b in r.placement_group_bundles],
                                           strategy=r.placement_group_strategy or "PACK", lifetime="detached",
                                           name=PLACEMENT_GROUP_PREFIX + replica_id.unique_id)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-        else:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=False)
+        elif reservation.node_id:
+            # A preference: should the node have filled up meanwhile (other Ray work, a race), Ray
+            # starts the replica elsewhere, or keeps it pending until a node has room.
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=True,
+                                                                         _spill_on_unavailable=True)
+        else:  # no node has room: pending in Ray, it is demand its autoscaler adds a node for
+            opts["scheduling_strategy"] = "SPREAD"
         actor = self.worker.options(**opts).remote("replica", self.controller_address, self.secret,
                                                   replica_id.unique_id, self.controller_id)
         return RayReplicaProcess(actor, reservation.node_id, pg)

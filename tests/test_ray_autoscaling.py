@@ -1,0 +1,92 @@
+"""The Ray runtime on an autoscaling Ray cluster: replicas that fit no node make the cluster grow.
+
+Ray's `AutoscalingCluster` (tests/autoscaling_cluster.py): a head with 1 CPU and a worker type with
+2 CPUs, up to 3 workers, started by Ray's autoscaler as local processes when demand is pending.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from shoal import serve
+from shoal.api import get_http_url
+
+from autoscaling_cluster import autoscaling_cluster_fixture
+from conftest import wait_for
+
+pytestmark = pytest.mark.slow
+autoscaling_cluster = autoscaling_cluster_fixture(
+    {"CPU": 1}, {"cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3}})
+
+# Nodes start as processes on this (slow, shared) machine: generous, never a measure of speed.
+GROW_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def serve_instance(autoscaling_cluster):
+    serve.start(runtime="ray", http_options={"port": 0})
+    yield
+
+
+@serve.deployment
+class WhereAmI:
+    async def __call__(self, *args):
+        import asyncio
+
+        await asyncio.sleep(0.2)  # with one request per replica, concurrent calls reach every replica
+        return serve.get_replica_context().replica_id.unique_id, os.environ["SHOAL_NODE_ID"]
+
+
+def _deployment(app: str, name: str = "WhereAmI"):
+    status = serve.status().applications.get(app)
+    return status.deployments.get(name) if status else None
+
+
+def _answers(handle, replicas: int) -> dict:
+    """replica id -> node, once `replicas` distinct replicas answer one burst of concurrent calls."""
+    def burst():
+        seen = dict(r.result(timeout_s=60) for r in [handle.remote() for _ in range(4 * replicas)])
+        return seen if len(seen) == replicas else None
+
+    return wait_for(burst, timeout=GROW_TIMEOUT_S, interval=0.5, what=f"{replicas} replicas answering")
+
+
+def test_a_replica_no_node_type_can_hold_waits_for_a_node_and_says_so(serve_app):
+    serve._run(WhereAmI.options(ray_actor_options={"num_cpus": 3}).bind(), name="too_big", route_prefix=None,
+               _blocking=False)
+
+    def message():
+        d = _deployment("too_big")
+        return d and "waiting for the cluster" in d.message and d.message
+
+    text = wait_for(message, timeout=60, what="a status message saying the replica waits for a node")
+    assert "has 1 replica waiting for the cluster to add a node with CPU: 3" in text
+    assert serve.status().applications["too_big"].status == "DEPLOYING"
+
+
+def test_replicas_that_fit_no_node_make_the_cluster_grow_and_start_there(serve_app):
+    handle = serve._run(WhereAmI.options(num_replicas=4, max_ongoing_requests=1,
+                                         ray_actor_options={"num_cpus": 1}).bind(), _blocking=False)
+    wait_for(lambda: (_deployment("default") or None) and _deployment("default").replica_states.get("RUNNING") == 4,
+             timeout=GROW_TIMEOUT_S, interval=0.5, what="4 RUNNING replicas")
+    nodes = _answers(handle, 4)
+    assert len(set(nodes.values())) >= 3  # the head holds one; the others need two more nodes
+    wait_for(lambda: serve.status().applications["default"].status == "RUNNING", timeout=60,
+             what="the application RUNNING")
+    r = httpx.get(get_http_url() + "/", timeout=60)
+    assert r.status_code == 200
+
+
+def test_max_replicas_per_node_holds_on_nodes_the_cluster_adds(serve_app):
+    # Half a CPU each: the head has room for two, but only one may run there.
+    handle = serve._run(WhereAmI.options(name="OnePerNode", num_replicas=3, max_replicas_per_node=1,
+                                         max_ongoing_requests=1, ray_actor_options={"num_cpus": 0.5}).bind(),
+                        name="one_per_node", route_prefix=None, _blocking=False)
+    wait_for(lambda: (_deployment("one_per_node", "OnePerNode") or None)
+             and _deployment("one_per_node", "OnePerNode").replica_states.get("RUNNING") == 3,
+             timeout=GROW_TIMEOUT_S, interval=0.5, what="3 RUNNING replicas")
+    nodes = _answers(handle, 3)
+    assert len(set(nodes.values())) == 3

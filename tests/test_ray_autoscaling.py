@@ -90,3 +90,24 @@ def test_max_replicas_per_node_holds_on_nodes_the_cluster_adds(serve_app):
              timeout=GROW_TIMEOUT_S, interval=0.5, what="3 RUNNING replicas")
     nodes = _answers(handle, 3)
     assert len(set(nodes.values())) == 3
+
+
+def test_a_node_that_joins_later_gets_a_proxy_that_serves(serve_app):
+    handle = serve._run(WhereAmI.options(name="Grown", num_replicas=4, max_ongoing_requests=1,
+                                         ray_actor_options={"num_cpus": 1}).bind(),
+                        name="grown", route_prefix="/grown", _blocking=False)
+    nodes = set(_answers(handle, 4).values())  # the head and at least two nodes the cluster added
+
+    def proxies_on_every_node():
+        proxies = serve.status().proxies
+        return nodes <= {key.split(":")[0] for key, s in proxies.items() if s == "HEALTHY"}
+
+    wait_for(proxies_on_every_node, timeout=GROW_TIMEOUT_S, interval=0.5, what="a healthy proxy on every node")
+    wait_for(lambda: serve.status().applications["grown"].status == "RUNNING", timeout=60,
+             what="the application RUNNING")
+    # The proxies share the port (SO_REUSEPORT, one host here): new connections reach all of them,
+    # and every one routes (a proxy without the route table would answer 404).
+    with httpx.Client() as c:
+        for _ in range(24):
+            r = c.get(get_http_url() + "/grown", headers={"connection": "close"}, timeout=60)
+            assert r.status_code == 200 and r.json()[1] in nodes

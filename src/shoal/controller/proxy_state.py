@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("shoal.controller")
 RESTART_BACKOFF_S = 1.0
+# How often the proxy set is matched to the runtime's `proxy_count` (on a cluster: the alive nodes).
+FOLLOW_NODES_S = 1.0
 SPARE = -1  # the index a standby proxy says hello with
 
 
@@ -45,6 +47,7 @@ class ProxyManager:
         self.version = 0
         self.port = 0
         self.count = 1  # proxies to run: `num_proxies` on one machine, one per node on a cluster
+        self._followed_at = float("-inf")
         self._changed = asyncio.Event()
         # A standby proxy, started and connected but not listening: when a proxy dies it takes over its
         # index at once (milliseconds), where a fresh process needs its whole start-up (~1 s).
@@ -108,8 +111,9 @@ class ProxyManager:
             self._signal()
         # The route table comes with the reply: a proxy (re)started after apps were deployed must
         # route at once, and it installs its notification handler only once this call returns.
-        return {"http_options": self.options, "port": self.port,
-                "num_proxies": self.count, "routes": (self.routes, self.version)}
+        reuse_port = self.count > 1 or self.controller.runtime.proxy_count_may_grow(self.options)  # type: ignore[arg-type]
+        return {"http_options": self.options, "port": self.port, "num_proxies": self.count,
+                "reuse_port": reuse_port, "routes": (self.routes, self.version)}
 
     def ready(self, index: int, port: int) -> None:
         rec = self.proxies[index]
@@ -192,6 +196,8 @@ class ProxyManager:
                 continue  # could not bind: restarting will not help
             if time.monotonic() - rec.started_at < RESTART_BACKOFF_S:
                 continue
+            if self._left_with_its_node(rec):
+                continue
             out = rec.process.recent_output().strip()[-2000:] if rec.process else ""
             self._replace(rec.index, f"exited with code {code}" + (f". Its last output:\n{out}" if out else ""))
         spare = self.spare
@@ -202,6 +208,40 @@ class ProxyManager:
                 logger.warning("the standby HTTP proxy exited with code %s; starting another",
                                spare.process.exit_code())
                 self._launch_spare()
+        if not shutting_down:
+            self._follow_nodes()
+
+    def _follow_nodes(self, fresh: bool = False) -> None:
+        """Run as many proxies as the runtime says (on a cluster, one per alive node): a node that
+        joined gets one (`launch_proxy` picks a node without one). Fewer only as proxies end: see
+        `_left_with_its_node`. Asked at most every FOLLOW_NODES_S, unless `fresh`."""
+        if not self.enabled or self.port == 0 or self.controller.shutting_down:
+            return  # with port 0, the first proxy's port must be known before others start
+        now = time.monotonic()
+        if not fresh and now - self._followed_at < FOLLOW_NODES_S:
+            return
+        self._followed_at = now
+        want = self.controller.runtime.proxy_count(self.options, fresh=fresh)  # type: ignore[arg-type]
+        if want == self.count:
+            return
+        logger.info("HTTP proxies: %d wanted now (were %d)", want, self.count)
+        self.count = want
+        index = 0
+        while len(self.proxies) < want:
+            while index in self.proxies:
+                index += 1
+            self._launch(index)
+
+    def _left_with_its_node(self, rec: ProxyRecord) -> bool:
+        """Proxy `rec` ended and the runtime wants fewer proxies now (its node left the cluster):
+        forget it rather than start it again elsewhere."""
+        self._follow_nodes(fresh=True)
+        if len(self.proxies) <= self.count:
+            return False
+        logger.info("HTTP proxy %d ended with its node; one proxy per node, so it is not replaced", rec.index)
+        self.proxies.pop(rec.index, None)
+        self._signal()
+        return True
 
     def on_disconnect(self, conn: "Connection") -> None:
         rec = getattr(conn, "proxy", None)
@@ -214,7 +254,8 @@ class ProxyManager:
             # Its control connection closes only when its process ends: replace it now, not at the next tick.
             if rec.process is not None:
                 rec.process.kill()
-            self._replace(rec.index, "died")
+            if not self._left_with_its_node(rec):
+                self._replace(rec.index, "died")
 
     def stop(self) -> None:
         for rec in self._all():

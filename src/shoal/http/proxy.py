@@ -515,7 +515,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     client.hello_state = lambda: {"serving_port": serving["port"]}
     client.on_reconnected = lambda reply: apply_routes(*reply["routes"])
     client.on_controller_lost = lambda: exit_process(0)
-    reuse_port, port_wanted = info["num_proxies"] > 1, info["port"]
+    reuse_port, port_wanted = info.get("reuse_port", info["num_proxies"] > 1), info["port"]
     if standby is not None:  # ready, routers warm: wait to replace a proxy that dies
         index, port_wanted, reuse_port = await standby.order
         client._hello["index"] = index

@@ -162,9 +162,15 @@ class Runtime(ABC):
     def capacity(self) -> dict[str, float]:
         """Total resources, for status messages."""
 
-    def proxy_count(self, http_options: dict) -> int:
-        """How many HTTP proxies to run (a cluster runtime runs one per node)."""
+    def proxy_count(self, http_options: dict, fresh: bool = False) -> int:
+        """How many HTTP proxies to run (a cluster runtime runs one per node, as nodes come and go;
+        `fresh`: ask the cluster now, not a recent answer, as when a proxy just ended)."""
         return int(http_options.get("num_proxies", 1))
+
+    def proxy_count_may_grow(self, http_options: dict) -> bool:
+        """Whether more proxies may join later (nodes joining a cluster): then every proxy listens
+        with SO_REUSEPORT from the start, so one started later on the same host can share the port."""
+        return False
 
     def placed(self, reservation: Reservation, node_id: str) -> None:
         """The replica started on `node_id` (it says so when it first connects). A cluster runtime

@@ -333,30 +333,43 @@ class RayRuntime(Runtime):
         self._adopted_groups: set[str] = set()  # placement groups of adopted replicas (hex ids)
         self.worker = ray.remote(ShoalWorker)
         self.placement = Placement()  # shoal's reservations per node, and the node choice
+        self._proxies: dict[int, RayReplicaProcess] = {}  # proxy index -> its actor (and node)
         self._alive: list[dict] = []
-        self._views: list[NodeView] = []
         self._alive_at = -NODES_TTL_S
+        self._views: list[NodeView] = []
+        self._views_at = -NODES_TTL_S
 
-    def _nodes(self) -> list[dict]:
-        """Alive nodes, asked of Ray at most every NODES_TTL_S: a pending replica is retried on every
-        reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata service. With
-        them, what Ray counts as free on each (`_views`)."""
+    def _nodes(self, fresh: bool = False) -> list[dict]:
+        """Alive nodes, asked of Ray at most every NODES_TTL_S (unless `fresh`): a pending replica is
+        retried on every reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata
+        service."""
         now = time.monotonic()
-        if now - self._alive_at >= NODES_TTL_S:
+        if fresh or now - self._alive_at >= NODES_TTL_S:
             self._alive, self._alive_at = _alive_nodes(), now
+        return self._alive
+
+    def _node_views(self) -> list[NodeView]:
+        """The alive nodes with what Ray counts as free on each, as fresh as `_nodes`."""
+        alive = self._nodes()
+        if self._views_at != self._alive_at:
             available = _available_per_node()
             self._views = [NodeView(n["NodeID"], dict(n.get("Resources", {})),
                                     None if available is None else available.get(n["NodeID"], {}))
-                           for n in self._alive]
-        return self._alive
+                           for n in alive]
+            self._views_at = self._alive_at
+        return self._views
 
     def capacity(self) -> dict[str, float]:
         return {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
 
-    def proxy_count(self, http_options: dict) -> int:
+    def proxy_count(self, http_options: dict, fresh: bool = False) -> int:
+        """One per alive node (`EveryNode`): the controller follows this as nodes join and leave."""
         if http_options.get("proxy_location") == "HeadOnly":
             return 1
-        return max(1, len(self._nodes()))
+        return max(1, len(self._nodes(fresh)))
+
+    def proxy_count_may_grow(self, http_options: dict) -> bool:
+        return http_options.get("proxy_location") != "HeadOnly"
 
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
         """A node for one replica to prefer, or none: then it waits for Ray to add one (see
@@ -364,8 +377,8 @@ class RayRuntime(Runtime):
         that fits no node now is demand that Ray's autoscaler sees."""
         if request.placement_group_bundles:
             return Reservation(request, node_id="")  # Ray places the group, or keeps it pending
-        self._nodes()
-        return self.placement.choose(request, self._views, self._alive_at)
+        views = self._node_views()
+        return self.placement.choose(request, views, self._views_at)
 
     def release(self, reservation: Reservation) -> None:
         self.placement.release(reservation)
@@ -381,8 +394,9 @@ class RayRuntime(Runtime):
         if not isinstance(process, RayReplicaProcess):
             return None
         pg = process.placement_group
+        proxy = next((i for i, p in self._proxies.items() if p is process), None)
         return {"actor": process.pickled_handle(), "node_id": process.node_id,
-                "placement_group": pickle.dumps(pg) if pg is not None else None}
+                "placement_group": pickle.dumps(pg) if pg is not None else None, "proxy": proxy}
 
     def adopt(self, description: dict) -> Optional[ReplicaProcess]:
         """The worker actor again, from its pickled handle, if it still runs (asked of it, briefly)."""
@@ -402,6 +416,8 @@ class RayRuntime(Runtime):
             return None
         if pg is not None:
             self._adopted_groups.add(pg.id.hex())
+        if description.get("proxy") is not None:  # its node has a proxy: `launch_proxy` knows
+            self._proxies[description["proxy"]] = process
         return process
 
     def remove_stray_placement_groups(self) -> None:
@@ -459,13 +475,18 @@ class RayRuntime(Runtime):
         return RayReplicaProcess(actor, reservation.node_id, pg)
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
+        """Proxy `index` goes to the first alive node (head first) that has no running proxy: a node that
+        joined later gets the next one, and a proxy that died is restarted where it ran."""
         nodes = self._nodes()
-        node_id = nodes[index % len(nodes)]["NodeID"]
+        served = {p.node_id for i, p in self._proxies.items() if i != index and p.exit_code() is None}
+        free = [n["NodeID"] for n in nodes if n["NodeID"] not in served]
+        node_id = free[0] if free else nodes[index % len(nodes)]["NodeID"]
         opts = self._options()
         opts.update(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         actor = self.worker.options(**opts).remote("proxy", self.controller_address, self.secret, str(index),
                                                   self.controller_id)
-        return RayReplicaProcess(actor, node_id)
+        process = self._proxies[index] = RayReplicaProcess(actor, node_id)
+        return process
 
 
 class ShoalController(_EndsThroughRay):

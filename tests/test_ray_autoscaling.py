@@ -7,6 +7,7 @@ Ray's `AutoscalingCluster` (tests/autoscaling_cluster.py): a head with 1 CPU and
 from __future__ import annotations
 
 import os
+import threading
 
 import httpx
 import pytest
@@ -17,7 +18,7 @@ from shoal.api import get_http_url
 from autoscaling_cluster import autoscaling_cluster_fixture
 from conftest import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 autoscaling_cluster = autoscaling_cluster_fixture(
     {"CPU": 1}, {"cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3}})
 
@@ -111,3 +112,59 @@ def test_a_node_that_joins_later_gets_a_proxy_that_serves(serve_app):
         for _ in range(24):
             r = c.get(get_http_url() + "/grown", headers={"connection": "close"}, timeout=60)
             assert r.status_code == 200 and r.json()[1] in nodes
+
+
+@serve.deployment(max_ongoing_requests=2, ray_actor_options={"num_cpus": 1},
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
+                                      "upscale_delay_s": 0, "downscale_delay_s": 1, "metrics_interval_s": 0.2,
+                                      "look_back_period_s": 1})
+class Elastic:
+    async def __call__(self, seconds: float = 0.0):
+        import asyncio
+
+        await asyncio.sleep(seconds)
+        return os.environ["SHOAL_NODE_ID"]
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def test_serve_autoscaling_grows_the_cluster_and_idle_nodes_go_when_load_drops(serve_app):
+    handle = serve.run(Elastic.bind(), name="elastic", route_prefix=None)  # one replica: the head has room
+    stop = threading.Event()
+    failures: list = []
+
+    def load():  # one caller of eight: a call at a time, each holding a replica slot for a while
+        while not stop.is_set():
+            try:
+                handle.remote(0.5).result(timeout_s=120)
+            except Exception as e:  # noqa: BLE001 - recorded: the test asserts there are none
+                failures.append(e)
+
+    callers = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for t in callers:
+        t.start()
+    try:
+        wait_for(lambda: (_deployment("elastic", "Elastic") or None)
+                 and _deployment("elastic", "Elastic").replica_states.get("RUNNING") == 4,
+                 timeout=GROW_TIMEOUT_S, interval=0.5, what="serve autoscaling to reach 4 running replicas")
+        grown = _alive_nodes()
+        assert grown >= 3  # four 1-CPU replicas: the head's one CPU and two 2-CPU nodes at least
+    finally:
+        stop.set()
+        for t in callers:
+            t.join(150)
+    assert not failures, failures[:3]
+    # Load gone: serve scales down to one replica, and Ray's autoscaler removes the nodes left idle.
+    wait_for(lambda: _deployment("elastic", "Elastic").replica_states == {"RUNNING": 1},
+             timeout=GROW_TIMEOUT_S, interval=0.5, what="serve autoscaling back to 1 replica")
+    wait_for(lambda: _alive_nodes() <= 2, timeout=GROW_TIMEOUT_S, interval=1.0,
+             what="the cluster to remove its idle nodes")
+    # The proxies of the removed nodes are gone, not started again elsewhere; the app still answers.
+    wait_for(lambda: len(serve.status().proxies) == _alive_nodes()
+             and all(s == "HEALTHY" for s in serve.status().proxies.values()),
+             timeout=120, interval=0.5, what="one healthy proxy per remaining node")
+    assert handle.remote().result(timeout_s=60)

@@ -138,7 +138,7 @@ def test_composition_example_runs_unchanged(serve_app):
 
 
 def test_http_app_on_every_node_proxy(serve_app, ray_cluster):
-    @serve.deployment(num_replicas=2)
+    @serve.deployment(num_replicas=3)  # spread: a replica, so a proxy, on each node
     class Hello:
         async def __call__(self, request):
             return {"hello": request.query_params["name"], "node": os.environ["SHOAL_NODE_ID"]}

@@ -52,5 +52,7 @@ def test_one_endpoint_shows_every_node(serve_app, ray_cluster):
                           deployment="Node") == 12, timeout=60, what="12 requests counted by the replicas")
     s = _scrape()
     assert _sum(s, "ray_serve_deployment_replica_healthy", application="nodes", deployment="Node") == 3
-    proxy_nodes = {dict(ls)["node_id"] for (n, ls), _ in s.items() if n == "ray_serve_num_ongoing_http_requests"}
-    assert proxy_nodes == {ray_cluster.node_id(n) for n in ("head", "w1", "w2")}
+    # A proxy on each node with replicas (all three here), each pushing its metrics.
+    wait_for(lambda: {dict(ls)["node_id"] for (n, ls), _ in _scrape().items()
+                      if n == "ray_serve_num_ongoing_http_requests"} == {ray_cluster.node_id(n) for n in ("head", "w1", "w2")},
+             timeout=60, what="the proxies of all three nodes in the metrics")

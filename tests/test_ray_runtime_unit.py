@@ -86,6 +86,9 @@ def test_a_reserved_node_is_a_soft_preference_and_a_waiting_replica_is_launched_
     # Waiting for a node: launched all the same (Ray's autoscaler sees a pending actor), spread by Ray.
     opts = _launch_options(rt, Reservation(request, node_id="", waiting="CPU: 1 (every node ... is full)"))
     assert opts["scheduling_strategy"] == "SPREAD" and opts["num_cpus"] == 1
+    # A replica without resources always fits: pinned, since Ray ignores a soft preference for it.
+    opts = _launch_options(rt, Reservation(ResourceRequest(group="app#D"), node_id="b" * 56))
+    assert not opts["scheduling_strategy"].soft
 
 
 def test_max_replicas_per_node_is_a_resource_ray_enforces():

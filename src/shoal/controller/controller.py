@@ -372,6 +372,7 @@ class Controller(RpcHandler):
             if app is None:
                 return (ApplicationStatus.NOT_STARTED.value, f"Application '{name}' does not exist.")
             if app.status == ApplicationStatus.RUNNING:
+                await self.proxies.wait_started(min(10.0, max(0.0, deadline - time.monotonic())))
                 await self.proxies.wait_routes(min(10.0, max(0.0, deadline - time.monotonic())))
                 return (app.status.value, app.message)
             if app.status == ApplicationStatus.DEPLOY_FAILED:

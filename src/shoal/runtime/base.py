@@ -167,6 +167,11 @@ class Runtime(ABC):
         `fresh`: ask the cluster now, not a recent answer, as when a proxy just ended)."""
         return int(http_options.get("num_proxies", 1))
 
+    def surplus_proxies(self, http_options: dict) -> list[int]:
+        """Indices of running proxies whose node no longer needs one (a cluster runtime: no replicas
+        there any more); the controller drains and stops them, so the node can go idle."""
+        return []
+
     def proxy_count_may_grow(self, http_options: dict) -> bool:
         """Whether more proxies may join later (nodes joining a cluster): then every proxy listens
         with SO_REUSEPORT from the start, so one started later on the same host can share the port."""

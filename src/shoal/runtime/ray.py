@@ -50,6 +50,8 @@ NAMESPACE = "shoal"
 CONTROLLER_NAME = "SHOAL_CONTROLLER"
 HEAD_RESOURCE = "node:__internal_head__"
 NODES_TTL_S = 0.5
+# How old the node list may be for the proxies' node set (asked every reconcile tick).
+PROXY_NODES_TTL_S = 2.0
 # Every node has 1 of each resource named so (Ray's implicit resources; its autoscaler counts a new
 # node's as 1 too): a replica taking 1/max of its deployment's makes max_replicas_per_node a hard limit.
 IMPLICIT_RESOURCE_PREFIX = "node:__internal_implicit_resource_"
@@ -339,12 +341,12 @@ class RayRuntime(Runtime):
         self._views: list[NodeView] = []
         self._views_at = -NODES_TTL_S
 
-    def _nodes(self, fresh: bool = False) -> list[dict]:
-        """Alive nodes, asked of Ray at most every NODES_TTL_S (unless `fresh`): a pending replica is
-        retried on every reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata
-        service."""
+    def _nodes(self, fresh: bool = False, max_age: float = NODES_TTL_S) -> list[dict]:
+        """Alive nodes, asked of Ray when the last answer is older than `max_age` (or `fresh`): a
+        pending replica is retried on every reconcile tick, and `ray.nodes()` is a blocking round trip
+        to Ray's metadata service."""
         now = time.monotonic()
-        if fresh or now - self._alive_at >= NODES_TTL_S:
+        if fresh or now - self._alive_at >= max_age:
             self._alive, self._alive_at = _alive_nodes(), now
         return self._alive
 
@@ -362,11 +364,30 @@ class RayRuntime(Runtime):
     def capacity(self) -> dict[str, float]:
         return {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
 
-    def proxy_count(self, http_options: dict, fresh: bool = False) -> int:
-        """One per alive node (`EveryNode`): the controller follows this as nodes join and leave."""
+    def _proxy_nodes(self, http_options: dict, fresh: bool = False) -> list[str]:
+        """The nodes that get an HTTP proxy, head first: as in Ray Serve, the head and (`EveryNode`)
+        every alive node shoal placed replicas on. Not the others: a proxy actor, though it takes no
+        CPU, keeps its node from counting as idle, and Ray's autoscaler removes only idle nodes."""
+        alive = [n["NodeID"] for n in self._nodes(fresh, PROXY_NODES_TTL_S)]
+        if not alive:
+            return []
         if http_options.get("proxy_location") == "HeadOnly":
-            return 1
-        return max(1, len(self._nodes(fresh)))
+            return alive[:1]
+        busy = self.placement.nodes()
+        return [alive[0]] + [nid for nid in alive[1:] if nid in busy]
+
+    def proxy_count(self, http_options: dict, fresh: bool = False) -> int:
+        """One per node that needs one (`_proxy_nodes`): the controller follows this as it changes."""
+        return max(1, len(self._proxy_nodes(http_options, fresh)))
+
+    def surplus_proxies(self, http_options: dict) -> list[int]:
+        """Proxies on nodes that no longer need one; the controller drains them, so they count here no more."""
+        wanted = set(self._proxy_nodes(http_options))
+        surplus = [i for i, p in self._proxies.items()
+                   if p.exit_code() is None and not p._stopping and p.node_id not in wanted]
+        for i in surplus:
+            del self._proxies[i]
+        return surplus
 
     def proxy_count_may_grow(self, http_options: dict) -> bool:
         return http_options.get("proxy_location") != "HeadOnly"
@@ -463,6 +484,10 @@ class RayRuntime(Runtime):
                                           name=PLACEMENT_GROUP_PREFIX + replica_id.unique_id)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+        elif reservation.node_id and not r.as_dict():
+            # Nothing to wait for: pinned (Ray places an actor without resources anywhere, soft
+            # preference or not, which would undo the spread).
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=False)
         elif reservation.node_id:
             # A preference: should the node have filled up meanwhile (other Ray work, a race), Ray
             # starts the replica elsewhere, or keeps it pending until a node has room.
@@ -475,12 +500,14 @@ class RayRuntime(Runtime):
         return RayReplicaProcess(actor, reservation.node_id, pg)
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
-        """Proxy `index` goes to the first alive node (head first) that has no running proxy: a node that
-        joined later gets the next one, and a proxy that died is restarted where it ran."""
-        nodes = self._nodes()
-        served = {p.node_id for i, p in self._proxies.items() if i != index and p.exit_code() is None}
-        free = [n["NodeID"] for n in nodes if n["NodeID"] not in served]
-        node_id = free[0] if free else nodes[index % len(nodes)]["NodeID"]
+        """Proxy `index` goes to the first node that needs a proxy (head first) and has no running one:
+        a node that starts replicas gets the next one, a proxy that died is restarted where it ran."""
+        nodes = [n["NodeID"] for n in self._nodes()]
+        served = {p.node_id for i, p in self._proxies.items() if i != index and p.exit_code() is None
+                  and not p._stopping}
+        wanted = self._proxy_nodes({"proxy_location": "EveryNode"})
+        free = [nid for nid in wanted if nid not in served] or [nid for nid in nodes if nid not in served]
+        node_id = free[0] if free else nodes[index % len(nodes)]
         opts = self._options()
         opts.update(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         actor = self.worker.options(**opts).remote("proxy", self.controller_address, self.secret, str(index),

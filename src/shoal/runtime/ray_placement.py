@@ -77,6 +77,10 @@ class Placement:
                 _add(out, h.resources)
         return out
 
+    def nodes(self) -> set[str]:
+        """The nodes shoal's replicas hold resources on (placed, or preferring them while starting)."""
+        return {h.node_id for h in self._held.values() if h.node_id}
+
     def room(self, node: NodeView, seen_at: float) -> dict[str, float]:
         """What a new replica may still take on `node`; `seen_at` is when Ray reported `available`."""
         room = dict(node.total)
@@ -123,16 +127,26 @@ class Placement:
     # --- the reservation's life ----------------------------------------------------------------
     def adopt(self, reservation: Reservation) -> None:
         """A replica a restarted controller adopts holds its resources again (where it runs)."""
-        if not reservation.request.placement_group_bundles:  # Ray placed its group: nothing per node
+        if not reservation.request.placement_group_bundles:
             self._hold(reservation)
+        elif reservation.node_id:
+            self._hold_group_replica(reservation)
 
     def placed(self, reservation: Reservation, node_id: str) -> None:
         """The replica started on `node_id`: it no longer waits, and holds its resources there."""
         reservation.node_id = node_id
         reservation.waiting = ""
         held = self._held.get(id(reservation))
-        if held is not None and held.node_id != node_id:
+        if held is None and reservation.request.placement_group_bundles:
+            self._hold_group_replica(reservation)
+        elif held is not None and held.node_id != node_id:
             held.node_id, held.since = node_id, time.monotonic()  # Ray's last view may not count it yet
+
+    def _hold_group_replica(self, reservation: Reservation) -> None:
+        """A replica in a placement group: Ray placed the group (its resources are the group's, not
+        counted here), but its node runs a replica of the deployment all the same."""
+        r = reservation.request
+        self._held[id(reservation)] = _Held(r.group, reservation.node_id, {}, time.monotonic())
 
     def release(self, reservation: Reservation) -> None:
         self._held.pop(id(reservation), None)

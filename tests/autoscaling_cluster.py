@@ -146,7 +146,8 @@ def _autoscaling_cluster_class() -> Any:
             head = dict(self._head_resources)
             cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
                    f"--port={self.port}", f"--temp-dir={self.temp_dir}", f"--autoscaling-config={config_file}",
-                   f"--num-cpus={head.pop('CPU', 0)}", "--include-dashboard=false", "--disable-usage-stats"]
+                   f"--num-cpus={head.pop('CPU', 0)}", "--include-dashboard=false", "--disable-usage-stats",
+                   "--dashboard-agent-listen-port=0"]  # not Ray's fixed default: another cluster may hold it
             if head:
                 cmd.append(f"--resources={json.dumps(head)}")
             # Token authentication off: a token in ~/.ray would switch it on for `ray start`'s cluster only.

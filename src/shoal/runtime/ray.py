@@ -302,9 +302,22 @@ class RayReplicaProcess(ReplicaProcess):
         return self._output
 
 
+def _draining_nodes() -> set[str]:
+    """Nodes Ray is draining (its autoscaler removing them, a preemption notice): none of shoal's
+    new work goes there, and their proxies leave."""
+    try:
+        from ray._private import state
+
+        return set(state.state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - Ray cannot say now: none taken for draining
+        logger.debug("cannot read the draining nodes", exc_info=True)
+        return set()
+
+
 def _alive_nodes() -> list[dict]:
-    """Alive nodes, the head first: proxy i goes to node i."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    """Alive nodes that are not draining, the head first (it gets the first proxy)."""
+    draining = _draining_nodes()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in draining]
     return sorted(nodes, key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
 
 

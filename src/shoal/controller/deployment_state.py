@@ -517,21 +517,50 @@ class DeploymentState:
         self.controller.wake()
 
     def _scale(self, now: float) -> None:
+        moving = self._move_off_draining_nodes()
         active = self._active()
-        delta = self.target - len(active)
+        delta = self.target + len(moving) - len(active)  # a replacement for each replica that moves
         if delta > 0:
             if now < self.backoff_until:
                 return
             for _ in range(delta):
                 self._new_replica()
         elif delta < 0:
-            # Stop the cheapest first: unplaced, then starting, then outdated, then the newest running.
+            # Stop the cheapest first: leaving a draining node, unplaced, then starting, then outdated,
+            # then the newest running.
             def cost(r: ReplicaRecord) -> tuple:
-                return (r.placed, r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING),
+                return (r.unique_id not in moving, r.placed, r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING),
                         r.code_version == self.code_version, r.start_time)
 
             for rec in sorted(active, key=cost)[:-delta]:
                 self._stop(rec, graceful=True)
+
+    def _move_off_draining_nodes(self) -> set[str]:
+        """The serving replicas on nodes the cluster drains (about to remove them): each gets a
+        replacement elsewhere first (`_scale` counts them), and once as many replicas serve on other
+        nodes as the target, they stop gracefully, so the node's removal loses no request. Replicas
+        still starting there are stopped at once. Returns the ids of those still moving."""
+        draining = self.controller.runtime.draining_nodes()
+        if not draining or self.deleting:
+            return set()
+        moving = []
+        for rec in self._active():
+            if rec.reservation is None or rec.reservation.node_id not in draining:
+                continue
+            if rec.state == ReplicaState.STARTING:
+                logger.info("replica %s of %s was starting on a draining node; starting it elsewhere",
+                            rec.unique_id, self.id)
+                self._stop(rec, graceful=False)
+            else:
+                moving.append(rec)
+        moving_ids = {r.unique_id for r in moving}
+        if moving and len([r for r in self._running() if r.unique_id not in moving_ids]) >= self.target:
+            for rec in moving:
+                logger.info("replica %s of %s: its node is draining and its replacement serves; stopping it",
+                            rec.unique_id, self.id)
+                self._stop(rec, graceful=True)
+            return set()
+        return moving_ids
 
     def _place_pending(self) -> None:
         self.pending_reason = ""

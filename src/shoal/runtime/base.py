@@ -167,6 +167,12 @@ class Runtime(ABC):
         `fresh`: ask the cluster now, not a recent answer, as when a proxy just ended)."""
         return int(http_options.get("num_proxies", 1))
 
+    def draining_nodes(self) -> frozenset:
+        """Nodes about to go (a cluster's autoscaler or a preemption notice drains them): replicas
+        there are replaced elsewhere first, then stopped gracefully. Answered from what the runtime
+        last learned: called every reconcile tick."""
+        return frozenset()
+
     def surplus_proxies(self, http_options: dict) -> list[int]:
         """Indices of running proxies whose node no longer needs one (a cluster runtime: no replicas
         there any more); the controller drains and stops them, so the node can go idle."""

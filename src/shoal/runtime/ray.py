@@ -50,8 +50,8 @@ NAMESPACE = "shoal"
 CONTROLLER_NAME = "SHOAL_CONTROLLER"
 HEAD_RESOURCE = "node:__internal_head__"
 NODES_TTL_S = 0.5
-# How old the node list may be for the proxies' node set (asked every reconcile tick).
-PROXY_NODES_TTL_S = 2.0
+# How old the node list may be for what the controller asks every tick (proxies, draining nodes).
+WATCH_NODES_TTL_S = 2.0
 # Every node has 1 of each resource named so (Ray's implicit resources; its autoscaler counts a new
 # node's as 1 too): a replica taking 1/max of its deployment's makes max_replicas_per_node a hard limit.
 IMPLICIT_RESOURCE_PREFIX = "node:__internal_implicit_resource_"
@@ -314,11 +314,12 @@ def _draining_nodes() -> set[str]:
         return set()
 
 
-def _alive_nodes() -> list[dict]:
-    """Alive nodes that are not draining, the head first (it gets the first proxy)."""
+def _alive_nodes() -> tuple[list[dict], frozenset]:
+    """Alive nodes that are not draining, the head first (it gets the first proxy); and the draining ones."""
     draining = _draining_nodes()
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in draining]
-    return sorted(nodes, key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
+    nodes.sort(key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
+    return nodes, frozenset(draining)
 
 
 def _available_per_node() -> Optional[dict[str, dict[str, float]]]:
@@ -350,6 +351,7 @@ class RayRuntime(Runtime):
         self.placement = Placement()  # shoal's reservations per node, and the node choice
         self._proxies: dict[int, RayReplicaProcess] = {}  # proxy index -> its actor (and node)
         self._alive: list[dict] = []
+        self._draining: frozenset = frozenset()
         self._alive_at = -NODES_TTL_S
         self._views: list[NodeView] = []
         self._views_at = -NODES_TTL_S
@@ -360,8 +362,12 @@ class RayRuntime(Runtime):
         to Ray's metadata service."""
         now = time.monotonic()
         if fresh or now - self._alive_at >= max_age:
-            self._alive, self._alive_at = _alive_nodes(), now
+            (self._alive, self._draining), self._alive_at = _alive_nodes(), now
         return self._alive
+
+    def draining_nodes(self) -> frozenset:
+        self._nodes(max_age=WATCH_NODES_TTL_S)
+        return self._draining
 
     def _node_views(self) -> list[NodeView]:
         """The alive nodes with what Ray counts as free on each, as fresh as `_nodes`."""
@@ -381,7 +387,7 @@ class RayRuntime(Runtime):
         """The nodes that get an HTTP proxy, head first: as in Ray Serve, the head and (`EveryNode`)
         every alive node shoal placed replicas on. Not the others: a proxy actor, though it takes no
         CPU, keeps its node from counting as idle, and Ray's autoscaler removes only idle nodes."""
-        alive = [n["NodeID"] for n in self._nodes(fresh, PROXY_NODES_TTL_S)]
+        alive = [n["NodeID"] for n in self._nodes(fresh, WATCH_NODES_TTL_S)]
         if not alive:
             return []
         if http_options.get("proxy_location") == "HeadOnly":

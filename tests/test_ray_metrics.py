@@ -95,7 +95,9 @@ def test_each_node_endpoint_shows_its_own_processes(serve_app, ray_cluster):
         s = _scrape(url)
         assert _label_values(s, REQUESTS, "replica", application="nodes") == {
             r for r, n in replica_node.items() if n == node}  # its own replica, not the others'
-        assert _label_values(s, "ray_serve_num_ongoing_http_requests", "node_id") == {node}  # its own proxy
+        # Its own proxy (every node with replicas gets one; it may start after the node's replica).
+        wait_for(lambda: _label_values(_scrape(url), "ray_serve_num_ongoing_http_requests", "node_id") == {node},
+                 timeout=60, what=f"node {node}'s proxy, and only it, at {url}")
         # The controller's own metrics are exported on its node (the head), as in Ray.
         healthy = _sum(s, "ray_serve_deployment_replica_healthy", application="nodes")
         assert healthy == (3 if node == ray_cluster.node_id("head") else 0), (node, healthy)

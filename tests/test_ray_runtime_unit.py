@@ -1,5 +1,5 @@
-"""The Ray runtime's bookkeeping for a controller restart, without a cluster: accounting of adopted
-reservations, and worker `wait()` calls that a restarted controller's call supersedes."""
+"""The Ray runtime without a cluster: accounting of adopted reservations, the scheduling options a
+replica's actor gets, and worker `wait()` calls that a restarted controller's call supersedes."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ def test_adopted_reservations_count_until_released():
     a, b = Reservation(request, node_id="n1"), Reservation(request, node_id="n1")
     rt.adopt_reservation(a)
     rt.adopt_reservation(b)
-    assert rt.per_node[("app#D", "n1")] == 2
-    assert rt.used["n1"] == pytest.approx({"CPU": 1.0, "w1": 0.2})
+    assert rt.placement.count("app#D", "n1") == 2
+    assert rt.placement.used("n1") == pytest.approx({"CPU": 1.0, "w1": 0.2})
     rt.release(a)
     rt.release(b)
     rt.release(b)  # released once only
-    assert rt.per_node[("app#D", "n1")] == 0
-    assert rt.used["n1"] == pytest.approx({"CPU": 0.0, "w1": 0.0})
+    assert rt.placement.count("app#D", "n1") == 0
+    assert rt.placement.used("n1") == {}
 
 
 def test_a_placement_group_reservation_is_not_accounted_per_node():
@@ -37,9 +37,65 @@ def test_a_placement_group_reservation_is_not_accounted_per_node():
     reservation = Reservation(ResourceRequest(num_cpus=1, placement_group_bundles=((("CPU", 1.0),),), group="g"),
                               node_id="")
     rt.adopt_reservation(reservation)
-    assert rt.per_node == {} and rt.used == {}
+    assert rt.placement.count("g", "") == 0 and rt.placement.used("") == {}
     rt.release(reservation)
-    assert rt.per_node == {}
+
+
+class _FakeActor:
+    class _Method:
+        def remote(self):
+            return self
+
+        def future(self):
+            import concurrent.futures
+
+            return concurrent.futures.Future()  # never done: the actor "runs"
+
+    wait = _Method()
+
+
+class _FakeWorkerClass:
+    def __init__(self):
+        self.options_seen: list[dict] = []
+
+    def options(self, **opts):
+        self.options_seen.append(opts)
+        return self
+
+    def remote(self, *args):
+        return _FakeActor()
+
+
+def _launch_options(rt, reservation) -> dict:
+    from shoal.common import DeploymentID, ReplicaID
+
+    rt.worker = fake = _FakeWorkerClass()
+    rt.launch(ReplicaID("r1", DeploymentID("D", "app")), reservation)
+    return fake.options_seen[-1]
+
+
+def test_a_reserved_node_is_a_soft_preference_and_a_waiting_replica_is_launched_for_ray_to_place():
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    rt = _runtime()
+    request = ResourceRequest(num_cpus=1, group="app#D")
+    opts = _launch_options(rt, Reservation(request, node_id="a" * 56))
+    strategy = opts["scheduling_strategy"]
+    assert isinstance(strategy, NodeAffinitySchedulingStrategy)
+    assert strategy.soft and strategy._spill_on_unavailable and opts["num_cpus"] == 1
+    # Waiting for a node: launched all the same (Ray's autoscaler sees a pending actor), spread by Ray.
+    opts = _launch_options(rt, Reservation(request, node_id="", waiting="CPU: 1 (every node ... is full)"))
+    assert opts["scheduling_strategy"] == "SPREAD" and opts["num_cpus"] == 1
+    # A replica without resources always fits: pinned, since Ray ignores a soft preference for it.
+    opts = _launch_options(rt, Reservation(ResourceRequest(group="app#D"), node_id="b" * 56))
+    assert not opts["scheduling_strategy"].soft
+
+
+def test_max_replicas_per_node_is_a_resource_ray_enforces():
+    rt = _runtime()
+    request = ResourceRequest(num_cpus=1, max_replicas_per_node=2, group="app#D")
+    opts = _launch_options(rt, Reservation(request, node_id=""))
+    assert opts["resources"] == {shoal_ray.IMPLICIT_RESOURCE_PREFIX + "app#D": 0.5}
 
 
 def test_a_newer_wait_call_supersedes_the_older_one(monkeypatch):

@@ -286,6 +286,7 @@ class Controller(RpcHandler):
             rec.conn = conn
             conn.replica = rec  # type: ignore[attr-defined]
             ds = self.deployments[rec.replica_id.deployment_id]
+            ds.on_replica_node(rec, extra.get("node_id") or "")
             if extra.get("reconnect"):  # it kept serving while the controller restarted
                 if extra.get("ready") and extra.get("address"):
                     rec.address = extra["address"]
@@ -377,6 +378,7 @@ class Controller(RpcHandler):
             if app is None:
                 return (ApplicationStatus.NOT_STARTED.value, f"Application '{name}' does not exist.")
             if app.status == ApplicationStatus.RUNNING:
+                await self.proxies.wait_started(min(10.0, max(0.0, deadline - time.monotonic())))
                 await self.proxies.wait_routes(min(10.0, max(0.0, deadline - time.monotonic())))
                 return (app.status.value, app.message)
             if app.status == ApplicationStatus.DEPLOY_FAILED:
@@ -520,9 +522,9 @@ class Controller(RpcHandler):
         if rec is not None:
             # Where it listens and runs is known only now on a cluster (a free port, the node Ray chose).
             rec.address = address or rec.address
-            if node_id and rec.reservation is not None:
-                rec.reservation.node_id = node_id
-            self.deployments[rec.replica_id.deployment_id].on_replica_ready(rec)
+            ds = self.deployments[rec.replica_id.deployment_id]
+            ds.on_replica_node(rec, node_id or "")
+            ds.on_replica_ready(rec)
 
     async def rpc_replica_failed(self, conn: Connection, unique_id: str, error: str) -> None:
         rec = self.replicas_by_uid.get(unique_id)

@@ -201,6 +201,20 @@ class DeploymentState:
             self._on_start_failure(rec, f"The replica process could not be launched: {e!r}")
         return True
 
+    def on_replica_node(self, rec: ReplicaRecord, node_id: str) -> None:
+        """The replica runs on `node_id` (it says so when it connects). On a cluster the scheduler may
+        have started it on another node than the runtime reserved, or on a node added for it: the
+        runtime's accounting follows it, and so does its rank while it has not been told one yet."""
+        res = rec.reservation
+        if not node_id or res is None or (res.node_id == node_id and not res.waiting):
+            return
+        self.controller.runtime.placed(res, node_id)
+        if rec.rank_node != node_id and rec.told_rank is None:
+            rec.rank = None  # not its own holder while the node's ranks are counted
+            rec.rank_node = node_id
+            rec.rank = self._assign_rank(node_id)
+        self.controller.wake()
+
     def on_replica_ready(self, rec: ReplicaRecord) -> None:
         if rec.state != ReplicaState.STARTING:
             return
@@ -506,21 +520,50 @@ class DeploymentState:
         self.controller.wake()
 
     def _scale(self, now: float) -> None:
+        moving = self._move_off_draining_nodes()
         active = self._active()
-        delta = self.target - len(active)
+        delta = self.target + len(moving) - len(active)  # a replacement for each replica that moves
         if delta > 0:
             if now < self.backoff_until:
                 return
             for _ in range(delta):
                 self._new_replica()
         elif delta < 0:
-            # Stop the cheapest first: unplaced, then starting, then outdated, then the newest running.
+            # Stop the cheapest first: leaving a draining node, unplaced, then starting, then outdated,
+            # then the newest running.
             def cost(r: ReplicaRecord) -> tuple:
-                return (r.placed, r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING),
+                return (r.unique_id not in moving, r.placed, r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING),
                         r.code_version == self.code_version, r.start_time)
 
             for rec in sorted(active, key=cost)[:-delta]:
                 self._stop(rec, graceful=True)
+
+    def _move_off_draining_nodes(self) -> set[str]:
+        """The serving replicas on nodes the cluster drains (about to remove them): each gets a
+        replacement elsewhere first (`_scale` counts them), and once as many replicas serve on other
+        nodes as the target, they stop gracefully, so the node's removal loses no request. Replicas
+        still starting there are stopped at once. Returns the ids of those still moving."""
+        draining = self.controller.runtime.draining_nodes()
+        if not draining or self.deleting:
+            return set()
+        moving = []
+        for rec in self._active():
+            if rec.reservation is None or rec.reservation.node_id not in draining:
+                continue
+            if rec.state == ReplicaState.STARTING:
+                logger.info("replica %s of %s was starting on a draining node; starting it elsewhere",
+                            rec.unique_id, self.id)
+                self._stop(rec, graceful=False)
+            else:
+                moving.append(rec)
+        moving_ids = {r.unique_id for r in moving}
+        if moving and len([r for r in self._running() if r.unique_id not in moving_ids]) >= self.target:
+            for rec in moving:
+                logger.info("replica %s of %s: its node is draining and its replacement serves; stopping it",
+                            rec.unique_id, self.id)
+                self._stop(rec, graceful=True)
+            return set()
+        return moving_ids
 
     def _place_pending(self) -> None:
         self.pending_reason = ""
@@ -528,6 +571,20 @@ class DeploymentState:
             if rec.state == ReplicaState.STARTING and not rec.placed:
                 if not self._try_place(rec):
                     break
+        if not self.pending_reason:
+            self.pending_reason = self._waiting_reason()
+
+    def _waiting_reason(self) -> str:
+        """Says which replicas wait for the cluster to add a node (launched, so its autoscaler sees
+        them, but no node has room yet); "" when none does."""
+        waiting = [r.reservation.waiting for r in self.replicas.values()
+                   if r.state == ReplicaState.STARTING and r.reservation is not None and r.reservation.waiting]
+        if not waiting:
+            return ""
+        n = len(waiting)
+        return (f"Deployment '{self.id.name}' in application '{self.id.app_name}' has {n} "
+                f"{'replica' if n == 1 else 'replicas'} waiting for the cluster to add a node with {waiting[0]}. "
+                f"{'It starts' if n == 1 else 'They start'} there once the cluster's autoscaler adds one.")
 
     def _health_checks(self, now: float) -> None:
         cfg = self.spec.config

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("shoal.controller")
 RESTART_BACKOFF_S = 1.0
+# How long a proxy whose node no longer needs one may take to finish its requests before it is killed.
+DRAIN_TIMEOUT_S = 30.0
 SPARE = -1  # the index a standby proxy says hello with
 
 
@@ -45,6 +47,8 @@ class ProxyManager:
         self.version = 0
         self.port = 0
         self.count = 1  # proxies to run: `num_proxies` on one machine, one per node on a cluster
+        # Proxies draining because their node no longer needs one: (record, kill deadline), until they exit.
+        self.retiring: list[tuple[ProxyRecord, float]] = []
         self._changed = asyncio.Event()
         # A standby proxy, started and connected but not listening: when a proxy dies it takes over its
         # index at once (milliseconds), where a fresh process needs its whole start-up (~1 s).
@@ -108,8 +112,9 @@ class ProxyManager:
             self._signal()
         # The route table comes with the reply: a proxy (re)started after apps were deployed must
         # route at once, and it installs its notification handler only once this call returns.
-        return {"http_options": self.options, "port": self.port,
-                "num_proxies": self.count, "routes": (self.routes, self.version)}
+        reuse_port = self.count > 1 or self.controller.runtime.proxy_count_may_grow(self.options)  # type: ignore[arg-type]
+        return {"http_options": self.options, "port": self.port, "num_proxies": self.count,
+                "reuse_port": reuse_port, "routes": (self.routes, self.version)}
 
     def ready(self, index: int, port: int) -> None:
         rec = self.proxies[index]
@@ -174,6 +179,17 @@ class ProxyManager:
             except asyncio.TimeoutError:
                 pass
 
+    async def wait_started(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until no proxy is still starting: one started for a node that
+        just got replicas serves once an app is RUNNING."""
+        deadline = time.monotonic() + timeout
+        while any(r.status == ProxyStatus.STARTING for r in self.proxies.values()) and time.monotonic() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
     async def wait_routes(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.routes_applied() and time.monotonic() < deadline:
@@ -192,6 +208,8 @@ class ProxyManager:
                 continue  # could not bind: restarting will not help
             if time.monotonic() - rec.started_at < RESTART_BACKOFF_S:
                 continue
+            if self._left_with_its_node(rec):
+                continue
             out = rec.process.recent_output().strip()[-2000:] if rec.process else ""
             self._replace(rec.index, f"exited with code {code}" + (f". Its last output:\n{out}" if out else ""))
         spare = self.spare
@@ -202,19 +220,80 @@ class ProxyManager:
                 logger.warning("the standby HTTP proxy exited with code %s; starting another",
                                spare.process.exit_code())
                 self._launch_spare()
+        self._reap_retiring()
+        if not shutting_down:
+            self._follow_nodes()
+
+    def _follow_nodes(self, fresh: bool = False) -> None:
+        """Run as many proxies as the runtime says (on a cluster, one per node that needs one): a node
+        that gets replicas gets one (`launch_proxy` picks the node) before they can be ready, and the
+        proxy of a node that no longer needs one is drained (`surplus_proxies`). Every tick: the
+        runtime answers from what it knows (a cluster runtime caches its node list); `fresh` asks
+        the cluster now."""
+        if not self.enabled or self.port == 0 or self.controller.shutting_down:
+            return  # with port 0, the first proxy's port must be known before others start
+        runtime = self.controller.runtime
+        for index in runtime.surplus_proxies(self.options):  # type: ignore[arg-type]
+            self._retire(index)
+        want = runtime.proxy_count(self.options, fresh=fresh)  # type: ignore[arg-type]
+        if want != self.count:
+            logger.info("HTTP proxies: %d wanted now (were %d)", want, self.count)
+            self.count = want
+        index = 0
+        while len(self.proxies) < want:
+            while index in self.proxies:
+                index += 1
+            self._launch(index)
+
+    def _retire(self, index: int) -> None:
+        """Stop proxy `index` gracefully: it finishes its requests (at most DRAIN_TIMEOUT_S) and exits."""
+        rec = self.proxies.pop(index, None)
+        if rec is None:
+            return
+        logger.info("HTTP proxy %d: its node no longer needs a proxy; draining it", index)
+        if rec.conn is not None and rec.status == ProxyStatus.HEALTHY:
+            self.controller.spawn(rec.conn.call("drain", DRAIN_TIMEOUT_S))
+            self.retiring.append((rec, time.monotonic() + DRAIN_TIMEOUT_S + 5.0))
+        elif rec.process is not None:
+            rec.process.kill()
+            self.retiring.append((rec, time.monotonic()))
+        self._signal()
+
+    def _reap_retiring(self) -> None:
+        now = time.monotonic()
+        left = []
+        for rec, deadline in self.retiring:
+            if rec.process is None or rec.process.exit_code() is not None:
+                continue
+            if now >= deadline:
+                rec.process.kill()
+            left.append((rec, deadline))
+        self.retiring = left
+
+    def _left_with_its_node(self, rec: ProxyRecord) -> bool:
+        """Proxy `rec` ended and the runtime wants fewer proxies now (its node left the cluster):
+        forget it rather than start it again elsewhere."""
+        self._follow_nodes(fresh=True)
+        if len(self.proxies) <= self.count:
+            return False
+        logger.info("HTTP proxy %d ended with its node; one proxy per node, so it is not replaced", rec.index)
+        self.proxies.pop(rec.index, None)
+        self._signal()
+        return True
 
     def on_disconnect(self, conn: "Connection") -> None:
         rec = getattr(conn, "proxy", None)
         if rec is None or rec.conn is not conn:
             return
         rec.conn = None
-        if rec.index == SPARE or self.controller.shutting_down:
-            return
+        if rec.index == SPARE or self.controller.shutting_down or self.proxies.get(rec.index) is not rec:
+            return  # the standby, or a proxy drained away
         if rec.status == ProxyStatus.HEALTHY:
             # Its control connection closes only when its process ends: replace it now, not at the next tick.
             if rec.process is not None:
                 rec.process.kill()
-            self._replace(rec.index, "died")
+            if not self._left_with_its_node(rec):
+                self._replace(rec.index, "died")
 
     def stop(self) -> None:
         for rec in self._all():
@@ -222,7 +301,8 @@ class ProxyManager:
                 rec.process.terminate()
 
     def _all(self) -> list[ProxyRecord]:
-        return list(self.proxies.values()) + ([self.spare] if self.spare is not None else [])
+        return (list(self.proxies.values()) + ([self.spare] if self.spare is not None else [])
+                + [rec for rec, _ in self.retiring])
 
     async def wait_exited(self, timeout: float) -> None:
         """Wait for stopped proxies to exit (so their port is free), killing stragglers."""

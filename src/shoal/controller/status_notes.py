@@ -7,7 +7,8 @@ check):
 - **Slow starts**, as Ray Serve words them: replicas placed more than `SHOAL_SLOW_STARTUP_WARNING_S`
   (default 30; Ray's `SERVE_SLOW_STARTUP_WARNING_S` is read too) seconds ago whose constructor or
   `reconfigure` has not finished ("... has 1 replica that has taken more than 30s to initialize ..."),
-  and replicas still waiting to be placed for that long ("... to be scheduled"). The controller logs
+  and replicas still waiting to be placed (or, on a cluster, for a node to start on) for that long
+  ("... to be scheduled"). The controller logs
   the same sentence at WARNING once per that period while it holds.
 - **Memory replacements** (`controller/memory_monitor.py` records them): the last replica replaced
   for exceeding its memory limit or for the machine running low on memory. The sentence stays, also
@@ -89,7 +90,7 @@ def slow_start_message(ds: "DeploymentState", now: float, threshold: float) -> s
     for rec in ds.replicas.values():
         if rec.state != ReplicaState.STARTING or now - rec.start_time <= threshold:
             continue
-        if rec.placed:
+        if rec.placed and not (rec.reservation is not None and rec.reservation.waiting):
             initializing += 1
         else:
             scheduling += 1
@@ -97,7 +98,8 @@ def slow_start_message(ds: "DeploymentState", now: float, threshold: float) -> s
     parts = []
     if scheduling:
         parts.append(f"{where} {_plural(scheduling)} taken more than {threshold:g}s to be scheduled. "
-                     f"This may be due to waiting for resources other replicas hold to be released.")
+                     f"This may be due to waiting for resources other replicas hold to be released, "
+                     f"or for the cluster to add a node.")
     if initializing:
         parts.append(f"{where} {_plural(initializing)} taken more than {threshold:g}s to initialize. "
                      f"This may be caused by a slow __init__ or reconfigure method.")

@@ -470,15 +470,23 @@ def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-class _Standby:
-    """Control calls a standby proxy (index -1) answers: `take_over` makes it proxy `index`."""
+class _Control:
+    """Control calls a proxy answers: `take_over` makes a standby proxy (index -1) proxy `index`;
+    `drain` ends a serving proxy gracefully (its node no longer needs one)."""
 
     def __init__(self) -> None:
-        self.order: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.order: asyncio.Future = loop.create_future()
+        self.drain: asyncio.Future = loop.create_future()
 
     async def rpc_take_over(self, conn: Any, index: int, port: int, reuse_port: bool) -> None:
         if not self.order.done():
             self.order.set_result((index, port, reuse_port))
+
+    async def rpc_drain(self, conn: Any, timeout_s: float) -> None:
+        """Stop listening, finish the requests in flight (at most `timeout_s`), close, exit."""
+        if not self.drain.done():
+            self.drain.set_result(timeout_s)
 
 
 async def _bind_when_free(host: str, port: int, reuse_port: bool, timeout: float) -> socket.socket:
@@ -504,10 +512,11 @@ async def run_proxy(session_dir: str, index: int) -> None:
     client = ServeClient(loop, session_dir)
     set_global_client(client)
     CALLER["handle"] = "proxy"  # the `handle` label of this process's router metrics
-    standby = _Standby() if index < 0 else None
+    control = _Control()
+    standby = control if index < 0 else None
     if standby is not None:
         client.controller_recoverable = lambda: False  # a standby leaves with its controller
-    info = await client.connect("proxy", extra_handler=standby, index=index)
+    info = await client.connect("proxy", extra_handler=control, index=index)
     options = info["http_options"]
     app = ProxyApp(client, options, f"proxy_{index}" if index >= 0 else "proxy_standby")
 
@@ -524,7 +533,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     client.hello_state = lambda: {"serving_port": serving["port"]}
     client.on_reconnected = lambda reply: apply_routes(*reply["routes"])
     client.on_controller_lost = lambda: exit_process(0)
-    reuse_port, port_wanted = info["num_proxies"] > 1, info["port"]
+    reuse_port, port_wanted = info.get("reuse_port", info["num_proxies"] > 1), info["port"]
     if standby is not None:  # ready, routers warm: wait to replace a proxy that dies
         index, port_wanted, reuse_port = await standby.order
         client._hello["index"] = index
@@ -554,6 +563,11 @@ async def run_proxy(session_dir: str, index: int) -> None:
         exit_process(1)
     serving["port"] = port
     await client.control_call("proxy_ready", index, port)
+    await asyncio.wait([serving_task, control.drain], return_when=asyncio.FIRST_COMPLETED)
+    if control.drain.done() and not serving_task.done():
+        # uvicorn's graceful shutdown: listeners and idle connections close, requests in flight finish.
+        config.timeout_graceful_shutdown = max(0.0, float(control.drain.result()))  # type: ignore[assignment]
+        server.should_exit = True
     await serving_task
 
 

@@ -356,7 +356,9 @@ async def run_replica(session_dir: str, unique_id: str) -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(holder["server"], name)
 
-    spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id)
+    # Its node, said at once: on a cluster, the node the scheduler chose may not be the one reserved.
+    spec = await client.connect("replica", extra_handler=_Control(), unique_id=unique_id,
+                                node_id=os.environ.get("SHOAL_NODE_ID") or "")
     models = _report_model_ids(client, unique_id, loop)
     replica_id: ReplicaID = spec["replica_id"]
     CALLER["handle"] = f"{replica_id.deployment_id.app_name}#{replica_id.deployment_id.name}"  # router metrics

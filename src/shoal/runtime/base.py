@@ -63,6 +63,10 @@ class Reservation:
     request: ResourceRequest
     gpu_ids: list[int] = field(default_factory=list)
     node_id: str = "local"
+    # Set by a cluster runtime when no node has room now: what the replica waits for the cluster to
+    # add ("CPU: 1 (every node ... is full)"). Its process is launched all the same, so the cluster's
+    # autoscaler sees the demand; cleared once it starts (`Runtime.placed`).
+    waiting: str = ""
 
 
 class ReplicaProcess(ABC):
@@ -159,9 +163,33 @@ class Runtime(ABC):
     def capacity(self) -> dict[str, float]:
         """Total resources, for status messages."""
 
-    def proxy_count(self, http_options: dict) -> int:
-        """How many HTTP proxies to run (a cluster runtime runs one per node)."""
+    def proxy_count(self, http_options: dict, fresh: bool = False) -> int:
+        """How many HTTP proxies to run (a cluster runtime runs one per node, as nodes come and go;
+        `fresh`: ask the cluster now, not a recent answer, as when a proxy just ended)."""
         return int(http_options.get("num_proxies", 1))
+
+    def draining_nodes(self) -> frozenset:
+        """Nodes about to go (a cluster's autoscaler or a preemption notice drains them): replicas
+        there are replaced elsewhere first, then stopped gracefully. Answered from what the runtime
+        last learned: called every reconcile tick."""
+        return frozenset()
+
+    def surplus_proxies(self, http_options: dict) -> list[int]:
+        """Indices of running proxies whose node no longer needs one (a cluster runtime: no replicas
+        there any more); the controller drains and stops them, so the node can go idle."""
+        return []
+
+    def proxy_count_may_grow(self, http_options: dict) -> bool:
+        """Whether more proxies may join later (nodes joining a cluster): then every proxy listens
+        with SO_REUSEPORT from the start, so one started later on the same host can share the port."""
+        return False
+
+    def placed(self, reservation: Reservation, node_id: str) -> None:
+        """The replica started on `node_id` (it says so when it first connects). A cluster runtime
+        may have let its scheduler pick another node than `reserve` did, or none yet: its
+        accounting follows the replica to where it runs."""
+        reservation.node_id = node_id
+        reservation.waiting = ""
 
     def close(self) -> None:
         """Release anything the runtime holds (called when the controller exits)."""

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import sys
 import threading
 import time
@@ -37,13 +36,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from shoal.common import ReplicaID
 from shoal.exceptions import RayServeException
 from shoal.runtime.base import (
-    RESOURCE_EPS,
     CheckpointStore,
     ReplicaProcess,
     Reservation,
     ResourceRequest,
     Runtime,
 )
+from shoal.runtime.ray_placement import NodeView, Placement
 from shoal.transport import auth
 from shoal.transport.connection import parse_tcp_address
 
@@ -53,6 +52,11 @@ HEAD_RESOURCE = "node:__internal_head__"
 NODES_TTL_S = 0.5
 # A node's metrics exporter that exited (it could not listen, say) is started again after this long.
 EXPORTER_RETRY_S = 10.0
+# How old the node list may be for what the controller asks every tick (proxies, draining nodes).
+WATCH_NODES_TTL_S = 2.0
+# Every node has 1 of each resource named so (Ray's implicit resources; its autoscaler counts a new
+# node's as 1 too): a replica taking 1/max of its deployment's makes max_replicas_per_node a hard limit.
+IMPLICIT_RESOURCE_PREFIX = "node:__internal_implicit_resource_"
 # How long a driver waits for the controller actor to answer: its first start, or a restart by Ray.
 START_TIMEOUT_S = 120.0
 
@@ -308,14 +312,35 @@ class RayReplicaProcess(ReplicaProcess):
         return self._output
 
 
-def _alive_nodes() -> list[dict]:
-    """Alive nodes, the head first: proxy i goes to node i."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return sorted(nodes, key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
+def _draining_nodes() -> set[str]:
+    """Nodes Ray is draining (its autoscaler removing them, a preemption notice): none of shoal's
+    new work goes there, and their proxies leave."""
+    try:
+        from ray._private import state
+
+        return set(state.state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - Ray cannot say now: none taken for draining
+        logger.debug("cannot read the draining nodes", exc_info=True)
+        return set()
 
 
-def _fits(have: dict, wanted: dict[str, float]) -> bool:
-    return all(have.get(k, 0.0) + RESOURCE_EPS >= v for k, v in wanted.items())
+def _alive_nodes() -> tuple[list[dict], frozenset]:
+    """Alive nodes that are not draining, the head first (it gets the first proxy); and the draining ones."""
+    draining = _draining_nodes()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in draining]
+    nodes.sort(key=lambda n: (HEAD_RESOURCE not in n.get("Resources", {}), n["NodeID"]))
+    return nodes, frozenset(draining)
+
+
+def _available_per_node() -> Optional[dict[str, dict[str, float]]]:
+    """What Ray counts as free on each node now (its other work too); None when Ray cannot say."""
+    try:
+        from ray._private import state
+
+        return state.available_resources_per_node()
+    except Exception:  # noqa: BLE001 - then shoal's own accounting alone decides
+        logger.debug("cannot read the nodes' available resources", exc_info=True)
+        return None
 
 
 class RayRuntime(Runtime):
@@ -333,80 +358,85 @@ class RayRuntime(Runtime):
         self.controller_id = controller_id  # the controller actor's id: workers check it is still there
         self._adopted_groups: set[str] = set()  # placement groups of adopted replicas (hex ids)
         self.worker = ray.remote(ShoalWorker)
-        self.per_node: dict[tuple[str, str], int] = {}  # (deployment, node) -> replicas placed there
-        self.reserved: dict[int, tuple[str, str]] = {}  # id(reservation) -> its key in per_node
-        self.used: dict[str, dict[str, float]] = {}  # node -> resources shoal's replicas reserved there
+        self.placement = Placement()  # shoal's reservations per node, and the node choice
+        self._proxies: dict[int, RayReplicaProcess] = {}  # proxy index -> its actor (and node)
         self._alive: list[dict] = []
+        self._draining: frozenset = frozenset()
         self._alive_at = -NODES_TTL_S
         self.exporters: dict[str, RayReplicaProcess] = {}  # node -> its metrics exporter actor
         self._exporter_retry_at: dict[str, float] = {}  # node -> when an exporter that exited is replaced
+        self._views: list[NodeView] = []
+        self._views_at = -NODES_TTL_S
 
-    def _nodes(self) -> list[dict]:
-        """Alive nodes, asked of Ray at most every NODES_TTL_S: a pending replica is retried on every
-        reconcile tick, and `ray.nodes()` is a blocking round trip to Ray's metadata service."""
+    def _nodes(self, fresh: bool = False, max_age: float = NODES_TTL_S) -> list[dict]:
+        """Alive nodes, asked of Ray when the last answer is older than `max_age` (or `fresh`): a
+        pending replica is retried on every reconcile tick, and `ray.nodes()` is a blocking round trip
+        to Ray's metadata service."""
         now = time.monotonic()
-        if now - self._alive_at >= NODES_TTL_S:
-            self._alive, self._alive_at = _alive_nodes(), now
+        if fresh or now - self._alive_at >= max_age:
+            (self._alive, self._draining), self._alive_at = _alive_nodes(), now
         return self._alive
+
+    def draining_nodes(self) -> frozenset:
+        self._nodes(max_age=WATCH_NODES_TTL_S)
+        return self._draining
+
+    def _node_views(self) -> list[NodeView]:
+        """The alive nodes with what Ray counts as free on each, as fresh as `_nodes`."""
+        alive = self._nodes()
+        if self._views_at != self._alive_at:
+            available = _available_per_node()
+            self._views = [NodeView(n["NodeID"], dict(n.get("Resources", {})),
+                                    None if available is None else available.get(n["NodeID"], {}))
+                           for n in alive]
+            self._views_at = self._alive_at
+        return self._views
 
     def capacity(self) -> dict[str, float]:
         return {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
 
-    def proxy_count(self, http_options: dict) -> int:
+    def _proxy_nodes(self, http_options: dict, fresh: bool = False) -> list[str]:
+        """The nodes that get an HTTP proxy, head first: as in Ray Serve, the head and (`EveryNode`)
+        every alive node shoal placed replicas on. Not the others: a proxy actor, though it takes no
+        CPU, keeps its node from counting as idle, and Ray's autoscaler removes only idle nodes."""
+        alive = [n["NodeID"] for n in self._nodes(fresh, WATCH_NODES_TTL_S)]
+        if not alive:
+            return []
         if http_options.get("proxy_location") == "HeadOnly":
-            return 1
-        return max(1, len(self._nodes()))
+            return alive[:1]
+        busy = self.placement.nodes()
+        return [alive[0]] + [nid for nid in alive[1:] if nid in busy]
+
+    def proxy_count(self, http_options: dict, fresh: bool = False) -> int:
+        """One per node that needs one (`_proxy_nodes`): the controller follows this as it changes."""
+        return max(1, len(self._proxy_nodes(http_options, fresh)))
+
+    def surplus_proxies(self, http_options: dict) -> list[int]:
+        """Proxies on nodes that no longer need one; the controller drains them, so they count here no more."""
+        wanted = set(self._proxy_nodes(http_options))
+        surplus = [i for i, p in self._proxies.items()
+                   if p.exit_code() is None and not p._stopping and p.node_id not in wanted]
+        for i in surplus:
+            del self._proxies[i]
+        return surplus
+
+    def proxy_count_may_grow(self, http_options: dict) -> bool:
+        return http_options.get("proxy_location") != "HeadOnly"
 
     def reserve(self, request: ResourceRequest) -> Union[Reservation, str]:
-        """Pick a node for one replica: one with room, the fewest of this deployment's replicas first.
-
-        Room is each node's resources less what shoal's replicas there reserved (the embedded
-        runtime's accounting, per node); the actor is then pinned to that node. A request that no
-        node can hold now stays pending with a reason, as on one machine.
-        """
-        wanted = request.as_dict()
+        """A node for one replica to prefer, or none: then it waits for Ray to add one (see
+        `runtime/ray_placement.py`). Never a refusal: the actor is launched either way, so a replica
+        that fits no node now is demand that Ray's autoscaler sees."""
         if request.placement_group_bundles:
             return Reservation(request, node_id="")  # Ray places the group, or keeps it pending
-        alive = self._nodes()
-        parts = ", ".join(f"{k}: {v:g}" for k, v in wanted.items())
-        able = [n for n in alive if _fits(n.get("Resources", {}), wanted)]
-        if not able:
-            return f"needs {parts}, and no node of the Ray cluster has that much"
-        free = {n["NodeID"]: {k: v - self.used.get(n["NodeID"], {}).get(k, 0.0)
-                              for k, v in n.get("Resources", {}).items()} for n in able}
-        nodes = [nid for nid, have in free.items() if _fits(have, wanted)]
-        if not nodes:
-            return f"needs {parts}, and every node that could hold it is full"
-        counts = {nid: self.per_node.get((request.group, nid), 0) for nid in nodes}
-        if request.max_replicas_per_node:
-            nodes = [nid for nid in nodes if counts[nid] < request.max_replicas_per_node]
-            if not nodes:
-                return (f"may run at most {request.max_replicas_per_node} replica(s) per node, and every "
-                        f"node that fits has that many")
-        totals: dict[str, int] = {}
-        for (_, nid), c in self.per_node.items():
-            totals[nid] = totals.get(nid, 0) + c
-        node_id = min(nodes, key=lambda nid: (counts[nid], totals.get(nid, 0), random.random()))
-        reservation = Reservation(request, node_id=node_id)
-        self._account(reservation)
-        return reservation
-
-    def _account(self, reservation: Reservation) -> None:
-        key = (reservation.request.group, reservation.node_id)
-        self.per_node[key] = self.per_node.get(key, 0) + 1
-        used = self.used.setdefault(reservation.node_id, {})
-        for k, v in reservation.request.as_dict().items():
-            used[k] = used.get(k, 0.0) + v
-        self.reserved[id(reservation)] = key
+        views = self._node_views()
+        return self.placement.choose(request, views, self._views_at)
 
     def release(self, reservation: Reservation) -> None:
-        key = self.reserved.pop(id(reservation), None)
-        if key is None:
-            return
-        self.per_node[key] = max(0, self.per_node.get(key, 0) - 1)
-        used = self.used.get(key[1], {})
-        for k, v in reservation.request.as_dict().items():
-            used[k] = used.get(k, 0.0) - v
+        self.placement.release(reservation)
+
+    def placed(self, reservation: Reservation, node_id: str) -> None:
+        self.placement.placed(reservation, node_id)
 
     # --- surviving a controller restart ----------------------------------------------------------
     def checkpoint_store(self) -> CheckpointStore:
@@ -416,8 +446,9 @@ class RayRuntime(Runtime):
         if not isinstance(process, RayReplicaProcess):
             return None
         pg = process.placement_group
+        proxy = next((i for i, p in self._proxies.items() if p is process), None)
         return {"actor": process.pickled_handle(), "node_id": process.node_id,
-                "placement_group": pickle.dumps(pg) if pg is not None else None}
+                "placement_group": pickle.dumps(pg) if pg is not None else None, "proxy": proxy}
 
     def adopt(self, description: dict) -> Optional[ReplicaProcess]:
         """The worker actor again, from its pickled handle, if it still runs (asked of it, briefly)."""
@@ -437,6 +468,8 @@ class RayRuntime(Runtime):
             return None
         if pg is not None:
             self._adopted_groups.add(pg.id.hex())
+        if description.get("proxy") is not None:  # its node has a proxy: `launch_proxy` knows
+            self._proxies[description["proxy"]] = process
         return process
 
     def remove_stray_placement_groups(self) -> None:
@@ -457,8 +490,7 @@ class RayRuntime(Runtime):
                     pass
 
     def adopt_reservation(self, reservation: Reservation) -> None:
-        if reservation.node_id:  # a placement group's replica reserved nothing here (Ray placed the group)
-            self._account(reservation)
+        self.placement.adopt(reservation)
 
     def replica_address(self, replica_id: ReplicaID) -> str:
         return "tcp://*:0"  # this node's address, any free port: the replica reports the real one
@@ -477,14 +509,25 @@ class RayRuntime(Runtime):
         if r.memory:
             opts["memory"] = r.memory
         pg = None
+        if r.max_replicas_per_node and not r.placement_group_bundles:
+            opts["resources"][IMPLICIT_RESOURCE_PREFIX + r.group] = 1.0 / r.max_replicas_per_node
         if r.placement_group_bundles:
             pg = ray.util.placement_group([dict(b) for b in r.placement_group_bundles],
                                           strategy=r.placement_group_strategy or "PACK", lifetime="detached",
                                           name=PLACEMENT_GROUP_PREFIX + replica_id.unique_id)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-        else:
+        elif reservation.node_id and not r.as_dict():
+            # Nothing to wait for: pinned (Ray places an actor without resources anywhere, soft
+            # preference or not, which would undo the spread).
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=False)
+        elif reservation.node_id:
+            # A preference: should the node have filled up meanwhile (other Ray work, a race), Ray
+            # starts the replica elsewhere, or keeps it pending until a node has room.
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(reservation.node_id, soft=True,
+                                                                         _spill_on_unavailable=True)
+        else:  # no node has room: pending in Ray, it is demand its autoscaler adds a node for
+            opts["scheduling_strategy"] = "SPREAD"
         actor = self.worker.options(**opts).remote("replica", self.controller_address, self.secret,
                                                   replica_id.unique_id, self.controller_id)
         return RayReplicaProcess(actor, reservation.node_id, pg)
@@ -493,14 +536,15 @@ class RayRuntime(Runtime):
     exports_metrics_per_node = True
 
     def ensure_node_exporters(self, options: dict) -> None:
-        """One exporter actor per alive node (`telemetry/node_exporter.py`). Named after the instance
-        (the controller actor's id, which a Ray restart keeps) and the node: a restarted controller
-        gets the running ones back by name (`get_if_exists`) instead of starting others."""
-        nodes = self._nodes()
-        for gone in set(self.exporters) - {n["NodeID"] for n in nodes}:  # its actor went with its node
-            del self.exporters[gone]
-        for node in nodes:
-            node_id = node["NodeID"]
+        """One exporter actor per node that runs shoal's processes: the head and every node with
+        replicas, as for proxies (`_proxy_nodes`); not the others, since an actor, though it takes no
+        CPU, keeps its node from counting as idle to Ray's autoscaler. Named after the instance (the
+        controller actor's id, which a Ray restart keeps) and the node: a restarted controller gets
+        the running ones back by name (`get_if_exists`) instead of starting others."""
+        wanted = self._proxy_nodes({"proxy_location": "EveryNode"})
+        for gone in set(self.exporters) - set(wanted):  # its node left, or has no replicas any more
+            self.exporters.pop(gone).kill()
+        for node_id in wanted:
             have = self.exporters.get(node_id)
             if have is not None and have.exit_code() is None:
                 continue
@@ -523,13 +567,20 @@ class RayRuntime(Runtime):
         self.exporters.clear()
 
     def launch_proxy(self, index: int) -> ReplicaProcess:
-        nodes = self._nodes()
-        node_id = nodes[index % len(nodes)]["NodeID"]
+        """Proxy `index` goes to the first node that needs a proxy (head first) and has no running one:
+        a node that starts replicas gets the next one, a proxy that died is restarted where it ran."""
+        nodes = [n["NodeID"] for n in self._nodes()]
+        served = {p.node_id for i, p in self._proxies.items() if i != index and p.exit_code() is None
+                  and not p._stopping}
+        wanted = self._proxy_nodes({"proxy_location": "EveryNode"})
+        free = [nid for nid in wanted if nid not in served] or [nid for nid in nodes if nid not in served]
+        node_id = free[0] if free else nodes[index % len(nodes)]
         opts = self._options()
         opts.update(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
         actor = self.worker.options(**opts).remote("proxy", self.controller_address, self.secret, str(index),
                                                   self.controller_id)
-        return RayReplicaProcess(actor, node_id)
+        process = self._proxies[index] = RayReplicaProcess(actor, node_id)
+        return process
 
 
 class ShoalController(_EndsThroughRay):

@@ -1,20 +1,18 @@
 """Access lines: one per request, in the proxy's and the replica's log files, at a small cost.
 
 The budget (issue 14): with metrics and access lines on, HTTP requests/s stays within 10% of the
-tree without either. So a request pays only for a few list slots; everything else happens once
-per batch, on a timer of the process's loop:
+tree without either. So a request pays for nothing here: it adds its raw fields to its process
+component's request journal (telemetry/journal.py), which also feeds the metrics, and hands each
+batch here every `JOURNAL_PERIOD_S`:
 
-- hot path: `AccessLog.add` extends one flat list by the request's raw fields (its arrival time on
-  the `perf_counter` clock and its latency, both already taken by the metrics' `record`, then
-  strings it already holds). No clock read, no formatting, no `LogRecord`, nothing that outlives
-  the request for the cyclic GC to follow.
-- every `ACCESS_FLUSH_PERIOD_S`: the batch's columns are sliced out of the flat list, the wall
-  times derived from one clock offset, `asctime` built with the date part once a second, and the
-  lines rendered by one comprehension (`render`) and written in one `write` to the root logger's
-  stream handlers (the process's log file: stderr), bypassing `logging` per line. The `shoal.access`
-  logger's level still decides (`log_level` filters access lines as any INFO line).
+- `AccessLog.write` takes the batch's columns by slicing the flat list, derives the wall time each
+  request ended from one clock offset and the latencies in tenths of ms in one comprehension each,
+  then the lines are rendered by one comprehension (`render`, `asctime` with its date part built
+  once a second) and written in one `write` to the root logger's stream handlers (the process's log
+  file: stderr), bypassing `logging` per line. The `shoal.access` logger's level still decides
+  (`log_level` filters access lines as any INFO line).
 
-Lines in the last period before a process is killed can be lost; a clean exit flushes them.
+Lines in the last period before a process is killed can be lost; a clean exit writes them.
 """
 
 from __future__ import annotations
@@ -22,17 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-import weakref
 from typing import Any, Callable, Optional
 
 ACCESS_LOGGER_NAME = "shoal.access"
-ACCESS_FLUSH_PERIOD_S = 0.2
 _MILLIS = [f",{i:03d}" for i in range(1000)]
 _PERF = time.perf_counter
 _WALL = time.time
 
 # A renderer turns the batch's columns into the text to write: first the wall time each request ended,
-# in whole ms since the epoch, then the latencies in ms, then the other fields as added.
+# in whole ms since the epoch, then the latencies in whole tenths of ms (`f"{t // 10}.{t % 10}"` formats
+# them faster than `:.1f`), then the entries' fields after (t0, t1).
 Render = Callable[[list, list], str]
 
 
@@ -48,42 +45,23 @@ def asctimes(millis: list) -> list:
     return [dates[m // 1000] + _MILLIS[m % 1000] for m in millis]
 
 
-def tenths(latencies: list) -> list:
-    """Latencies in ms as whole tenths: `f"{t // 10}.{t % 10}"` formats them faster than `:.1f`."""
-    return [int(x * 10.0 + 0.5) for x in latencies]
-
-
 class AccessLog:
-    """Gathers access entries and writes them in batches (see the module docstring).
+    """Renders and writes a batch of journal entries `(t0, t1, *fields)` as access lines."""
 
-    An entry is `(t0, ms, *fields)`: `t0` the request's arrival on the `perf_counter` clock, `ms`
-    its latency, then `width - 2` fields that `render` reads as columns."""
+    __slots__ = ("render",)
 
-    def __init__(self, loop: Any, width: int, render: Render, period_s: float = ACCESS_FLUSH_PERIOD_S):
-        self.loop = loop
-        self.width = width
+    def __init__(self, render: Render) -> None:
         self.render = render
-        self.period_s = period_s
-        self.pending: list = []
-        self.scheduled = False
-        _LIVE.add(self)
 
-    def add(self, entry: tuple) -> None:
-        self.pending += entry
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_later(self.period_s, self.flush)
-
-    def flush(self) -> None:
-        self.scheduled = False
-        flat, self.pending = self.pending, []
+    def write(self, flat: list, w: int) -> None:
         if not flat or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
             return
-        w = self.width
         try:
             offset = _WALL() - _PERF()  # perf_counter -> wall clock, once per batch
-            ends = [int((t0 + ms * 0.001 + offset) * 1000.0) for t0, ms in zip(flat[0::w], flat[1::w])]
-            text = self.render(ends, [flat[i::w] for i in range(1, w)])
+            t1s = flat[1::w]
+            ends = [int((t1 + offset) * 1000.0) for t1 in t1s]
+            tenths = [int((t1 - t0) * 10000.0 + 0.5) for t0, t1 in zip(flat[0::w], t1s)]
+            text = self.render(ends, [tenths] + [flat[i::w] for i in range(2, w)])
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")
             return
@@ -92,7 +70,6 @@ class AccessLog:
             _after_write()
 
 
-_LIVE: "weakref.WeakSet[AccessLog]" = weakref.WeakSet()
 _after_write: Optional[Callable[[], None]] = None
 
 
@@ -100,15 +77,6 @@ def set_after_write(hook: Optional[Callable[[], None]]) -> None:
     """Call `hook` after each batch is written (the process's log rotation check)."""
     global _after_write
     _after_write = hook
-
-
-def flush_all() -> None:
-    """Write what every access log of this process has gathered (before it exits)."""
-    for log in list(_LIVE):
-        try:
-            log.flush()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
 
 
 def write_to_handlers(text: str) -> None:
@@ -131,8 +99,9 @@ def _json_lines(objs: Any) -> str:
 
 
 # --- the proxy ------------------------------------------------------------------------------------
-# An entry: (t0, ms, method, route prefix, status, request id, application, ingress deployment).
-PROXY_ACCESS_WIDTH = 8
+# A proxy's journal entry: (t0, t1, route (a `Route`), method, status, request id). A request id of
+# None: counted in the metrics, no access line (a 404 for no route, a 413 or a client gone before routing).
+PROXY_ENTRY_WIDTH = 6
 
 
 def proxy_render(encoding: str, proxy: str) -> Render:
@@ -143,25 +112,25 @@ def proxy_render(encoding: str, proxy: str) -> Render:
         def render_json(ends: list, c: list) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
-                 "message": f"{m} {r} {s} {t // 10}.{t % 10}ms", "request_id": rid, "route": r, "application": app,
-                 "deployment": dep, "component": proxy}
-                for a, t, m, r, s, rid, app, dep in zip(asctimes(ends), tenths(c[0]), *c[1:]))
+                 "message": f"{m} {r.prefix} {s} {t // 10}.{t % 10}ms", "request_id": rid, "route": r.prefix,
+                 "application": r.app_name, "deployment": r.ingress, "component": proxy}
+                for a, t, r, m, s, rid in zip(asctimes(ends), *c) if rid is not None)
         return render_json
 
     name = ACCESS_LOGGER_NAME
 
     def render_text(ends: list, c: list) -> str:
         dates, millis = date_parts(ends), _MILLIS
-        return "".join([f"INFO {dates[e // 1000]}{millis[e % 1000]} {name} {app}#{dep} {proxy} {rid} -- "
-                        f"{m} {r} {s} {t // 10}.{t % 10}ms\n"
-                        for e, t, m, r, s, rid, app, dep in zip(ends, tenths(c[0]), *c[1:])])
+        return "".join([f"INFO {dates[e // 1000]}{millis[e % 1000]} {name} {r.app_name}#{r.ingress} {proxy} {rid} -- "
+                        f"{m} {r.prefix} {s} {t // 10}.{t % 10}ms\n"
+                        for e, t, r, m, s, rid in zip(ends, *c) if rid is not None])
     return render_text
 
 
 # --- a replica ------------------------------------------------------------------------------------
-# An entry: (t0, ms, request id, method ("CALL" for a handle call), route (the method called), status
-# ("OK"/"ERROR" for a handle call)).
-REPLICA_ACCESS_WIDTH = 6
+# A replica's journal entry: (t0, t1, metrics route, failed, request id, method ("CALL" for a handle
+# call), route (the method called), status ("OK"/"ERROR" for a handle call)).
+REPLICA_ENTRY_WIDTH = 8
 
 
 def replica_render(encoding: str, app: str, deployment: str, replica: str, worker_id: str,
@@ -175,7 +144,7 @@ def replica_render(encoding: str, app: str, deployment: str, replica: str, worke
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
                  "message": f"{m} {r} {s} {t // 10}.{t % 10}ms", "request_id": rid, "route": "" if m == "CALL" else r,
                  "application": app, "deployment": deployment, "replica": replica, "worker_id": worker_id, **extra}
-                for a, t, rid, m, r, s in zip(asctimes(ends), tenths(c[0]), *c[1:]))
+                for a, t, rid, m, r, s in zip(asctimes(ends), c[0], *c[3:]))
         return render_json
     prefix = f"{ACCESS_LOGGER_NAME} {app}#{deployment} {replica}"
 
@@ -183,5 +152,5 @@ def replica_render(encoding: str, app: str, deployment: str, replica: str, worke
         dates, millis = date_parts(ends), _MILLIS
         return "".join([f"INFO {dates[e // 1000]}{millis[e % 1000]} {prefix} {rid} -- "
                         f"{m} {r} {s} {t // 10}.{t % 10}ms\n"
-                        for e, t, rid, m, r, s in zip(ends, tenths(c[0]), *c[1:])])
+                        for e, t, rid, m, r, s in zip(ends, c[0], *c[3:])])
     return render_text

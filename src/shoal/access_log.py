@@ -5,12 +5,12 @@ tree without either. So a request pays for nothing here: it adds its raw fields 
 component's request journal (telemetry/journal.py), which also feeds the metrics, and hands each
 batch here every `JOURNAL_PERIOD_S`:
 
-- `AccessLog.write` takes the batch's columns by slicing the flat list, derives the wall time each
-  request ended from one clock offset and the latencies in tenths of ms in one comprehension each,
-  then the lines are rendered by one comprehension (`render`, `asctime` with its date part built
-  once a second) and written in one `write` to the root logger's stream handlers (the process's log
-  file: stderr), bypassing `logging` per line. The `shoal.access` logger's level still decides
-  (`log_level` filters access lines as any INFO line).
+- `AccessLog.write` takes the batch's columns by slicing the flat list; `asctime` comes from one
+  clock offset per batch, built once per distinct millisecond (its date part once per second), a
+  latency's text from a table (below 200 ms), a status's text once per distinct status; the lines
+  are rendered by one comprehension (`render`) and written in one `write` to the root logger's
+  stream handlers (the process's log file: stderr), bypassing `logging` per line. The
+  `shoal.access` logger's level still decides (`log_level` filters access lines as any INFO line).
 
 Lines in the last period before a process is killed can be lost; a clean exit writes them.
 """
@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from itertools import repeat
+from operator import is_
 from typing import Any, Callable, Optional
 
 ACCESS_LOGGER_NAME = "shoal.access"
@@ -27,22 +29,41 @@ _MILLIS = [f",{i:03d}" for i in range(1000)]
 _PERF = time.perf_counter
 _WALL = time.time
 
-# A renderer turns the batch's columns into the text to write: first the wall time each request ended,
-# in whole ms since the epoch, then the latencies in whole tenths of ms (`f"{t // 10}.{t % 10}"` formats
-# them faster than `:.1f`), then the entries' fields after (t0, t1).
-Render = Callable[[list, list], str]
+# A renderer turns the batch's columns into the text to write: `asctime` of each line (the wall time
+# the request ended), its latency in ms as text ("2.2"), then the entries' fields after (t0, t1).
+Render = Callable[[list, list, list], str]
+
+# Latencies under 200 ms as text, by whole tenths of ms: a lookup instead of two int formats per line.
+_TENTHS = [f"{t // 10}.{t % 10}" for t in range(2000)]
 
 
-def date_parts(millis: list) -> dict:
+def date_parts(millis: Any) -> dict:
     """The date part of `asctime` ("2024-01-31 12:00:00") of each second in the batch: formatted
     once per second, not once per line; a line adds its `_MILLIS[m % 1000]` (",123")."""
     return {s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in {m // 1000 for m in millis}}
 
 
 def asctimes(millis: list) -> list:
-    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time in whole ms."""
-    dates = date_parts(millis)
-    return [dates[m // 1000] + _MILLIS[m % 1000] for m in millis]
+    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time in whole ms, each
+    distinct one built once (at thousands of requests/s, lines share their millisecond)."""
+    built = dict.fromkeys(millis)
+    dates = date_parts(built)
+    for m in built:
+        built[m] = dates[m // 1000] + _MILLIS[m % 1000]
+    return list(map(built.__getitem__, millis))
+
+
+def latency_texts(flat: list, w: int) -> list:
+    """Each entry's latency (t1 - t0) in ms, one decimal ("2.2")."""
+    tenths = _TENTHS
+    return [tenths[t] if t < 2000 else f"{t // 10}.{t % 10}"
+            for t in [int((t1 - t0) * 10000.0 + 0.5) for t0, t1 in zip(flat[0::w], flat[1::w])]]
+
+
+def as_text(col: list) -> list:
+    """`str` of each value, converted once per distinct value (status codes)."""
+    texts = {v: str(v) for v in set(col)}
+    return list(map(texts.__getitem__, col))
 
 
 class AccessLog:
@@ -58,10 +79,8 @@ class AccessLog:
             return
         try:
             offset = _WALL() - _PERF()  # perf_counter -> wall clock, once per batch
-            t1s = flat[1::w]
-            ends = [int((t1 + offset) * 1000.0) for t1 in t1s]
-            tenths = [int((t1 - t0) * 10000.0 + 0.5) for t0, t1 in zip(flat[0::w], t1s)]
-            text = self.render(ends, [tenths] + [flat[i::w] for i in range(2, w)])
+            ends = [int((t1 + offset) * 1000.0) for t1 in flat[1::w]]
+            text = self.render(asctimes(ends), latency_texts(flat, w), [flat[i::w] for i in range(2, w)])
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")
             return
@@ -109,21 +128,27 @@ def proxy_render(encoding: str, proxy: str) -> Render:
     request_id -- message`), the proxy (`proxy_0`) in the replica's place:
     `INFO asctime shoal.access app#Ingress proxy_0 abc123 -- GET /route 200 2.2ms`."""
     if encoding == "JSON":
-        def render_json(ends: list, c: list) -> str:
+        def render_json(stamps: list, lat: list, c: list) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
-                 "message": f"{m} {r.prefix} {s} {t // 10}.{t % 10}ms", "request_id": rid, "route": r.prefix,
+                 "message": f"{m} {r.prefix} {s} {t}ms", "request_id": rid, "route": r.prefix,
                  "application": r.app_name, "deployment": r.ingress, "component": proxy}
-                for a, t, r, m, s, rid in zip(asctimes(ends), *c) if rid is not None)
+                for a, t, r, m, s, rid in zip(stamps, lat, *c) if rid is not None)
         return render_json
 
     name = ACCESS_LOGGER_NAME
 
-    def render_text(ends: list, c: list) -> str:
-        dates, millis = date_parts(ends), _MILLIS
-        return "".join([f"INFO {dates[e // 1000]}{millis[e % 1000]} {name} {r.app_name}#{r.ingress} {proxy} {rid} -- "
-                        f"{m} {r.prefix} {s} {t // 10}.{t % 10}ms\n"
-                        for e, t, r, m, s, rid in zip(ends, *c) if rid is not None])
+    def render_text(stamps: list, lat: list, c: list) -> str:
+        routes, methods, statuses, rids = c
+        r = routes[0]
+        if all(map(is_, routes, repeat(r))):  # one route in the batch (the common case): its text once
+            head, prefix = f"{name} {r.app_name}#{r.ingress} {proxy}", r.prefix
+            return "".join([f"INFO {a} {head} {rid} -- {m} {prefix} {s} {t}ms\n"
+                            for a, t, m, s, rid in zip(stamps, lat, methods, as_text(statuses), rids)
+                            if rid is not None])
+        return "".join([f"INFO {a} {name} {r.app_name}#{r.ingress} {proxy} {rid} -- {m} {r.prefix} {s} {t}ms\n"
+                        for a, t, r, m, s, rid in zip(stamps, lat, routes, methods, as_text(statuses), rids)
+                        if rid is not None])
     return render_text
 
 
@@ -139,18 +164,17 @@ def replica_render(encoding: str, app: str, deployment: str, replica: str, worke
     if encoding == "JSON":
         extra = {k: None for k in additional_attrs or ()}
 
-        def render_json(ends: list, c: list) -> str:
+        def render_json(stamps: list, lat: list, c: list) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
-                 "message": f"{m} {r} {s} {t // 10}.{t % 10}ms", "request_id": rid, "route": "" if m == "CALL" else r,
+                 "message": f"{m} {r} {s} {t}ms", "request_id": rid, "route": "" if m == "CALL" else r,
                  "application": app, "deployment": deployment, "replica": replica, "worker_id": worker_id, **extra}
-                for a, t, rid, m, r, s in zip(asctimes(ends), c[0], *c[3:]))
+                for a, t, rid, m, r, s in zip(stamps, lat, *c[2:]))
         return render_json
     prefix = f"{ACCESS_LOGGER_NAME} {app}#{deployment} {replica}"
 
-    def render_text(ends: list, c: list) -> str:
-        dates, millis = date_parts(ends), _MILLIS
-        return "".join([f"INFO {dates[e // 1000]}{millis[e % 1000]} {prefix} {rid} -- "
-                        f"{m} {r} {s} {t // 10}.{t % 10}ms\n"
-                        for e, t, rid, m, r, s in zip(ends, c[0], *c[3:])])
+    def render_text(stamps: list, lat: list, c: list) -> str:
+        _route, _failed, rids, methods, routes, statuses = c
+        return "".join([f"INFO {a} {prefix} {rid} -- {m} {r} {s} {t}ms\n"
+                        for a, t, rid, m, r, s in zip(stamps, lat, rids, methods, routes, as_text(statuses))])
     return render_text

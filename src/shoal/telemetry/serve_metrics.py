@@ -9,7 +9,7 @@ containers into families when a snapshot is taken:
 
 - `ProxyStats`: per (route, application, ingress, method, status) one latency histogram list; the
   request counter, the two error counters and the histogram all come from it.
-- `ReplicaStats`: per (route) one latency histogram list plus an error count.
+- `ReplicaStats`: per route one latency histogram list plus an error count.
 - router request counts: one `[n]` cell per (deployment, route), shared by the routers of this
   process (a router that goes away leaves its count behind); queues and in-flight counts are read
   from the live routers.

@@ -29,12 +29,13 @@ _MILLIS = [f",{i:03d}" for i in range(1000)]
 _PERF = time.perf_counter
 _WALL = time.time
 
-# A renderer turns the batch's columns into the text to write: `asctime` of each line (the wall time
-# the request ended), its latency in ms as text ("2.2"), then the entries' fields after (t0, t1).
-Render = Callable[[list, list, list], str]
+# A renderer turns a batch into the text to write: `render(ends, flat, width)`, `ends` the wall time
+# each request ended in whole ms since the epoch, `flat` the journal's entries (t0, t1, *fields).
+Render = Callable[[list, list, int], str]
 
-# Latencies under 200 ms as text, by whole tenths of ms: a lookup instead of two int formats per line.
-_TENTHS = [f"{t // 10}.{t % 10}" for t in range(2000)]
+# Latencies under 200 ms as text, by whole tenths of ms, per text that follows them ("ms\n"): a lookup
+# instead of two int formats per line.
+_TENTHS: dict[str, list] = {}
 
 
 def date_parts(millis: Any) -> dict:
@@ -43,20 +44,23 @@ def date_parts(millis: Any) -> dict:
     return {s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in {m // 1000 for m in millis}}
 
 
-def asctimes(millis: list) -> list:
-    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time in whole ms, each
-    distinct one built once (at thousands of requests/s, lines share their millisecond)."""
+def asctimes(millis: list, before: str = "", after: str = "") -> list:
+    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time in whole ms, between
+    `before` and `after` (a line's constant text around it), each distinct one built once: at
+    thousands of requests/s, lines share their millisecond."""
     built = dict.fromkeys(millis)
     dates = date_parts(built)
     for m in built:
-        built[m] = dates[m // 1000] + _MILLIS[m % 1000]
+        built[m] = f"{before}{dates[m // 1000]}{_MILLIS[m % 1000]}{after}"
     return list(map(built.__getitem__, millis))
 
 
-def latency_texts(flat: list, w: int) -> list:
-    """Each entry's latency (t1 - t0) in ms, one decimal ("2.2")."""
-    tenths = _TENTHS
-    return [tenths[t] if t < 2000 else f"{t // 10}.{t % 10}"
+def latency_texts(flat: list, w: int, after: str = "") -> list:
+    """Each entry's latency (t1 - t0) in ms, one decimal, then `after` ("2.2ms\n")."""
+    table = _TENTHS.get(after)
+    if table is None:
+        table = _TENTHS[after] = [f"{t // 10}.{t % 10}{after}" for t in range(2000)]
+    return [table[t] if t < 2000 else f"{t // 10}.{t % 10}{after}"
             for t in [int((t1 - t0) * 10000.0 + 0.5) for t0, t1 in zip(flat[0::w], flat[1::w])]]
 
 
@@ -79,8 +83,7 @@ class AccessLog:
             return
         try:
             offset = _WALL() - _PERF()  # perf_counter -> wall clock, once per batch
-            ends = [int((t1 + offset) * 1000.0) for t1 in flat[1::w]]
-            text = self.render(asctimes(ends), latency_texts(flat, w), [flat[i::w] for i in range(2, w)])
+            text = self.render([int((t1 + offset) * 1000.0) for t1 in flat[1::w]], flat, w)
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")
             return
@@ -112,6 +115,11 @@ def write_to_handlers(text: str) -> None:
                 h.release()
 
 
+def _fields(flat: list, w: int) -> list:
+    """The batch's columns after (t0, t1)."""
+    return [flat[i::w] for i in range(2, w)]
+
+
 def _json_lines(objs: Any) -> str:
     dumps = json.dumps
     return "".join([dumps(o) + "\n" for o in objs])
@@ -128,26 +136,27 @@ def proxy_render(encoding: str, proxy: str) -> Render:
     request_id -- message`), the proxy (`proxy_0`) in the replica's place:
     `INFO asctime shoal.access app#Ingress proxy_0 abc123 -- GET /route 200 2.2ms`."""
     if encoding == "JSON":
-        def render_json(stamps: list, lat: list, c: list) -> str:
+        def render_json(ends: list, flat: list, w: int) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
                  "message": f"{m} {r.prefix} {s} {t}ms", "request_id": rid, "route": r.prefix,
                  "application": r.app_name, "deployment": r.ingress, "component": proxy}
-                for a, t, r, m, s, rid in zip(stamps, lat, *c) if rid is not None)
+                for a, t, r, m, s, rid in zip(asctimes(ends), latency_texts(flat, w), *_fields(flat, w))
+                if rid is not None)
         return render_json
 
     name = ACCESS_LOGGER_NAME
 
-    def render_text(stamps: list, lat: list, c: list) -> str:
-        routes, methods, statuses, rids = c
+    def render_text(ends: list, flat: list, w: int) -> str:
+        routes, methods, statuses, rids = _fields(flat, w)
+        lat, codes = latency_texts(flat, w, "ms\n"), as_text(statuses)
         r = routes[0]
         if all(map(is_, routes, repeat(r))):  # one route in the batch (the common case): its text once
-            head, prefix = f"{name} {r.app_name}#{r.ingress} {proxy}", r.prefix
-            return "".join([f"INFO {a} {head} {rid} -- {m} {prefix} {s} {t}ms\n"
-                            for a, t, m, s, rid in zip(stamps, lat, methods, as_text(statuses), rids)
-                            if rid is not None])
-        return "".join([f"INFO {a} {name} {r.app_name}#{r.ingress} {proxy} {rid} -- {m} {r.prefix} {s} {t}ms\n"
-                        for a, t, r, m, s, rid in zip(stamps, lat, routes, methods, as_text(statuses), rids)
+            heads, prefix = asctimes(ends, "INFO ", f" {name} {r.app_name}#{r.ingress} {proxy} "), r.prefix
+            return "".join([f"{h}{rid} -- {m} {prefix} {s} {t}"
+                            for h, t, m, s, rid in zip(heads, lat, methods, codes, rids) if rid is not None])
+        return "".join([f"{h} {name} {r.app_name}#{r.ingress} {proxy} {rid} -- {m} {r.prefix} {s} {t}"
+                        for h, t, r, m, s, rid in zip(asctimes(ends, "INFO "), lat, routes, methods, codes, rids)
                         if rid is not None])
     return render_text
 
@@ -164,17 +173,18 @@ def replica_render(encoding: str, app: str, deployment: str, replica: str, worke
     if encoding == "JSON":
         extra = {k: None for k in additional_attrs or ()}
 
-        def render_json(stamps: list, lat: list, c: list) -> str:
+        def render_json(ends: list, flat: list, w: int) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
                  "message": f"{m} {r} {s} {t}ms", "request_id": rid, "route": "" if m == "CALL" else r,
                  "application": app, "deployment": deployment, "replica": replica, "worker_id": worker_id, **extra}
-                for a, t, rid, m, r, s in zip(stamps, lat, *c[2:]))
+                for a, t, rid, m, r, s in zip(asctimes(ends), latency_texts(flat, w), *_fields(flat, w)[2:]))
         return render_json
-    prefix = f"{ACCESS_LOGGER_NAME} {app}#{deployment} {replica}"
+    head = f" {ACCESS_LOGGER_NAME} {app}#{deployment} {replica} "
 
-    def render_text(stamps: list, lat: list, c: list) -> str:
-        _route, _failed, rids, methods, routes, statuses = c
-        return "".join([f"INFO {a} {prefix} {rid} -- {m} {r} {s} {t}ms\n"
-                        for a, t, rid, m, r, s in zip(stamps, lat, rids, methods, routes, as_text(statuses))])
+    def render_text(ends: list, flat: list, w: int) -> str:
+        _route, _failed, rids, methods, routes, statuses = _fields(flat, w)
+        return "".join([f"{h}{rid} -- {m} {r} {s} {t}"
+                        for h, t, rid, m, r, s in zip(asctimes(ends, "INFO ", head), latency_texts(flat, w, "ms\n"),
+                                                      rids, methods, routes, as_text(statuses))])
     return render_text

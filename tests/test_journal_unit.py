@@ -9,9 +9,17 @@ import asyncio
 import io
 import logging
 import random
+import time
 from bisect import bisect_left
 
-from shoal.access_log import PROXY_ENTRY_WIDTH, REPLICA_ENTRY_WIDTH, AccessLog, proxy_render, replica_render
+from shoal.access_log import (
+    PROXY_ENTRY_WIDTH,
+    REPLICA_ENTRY_WIDTH,
+    AccessLog,
+    asctimes,
+    proxy_render,
+    replica_render,
+)
 from shoal.http.routes import Route
 from shoal.telemetry.journal import add_latencies, groups, journal_for
 from shoal.telemetry.registry import REGISTRY
@@ -133,3 +141,21 @@ def test_access_lines_from_the_journal(monkeypatch):
         " shoal.access app#Ingress proxy_0 rid-1 -- POST /r 201 12.3ms")
     assert lines[1].endswith(" shoal.access app2#Other proxy_0 rid-2 -- GET /s 200 250.0ms")
     assert lines[2].endswith(" shoal.access app#D r_lines rid-3 -- CALL hello ERROR 0.4ms")
+
+
+def _asctime(wall: float) -> str:
+    """logging's default `asctime` of a wall time."""
+    ms = int(wall * 1000.0)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms // 1000)) + f",{ms % 1000:03d}"
+
+
+def test_asctimes_of_ordered_times_match_each_line_formatted_alone():
+    offset = 1_765_000_000.0  # wall clock minus perf_counter, as a live process has it
+    rng = random.Random(11)
+    for lines, span_ms in ((1, 1), (50, 3), (400, 40), (30, 2000)):
+        # each time in the middle of its millisecond: away from the rounding at its edges
+        millis = sorted(rng.randrange(span_ms) for _ in range(lines))
+        t1s = [(5_000_000 + m + 0.5) / 1000.0 - offset for m in millis]
+        want = [_asctime(t1 + offset) for t1 in t1s]
+        assert asctimes(t1s, offset, "<", ">") == [f"<{w}>" for w in want]
+        assert asctimes(list(reversed(t1s)), offset) == list(reversed(want))  # not in order: line by line

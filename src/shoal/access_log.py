@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from itertools import repeat
-from operator import is_
+from bisect import bisect_left
+from itertools import islice, repeat
+from operator import is_, le
 from typing import Any, Callable, Optional
 
 ACCESS_LOGGER_NAME = "shoal.access"
@@ -29,39 +30,55 @@ _MILLIS = [f",{i:03d}" for i in range(1000)]
 _PERF = time.perf_counter
 _WALL = time.time
 
-# A renderer turns a batch into the text to write: `render(ends, flat, width)`, `ends` the wall time
-# each request ended in whole ms since the epoch, `flat` the journal's entries (t0, t1, *fields).
-Render = Callable[[list, list, int], str]
+# A renderer turns a batch into the text to write: `render(flat, width, secs, offset)`, `flat` the
+# journal's entries (t0, t1, *fields), `secs` their latencies, `offset` the wall clock's lead over
+# `perf_counter` (t1 + offset: when a request ended).
+Render = Callable[[list, int, list, float], str]
 
 # Latencies under 200 ms as text, by whole tenths of ms, per text that follows them ("ms\n"): a lookup
 # instead of two int formats per line.
 _TENTHS: dict[str, list] = {}
 
 
-def date_parts(millis: Any) -> dict:
-    """The date part of `asctime` ("2024-01-31 12:00:00") of each second in the batch: formatted
-    once per second, not once per line; a line adds its `_MILLIS[m % 1000]` (",123")."""
-    return {s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in {m // 1000 for m in millis}}
+def date_parts(seconds: Any) -> dict:
+    """The date part of `asctime` ("2024-01-31 12:00:00") of each of these whole seconds."""
+    return {s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) for s in seconds}
 
 
-def asctimes(millis: list, before: str = "", after: str = "") -> list:
-    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each wall time in whole ms, between
-    `before` and `after` (a line's constant text around it), each distinct one built once: at
-    thousands of requests/s, lines share their millisecond."""
+def asctimes(t1s: list, offset: float, before: str = "", after: str = "") -> list:
+    """logging's default `asctime` ("2024-01-31 12:00:00,123") of each `perf_counter` time (+ offset:
+    wall time), between `before` and `after` (a line's constant text around it), each distinct
+    millisecond's text built once. The journal's times come in order: then each millisecond's lines
+    are found by one `bisect` (at thousands of requests/s a batch has fewer milliseconds than lines)
+    and nothing is computed per line."""
+    n = len(t1s)
+    first, last = int((t1s[0] + offset) * 1000.0), int((t1s[-1] + offset) * 1000.0)
+    if 0 <= last - first < n and all(map(le, t1s, islice(t1s, 1, None))):
+        dates = date_parts(range(first // 1000, last // 1000 + 1))
+        out: list = []
+        i = 0
+        for m in range(first, last + 1):
+            j = bisect_left(t1s, (m + 1) / 1000.0 - offset, i)
+            if j > i:
+                out += repeat(f"{before}{dates[m // 1000]}{_MILLIS[m % 1000]}{after}", j - i)
+                i = j
+        if i < n:  # rounding at the last millisecond's end
+            out += repeat(out[-1] if out else f"{before}{dates[last // 1000]}{_MILLIS[last % 1000]}{after}", n - i)
+        return out
+    millis = [int((t1 + offset) * 1000.0) for t1 in t1s]
     built = dict.fromkeys(millis)
-    dates = date_parts(built)
+    dates = date_parts({m // 1000 for m in built})
     for m in built:
         built[m] = f"{before}{dates[m // 1000]}{_MILLIS[m % 1000]}{after}"
     return list(map(built.__getitem__, millis))
 
 
-def latency_texts(flat: list, w: int, after: str = "") -> list:
-    """Each entry's latency (t1 - t0) in ms, one decimal, then `after` ("2.2ms\n")."""
+def latency_texts(secs: list, after: str = "") -> list:
+    """Each latency in ms, one decimal, then `after` ("2.2ms\n")."""
     table = _TENTHS.get(after)
     if table is None:
         table = _TENTHS[after] = [f"{t // 10}.{t % 10}{after}" for t in range(2000)]
-    return [table[t] if t < 2000 else f"{t // 10}.{t % 10}{after}"
-            for t in [int((t1 - t0) * 10000.0 + 0.5) for t0, t1 in zip(flat[0::w], flat[1::w])]]
+    return [table[t] if (t := int(x * 10000.0 + 0.5)) < 2000 else f"{t // 10}.{t % 10}{after}" for x in secs]
 
 
 def as_text(col: list) -> list:
@@ -78,12 +95,12 @@ class AccessLog:
     def __init__(self, render: Render) -> None:
         self.render = render
 
-    def write(self, flat: list, w: int) -> None:
+    def write(self, flat: list, w: int, secs: list) -> None:
         if not flat or not logging.getLogger(ACCESS_LOGGER_NAME).isEnabledFor(logging.INFO):
             return
         try:
             offset = _WALL() - _PERF()  # perf_counter -> wall clock, once per batch
-            text = self.render([int((t1 + offset) * 1000.0) for t1 in flat[1::w]], flat, w)
+            text = self.render(flat, w, secs, offset)
         except Exception:  # noqa: BLE001 - a log line must never break serving
             logging.getLogger("shoal").exception("could not format access lines")
             return
@@ -136,27 +153,29 @@ def proxy_render(encoding: str, proxy: str) -> Render:
     request_id -- message`), the proxy (`proxy_0`) in the replica's place:
     `INFO asctime shoal.access app#Ingress proxy_0 abc123 -- GET /route 200 2.2ms`."""
     if encoding == "JSON":
-        def render_json(ends: list, flat: list, w: int) -> str:
+        def render_json(flat: list, w: int, secs: list, offset: float) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
                  "message": f"{m} {r.prefix} {s} {t}ms", "request_id": rid, "route": r.prefix,
                  "application": r.app_name, "deployment": r.ingress, "component": proxy}
-                for a, t, r, m, s, rid in zip(asctimes(ends), latency_texts(flat, w), *_fields(flat, w))
+                for a, t, r, m, s, rid in zip(asctimes(flat[1::w], offset), latency_texts(secs), *_fields(flat, w))
                 if rid is not None)
         return render_json
 
     name = ACCESS_LOGGER_NAME
 
-    def render_text(ends: list, flat: list, w: int) -> str:
+    def render_text(flat: list, w: int, secs: list, offset: float) -> str:
         routes, methods, statuses, rids = _fields(flat, w)
-        lat, codes = latency_texts(flat, w, "ms\n"), as_text(statuses)
+        lat, codes = latency_texts(secs, "ms\n"), as_text(statuses)
         r = routes[0]
         if all(map(is_, routes, repeat(r))):  # one route in the batch (the common case): its text once
-            heads, prefix = asctimes(ends, "INFO ", f" {name} {r.app_name}#{r.ingress} {proxy} "), r.prefix
+            heads = asctimes(flat[1::w], offset, "INFO ", f" {name} {r.app_name}#{r.ingress} {proxy} ")
+            prefix = r.prefix
             return "".join([f"{h}{rid} -- {m} {prefix} {s} {t}"
                             for h, t, m, s, rid in zip(heads, lat, methods, codes, rids) if rid is not None])
         return "".join([f"{h} {name} {r.app_name}#{r.ingress} {proxy} {rid} -- {m} {r.prefix} {s} {t}"
-                        for h, t, r, m, s, rid in zip(asctimes(ends, "INFO "), lat, routes, methods, codes, rids)
+                        for h, t, r, m, s, rid in zip(asctimes(flat[1::w], offset, "INFO "), lat, routes, methods,
+                                                      codes, rids)
                         if rid is not None])
     return render_text
 
@@ -173,18 +192,19 @@ def replica_render(encoding: str, app: str, deployment: str, replica: str, worke
     if encoding == "JSON":
         extra = {k: None for k in additional_attrs or ()}
 
-        def render_json(ends: list, flat: list, w: int) -> str:
+        def render_json(flat: list, w: int, secs: list, offset: float) -> str:
             return _json_lines(
                 {"levelname": "INFO", "asctime": a, "name": ACCESS_LOGGER_NAME,
                  "message": f"{m} {r} {s} {t}ms", "request_id": rid, "route": "" if m == "CALL" else r,
                  "application": app, "deployment": deployment, "replica": replica, "worker_id": worker_id, **extra}
-                for a, t, rid, m, r, s in zip(asctimes(ends), latency_texts(flat, w), *_fields(flat, w)[2:]))
+                for a, t, rid, m, r, s in zip(asctimes(flat[1::w], offset), latency_texts(secs), *_fields(flat, w)[2:]))
         return render_json
     head = f" {ACCESS_LOGGER_NAME} {app}#{deployment} {replica} "
 
-    def render_text(ends: list, flat: list, w: int) -> str:
+    def render_text(flat: list, w: int, secs: list, offset: float) -> str:
         _route, _failed, rids, methods, routes, statuses = _fields(flat, w)
         return "".join([f"{h}{rid} -- {m} {r} {s} {t}"
-                        for h, t, rid, m, r, s in zip(asctimes(ends, "INFO ", head), latency_texts(flat, w, "ms\n"),
-                                                      rids, methods, routes, as_text(statuses))])
+                        for h, t, rid, m, r, s in zip(asctimes(flat[1::w], offset, "INFO ", head),
+                                                      latency_texts(secs, "ms\n"), rids, methods, routes,
+                                                      as_text(statuses))])
     return render_text

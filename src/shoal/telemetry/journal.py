@@ -7,9 +7,9 @@ strings: nothing for the cyclic GC to follow, no tuple kept per request). The co
 batch later, on the process's loop:
 
 - every `JOURNAL_PERIOD_S` (a timer armed by the first request of a period) the batch is taken:
-  the metrics fold it in (`fold(flat, width, start)`: latencies with one `map`, the request counts
+  the metrics fold it in (`fold(flat, width, start, secs)`: latencies with one `map`, the request counts
   per label set with a few C-level passes, see `groups` and `add_latencies`), then the access log
-  renders and writes its lines (`lines.write(flat, width)`), if it is on;
+  renders and writes its lines (`lines.write(flat, width, secs)`), if it is on;
 - a metrics snapshot taken on the loop (the push to the controller, about once a second) first
   folds what the timer has not yet (`catch_up`), so the counts it sends are exact; one taken on
   another thread sees them at most `JOURNAL_PERIOD_S` late.
@@ -29,8 +29,9 @@ from typing import Any, Callable, Sequence
 
 JOURNAL_PERIOD_S = 0.2
 
-# A fold adds a batch to the metrics: `fold(flat, width, start)` reads entries `flat[start:]`.
-Fold = Callable[[list, int, int], None]
+# A fold adds a batch to the metrics: `fold(flat, width, start, secs)` reads entries `flat[start:]`,
+# whose latencies in seconds are `secs`.
+Fold = Callable[[list, int, int, list], None]
 
 logger = logging.getLogger("shoal.metrics")
 
@@ -75,21 +76,26 @@ class Journal:
         flat, start = self.pending, self.folded
         if len(flat) > start:
             self.folded = len(flat)
-            self._fold(flat, start)
+            self._fold(flat, start, latencies(flat, self.width, start))
 
     def flush(self) -> None:
-        """Take the batch: fold what is left of it into the metrics, then write its access lines."""
+        """Take the batch: fold what is left of it into the metrics, then write its access lines
+        (both from one list of latencies)."""
         self.scheduled = False
         flat, self.pending = self.pending, []
         start, self.folded = self.folded, 0
+        if not flat:
+            return
+        w, lines = self.width, self.lines
+        secs = latencies(flat, w, 0 if lines is not None else start)
         if len(flat) > start:
-            self._fold(flat, start)
-        if self.lines is not None and flat:
-            self.lines.write(flat, self.width)
+            self._fold(flat, start, secs[start // w:] if lines is not None and start else secs)
+        if lines is not None:
+            lines.write(flat, w, secs)
 
-    def _fold(self, flat: list, start: int) -> None:
+    def _fold(self, flat: list, start: int, secs: list) -> None:
         try:
-            self.fold(flat, self.width, start)
+            self.fold(flat, self.width, start, secs)
         except Exception:  # noqa: BLE001 - metrics must never break serving
             if not self._failed:
                 self._failed = True

@@ -32,7 +32,7 @@ from shoal.telemetry.registry import (
     add_family,
     new_histogram,
 )
-from shoal.telemetry.journal import add_latencies, groups, latencies
+from shoal.telemetry.journal import add_latencies, groups
 
 # Ray's DEFAULT_LATENCY_BUCKET_MS (REQUEST_LATENCY_BUCKETS_MS unless overridden), in milliseconds.
 LATENCY_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 1000.0, 2000.0,
@@ -116,10 +116,9 @@ class ProxyStats:
         self.journal: Any = _no_journal  # () -> the Journal that feeds it, or None (set by its journal)
         REGISTRY.add_source(self.collect, weak=True)  # ends with its proxy app
 
-    def fold(self, flat: list, w: int, start: int) -> None:
+    def fold(self, flat: list, w: int, start: int, secs: list) -> None:
         """Count a batch of proxy journal entries `(t0, t1, route, method, status, request_id)`
         (`route` a `Route`: grouped by identity, labelled by its fields)."""
-        secs = latencies(flat, w, start)
         routes = flat[start + 2::w]
         # One route in the batch (most often): one group key; else its object's id (Route's own hash
         # and == are Python-level, too slow per request).
@@ -182,9 +181,9 @@ class ReplicaStats:
         self.journal: Any = _no_journal  # () -> the Journal that feeds it, or None (set by its journal)
         REGISTRY.add_source(self.collect, weak=True)  # ends with its replica server
 
-    def fold(self, flat: list, w: int, start: int) -> None:
+    def fold(self, flat: list, w: int, start: int, secs: list) -> None:
         """Count a batch of replica journal entries `(t0, t1, route, failed, ...)`."""
-        for (route, failed), part in groups([flat[start + 2::w], flat[start + 3::w]], latencies(flat, w, start)):
+        for (route, failed), part in groups([flat[start + 2::w], flat[start + 3::w]], secs):
             h = self.data.get(route)
             if h is None:
                 h = self.data[route] = [0] * self._n + [0.0, 0]

@@ -6,8 +6,9 @@ component's request journal (telemetry/journal.py), which also feeds the metrics
 batch here every `JOURNAL_PERIOD_S`:
 
 - `AccessLog.write` takes the batch's columns by slicing the flat list; `asctime` comes from one
-  clock offset per batch, built once per distinct millisecond (its date part once per second), a
-  latency's text from a table (below 200 ms), a status's text once per distinct status; the lines
+  clock offset per batch, built once per millisecond with the line's constant text around it (its
+  date part once per second), a latency's text from a table (below 200 ms) over the latencies the
+  metrics used too, a status's text once per distinct status; the lines
   are rendered by one comprehension (`render`) and written in one `write` to the root logger's
   stream handlers (the process's log file: stderr), bypassing `logging` per line. The
   `shoal.access` logger's level still decides (`log_level` filters access lines as any INFO line).

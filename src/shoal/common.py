@@ -23,9 +23,9 @@ _exit_hook: Optional[Callable[[int], None]] = None
 
 def exit_process(code: int) -> None:
     """End this process now: no cleanup, its sockets close with it (access lines gathered are written)."""
-    access_log = sys.modules.get("shoal.access_log")
-    if access_log is not None:
-        access_log.flush_all()
+    journal = sys.modules.get("shoal.telemetry.journal")
+    if journal is not None:
+        journal.flush_all()
     sys.stdout.flush()
     sys.stderr.flush()
     if _exit_hook is not None:

@@ -30,7 +30,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from shoal.access_log import REPLICA_ACCESS_WIDTH, AccessLog, replica_render
+from shoal.access_log import AccessLog, replica_render
 from shoal.context import _request_context
 
 SERVE_LOGGER_NAMES = ("ray.serve", "shoal")
@@ -141,13 +141,13 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def replica_access_log(loop: Any, logging_config: Optional[Any], replica_id: Any) -> AccessLog:
+def replica_access_log(logging_config: Optional[Any], replica_id: Any) -> AccessLog:
     """The access log of a replica, its lines in the replica's encoding (access_log.py)."""
     dep = replica_id.deployment_id
     render = replica_render(getattr(logging_config, "encoding", None) or "TEXT", dep.app_name, dep.name,
                             replica_id.unique_id, str(os.getpid()),
                             getattr(logging_config, "additional_log_standard_attrs", None) or ())
-    return AccessLog(loop, REPLICA_ACCESS_WIDTH, render)
+    return AccessLog(render)
 
 
 def configure_replica(logging_config: Optional[Any], replica_id: Any) -> bool:

@@ -26,6 +26,7 @@ from shoal.http.convert import TEXT_UTF8
 from shoal.http.routes import Route, RouteTable
 from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
+from shoal.telemetry.journal import journal_for
 from shoal.telemetry.serve_metrics import CALLER, ProxyStats, router_cell
 from shoal.transport.serialization import PlainPickler
 
@@ -42,6 +43,7 @@ _ids = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-"
 _WATCH_TICK_S = 0.025  # unanswered after 1-2 ticks: watch for a disconnect
 _now = time.perf_counter
+_NO_ROUTE = Route("", "", "")  # the journal's route of a request no route matched (404)
 CLIENT_GONE = 499  # the status metrics record for a request whose client went away (nginx's)
 
 
@@ -138,26 +140,25 @@ class ProxyApp:
         self._ticking = False
         # A time-out shorter than two ticks gets its timer at once, so it is never late by a tick.
         self._timer_at_once = self.timeout_s is not None and self.timeout_s <= 2 * _WATCH_TICK_S
-        # Metrics: requests routed and not yet answered, and one `record` per answered request.
-        self.ongoing = 0
-        self.stats = ProxyStats(lambda: self.ongoing)
-        self._record = self.stats.record
-        # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none),
-        # gathered as raw fields and written in batches (access_log.py).
-        from shoal.access_log import PROXY_ACCESS_WIDTH, AccessLog, proxy_render
+        # Metrics and access lines: requests routed and not yet answered (exact at any moment), and
+        # one journal entry per answered request, counted and written per batch (telemetry/journal.py).
+        from shoal.access_log import PROXY_ENTRY_WIDTH, AccessLog, proxy_render
         from shoal.serve_logging import system_access_log_enabled, system_log_encoding
 
-        self.access_log = system_access_log_enabled()
-        self.access = AccessLog(self.loop, PROXY_ACCESS_WIDTH,
-                                proxy_render(system_log_encoding(), component))
+        self.ongoing = 0
+        self.stats = ProxyStats(lambda: self.ongoing)
+        # One line per routed HTTP request (`serve.start(logging_config={"enable_access_log": False})`: none).
+        lines = AccessLog(proxy_render(system_log_encoding(), component)) if system_access_log_enabled() else None
+        self.journal = journal_for(self.stats, self.loop, PROXY_ENTRY_WIDTH, lines)
 
     def name_access_lines(self, component: str) -> None:
         """A standby that took over proxy `component`'s place: its access lines say so from now on."""
         from shoal.access_log import proxy_render
         from shoal.serve_logging import system_log_encoding
 
-        self.access.flush()
-        self.access.render = proxy_render(system_log_encoding(), component)
+        self.journal.flush()
+        if self.journal.lines is not None:
+            self.journal.lines.render = proxy_render(system_log_encoding(), component)
 
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
@@ -217,7 +218,8 @@ class ProxyApp:
                 f"Path '{path}' not found. Ping http://{scope['server'][0]}:{scope['server'][1]}/-/routes "
                 "for available routes.").encode() if scope.get("server") else
                 f"Path '{path}' not found. Ping /-/routes for available routes.".encode())
-            self._record("", "", "", scope["method"], 404, t0)  # no route label: paths are unbounded
+            # Counted without a route label (paths are unbounded); no access line (request id None).
+            self.journal.add((t0, _now(), _NO_ROUTE, scope["method"], 404, None))
             return
         request_id = ""
         model_id = ""
@@ -240,7 +242,7 @@ class ProxyApp:
         if has_body:
             body = await self._read_body(receive, send, rid_header)
             if body.__class__ is int:  # answered (413), or the client went away
-                self._record(route.prefix, route.app_name, route.ingress, scope["method"], body, t0)
+                self.journal.add((t0, _now(), route, scope["method"], body, None))  # counted, no access line
                 return
         call = HTTPCall(self.loop, scope_to_wire(scope, route.prefix), body, model_id, request_id, session_id,
                         receive)
@@ -265,10 +267,10 @@ class ProxyApp:
         finally:
             self._untrack(call)
             self.ongoing -= 1
-            ms = self._record(route.prefix, route.app_name, route.ingress, scope["method"], status, t0)
-            if self.access_log:
-                self.access.add((t0, ms, scope["method"], route.prefix, status, request_id, route.app_name,
-                                 route.ingress))
+            journal = self.journal  # Journal.add, inlined: the hot path
+            journal.pending += (t0, _now(), route, scope["method"], status, request_id)
+            if not journal.scheduled:
+                journal.schedule()
 
     async def _read_body(self, receive: Any, send: Any, rid_header: tuple) -> Any:
         """The whole body, within the configured limit; else the status to record: 413 (answered so)

@@ -22,6 +22,7 @@ import time
 import traceback
 from typing import Any, Optional
 
+from shoal.access_log import REPLICA_ENTRY_WIDTH
 from shoal.common import ReplicaID
 from shoal.eager import start_eagerly
 from shoal.context import ReplicaContext, RequestContext, _request_context, _set_replica_context
@@ -29,6 +30,7 @@ from shoal.http.ingress import ASGIIngress, is_ingress
 from shoal.replica.http_adapter import HTTP_METHOD, HTTPAdapter
 from shoal.replica.user_callable import UserCallable
 from shoal.serve_logging import configure_replica, replica_access_log
+from shoal.telemetry.journal import journal_for
 from shoal.telemetry.serve_metrics import CALLER, ReplicaStats
 from shoal.transport import serialization as ser
 from shoal.transport.connection import TCP_PREFIX, Connection, parse_tcp_address, serve_tcp, serve_unix
@@ -65,18 +67,19 @@ class ReplicaServer:
         self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
         dep = replica_id.deployment_id
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
-        # logging_config.enable_access_log (set by `configure_logging`), and where the lines gather.
-        self.access_log = True
-        self.access = replica_access_log(self.loop, self.config.logging_config, replica_id)
+        # One journal entry per request: the metrics and the access lines (if on: `configure_logging`)
+        # read them per batch (telemetry/journal.py).
+        self.journal = journal_for(self.stats, self.loop, REPLICA_ENTRY_WIDTH,
+                                   replica_access_log(self.config.logging_config, replica_id))
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""
         _set_replica_context(ReplicaContext(self.replica_id, servable, self.config, self.rank, self.world_size))
 
     def configure_logging(self, logging_config: Any) -> None:
-        self.access_log = configure_replica(logging_config, self.replica_id)
-        self.access.flush()
-        self.access = replica_access_log(self.loop, logging_config, self.replica_id)
+        on = configure_replica(logging_config, self.replica_id)
+        self.journal.flush()
+        self.journal.lines = replica_access_log(logging_config, self.replica_id) if on else None
 
     # --- data plane ---------------------------------------------------------------------------
     def on_request(self, conn: Connection, rid: int, body: bytes) -> None:
@@ -125,13 +128,15 @@ class ReplicaServer:
                 logger.exception("request %s to %s failed", rid, self._where)
             conn.reply(Kind.ERROR, rid, ser.dumps_exception(e, self._where))
         finally:
-            ms = self.stats.record(route, failed, t0)
-            if self.access_log:  # raw fields per request; formatted and written in batches (access_log.py)
-                if method == HTTP_METHOD:
-                    self.access.add((t0, ms, request_id, args[0][3] if args[0][0] == "http" else "WEBSOCKET",
-                                     route, 500 if failed else (status or 200)))
-                else:
-                    self.access.add((t0, ms, request_id, "CALL", method, "ERROR" if failed else "OK"))
+            journal = self.journal  # Journal.add, inlined: the hot path (raw fields; see telemetry/journal.py)
+            if method == HTTP_METHOD:
+                journal.pending += (t0, _now(), route, failed, request_id,
+                                    args[0][3] if args[0][0] == "http" else "WEBSOCKET", route,
+                                    500 if failed else (status or 200))
+            else:
+                journal.pending += (t0, _now(), route, failed, request_id, "CALL", method, "ERROR" if failed else "OK")
+            if not journal.scheduled:
+                journal.schedule()
             conn.tasks.pop(rid, None)
             self.ongoing -= 1
             if self.ongoing == 0:

@@ -3,8 +3,9 @@
 Names are exported with Ray's `ray_` prefix (Ray's metrics agent adds it to every metric), so the
 Ray Serve Grafana dashboards find them; a counter gets `_total` on export.
 
-The request paths count in plain Python containers (no lock, no formatting); each class here
-turns its containers into families when a snapshot is taken:
+The request paths do not count here: they add an entry to their journal (journal.py), which folds
+each batch into plain Python containers (no lock, no formatting); each class here turns its
+containers into families when a snapshot is taken:
 
 - `ProxyStats`: per (route, application, ingress, method, status) one latency histogram list; the
   request counter, the two error counters and the histogram all come from it.
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from bisect import bisect_left
+from itertools import repeat
+from operator import is_
 from typing import Any, Optional
 
 from shoal.telemetry.registry import (
@@ -31,6 +32,7 @@ from shoal.telemetry.registry import (
     add_family,
     new_histogram,
 )
+from shoal.telemetry.journal import add_latencies, groups
 
 # Ray's DEFAULT_LATENCY_BUCKET_MS (REQUEST_LATENCY_BUCKETS_MS unless overridden), in milliseconds.
 LATENCY_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0, 1000.0, 2000.0,
@@ -79,7 +81,19 @@ _HTTP_LABELS = ("route", "method", "application", "status_code")
 _REPLICA_LABELS = ("deployment", "replica", "application")
 _ROUTER_LABELS = ("deployment", "application", "handle", "actor_id")
 
-_now = time.perf_counter
+# The bounds in seconds: the journal's latencies are `perf_counter` differences.
+REQUEST_LATENCY_BOUNDS_S = tuple(b / 1000.0 for b in REQUEST_LATENCY_BUCKETS_MS)
+
+
+def _no_journal() -> None:
+    return None
+
+
+def _catch_up(journal_ref: Any) -> None:
+    """Fold what the journal holds before a snapshot reads the counts (see journal.py)."""
+    journal = journal_ref()
+    if journal is not None:
+        journal.catch_up()
 
 
 def node_labels() -> tuple[str, str]:
@@ -91,33 +105,39 @@ def node_labels() -> tuple[str, str]:
 # -- the HTTP proxy ------------------------------------------------------------------------------------
 
 class ProxyStats:
-    """The proxy's per-request counts. `record` is the only call on the request path."""
+    """The proxy's request counts, folded in per batch from its journal (telemetry/journal.py)."""
 
-    __slots__ = ("data", "_n", "ongoing", "__weakref__")
+    __slots__ = ("data", "_n", "ongoing", "journal", "__weakref__")
 
     def __init__(self, ongoing: Any) -> None:
         self.data: dict[tuple, list] = {}
         self._n = len(REQUEST_LATENCY_BUCKETS_MS) + 1
         self.ongoing = ongoing  # () -> int: the proxy's requests in flight
+        self.journal: Any = _no_journal  # () -> the Journal that feeds it, or None (set by its journal)
         REGISTRY.add_source(self.collect, weak=True)  # ends with its proxy app
 
-    def record(self, route: str, app: str, ingress: str, method: str, status: int, t0: float) -> float:
-        """One finished request: `t0` is `time.perf_counter()` when it arrived. Returns its latency
-        in ms (the access line reuses it: one clock read per request for both)."""
-        ms = (_now() - t0) * 1000.0
-        key = (route, app, ingress, method, status)
-        h = self.data.get(key)
-        if h is None:
-            h = self.data[key] = [0] * self._n + [0.0]
-        h[bisect_left(REQUEST_LATENCY_BUCKETS_MS, ms)] += 1
-        h[-1] += ms
-        return ms
+    def fold(self, flat: list, w: int, start: int, secs: list) -> None:
+        """Count a batch of proxy journal entries `(t0, t1, route, method, status, request_id)`
+        (`route` a `Route`: grouped by identity, labelled by its fields)."""
+        routes = flat[start + 2::w]
+        # One route in the batch (most often): one group key; else its object's id (Route's own hash
+        # and == are Python-level, too slow per request).
+        ids = [0] * len(routes) if all(map(is_, routes, repeat(routes[0]))) else list(map(id, routes))
+        for (route_id, method, status), part in groups([ids, flat[start + 3::w], flat[start + 4::w]], secs):
+            route = routes[ids.index(route_id)]
+            key = (route.prefix, route.app_name, route.ingress, method, status)
+            h = self.data.get(key)
+            if h is None:
+                h = self.data[key] = [0] * self._n + [0.0]
+            add_latencies(h, REQUEST_LATENCY_BOUNDS_S, part)
+            h[-1] += sum(part) * 1000.0
 
     def collect(self, out: Snapshot) -> None:
         requests: dict = {}
         latency: dict = {}
         errors: dict = {}
         dep_errors: dict = {}
+        _catch_up(self.journal)
         for (route, app, ingress, method, status), h in list(self.data.items()):
             code = str(status)
             n = sum(h[:-1])
@@ -151,32 +171,33 @@ class ProxyStats:
 class ReplicaStats:
     """A replica's per-request counts: per route, a latency histogram list and then its error count."""
 
-    __slots__ = ("data", "_n", "labels", "ongoing", "__weakref__")
+    __slots__ = ("data", "_n", "labels", "ongoing", "journal", "__weakref__")
 
     def __init__(self, deployment: str, replica: str, app: str, ongoing: Any) -> None:
         self.data: dict[str, list] = {}
         self._n = len(REQUEST_LATENCY_BUCKETS_MS) + 1
         self.labels = (deployment, replica, app)
         self.ongoing = ongoing  # () -> int
+        self.journal: Any = _no_journal  # () -> the Journal that feeds it, or None (set by its journal)
         REGISTRY.add_source(self.collect, weak=True)  # ends with its replica server
 
-    def record(self, route: str, failed: bool, t0: float) -> float:
-        """One finished request; returns its latency in ms (for the access line)."""
-        ms = (_now() - t0) * 1000.0
-        h = self.data.get(route)
-        if h is None:
-            h = self.data[route] = [0] * self._n + [0.0, 0]
-        h[bisect_left(REQUEST_LATENCY_BUCKETS_MS, ms)] += 1
-        h[-2] += ms
-        if failed:
-            h[-1] += 1
-        return ms
+    def fold(self, flat: list, w: int, start: int, secs: list) -> None:
+        """Count a batch of replica journal entries `(t0, t1, route, failed, ...)`."""
+        for (route, failed), part in groups([flat[start + 2::w], flat[start + 3::w]], secs):
+            h = self.data.get(route)
+            if h is None:
+                h = self.data[route] = [0] * self._n + [0.0, 0]
+            add_latencies(h, REQUEST_LATENCY_BOUNDS_S, part)
+            h[-2] += sum(part) * 1000.0
+            if failed:
+                h[-1] += len(part)
 
     def collect(self, out: Snapshot) -> None:
         ok: dict = {}
         failed: dict = {}
         latency: dict = {}
         base = self.labels
+        _catch_up(self.journal)
         for route, h in list(self.data.items()):
             key = base + (route,)
             n = sum(h[:-2])

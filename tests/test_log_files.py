@@ -50,19 +50,14 @@ class Front:
 
 @pytest.fixture(scope="module", autouse=True)
 def instance():
-    env = {"SHOAL_LOG_ROTATION_MAX_BYTES": str(MAX_BYTES), "SHOAL_LOG_ROTATION_BACKUP_COUNT": str(BACKUPS)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the instance's processes inherit them
-    try:
-        serve.start(http_options={"port": 0}, logging_config={"encoding": "JSON"})
-        yield
-    finally:
-        serve.shutdown()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # the instance's processes inherit them
+        mp.setenv("SHOAL_LOG_ROTATION_MAX_BYTES", str(MAX_BYTES))
+        mp.setenv("SHOAL_LOG_ROTATION_BACKUP_COUNT", str(BACKUPS))
+        try:
+            serve.start(http_options={"port": 0}, logging_config={"encoding": "JSON"})
+            yield
+        finally:
+            serve.shutdown()
 
 
 def _logs() -> str:

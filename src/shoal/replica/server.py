@@ -67,10 +67,9 @@ class ReplicaServer:
         self._reconfigure_lock = asyncio.Lock()  # user_config and rank changes reach `reconfigure` in order
         dep = replica_id.deployment_id
         self.stats = ReplicaStats(dep.name, replica_id.unique_id, dep.app_name, lambda: self.ongoing)
-        # One journal entry per request: the metrics and the access lines (if on: `configure_logging`)
-        # read them per batch (telemetry/journal.py).
-        self.journal = journal_for(self.stats, self.loop, REPLICA_ENTRY_WIDTH,
-                                   replica_access_log(self.config.logging_config, replica_id))
+        # One journal entry per request: the metrics and the access lines (if on: set by
+        # `configure_logging`, which `run_replica` calls next) read them per batch (telemetry/journal.py).
+        self.journal = journal_for(self.stats, self.loop, REPLICA_ENTRY_WIDTH)
 
     def set_context(self, servable: Any) -> None:
         """Publish what `serve.get_replica_context()` returns (a new object each time, as in Ray)."""

@@ -47,20 +47,21 @@ def _logs_dir() -> str:
     return get_global_client().session_dir + "/logs"
 
 
-def _replica_lines(app: str, deployment: str) -> list[str]:
+def _lines(pattern: str) -> list[str]:
+    """The lines of the log files matching `pattern` in the session's logs directory."""
     lines: list[str] = []
-    for path in glob.glob(os.path.join(_logs_dir(), f"replica_{app}_{deployment}_*.log")):
+    for path in glob.glob(os.path.join(_logs_dir(), pattern)):
         with open(path, errors="replace") as f:
             lines += f.read().splitlines()
     return lines
+
+
+def _replica_lines(app: str, deployment: str) -> list[str]:
+    return _lines(f"replica_{app}_{deployment}_*.log")
 
 
 def _proxy_lines() -> list[str]:
-    lines: list[str] = []
-    for path in glob.glob(os.path.join(_logs_dir(), "proxy_*.log")):
-        with open(path, errors="replace") as f:
-            lines += f.read().splitlines()
-    return lines
+    return _lines("proxy_*.log")
 
 
 def _run(app: str, rid: str, logging_config=None) -> None:

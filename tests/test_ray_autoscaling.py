@@ -6,6 +6,7 @@ Ray's `AutoscalingCluster` (tests/autoscaling_cluster.py): a head with 1 CPU and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -128,6 +129,31 @@ class Elastic:
         return os.environ["SHOAL_NODE_ID"]
 
 
+@contextlib.contextmanager
+def _calls_in_flight(call, callers: int):
+    """`callers` threads, each making `call()` one after another while the block runs; yields the
+    list their failures are recorded in (the threads have stopped when the block ends)."""
+    stop = threading.Event()
+    failures: list = []
+
+    def load():
+        while not stop.is_set():
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - recorded: the tests assert there are none
+                failures.append(e)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    try:
+        yield failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(150)
+
+
 def _alive_nodes() -> int:
     import ray
 
@@ -136,29 +162,13 @@ def _alive_nodes() -> int:
 
 def test_serve_autoscaling_grows_the_cluster_and_idle_nodes_go_when_load_drops(serve_app):
     handle = serve.run(Elastic.bind(), name="elastic", route_prefix=None)  # one replica: the head has room
-    stop = threading.Event()
-    failures: list = []
-
-    def load():  # one caller of eight: a call at a time, each holding a replica slot for a while
-        while not stop.is_set():
-            try:
-                handle.remote(0.5).result(timeout_s=120)
-            except Exception as e:  # noqa: BLE001 - recorded: the test asserts there are none
-                failures.append(e)
-
-    callers = [threading.Thread(target=load, daemon=True) for _ in range(8)]
-    for t in callers:
-        t.start()
-    try:
+    # Eight callers, a call at a time each, every call holding a replica slot for a while.
+    with _calls_in_flight(lambda: handle.remote(0.5).result(timeout_s=120), 8) as failures:
         wait_for(lambda: (_deployment("elastic", "Elastic") or None)
                  and _deployment("elastic", "Elastic").replica_states.get("RUNNING") == 4,
                  timeout=GROW_TIMEOUT_S, interval=0.5, what="serve autoscaling to reach 4 running replicas")
         grown = _alive_nodes()
         assert grown >= 3  # four 1-CPU replicas: the head's one CPU and two 2-CPU nodes at least
-    finally:
-        stop.set()
-        for t in callers:
-            t.join(150)
     assert not failures, failures[:3]
     # Load gone: serve scales down to one replica, and Ray's autoscaler removes the nodes left idle.
     wait_for(lambda: _deployment("elastic", "Elastic").replica_states == {"RUNNING": 1},
@@ -196,20 +206,7 @@ def test_a_draining_node_loses_its_proxy_and_its_replicas_move_without_failed_ca
         return {key.split(":")[0] for key, s in serve.status().proxies.items() if s == "HEALTHY"}
 
     wait_for(lambda: victim in proxy_nodes(), timeout=GROW_TIMEOUT_S, what="a proxy on the node to drain")
-    stop = threading.Event()
-    failures: list = []
-
-    def load():
-        while not stop.is_set():
-            try:
-                handle.remote().result(timeout_s=120)
-            except Exception as e:  # noqa: BLE001 - recorded: the test asserts there are none
-                failures.append(e)
-
-    callers = [threading.Thread(target=load, daemon=True) for _ in range(2)]
-    for t in callers:
-        t.start()
-    try:
+    with _calls_in_flight(lambda: handle.remote().result(timeout_s=120), 2) as failures:
         # What Ray's autoscaler or a preemption notice does before a node goes (Ray's own CLI for it).
         out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
                               f"--address={autoscaling_cluster.address}", f"--node-id={victim}",
@@ -222,9 +219,5 @@ def test_a_draining_node_loses_its_proxy_and_its_replicas_move_without_failed_ca
         # Its replicas are replaced elsewhere (on a node the cluster adds if none has room), then stop.
         wait_for(lambda: (lambda n: len(n) == 4 and victim not in n)(_replica_nodes("Drained", "drained")),
                  timeout=GROW_TIMEOUT_S, interval=0.5, what="4 serving replicas, none on the draining node")
-    finally:
-        stop.set()
-        for t in callers:
-            t.join(150)
     assert not failures, failures[:3]
     assert victim not in _answers(handle, 4).values()

@@ -182,17 +182,16 @@ class ProxyManager:
     async def wait_started(self, timeout: float) -> None:
         """Wait (at most `timeout`) until no proxy is still starting: one started for a node that
         just got replicas serves once an app is RUNNING."""
-        deadline = time.monotonic() + timeout
-        while any(r.status == ProxyStatus.STARTING for r in self.proxies.values()) and time.monotonic() < deadline:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), 0.2)
-            except asyncio.TimeoutError:
-                pass
+        await self._wait_while(lambda: any(r.status == ProxyStatus.STARTING for r in self.proxies.values()),
+                               timeout)
 
     async def wait_routes(self, timeout: float) -> None:
+        await self._wait_while(lambda: not self.routes_applied(), timeout)
+
+    async def _wait_while(self, condition, timeout: float) -> None:
+        """Wait (at most `timeout`) while `condition()` holds, looking again on each change."""
         deadline = time.monotonic() + timeout
-        while not self.routes_applied() and time.monotonic() < deadline:
+        while condition() and time.monotonic() < deadline:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), 0.2)

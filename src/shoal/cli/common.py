@@ -64,3 +64,36 @@ def build_timeout_option(f: Any) -> Any:
                         default=None, envvar="SHOAL_BUILD_TIMEOUT_S", show_default="$SHOAL_BUILD_TIMEOUT_S, else 120",
                         help="Seconds that building a config's applications (importing them, calling their "
                              "builders) may take; then the builder process is killed and the command fails.")(f)
+
+
+def instance_dir_option(f: Any) -> Any:
+    return click.option("--instance-dir", default=None, envvar="SHOAL_INSTANCE_DIR",
+                        help="Directory recording the detached instance (default /tmp/shoal-<uid>/instance).")(f)
+
+
+def resolve_instance_dir(given: Optional[str]) -> str:
+    """The detached instance's directory: `--instance-dir` made absolute, else the default."""
+    from shoal import instance
+
+    return os.path.abspath(given) if given else instance.default_instance_dir()
+
+
+def connect_admin(given_dir: Optional[str]) -> Any:
+    """An `AdminClient` of the detached instance, or a CLI error saying none runs there."""
+    from shoal.admin_client import AdminClient, NoInstanceError
+
+    try:
+        return AdminClient.connect(resolve_instance_dir(given_dir))
+    except NoInstanceError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def admin_call(fn: Any, *args: Any, prefix: str = "", **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on an `AdminClient`, its `AdminError` turned into a CLI error (each problem
+    on a line, after `prefix`)."""
+    from shoal.admin_client import AdminError
+
+    try:
+        return fn(*args, **kwargs)
+    except AdminError as e:
+        raise click.ClickException("\n".join(prefix + p for p in e.problems)) from None

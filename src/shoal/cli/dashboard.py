@@ -16,8 +16,7 @@ from typing import Optional
 import click
 
 from shoal.cli import ray as cli_ray
-from shoal.cli.common import err
-from shoal.cli.instance import _admin_call, _connect, instance_dir_option
+from shoal.cli.common import admin_call, connect_admin, err, instance_dir_option
 
 
 def _has_display() -> bool:
@@ -39,8 +38,8 @@ def dashboard(print_url: bool, instance_dir: Optional[str]) -> None:
         raise click.ClickException("the dashboard is served by a detached instance on this machine (`shoal start`); "
                                    "on a Ray cluster (SHOAL_RUNTIME=ray) use Ray's dashboard and shoal's metrics "
                                    "endpoint (docs/observability.md)")
-    client = _connect(instance_dir)
-    login = _admin_call(client.dashboard_login)
+    client = connect_admin(instance_dir)
+    login = admin_call(client.dashboard_login)
     url, minutes = login["login_url"], login["expires_in_s"] / 60
     validity = f"the link works once, within {minutes:g} minutes; the session it opens lasts 12 hours"
     if print_url:

@@ -21,37 +21,11 @@ import yaml
 
 from shoal import instance
 from shoal.cli import ray as cli_ray
-from shoal.cli.common import build_timeout_option, import_path_errors, runtime_options, warn
+from shoal.cli.common import (admin_call, build_timeout_option, connect_admin, import_path_errors,
+                              instance_dir_option, resolve_instance_dir, runtime_options, warn)
 from shoal.import_path import load_application
 
 POLL_S = 0.25
-
-
-def instance_dir_option(f: Any) -> Any:
-    return click.option("--instance-dir", default=None, envvar="SHOAL_INSTANCE_DIR",
-                        help="Directory recording the detached instance (default /tmp/shoal-<uid>/instance).")(f)
-
-
-def _dir(instance_dir: Optional[str]) -> str:
-    return os.path.abspath(instance_dir) if instance_dir else instance.default_instance_dir()
-
-
-def _connect(instance_dir: Optional[str]) -> Any:
-    from shoal.admin_client import AdminClient, NoInstanceError
-
-    try:
-        return AdminClient.connect(_dir(instance_dir))
-    except NoInstanceError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def _admin_call(fn: Any, *args: Any, prefix: str = "", **kwargs: Any) -> Any:
-    from shoal.admin_client import AdminError
-
-    try:
-        return fn(*args, **kwargs)
-    except AdminError as e:
-        raise click.ClickException("\n".join(prefix + p for p in e.problems)) from None
 
 
 @click.command("start")
@@ -76,7 +50,7 @@ def start(http_host: str, http_port: int, proxy_location: str, admin_port: int, 
         raise click.UsageError(str(e)) from None
     if cli_ray.wants_ray(runtime):
         return cli_ray.start(address, opts, proxy_location)
-    where = _dir(instance_dir)
+    where = resolve_instance_dir(instance_dir)
     running = instance.read_info(where)
     if running is not None:
         click.echo(f"A shoal instance is already running (pid {running.pid}, admin API {running.admin_url}).")
@@ -86,10 +60,10 @@ def start(http_host: str, http_port: int, proxy_location: str, admin_port: int, 
         info = instance.start_detached(where, opts, admin_port, runtime, address)
     except instance.StartError as e:
         raise click.ClickException(str(e)) from None
-    client = _connect(where)
+    client = connect_admin(where)
     deadline = time.monotonic() + 60
     while True:
-        apps = _admin_call(client.applications)
+        apps = admin_call(client.applications)
         proxies = apps["status"]["proxies"]
         if proxy_location == "Disabled" or (proxies and all(s == "HEALTHY" for s in proxies.values())):
             break
@@ -136,12 +110,12 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, build_tim
     if cli_ray.wants_ray(runtime):
         return cli_ray.deploy(config_file, config_schema, app_dir, wait, timeout, address, wait_until_deployed,
                               build_timeout)
-    client = _connect(instance_dir)
+    client = connect_admin(instance_dir)
     if address is not None and client.info.address != address:  # (`--runtime ray` went to cli_ray above)
         raise click.ClickException(f"--address {address} does not match the running instance's "
                                    f"({client.info.address}); `shoal shutdown` and `shoal start` it anew.")
     body = config_schema.model_dump(mode="json", exclude_unset=True)
-    reply = _admin_call(client.deploy, body, os.path.abspath(app_dir), build_timeout, prefix=f"{config_file}: ")
+    reply = admin_call(client.deploy, body, os.path.abspath(app_dir), build_timeout, prefix=f"{config_file}: ")
     for note in reply.get("warnings", []):
         if not any(note in str(w.message) for w in caught):
             warn(f"{config_file}: {note}")
@@ -149,8 +123,8 @@ def deploy(config_file: str, app_dir: str, wait: bool, timeout: float, build_tim
     click.echo(f"Sent {config_file} to the instance: {', '.join(names) or 'no applications'}.")
     if not wait:
         return
-    wait_until_deployed(lambda: _admin_call(client.status), names, timeout,
-                        lambda: _admin_call(client.status, wait_routes=True))  # a request right after reaches them
+    wait_until_deployed(lambda: admin_call(client.status), names, timeout,
+                        lambda: admin_call(client.status, wait_routes=True))  # a request right after reaches them
 
 
 def wait_until_deployed(get_status: Any, names: list[str], timeout: float, settle: Any) -> None:
@@ -193,8 +167,9 @@ def status(output: str, name: Optional[str], pid: Optional[int], instance_dir: O
 
     if cli_ray.wants_ray(runtime):
         data = cli_ray.status(address)
-    elif pid is None and (instance_dir is not None or instance.read_info(_dir(instance_dir)) is not None):
-        data = _admin_call(_connect(instance_dir).status)
+    elif pid is None and (instance_dir is not None
+                          or instance.read_info(resolve_instance_dir(instance_dir)) is not None):
+        data = admin_call(connect_admin(instance_dir).status)
     else:
         data = _driver_instance_status(instance_dir, pid)
     if name is not None:
@@ -219,7 +194,8 @@ def _driver_instance_status(instance_dir: Optional[str], pid: Optional[int]) -> 
                                        f"instance (running: {', '.join(str(r.pid) for r in runs) or 'none'}).")
     elif not runs:
         raise click.ClickException(f"no shoal instance is running: none started with `shoal start` (looked in "
-                                   f"{_dir(instance_dir)}), and no `shoal run` or serve.run script is running.")
+                                   f"{resolve_instance_dir(instance_dir)}), and no `shoal run` or serve.run script "
+                                   "is running.")
     else:
         chosen = runs
     info = chosen[0]
@@ -243,7 +219,7 @@ def config(name: Optional[str], instance_dir: Optional[str], runtime: Optional[s
     if cli_ray.wants_ray(runtime):
         apps = cli_ray.app_configs(address)
     else:
-        apps = _admin_call(_connect(instance_dir).applications)["applications"]
+        apps = admin_call(connect_admin(instance_dir).applications)["applications"]
     if name is not None:
         if name not in apps:
             raise click.ClickException(f"no application '{name}' deployed from a config "
@@ -263,7 +239,7 @@ def shutdown(yes: bool, timeout: float, instance_dir: Optional[str], runtime: Op
     """Delete every application and stop the detached instance."""
     if cli_ray.wants_ray(runtime):
         return cli_ray.shutdown(address, yes, timeout)
-    where = _dir(instance_dir)
+    where = resolve_instance_dir(instance_dir)
     info = instance.read_info(where)
     if info is None:
         click.echo(f"No shoal instance is running (looked in {where}).")
@@ -271,8 +247,8 @@ def shutdown(yes: bool, timeout: float, instance_dir: Optional[str], runtime: Op
     if not yes:
         click.confirm(f"This stops the shoal instance (pid {info.pid}) and every application it runs. Continue?",
                       abort=True)
-    admin = _connect(instance_dir)
-    _admin_call(admin.shutdown)
+    admin = connect_admin(instance_dir)
+    admin_call(admin.shutdown)
     info = admin.info  # the controller may have been restarted since `info` was read
     deadline = time.monotonic() + timeout
     while any(instance.pid_alive(p) for p in (info.pid, info.supervisor_pid) if p):

@@ -129,3 +129,19 @@ def test_log_level_filters(serve_app):
     for deployment in ("Front", "Down"):
         lines = _replica_lines(app, deployment)
         assert not [ln for ln in lines if "user line" in ln or "shoal.access" in ln]
+
+
+def test_terminal_copy_drops_exactly_the_access_lines():
+    """The log tailer keeps access lines off the terminal (they stay in the file) but never a user
+    line, even one that mentions the access logger and arrives in the same read as access lines."""
+    from shoal.runtime.embedded import _drop_access_lines
+
+    access = b"INFO 2026-12-07 12:00:00,123 shoal.access GET / 200 1.2ms\n"
+    json_access = b'{"levelname": "INFO", "asctime": "2026-12-07 12:00:00,123", "name": "shoal.access", "x": 1}\n'
+    user = b"INFO 2026-12-07 12:00:00,124 ray.serve grep for ' shoal.access ' in the file\n"
+    assert _drop_access_lines(access * 3) == b""
+    assert _drop_access_lines(json_access + access) == b""
+    assert _drop_access_lines(access + user) == user
+    assert _drop_access_lines(user + access + user) == user + user
+    assert _drop_access_lines(access + b"partial line without end") == b"partial line without end"
+    assert _drop_access_lines(access * 100_000) == b""  # one long read: no recursion limit

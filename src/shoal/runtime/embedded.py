@@ -114,17 +114,18 @@ class LogTailer:
 
 
 # An access line (access_log.py), TEXT or JSON: its logger name sits right after `asctime`.
-_ACCESS_LINE = re.compile(rb'^(?:INFO [^\n]{23} shoal\.access |\{"levelname": "INFO", "asctime": "[^"\n]*", '
-                          rb'"name": "shoal\.access")[^\n]*\n', re.M)
+_ACCESS_LINE_TEXT = (rb'(?:INFO [^\n]{23} shoal\.access |\{"levelname": "INFO", "asctime": "[^"\n]*", '
+                     rb'"name": "shoal\.access")[^\n]*\n')
+_ACCESS_LINE = re.compile(rb"^" + _ACCESS_LINE_TEXT, re.M)
+_ONLY_ACCESS_LINES = re.compile(rb"(?:" + _ACCESS_LINE_TEXT + rb")+")
 
 
 def _drop_access_lines(data: bytes) -> bytes:
-    """`data` without its access lines. Under load a read is most often access lines only: then two
-    counts (C speed, no regular expression) tell so and nothing is left to split."""
-    found = data.count(b" shoal.access ") or data.count(b'"name": "shoal.access"')
-    if not found:
+    """`data` without its access lines. Under load a read is most often access lines only: one
+    `fullmatch` (C speed) tells so exactly and nothing is left to split."""
+    if b" shoal.access " not in data and b'"name": "shoal.access"' not in data:
         return data
-    if found == data.count(b"\n") and data.endswith(b"\n") and _ACCESS_LINE.match(data):
+    if _ONLY_ACCESS_LINES.fullmatch(data):
         return b""
     return _ACCESS_LINE.sub(b"", data)
 

@@ -113,12 +113,15 @@ def test_snapshot_off_the_loop_leaves_the_batch_to_the_timer():
         loop.close()
 
 
-def test_access_lines_from_the_journal(monkeypatch):
+def test_access_lines_from_the_journal():
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     root = logging.getLogger()
     root.addHandler(handler)
-    monkeypatch.setattr(root, "level", logging.INFO)
+    # setLevel, not an attribute patch: it also clears the loggers' isEnabledFor caches, which an
+    # earlier test in the same process may have filled at WARNING.
+    old_level = root.level
+    root.setLevel(logging.INFO)
     loop = asyncio.new_event_loop()
     try:
         route = Route("/r", "app", "Ingress")
@@ -134,6 +137,7 @@ def test_access_lines_from_the_journal(monkeypatch):
         replica.flush()
     finally:
         root.removeHandler(handler)
+        root.setLevel(old_level)
         loop.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 3, lines

@@ -1,13 +1,16 @@
 """One side of the LLM benchmark: deploy it, load it at 1, 4 and 16 concurrent streams, print RESULT.
 
 Sides: `shoal` (`build_openai_app` on the default model with default engine options, streaming
-`/v1/completions` with `ignore_eos`), `naive` and `batched` (llm_baselines.py). Every request asks
+`/v1/completions` with `ignore_eos`), `llama-server` (llama.cpp's own server on the same GGUF file,
+same requests, built by ensure_llama_server.sh), `naive` and `batched` (llm_baselines.py). Every request asks
 for exactly `--tokens` new tokens on its own prompt. At concurrency C, C client tasks each send
 `--requests-per-client` requests back to back (before the first level, one uncounted warm-up
 request per client); tokens/s is all generated tokens over the wall time of the measured rounds, and time to first
 token runs from sending a request to its first token (the whole response for sides that do not
 stream). With `--memory`, the side also serves the embedding model and reports the RSS of every
-shoal process (controller, proxy, replicas) after the load.
+shoal process (controller, proxy, replicas) after the load: the LLM alone (`memory_mb`, the figure
+compared with llama-server's), then with the embedding model added (`memory_both_mb`). `first_answer_s`
+runs from the start of the server (shoal's `serve.start`, llama-server's exec) to the first answer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,6 +90,42 @@ async def level(send, url: str, concurrency: int, per_client: int, tokens: int, 
             "wall_s": wall}
 
 
+HERE = Path(__file__).resolve().parent
+LLM_ID = "SmolLM2-135M-Instruct"
+EMBEDDING_ID = "all-MiniLM-L6-v2"
+
+
+def first_answer(url: str, server: subprocess.Popen | None = None, deadline_s: float = 600.0) -> None:
+    """Poll until the server gives one real completion (a health check is not an answer)."""
+    body = {"model": LLM_ID, "prompt": "Hi", "max_tokens": 1}
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            if httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server is not None and server.poll() is not None:
+            raise SystemExit(f"llama-server exited with code {server.returncode} before answering")
+        if time.monotonic() > end:
+            raise SystemExit(f"no answer from {url} within {deadline_s:.0f} s")
+        time.sleep(0.05)
+
+
+def start_llama_server(port: int = 18777) -> subprocess.Popen:
+    """llama.cpp's server on the bundled GGUF: every core, 16 slots of 512 tokens, the model's name."""
+    from shoal.llm.models import resolve_model_source
+
+    binary = subprocess.run(["bash", str(HERE / "ensure_llama_server.sh")], check=True, capture_output=True,
+                            text=True).stdout.strip().splitlines()[-1]
+    gguf = resolve_model_source(LLM_ID).path
+    threads = str(os.cpu_count() or 1)
+    return subprocess.Popen([binary, "-m", str(gguf), "-a", LLM_ID, "--host", "127.0.0.1", "--port", str(port),
+                             "-t", threads, "-tb", threads, "--parallel", "16", "-c", str(16 * 512),
+                             "--no-webui", "--log-disable"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def shoal_memory_mb() -> float:
     """RSS of every process of this shoal instance (this driver's children), in MiB."""
     me = psutil.Process()
@@ -94,38 +134,60 @@ def shoal_memory_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--side", choices=["shoal", "naive", "batched"], required=True)
+    ap.add_argument("--side", choices=["shoal", "llama-server", "naive", "batched"], required=True)
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--memory", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    serve.start(http_options={"port": 0})
     t0 = time.perf_counter()
-    if a.side == "shoal":
-        from shoal.llm import build_openai_app
-
-        models = ["SmolLM2-135M-Instruct"] + (["all-MiniLM-L6-v2"] if a.memory else [])
-        serve.run(build_openai_app({"llm_configs": [{"model_loading_config": {"model_id": m}} for m in models]}))
-        send = shoal_request
+    server = None
+    if a.side == "llama-server":
+        server = start_llama_server()
+        url, send = "http://127.0.0.1:18777", shoal_request
     else:
-        import llm_baselines
+        serve.start(http_options={"port": 0})
+        if a.side == "shoal":
+            from shoal.llm import build_openai_app
 
-        serve.run(llm_baselines.naive_app if a.side == "naive" else llm_baselines.batched_app)
-        send = baseline_request
+            serve.run(build_openai_app({"llm_configs": [{"model_loading_config": {"model_id": LLM_ID}}]}))
+            send = shoal_request
+        else:
+            import llm_baselines
+
+            serve.run(llm_baselines.naive_app if a.side == "naive" else llm_baselines.batched_app)
+            send = baseline_request
+        url = get_http_url().rstrip("/")
     ready_s = time.perf_counter() - t0
-    url = get_http_url().rstrip("/")
+    result: dict = {"side": a.side, "ready_s": ready_s}
+    if send is shoal_request:
+        first_answer(url, server)
+        result["first_answer_s"] = time.perf_counter() - t0
     levels = []
-    for c in (int(x) for x in a.levels.split(",")):
-        # The naive side serves one request at a time: one request per client keeps its run short.
-        per_client = 1 if (a.side == "naive" and c > 1) else a.requests_per_client
-        levels.append(asyncio.run(level(send, url, c, per_client, a.tokens, warmup=not levels)))
-        print(f"{a.side} c={c}: {levels[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-    result = {"side": a.side, "ready_s": ready_s, "levels": levels}
-    if a.memory:
-        result["memory_mb"] = shoal_memory_mb()
-    serve.shutdown()
+    try:
+        for c in (int(x) for x in a.levels.split(",")):
+            # The naive side serves one request at a time: one request per client keeps its run short.
+            per_client = 1 if (a.side == "naive" and c > 1) else a.requests_per_client
+            levels.append(asyncio.run(level(send, url, c, per_client, a.tokens, warmup=not levels)))
+            print(f"{a.side} c={c}: {levels[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+        result["levels"] = levels
+        if a.memory and server is not None:
+            result["memory_mb"] = psutil.Process(server.pid).memory_info().rss / 2**20
+        elif a.memory:
+            result["memory_mb"] = shoal_memory_mb()
+            if a.side == "shoal":
+                from shoal.llm import build_openai_app
+
+                embedding = {"llm_configs": [{"model_loading_config": {"model_id": EMBEDDING_ID}}]}
+                serve.run(build_openai_app(embedding), name="embeddings", route_prefix="/embeddings")
+                result["memory_both_mb"] = shoal_memory_mb()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        else:
+            serve.shutdown()
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -148,3 +148,16 @@ def test_a_replica_on_a_draining_node_stops_first():
     ds._scale(now=0.0)
     assert on_draining.state == ReplicaState.STOPPING
     assert all(r.state == ReplicaState.STARTING for r in starting)
+
+
+def test_the_ray_runtime_names_the_node_with_rays_head_resource(monkeypatch):
+    import pytest
+
+    pytest.importorskip("ray")
+    from shoal.runtime import ray as shoal_ray
+
+    nodes = [{"NodeID": "w1", "Resources": {"CPU": 2.0}},
+             {"NodeID": "h", "Resources": {"CPU": 1.0, shoal_ray.HEAD_RESOURCE: 1.0}}]
+    monkeypatch.setattr(shoal_ray, "_alive_nodes", lambda: (nodes, frozenset()))
+    rt = shoal_ray.RayRuntime("tcp://127.0.0.1:1", b"s" * 32, "controller-id")
+    assert rt.head_node() == "h"

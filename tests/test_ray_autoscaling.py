@@ -161,6 +161,12 @@ def _alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
+def _head_node() -> str:
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n.get("Resources", {}))
+
+
 def test_serve_autoscaling_grows_the_cluster_and_idle_nodes_go_when_load_drops(serve_app):
     handle = serve.run(Elastic.bind(), name="elastic", route_prefix=None)  # one replica: the head has room
     # Eight callers, a call at a time each, every call holding a replica slot for a while.
@@ -174,7 +180,10 @@ def test_serve_autoscaling_grows_the_cluster_and_idle_nodes_go_when_load_drops(s
     # Load gone: serve scales down to one replica, and Ray's autoscaler removes the nodes left idle.
     wait_for(lambda: _deployment("elastic", "Elastic").replica_states == {"RUNNING": 1},
              timeout=GROW_TIMEOUT_S, interval=0.5, what="serve autoscaling back to 1 replica")
-    wait_for(lambda: _alive_nodes() <= 2, timeout=GROW_TIMEOUT_S, interval=1.0,
+    # The head's replica is the one left (replicas stop on the emptiest node first, the head's last),
+    # so every added node goes.
+    assert handle.remote().result(timeout_s=60) == _head_node()
+    wait_for(lambda: _alive_nodes() == 1, timeout=GROW_TIMEOUT_S, interval=1.0,
              what="the cluster to remove its idle nodes")
     # The proxies of the removed nodes are gone, not started again elsewhere; the app still answers.
     wait_for(lambda: len(serve.status().proxies) == _alive_nodes()
@@ -190,12 +199,6 @@ def _replica_nodes(deployment: str, app: str) -> list:
 
     targets = client_mod.get_global_client()._targets.get(DeploymentID(deployment, app))
     return [r.node_id for r in targets.replicas] if targets else []
-
-
-def _head_node() -> str:
-    import ray
-
-    return next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n.get("Resources", {}))
 
 
 def test_scaling_down_to_one_replica_compacts_onto_the_head_and_the_cluster_shrinks(serve_app):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from shoal.common import DeploymentID, DeploymentTargets, ReplicaID, RunningReplicaInfo
 from shoal.config import ReplicaRank
-from shoal.controller import status_notes
+from shoal.controller import downscale, status_notes
 from shoal.controller.autoscaler import DeploymentAutoscaler
 from shoal.controller.checkpoint import DeploymentSnapshot, ReplicaSnapshot
 from shoal.controller.specs import DeploymentSpec
@@ -529,14 +529,25 @@ class DeploymentState:
             for _ in range(delta):
                 self._new_replica()
         elif delta < 0:
-            # Stop the cheapest first: leaving a draining node, unplaced, then starting, then outdated,
-            # then the newest running.
-            def cost(r: ReplicaRecord) -> tuple:
-                return (r.unique_id not in moving, r.placed, r.state in (ReplicaState.RUNNING, ReplicaState.UPDATING),
-                        r.code_version == self.code_version, r.start_time)
-
-            for rec in sorted(active, key=cost)[:-delta]:
+            for rec in self._to_stop(active, moving, -delta):
                 self._stop(rec, graceful=True)
+
+    def _to_stop(self, active: list[ReplicaRecord], moving: set[str], n: int) -> list[ReplicaRecord]:
+        """The `n` replicas to stop first (`controller/downscale.py`, Ray Serve's order): those
+        leaving a draining node, those not serving yet, outdated ones, then serving ones by node,
+        the emptiest node first and the head node's last, so the cluster can remove a node."""
+        runtime = self.controller.runtime
+        serving_states = (ReplicaState.RUNNING, ReplicaState.UPDATING)
+        load: dict[str, int] = {}  # node -> serving replicas of every deployment there
+        for r in self.controller.replicas_by_uid.values():
+            if r.state in serving_states and r.reservation is not None and r.reservation.node_id:
+                load[r.reservation.node_id] = load.get(r.reservation.node_id, 0) + 1
+        candidates = [downscale.StopCandidate(
+            r.unique_id, node=r.reservation.node_id if r.reservation is not None else "",
+            serving=r.state in serving_states, placed=r.placed, draining=r.unique_id in moving,
+            outdated=r.code_version != self.code_version, started=r.start_time) for r in active]
+        order = downscale.stop_order(candidates, load, runtime.head_node())
+        return [self.replicas[uid] for uid in order[:n]]
 
     def _move_off_draining_nodes(self) -> set[str]:
         """The serving replicas on nodes the cluster drains (about to remove them): each gets a

@@ -174,6 +174,11 @@ class Runtime(ABC):
         last learned: called every reconcile tick."""
         return frozenset()
 
+    def head_node(self) -> Optional[str]:
+        """The node that never goes (a cluster's head), whose replicas stop last on downscale, so
+        the nodes the cluster can remove empty first; None where there is no such node (one machine)."""
+        return None
+
     def surplus_proxies(self, http_options: dict) -> list[int]:
         """Indices of running proxies whose node no longer needs one (a cluster runtime: no replicas
         there any more); the controller drains and stops them, so the node can go idle."""

@@ -362,6 +362,7 @@ class RayRuntime(Runtime):
         self._proxies: dict[int, RayReplicaProcess] = {}  # proxy index -> its actor (and node)
         self._alive: list[dict] = []
         self._draining: frozenset = frozenset()
+        self._head: Optional[str] = None
         self._alive_at = -NODES_TTL_S
         self.exporters: dict[str, RayReplicaProcess] = {}  # node -> its metrics exporter actor
         self._exporter_retry_at: dict[str, float] = {}  # node -> when an exporter that exited is replaced
@@ -380,6 +381,13 @@ class RayRuntime(Runtime):
     def draining_nodes(self) -> frozenset:
         self._nodes(max_age=WATCH_NODES_TTL_S)
         return self._draining
+
+    def head_node(self) -> Optional[str]:
+        """The head node's id (the one with Ray's head resource; it never changes), None until seen."""
+        if self._head is None:
+            self._head = next((n["NodeID"] for n in self._nodes(max_age=WATCH_NODES_TTL_S)
+                               if HEAD_RESOURCE in n.get("Resources", {})), None)
+        return self._head
 
     def _node_views(self) -> list[NodeView]:
         """The alive nodes with what Ray counts as free on each, as fresh as `_nodes`."""

@@ -1,7 +1,7 @@
-"""LLM engines: the protocol the OpenAI layer talks to, a `transformers` engine with continuous
-batching, and a sentence-transformers embedding engine.
+"""`TransformersEngine`: a PyTorch/transformers engine with continuous batching (HF directories,
+CUDA, and GGUF files converted to a transformers checkpoint).
 
-`TransformersEngine` in short:
+In short:
 
 - One decode thread owns the model. Each iteration it (1) admits waiting requests into free batch
   slots and prefills them, one prompt per forward, up to `max_prefill_tokens` prompt tokens per
@@ -32,19 +32,14 @@ import collections
 import concurrent.futures
 import inspect
 import logging
-import math
 import os
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
-from .models import (
+from ..models import (
     DEFAULT_CHAT_MODEL,
-    DEFAULT_EMBEDDING_MODEL,
-    ModelSourceError,
     Precision,
     ResolvedModel,
     choose_precision,
@@ -52,184 +47,24 @@ from .models import (
     prepare_weights,
     resolve_model_source,
 )
+from .base import (
+    Delta,
+    EmbeddingOutput,
+    EngineShutdownError,
+    GenerationRequest,
+    PromptTooLongError,
+    SamplingParams,
+    Usage,
+)
+from .detokenize import IncrementalDetokenizer
+from .stopping import find_stop, stop_holdback
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Delta",
-    "EmbeddingEngine",
-    "EmbeddingOutput",
-    "EngineShutdownError",
-    "GenerationRequest",
-    "LLMEngine",
-    "ModelSourceError",
-    "PromptTooLongError",
-    "SamplingParams",
-    "TransformersEngine",
-    "Usage",
-    "build_engine",
-]
-
-
-# --------------------------------------------------------------------------------------------------
-# Request / response types and the protocol
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingParams:
-    """Per-request sampling. ``temperature=0`` is greedy; `seed` gives the request its own RNG."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return [s for s in stops if s]
-
-
-@dataclass
-class GenerationRequest:
-    """A completion (`prompt`: text or token ids) or chat (`messages`) request."""
-
-    prompt: str | list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Delta:
-    """New text of one stream. The last delta has `finish_reason` ("stop" | "length") and `usage`."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-
-@dataclass
-class EmbeddingOutput:
-    embeddings: list[list[float]]
-    prompt_tokens: int
-
-
-class EngineShutdownError(RuntimeError):
-    """Raised into streams still running when the engine shuts down."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt (plus `max_tokens`) does not fit the model's context."""
-
-
-@runtime_checkable
-class LLMEngine(Protocol):
-    """What the serving layer needs from an engine (vLLM, transformers, embeddings...)."""
-
-    model_id: str
-
-    async def start(self) -> None:
-        """Load weights and start background work; must be awaited before use."""
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Validate `request` (``ValueError`` at call time) and stream its deltas."""
-
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        """Embed `texts` (engines without embeddings raise ``NotImplementedError``)."""
-
-    async def shutdown(self) -> None:
-        """Stop background work; streams still running get `EngineShutdownError`."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Text helpers: incremental detokenizing and stop strings
-# --------------------------------------------------------------------------------------------------
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text pieces that are never garbled.
-
-    A token may end inside a multi-byte character (the decoded text then ends with U+FFFD), and some
-    tokenizers decode a lone token differently from the same token in context (SentencePiece drops
-    a leading space). So each step decodes a short window -- the text already emitted for the last
-    few tokens plus the new ones -- and emits only what grew past that, and only once it no longer
-    ends in an incomplete character.
-    """
-
-    def __init__(self, decode: Any, context_ids: Sequence[int] = ()) -> None:
-        self._decode = decode
-        self._ids: list[int] = list(context_ids)[-4:]
-        self._prefix = 0
-        self._read = len(self._ids)
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still pending (at the end of a stream), even if incomplete."""
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return after[len(before) :] if len(after) > len(before) else ""
-
-
-def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
-    """Index of the earliest occurrence of any stop string in `text[start:]`, or -1."""
-    best = -1
-    for stop in stops:
-        i = text.find(stop, start)
-        if i != -1 and (best == -1 or i < best):
-            best = i
-    return best
-
-
-def stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string (not yet safe to
-    stream: if the stop completes, they must never have been sent)."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return hold
+__all__ = ["TransformersEngine"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,6 +453,11 @@ class TransformersEngine:
             return
         ready.set_result(None)
         self._run()
+
+    def is_alive(self) -> bool:
+        """Whether the decode thread runs (for health checks)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     async def shutdown(self) -> None:
         """Stop the decode thread; pending and running streams get `EngineShutdownError`."""
@@ -1036,96 +876,3 @@ class TransformersEngine:
             self._stats["finished_" + finish] += 1
             return True
         return False
-
-
-# --------------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------------
-
-
-class EmbeddingEngine:
-    """Sentence embeddings with sentence-transformers (all-MiniLM-L6-v2 by default).
-
-    Encoding runs in one dedicated worker thread, one call at a time (torch already uses every
-    core); concurrent calls queue there.
-    """
-
-    def __init__(
-        self,
-        model_source: str = DEFAULT_EMBEDDING_MODEL,
-        *,
-        model_id: str | None = None,
-        device: str | None = None,
-        normalize: bool = True,
-        batch_size: int = 32,
-    ) -> None:
-        self.model_source = model_source
-        self.model_id = model_id or model_source
-        self._device_option = device
-        self.normalize = normalize
-        self.batch_size = batch_size
-        self.model: Any = None
-        self.dimension = 0
-        # One dedicated thread for loading and encoding: one OpenMP pool (see TransformersEngine.start).
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    async def start(self) -> None:
-        if self.model is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"shoal-embed-{self.model_id}"
-            )
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-
-    def _load(self) -> None:
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        resolved = resolve_model_source(self.model_source)
-        device = self._device_option or ("cuda" if torch.cuda.is_available() else "cpu")
-        if resolved.format == "gguf":
-            raise ModelSourceError(
-                f"{self.model_source!r} is a GGUF file; embeddings need a sentence-transformers model"
-            )
-        self.model = SentenceTransformer(str(resolved.path), device=device, local_files_only=True)
-        dim_fn = (
-            getattr(self.model, "get_embedding_dimension", None)
-            or self.model.get_sentence_embedding_dimension
-        )
-        self.dimension = int(dim_fn() or 0)
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        raise NotImplementedError(f"{self.model_id} is an embedding model; it cannot generate text")
-
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        if self.model is None:
-            raise RuntimeError("engine is not started; await engine.start() first")
-        items = [texts] if isinstance(texts, str) else list(texts)
-        if not items:
-            return EmbeddingOutput([], 0)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, items)
-
-    def _embed(self, texts: list[str]) -> EmbeddingOutput:
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        tokenizer = self.model.tokenizer
-        limit = getattr(self.model, "max_seq_length", None)
-        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-        tokens = sum(min(c, limit) if limit else c for c in counts)
-        return EmbeddingOutput([v.tolist() for v in vectors], tokens)
-
-    async def shutdown(self) -> None:
-        self.model = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-
-
-def build_engine(model_source: str, **kwargs: Any) -> LLMEngine:
-    """An engine for `model_source`: `EmbeddingEngine` for sentence-transformers models, else
-    `TransformersEngine`. Keyword options go to the engine's constructor."""
-    resolved = resolve_model_source(model_source)
-    if resolved.format == "sentence-transformers":
-        return EmbeddingEngine(model_source, **kwargs)
-    return TransformersEngine(model_source, **kwargs)

@@ -2,6 +2,8 @@
 
 - `base`: the request/sampling/output types and the `LLMEngine` protocol the OpenAI layer talks to;
 - `detokenize`, `stopping`: shared text handling (incremental detokenizing, stop strings);
+- `threaded`: `ThreadedEngine`, the shared part of the continuous-batching engines (the decode
+  thread, request intake and validation, aborts, delivering deltas, per-token stop handling);
 - `transformers`: `TransformersEngine` (PyTorch, continuous batching; HF directories and CUDA);
 - `embeddings`: `EmbeddingEngine` (sentence-transformers).
 

@@ -27,15 +27,13 @@ In short:
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..models import (
@@ -47,17 +45,8 @@ from ..models import (
     prepare_weights,
     resolve_model_source,
 )
-from .base import (
-    Delta,
-    EmbeddingOutput,
-    EngineShutdownError,
-    GenerationRequest,
-    PromptTooLongError,
-    SamplingParams,
-    Usage,
-)
-from .detokenize import IncrementalDetokenizer
-from .stopping import find_stop, stop_holdback
+from .base import GenerationRequest, SamplingParams
+from .threaded import Outbox, SequenceState, ThreadedEngine
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -310,44 +299,20 @@ def _use_batch_invariant_attention(model: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Sequence:
-    """One request's state, owned by the decode thread once submitted."""
+class _Sequence(SequenceState):
+    """A request's state plus the transformers engine's own: its RNG and its cache length."""
 
-    __slots__ = (
-        "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
-        "generator", "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token",
-        "position", "loop", "queue", "aborted",
-    )  # fmt: skip
+    __slots__ = ("generator", "position")
 
     def __init__(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int
     ) -> None:
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.max_tokens = max_tokens
-        self.stops = params.stop_strings
-        self.max_stop_len = max((len(s) for s in self.stops), default=0)
-        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids or ())
+        super().__init__(request_id, prompt_ids, params, max_tokens)
         self.generator: Any = None
-        self.detok: IncrementalDetokenizer | None = None
-        self.text = ""
-        self.sent = 0
-        self.pending_ids: list[int] = []
-        self.completion_tokens = 0
-        self.last_token = -1
         self.position = 0  # tokens in the cache = next position id = the row's next column
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[Any] | None = None
-        self.aborted = False
 
 
-def _put_all(items: list[tuple["asyncio.Queue[Any]", Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class TransformersEngine:
+class TransformersEngine(ThreadedEngine):
     """A PyTorch/transformers engine with continuous batching (see the module docstring).
 
     Options: `dtype` ("auto" | "float32" | "bfloat16" | "float16" | "int8"; "auto" is int8 on CPU,
@@ -357,6 +322,8 @@ class TransformersEngine:
     their own seed), `num_threads` (torch intra-op threads), `cache_converted` (keep converted GGUF
     checkpoints, see `models`), `warmup` (run one tiny request in `start()`).
     """
+
+    sequence_class = _Sequence
 
     def __init__(
         self,
@@ -373,6 +340,7 @@ class TransformersEngine:
         cache_converted: bool = True,
         warmup: bool = True,
     ) -> None:
+        super().__init__(warmup=warmup)
         self.model_source = model_source
         self.model_id = model_id or model_source
         self._dtype_option = dtype
@@ -383,92 +351,30 @@ class TransformersEngine:
         self._seed = seed
         self._num_threads = num_threads
         self._cache_converted = cache_converted
-        self._warmup = warmup
 
         self.device = "cpu"
         self.precision: Precision | None = None
-        self.max_num_seqs = 0
-        self.max_model_len = 0
         self.max_prefill_tokens = 0
         self.resolved: ResolvedModel | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self._tok_lock = threading.Lock()
-        self._eos_ids: frozenset[int] = frozenset()
         self._cache_kwarg = "cache"
         self._chunked_attention = False
         self._store: _KVStore | None = None
         self._cache: Any = None
         self._generator: Any = None
 
-        self._cv = threading.Condition()
-        self._incoming: collections.deque[_Sequence] = collections.deque()
-        self._aborts: set[_Sequence] = set()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: list[_Sequence] = []  # in KV-row order
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._started = False
-        # Every key exists up front, so stats() can copy the dict while the decode thread counts.
-        self._stats: dict[str, int] = dict.fromkeys(
-            ("requests", "prefill_tokens", "prefill_ms", "decode_steps", "decode_rows", "decode_ms",
-             "generated_tokens", "aborted", "finished_stop", "finished_length"),
-            0,
-        )  # fmt: skip
-
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load the model and start the decode loop, both in the engine's own thread.
+    def _thread_context(self) -> Any:
+        """Loading happens in the decode thread too because PyTorch's OpenMP pool is per calling
+        thread: each extra thread that ever ran parallel torch ops keeps an idle team, and with more
+        OpenMP threads than cores libgomp stops spinning between parallel regions, which made every
+        decode step ~1.5x slower on 2 cores."""
+        import torch
 
-        Loading happens in that thread too because PyTorch's OpenMP pool is per calling thread:
-        each extra thread that ever ran parallel torch ops keeps an idle team, and with more
-        OpenMP threads than cores libgomp stops spinning between parallel regions, which made
-        every decode step ~1.5x slower on 2 cores.
-        """
-        if self._started:
-            return
-        self._stopping = False
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._thread_main, args=(ready,), name=f"shoal-llm-{self.model_id}", daemon=True
-        )
-        self._thread.start()
-        try:
-            await asyncio.wrap_future(ready)
-        except BaseException:
-            self._thread = None
-            raise
-        self._started = True
-        if self._warmup:
-            request = GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2, temperature=0))
-            async for _ in self.generate(request):
-                pass
-
-    def _thread_main(self, ready: "concurrent.futures.Future[None]") -> None:
-        try:
-            self._load()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        self._run()
-
-    def is_alive(self) -> bool:
-        """Whether the decode thread runs (for health checks)."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    async def shutdown(self) -> None:
-        """Stop the decode thread; pending and running streams get `EngineShutdownError`."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
-        self._thread = None
-        self._started = False
+        return torch.inference_mode()
 
     def _load(self) -> None:
         import torch
@@ -538,16 +444,6 @@ class TransformersEngine:
 
     # -- public API --------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Validate and tokenize now (``ValueError`` for bad requests); stream deltas when iterated."""
-        if not self._started:
-            raise RuntimeError("engine is not started; await engine.start() first")
-        seq = self._make_sequence(request)
-        return self._stream(seq)
-
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        raise NotImplementedError(f"{self.model_id} is a text-generation engine; use an EmbeddingEngine")
-
     def render_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for `messages`)."""
         tokenizer = self.tokenizer
@@ -574,9 +470,7 @@ class TransformersEngine:
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and tests (requests, tokens, steps) plus current queue sizes."""
-        out = dict(self._stats)
-        out["active"] = len(self._active)
-        out["waiting"] = len(self._waiting) + len(self._incoming)
+        out = super().stats()
         out["kv_cache_bytes"] = self._store.nbytes if self._store is not None else 0
         # KV-cache usage for metrics: the tokens held for running requests, of what the cache can hold.
         out["kv_cache_tokens"] = sum(s.position for s in list(self._active))
@@ -585,117 +479,31 @@ class TransformersEngine:
 
     # -- request intake (event-loop side) ----------------------------------------------------------
 
-    def _make_sequence(self, request: GenerationRequest) -> _Sequence:
-        params = request.sampling
-        params.validate()
-        prompt_ids = self.render_prompt(request)
-        n = len(prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                f"has {n} tokens"
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
-        if n + max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} "
-                f"were requested ({n} in the prompt, {max_tokens} for the completion); lower max_tokens"
-            )
-        seq = _Sequence(request.request_id, prompt_ids, params, max_tokens)
-        seq.detok = IncrementalDetokenizer(self._decode, prompt_ids)
-        if params.seed is not None and params.temperature > 0:
+    def _init_sequence(self, seq: _Sequence, request: GenerationRequest) -> None:
+        if seq.params.seed is not None and seq.params.temperature > 0:
             import torch
 
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(params.seed)
-        return seq
+            seq.generator.manual_seed(seq.params.seed)
 
-    def _decode(self, ids: Sequence[int]) -> str:
+    def _decode_text(self, ids: Sequence[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    async def _stream(self, seq: _Sequence) -> AsyncIterator[Delta]:
-        seq.loop = asyncio.get_running_loop()
-        seq.queue = asyncio.Queue()
-        with self._cv:
-            if self._stopping or not self._started:
-                raise EngineShutdownError("engine is shut down")
-            self._incoming.append(seq)
-            self._cv.notify()
-        finished = False
-        try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                with self._cv:
-                    self._aborts.add(seq)
-                    self._cv.notify()
-
     # -- decode thread -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        import torch
+    def _step(self, aborts: set[Any], outbox: Outbox) -> None:
+        if aborts:
+            self._apply_aborts(aborts)
+        self._admit(outbox)
+        if self._active:
+            started = time.perf_counter()
+            self._decode_step(outbox)
+            self._timed("decode_ms", started)
 
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not (
-                        self._stopping or self._incoming or self._aborts or self._active or self._waiting
-                    ):
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
-                    aborts, self._aborts = self._aborts, set()
-                outbox: list[tuple[_Sequence, Any]] = []
-                try:
-                    if aborts:
-                        self._apply_aborts(aborts)
-                    self._admit(outbox)
-                    if self._active:
-                        started = time.perf_counter()
-                        self._decode_step(outbox)
-                        self._stats["decode_ms"] += int(1000 * (time.perf_counter() - started))
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    logger.exception("decode loop error; failing %d active requests", len(self._active))
-                    for seq in self._active:
-                        outbox.append((seq, RuntimeError(f"generation failed: {exc!r}")))
-                    self._active = []
-                    self._store = None
-                    self._cache = None
-                self._deliver(outbox)
-        # Shutting down: everything still known gets an error.
-        outbox = []
-        with self._cv:
-            pending = [*self._active, *self._waiting, *self._incoming]
-            self._active, self._incoming = [], collections.deque()
-            self._waiting.clear()
-        for seq in pending:
-            outbox.append((seq, EngineShutdownError("engine shut down")))
-        self._deliver(outbox)
-
-    def _deliver(self, outbox: list[tuple[_Sequence, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for seq, item in outbox:
-            if seq.loop is not None and seq.queue is not None:
-                by_loop.setdefault(seq.loop, []).append((seq.queue, item))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
+    def _fail_batch(self) -> None:
+        self._store = None
+        self._cache = None
 
     def _apply_aborts(self, aborts: set[_Sequence]) -> None:
         for seq in aborts:
@@ -706,7 +514,7 @@ class TransformersEngine:
             self._stats["aborted"] += len(gone)
             self._remove_rows(gone)
 
-    def _admit(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+    def _admit(self, outbox: Outbox) -> None:
         """Prefill waiting requests into free slots, up to `max_prefill_tokens` prompt tokens (at
         least one request) per iteration, so running streams are not stalled for long."""
         free = self.max_num_seqs - len(self._active)
@@ -727,7 +535,7 @@ class TransformersEngine:
                     raise
                 logger.exception("prefill failed for request %s", seq.request_id)
                 outbox.append((seq, RuntimeError(f"prefill failed: {exc!r}")))
-            self._stats["prefill_ms"] += int(1000 * (time.perf_counter() - started))
+            self._timed("prefill_ms", started)
             self._deliver(outbox)  # first token out now, not after the other prefills
             outbox.clear()
 
@@ -736,7 +544,7 @@ class TransformersEngine:
         kwargs[self._cache_kwarg] = cache
         return self.model(use_cache=True, **kwargs)
 
-    def _prefill(self, seq: _Sequence, outbox: list[tuple[_Sequence, Any]]) -> None:
+    def _prefill(self, seq: _Sequence, outbox: Outbox) -> None:
         """Run one prompt (alone: no padding, so exactly as it would run by itself) and copy its
         K/V into a new batch row; the prompt's last logits give the first token."""
         import torch
@@ -774,7 +582,7 @@ class TransformersEngine:
             return [(layer.keys, layer.values) for layer in layers]
         return list(zip(cache.key_cache, cache.value_cache))  # older transformers
 
-    def _decode_step(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+    def _decode_step(self, outbox: Outbox) -> None:
         """One forward for every active row: each writes its K/V at its own column."""
         import torch
 
@@ -841,38 +649,3 @@ class TransformersEngine:
             else:
                 chosen[i] = int(torch.multinomial(probs, 1, generator=generator).item())
         return chosen
-
-    def _on_token(self, seq: _Sequence, token: int, outbox: list[tuple[_Sequence, Any]]) -> bool:
-        """Account one new token for `seq`; queue its delta; return True when it has finished."""
-        seq.completion_tokens += 1
-        seq.last_token = token
-        seq.pending_ids.append(token)
-        self._stats["generated_tokens"] += 1
-        finish: str | None = None
-        old_len = len(seq.text)
-        if token in seq.stop_ids or (token in self._eos_ids and not seq.params.ignore_eos):
-            finish = "stop"
-        else:
-            assert seq.detok is not None
-            seq.text += seq.detok.push(token)
-            if seq.completion_tokens >= seq.max_tokens:
-                finish = "length"
-        if finish is not None:
-            assert seq.detok is not None
-            seq.text += seq.detok.flush()
-        if seq.stops and len(seq.text) > old_len:
-            hit = find_stop(seq.text, seq.stops, max(0, old_len - seq.max_stop_len + 1))
-            if hit != -1:
-                seq.text = seq.text[:hit]
-                finish = "stop"
-        end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, seq.stops)
-        piece = seq.text[seq.sent : end] if end > seq.sent else ""
-        if piece or finish is not None:
-            seq.sent = max(seq.sent, end)
-            usage = Usage(len(seq.prompt_ids), seq.completion_tokens) if finish is not None else None
-            outbox.append((seq, Delta(piece, seq.pending_ids, finish, usage)))
-            seq.pending_ids = []
-        if finish is not None:
-            self._stats["finished_" + finish] += 1
-            return True
-        return False

@@ -46,7 +46,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_streams(engine: Any, streams: int, rounds: int, max_tokens: int) -> dict[str, Any]:
-    from shoal.llm.engine import GenerationRequest, SamplingParams
+    from shoal.llm.engines import GenerationRequest, SamplingParams
 
     ttfts: list[float] = []
     gaps: list[float] = []
@@ -140,7 +140,7 @@ async def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also time the reference setups")
     args = parser.parse_args()
 
-    from shoal.llm.engine import TransformersEngine
+    from shoal.llm.engines import TransformersEngine
 
     started = time.perf_counter()
     engine = TransformersEngine(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)

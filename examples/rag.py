@@ -32,7 +32,7 @@ SYSTEM_PROMPT = "Answer the question in one sentence, using only the context."
 @serve.deployment
 class Retriever:
     def __init__(self, documents_path: str = str(DOCUMENTS), model: str = "all-MiniLM-L6-v2") -> None:
-        from shoal.llm.engine import EmbeddingEngine
+        from shoal.llm.engines import EmbeddingEngine
 
         self.documents: list[str] = json.loads(Path(documents_path).read_text())
         self.engine = EmbeddingEngine(model)
@@ -58,13 +58,13 @@ class Retriever:
 @serve.deployment(max_ongoing_requests=32)
 class Generator:
     async def __init__(self, model: str = "SmolLM2-135M-Instruct") -> None:
-        from shoal.llm.engine import TransformersEngine
+        from shoal.llm.engines import TransformersEngine
 
         self.engine = TransformersEngine(model)
         await self.engine.start()
 
     async def answer(self, question: str, passages: list[str], max_tokens: int = 48) -> AsyncIterator[str]:
-        from shoal.llm.engine import GenerationRequest, SamplingParams
+        from shoal.llm.engines import GenerationRequest, SamplingParams
 
         context = "\n".join(f"- {p}" for p in passages)
         messages = [

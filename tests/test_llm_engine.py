@@ -1,4 +1,4 @@
-"""The LLM engine core (shoal.llm.engine / shoal.llm.models) on the real bundled models.
+"""The LLM engine core (shoal.llm.engines / shoal.llm.models) on the real bundled models.
 
 Needs the LLM stack that `make install` installs (see `conftest.require_llm_stack`). Nothing here
 uses the network.
@@ -19,7 +19,7 @@ from conftest import require_llm_stack  # noqa: E402
 
 require_llm_stack()
 
-from shoal.llm.engine import (  # noqa: E402
+from shoal.llm.engines import (  # noqa: E402
     Delta,
     EmbeddingEngine,
     GenerationRequest,

@@ -16,17 +16,16 @@ from collections.abc import AsyncIterator
 from typing import Any, Union
 
 from .config import LLMConfig, load_llm_config
-from .metrics import LLMMetrics
-from .engine import (
-    EmbeddingEngine,
+from .engines import (
     EngineShutdownError,
     GenerationRequest,
     LLMEngine,
     PromptTooLongError,
     SamplingParams,
-    TransformersEngine,
     build_engine,
 )
+from .engines.embeddings import EmbeddingEngine
+from .metrics import LLMMetrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -47,11 +46,7 @@ def make_engine(config: LLMConfig) -> LLMEngine:
     source = config.model_loading_config.source
     kwargs = dict(config.engine_kwargs)
     kwargs.setdefault("model_id", config.model_id)
-    if config.llm_engine == "transformers":
-        return TransformersEngine(source, **kwargs)
-    if config.llm_engine == "sentence-transformers":
-        return EmbeddingEngine(source, **kwargs)
-    return build_engine(source, **kwargs)
+    return build_engine(source, engine=config.llm_engine, **kwargs)
 
 
 class LLMServer:
@@ -156,8 +151,8 @@ class LLMServer:
         return stats() if callable(stats) else {}
 
     async def check_health(self) -> None:
-        thread = getattr(self.engine, "_thread", None)
-        if isinstance(self.engine, TransformersEngine) and (thread is None or not thread.is_alive()):
+        is_alive = getattr(self.engine, "is_alive", None)  # engines with a decode thread have it
+        if callable(is_alive) and not is_alive():
             raise RuntimeError(f"the decode thread of {self.model_id} is not running")
 
     async def __del__(self) -> None:

@@ -1,7 +1,7 @@
-"""LLM engines: the protocol the OpenAI layer talks to, a `transformers` engine with continuous
-batching, and a sentence-transformers embedding engine.
+"""`TransformersEngine`: a PyTorch/transformers engine with continuous batching (HF directories,
+CUDA, and GGUF files converted to a transformers checkpoint).
 
-`TransformersEngine` in short:
+In short:
 
 - One decode thread owns the model. Each iteration it (1) admits waiting requests into free batch
   slots and prefills them, one prompt per forward, up to `max_prefill_tokens` prompt tokens per
@@ -27,24 +27,17 @@ batching, and a sentence-transformers embedding engine.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import inspect
 import logging
-import math
 import os
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from .models import (
+from ..models import (
     DEFAULT_CHAT_MODEL,
-    DEFAULT_EMBEDDING_MODEL,
-    ModelSourceError,
     Precision,
     ResolvedModel,
     choose_precision,
@@ -52,184 +45,15 @@ from .models import (
     prepare_weights,
     resolve_model_source,
 )
+from .base import GenerationRequest, SamplingParams
+from .threaded import Outbox, SequenceState, ThreadedEngine
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Delta",
-    "EmbeddingEngine",
-    "EmbeddingOutput",
-    "EngineShutdownError",
-    "GenerationRequest",
-    "LLMEngine",
-    "ModelSourceError",
-    "PromptTooLongError",
-    "SamplingParams",
-    "TransformersEngine",
-    "Usage",
-    "build_engine",
-]
-
-
-# --------------------------------------------------------------------------------------------------
-# Request / response types and the protocol
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingParams:
-    """Per-request sampling. ``temperature=0`` is greedy; `seed` gives the request its own RNG."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return [s for s in stops if s]
-
-
-@dataclass
-class GenerationRequest:
-    """A completion (`prompt`: text or token ids) or chat (`messages`) request."""
-
-    prompt: str | list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Delta:
-    """New text of one stream. The last delta has `finish_reason` ("stop" | "length") and `usage`."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-
-@dataclass
-class EmbeddingOutput:
-    embeddings: list[list[float]]
-    prompt_tokens: int
-
-
-class EngineShutdownError(RuntimeError):
-    """Raised into streams still running when the engine shuts down."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt (plus `max_tokens`) does not fit the model's context."""
-
-
-@runtime_checkable
-class LLMEngine(Protocol):
-    """What the serving layer needs from an engine (vLLM, transformers, embeddings...)."""
-
-    model_id: str
-
-    async def start(self) -> None:
-        """Load weights and start background work; must be awaited before use."""
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Validate `request` (``ValueError`` at call time) and stream its deltas."""
-
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        """Embed `texts` (engines without embeddings raise ``NotImplementedError``)."""
-
-    async def shutdown(self) -> None:
-        """Stop background work; streams still running get `EngineShutdownError`."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Text helpers: incremental detokenizing and stop strings
-# --------------------------------------------------------------------------------------------------
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into text pieces that are never garbled.
-
-    A token may end inside a multi-byte character (the decoded text then ends with U+FFFD), and some
-    tokenizers decode a lone token differently from the same token in context (SentencePiece drops
-    a leading space). So each step decodes a short window -- the text already emitted for the last
-    few tokens plus the new ones -- and emits only what grew past that, and only once it no longer
-    ends in an incomplete character.
-    """
-
-    def __init__(self, decode: Any, context_ids: Sequence[int] = ()) -> None:
-        self._decode = decode
-        self._ids: list[int] = list(context_ids)[-4:]
-        self._prefix = 0
-        self._read = len(self._ids)
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still pending (at the end of a stream), even if incomplete."""
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return after[len(before) :] if len(after) > len(before) else ""
-
-
-def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
-    """Index of the earliest occurrence of any stop string in `text[start:]`, or -1."""
-    best = -1
-    for stop in stops:
-        i = text.find(stop, start)
-        if i != -1 and (best == -1 or i < best):
-            best = i
-    return best
-
-
-def stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string (not yet safe to
-    stream: if the stop completes, they must never have been sent)."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return hold
+__all__ = ["TransformersEngine"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,44 +299,20 @@ def _use_batch_invariant_attention(model: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Sequence:
-    """One request's state, owned by the decode thread once submitted."""
+class _Sequence(SequenceState):
+    """A request's state plus the transformers engine's own: its RNG and its cache length."""
 
-    __slots__ = (
-        "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
-        "generator", "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token",
-        "position", "loop", "queue", "aborted",
-    )  # fmt: skip
+    __slots__ = ("generator", "position")
 
     def __init__(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int
     ) -> None:
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.max_tokens = max_tokens
-        self.stops = params.stop_strings
-        self.max_stop_len = max((len(s) for s in self.stops), default=0)
-        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids or ())
+        super().__init__(request_id, prompt_ids, params, max_tokens)
         self.generator: Any = None
-        self.detok: IncrementalDetokenizer | None = None
-        self.text = ""
-        self.sent = 0
-        self.pending_ids: list[int] = []
-        self.completion_tokens = 0
-        self.last_token = -1
         self.position = 0  # tokens in the cache = next position id = the row's next column
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[Any] | None = None
-        self.aborted = False
 
 
-def _put_all(items: list[tuple["asyncio.Queue[Any]", Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class TransformersEngine:
+class TransformersEngine(ThreadedEngine):
     """A PyTorch/transformers engine with continuous batching (see the module docstring).
 
     Options: `dtype` ("auto" | "float32" | "bfloat16" | "float16" | "int8"; "auto" is int8 on CPU,
@@ -522,6 +322,8 @@ class TransformersEngine:
     their own seed), `num_threads` (torch intra-op threads), `cache_converted` (keep converted GGUF
     checkpoints, see `models`), `warmup` (run one tiny request in `start()`).
     """
+
+    sequence_class = _Sequence
 
     def __init__(
         self,
@@ -538,6 +340,7 @@ class TransformersEngine:
         cache_converted: bool = True,
         warmup: bool = True,
     ) -> None:
+        super().__init__(warmup=warmup)
         self.model_source = model_source
         self.model_id = model_id or model_source
         self._dtype_option = dtype
@@ -548,87 +351,30 @@ class TransformersEngine:
         self._seed = seed
         self._num_threads = num_threads
         self._cache_converted = cache_converted
-        self._warmup = warmup
 
         self.device = "cpu"
         self.precision: Precision | None = None
-        self.max_num_seqs = 0
-        self.max_model_len = 0
         self.max_prefill_tokens = 0
         self.resolved: ResolvedModel | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self._tok_lock = threading.Lock()
-        self._eos_ids: frozenset[int] = frozenset()
         self._cache_kwarg = "cache"
         self._chunked_attention = False
         self._store: _KVStore | None = None
         self._cache: Any = None
         self._generator: Any = None
 
-        self._cv = threading.Condition()
-        self._incoming: collections.deque[_Sequence] = collections.deque()
-        self._aborts: set[_Sequence] = set()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: list[_Sequence] = []  # in KV-row order
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._started = False
-        # Every key exists up front, so stats() can copy the dict while the decode thread counts.
-        self._stats: dict[str, int] = dict.fromkeys(
-            ("requests", "prefill_tokens", "prefill_ms", "decode_steps", "decode_rows", "decode_ms",
-             "generated_tokens", "aborted", "finished_stop", "finished_length"),
-            0,
-        )  # fmt: skip
-
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load the model and start the decode loop, both in the engine's own thread.
+    def _thread_context(self) -> Any:
+        """Loading happens in the decode thread too because PyTorch's OpenMP pool is per calling
+        thread: each extra thread that ever ran parallel torch ops keeps an idle team, and with more
+        OpenMP threads than cores libgomp stops spinning between parallel regions, which made every
+        decode step ~1.5x slower on 2 cores."""
+        import torch
 
-        Loading happens in that thread too because PyTorch's OpenMP pool is per calling thread:
-        each extra thread that ever ran parallel torch ops keeps an idle team, and with more
-        OpenMP threads than cores libgomp stops spinning between parallel regions, which made
-        every decode step ~1.5x slower on 2 cores.
-        """
-        if self._started:
-            return
-        self._stopping = False
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._thread_main, args=(ready,), name=f"shoal-llm-{self.model_id}", daemon=True
-        )
-        self._thread.start()
-        try:
-            await asyncio.wrap_future(ready)
-        except BaseException:
-            self._thread = None
-            raise
-        self._started = True
-        if self._warmup:
-            request = GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2, temperature=0))
-            async for _ in self.generate(request):
-                pass
-
-    def _thread_main(self, ready: "concurrent.futures.Future[None]") -> None:
-        try:
-            self._load()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        self._run()
-
-    async def shutdown(self) -> None:
-        """Stop the decode thread; pending and running streams get `EngineShutdownError`."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
-        self._thread = None
-        self._started = False
+        return torch.inference_mode()
 
     def _load(self) -> None:
         import torch
@@ -698,16 +444,6 @@ class TransformersEngine:
 
     # -- public API --------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Validate and tokenize now (``ValueError`` for bad requests); stream deltas when iterated."""
-        if not self._started:
-            raise RuntimeError("engine is not started; await engine.start() first")
-        seq = self._make_sequence(request)
-        return self._stream(seq)
-
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        raise NotImplementedError(f"{self.model_id} is a text-generation engine; use an EmbeddingEngine")
-
     def render_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for `messages`)."""
         tokenizer = self.tokenizer
@@ -734,9 +470,7 @@ class TransformersEngine:
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and tests (requests, tokens, steps) plus current queue sizes."""
-        out = dict(self._stats)
-        out["active"] = len(self._active)
-        out["waiting"] = len(self._waiting) + len(self._incoming)
+        out = super().stats()
         out["kv_cache_bytes"] = self._store.nbytes if self._store is not None else 0
         # KV-cache usage for metrics: the tokens held for running requests, of what the cache can hold.
         out["kv_cache_tokens"] = sum(s.position for s in list(self._active))
@@ -745,117 +479,31 @@ class TransformersEngine:
 
     # -- request intake (event-loop side) ----------------------------------------------------------
 
-    def _make_sequence(self, request: GenerationRequest) -> _Sequence:
-        params = request.sampling
-        params.validate()
-        prompt_ids = self.render_prompt(request)
-        n = len(prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                f"has {n} tokens"
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
-        if n + max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} "
-                f"were requested ({n} in the prompt, {max_tokens} for the completion); lower max_tokens"
-            )
-        seq = _Sequence(request.request_id, prompt_ids, params, max_tokens)
-        seq.detok = IncrementalDetokenizer(self._decode, prompt_ids)
-        if params.seed is not None and params.temperature > 0:
+    def _init_sequence(self, seq: _Sequence, request: GenerationRequest) -> None:
+        if seq.params.seed is not None and seq.params.temperature > 0:
             import torch
 
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(params.seed)
-        return seq
+            seq.generator.manual_seed(seq.params.seed)
 
-    def _decode(self, ids: Sequence[int]) -> str:
+    def _decode_text(self, ids: Sequence[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    async def _stream(self, seq: _Sequence) -> AsyncIterator[Delta]:
-        seq.loop = asyncio.get_running_loop()
-        seq.queue = asyncio.Queue()
-        with self._cv:
-            if self._stopping or not self._started:
-                raise EngineShutdownError("engine is shut down")
-            self._incoming.append(seq)
-            self._cv.notify()
-        finished = False
-        try:
-            while True:
-                item = await seq.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                with self._cv:
-                    self._aborts.add(seq)
-                    self._cv.notify()
-
     # -- decode thread -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        import torch
+    def _step(self, aborts: set[Any], outbox: Outbox) -> None:
+        if aborts:
+            self._apply_aborts(aborts)
+        self._admit(outbox)
+        if self._active:
+            started = time.perf_counter()
+            self._decode_step(outbox)
+            self._timed("decode_ms", started)
 
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not (
-                        self._stopping or self._incoming or self._aborts or self._active or self._waiting
-                    ):
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
-                    aborts, self._aborts = self._aborts, set()
-                outbox: list[tuple[_Sequence, Any]] = []
-                try:
-                    if aborts:
-                        self._apply_aborts(aborts)
-                    self._admit(outbox)
-                    if self._active:
-                        started = time.perf_counter()
-                        self._decode_step(outbox)
-                        self._stats["decode_ms"] += int(1000 * (time.perf_counter() - started))
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    logger.exception("decode loop error; failing %d active requests", len(self._active))
-                    for seq in self._active:
-                        outbox.append((seq, RuntimeError(f"generation failed: {exc!r}")))
-                    self._active = []
-                    self._store = None
-                    self._cache = None
-                self._deliver(outbox)
-        # Shutting down: everything still known gets an error.
-        outbox = []
-        with self._cv:
-            pending = [*self._active, *self._waiting, *self._incoming]
-            self._active, self._incoming = [], collections.deque()
-            self._waiting.clear()
-        for seq in pending:
-            outbox.append((seq, EngineShutdownError("engine shut down")))
-        self._deliver(outbox)
-
-    def _deliver(self, outbox: list[tuple[_Sequence, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for seq, item in outbox:
-            if seq.loop is not None and seq.queue is not None:
-                by_loop.setdefault(seq.loop, []).append((seq.queue, item))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
+    def _fail_batch(self) -> None:
+        self._store = None
+        self._cache = None
 
     def _apply_aborts(self, aborts: set[_Sequence]) -> None:
         for seq in aborts:
@@ -866,7 +514,7 @@ class TransformersEngine:
             self._stats["aborted"] += len(gone)
             self._remove_rows(gone)
 
-    def _admit(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+    def _admit(self, outbox: Outbox) -> None:
         """Prefill waiting requests into free slots, up to `max_prefill_tokens` prompt tokens (at
         least one request) per iteration, so running streams are not stalled for long."""
         free = self.max_num_seqs - len(self._active)
@@ -887,7 +535,7 @@ class TransformersEngine:
                     raise
                 logger.exception("prefill failed for request %s", seq.request_id)
                 outbox.append((seq, RuntimeError(f"prefill failed: {exc!r}")))
-            self._stats["prefill_ms"] += int(1000 * (time.perf_counter() - started))
+            self._timed("prefill_ms", started)
             self._deliver(outbox)  # first token out now, not after the other prefills
             outbox.clear()
 
@@ -896,7 +544,7 @@ class TransformersEngine:
         kwargs[self._cache_kwarg] = cache
         return self.model(use_cache=True, **kwargs)
 
-    def _prefill(self, seq: _Sequence, outbox: list[tuple[_Sequence, Any]]) -> None:
+    def _prefill(self, seq: _Sequence, outbox: Outbox) -> None:
         """Run one prompt (alone: no padding, so exactly as it would run by itself) and copy its
         K/V into a new batch row; the prompt's last logits give the first token."""
         import torch
@@ -934,7 +582,7 @@ class TransformersEngine:
             return [(layer.keys, layer.values) for layer in layers]
         return list(zip(cache.key_cache, cache.value_cache))  # older transformers
 
-    def _decode_step(self, outbox: list[tuple[_Sequence, Any]]) -> None:
+    def _decode_step(self, outbox: Outbox) -> None:
         """One forward for every active row: each writes its K/V at its own column."""
         import torch
 
@@ -1001,131 +649,3 @@ class TransformersEngine:
             else:
                 chosen[i] = int(torch.multinomial(probs, 1, generator=generator).item())
         return chosen
-
-    def _on_token(self, seq: _Sequence, token: int, outbox: list[tuple[_Sequence, Any]]) -> bool:
-        """Account one new token for `seq`; queue its delta; return True when it has finished."""
-        seq.completion_tokens += 1
-        seq.last_token = token
-        seq.pending_ids.append(token)
-        self._stats["generated_tokens"] += 1
-        finish: str | None = None
-        old_len = len(seq.text)
-        if token in seq.stop_ids or (token in self._eos_ids and not seq.params.ignore_eos):
-            finish = "stop"
-        else:
-            assert seq.detok is not None
-            seq.text += seq.detok.push(token)
-            if seq.completion_tokens >= seq.max_tokens:
-                finish = "length"
-        if finish is not None:
-            assert seq.detok is not None
-            seq.text += seq.detok.flush()
-        if seq.stops and len(seq.text) > old_len:
-            hit = find_stop(seq.text, seq.stops, max(0, old_len - seq.max_stop_len + 1))
-            if hit != -1:
-                seq.text = seq.text[:hit]
-                finish = "stop"
-        end = len(seq.text) if finish is not None else len(seq.text) - stop_holdback(seq.text, seq.stops)
-        piece = seq.text[seq.sent : end] if end > seq.sent else ""
-        if piece or finish is not None:
-            seq.sent = max(seq.sent, end)
-            usage = Usage(len(seq.prompt_ids), seq.completion_tokens) if finish is not None else None
-            outbox.append((seq, Delta(piece, seq.pending_ids, finish, usage)))
-            seq.pending_ids = []
-        if finish is not None:
-            self._stats["finished_" + finish] += 1
-            return True
-        return False
-
-
-# --------------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------------
-
-
-class EmbeddingEngine:
-    """Sentence embeddings with sentence-transformers (all-MiniLM-L6-v2 by default).
-
-    Encoding runs in one dedicated worker thread, one call at a time (torch already uses every
-    core); concurrent calls queue there.
-    """
-
-    def __init__(
-        self,
-        model_source: str = DEFAULT_EMBEDDING_MODEL,
-        *,
-        model_id: str | None = None,
-        device: str | None = None,
-        normalize: bool = True,
-        batch_size: int = 32,
-    ) -> None:
-        self.model_source = model_source
-        self.model_id = model_id or model_source
-        self._device_option = device
-        self.normalize = normalize
-        self.batch_size = batch_size
-        self.model: Any = None
-        self.dimension = 0
-        # One dedicated thread for loading and encoding: one OpenMP pool (see TransformersEngine.start).
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    async def start(self) -> None:
-        if self.model is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"shoal-embed-{self.model_id}"
-            )
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-
-    def _load(self) -> None:
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        resolved = resolve_model_source(self.model_source)
-        device = self._device_option or ("cuda" if torch.cuda.is_available() else "cpu")
-        if resolved.format == "gguf":
-            raise ModelSourceError(
-                f"{self.model_source!r} is a GGUF file; embeddings need a sentence-transformers model"
-            )
-        self.model = SentenceTransformer(str(resolved.path), device=device, local_files_only=True)
-        dim_fn = (
-            getattr(self.model, "get_embedding_dimension", None)
-            or self.model.get_sentence_embedding_dimension
-        )
-        self.dimension = int(dim_fn() or 0)
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        raise NotImplementedError(f"{self.model_id} is an embedding model; it cannot generate text")
-
-    async def embed(self, texts: Sequence[str]) -> EmbeddingOutput:
-        if self.model is None:
-            raise RuntimeError("engine is not started; await engine.start() first")
-        items = [texts] if isinstance(texts, str) else list(texts)
-        if not items:
-            return EmbeddingOutput([], 0)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed, items)
-
-    def _embed(self, texts: list[str]) -> EmbeddingOutput:
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=self.normalize, convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        tokenizer = self.model.tokenizer
-        limit = getattr(self.model, "max_seq_length", None)
-        counts = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-        tokens = sum(min(c, limit) if limit else c for c in counts)
-        return EmbeddingOutput([v.tolist() for v in vectors], tokens)
-
-    async def shutdown(self) -> None:
-        self.model = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-
-
-def build_engine(model_source: str, **kwargs: Any) -> LLMEngine:
-    """An engine for `model_source`: `EmbeddingEngine` for sentence-transformers models, else
-    `TransformersEngine`. Keyword options go to the engine's constructor."""
-    resolved = resolve_model_source(model_source)
-    if resolved.format == "sentence-transformers":
-        return EmbeddingEngine(model_source, **kwargs)
-    return TransformersEngine(model_source, **kwargs)

@@ -253,13 +253,18 @@ def _in_thread(fn) -> _Result:
 
 class _Load:
     """Threads making requests one after another; each failure (an exception, a status other than 200)
-    is recorded; `served_by` counts answers per proxy pid."""
+    is recorded; `served_by` counts answers per proxy (`who(response, body)`: by default the body, the
+    harness's pid)."""
 
-    def __init__(self, port: int, new_connection_threads: int, keep_alive_threads: int):
+    def __init__(self, port: int, new_connection_threads: int, keep_alive_threads: int, path: str = "/",
+                 who=None):
         self.port = port
+        self.path = path
+        self.who = who or (lambda response, body: body)
         self.stop = threading.Event()
         self.failures: list = []
         self.served_by: dict[str, int] = {}
+        self.last = ""  # who answered the latest request
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(False,), daemon=True)
                         for _ in range(new_connection_threads)]
@@ -275,7 +280,7 @@ class _Load:
         while not self.stop.is_set():
             try:
                 c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-                c.request("GET", "/", headers={} if keep_alive else {"Connection": "close"})
+                c.request("GET", self.path, headers={} if keep_alive else {"Connection": "close"})
                 r = c.getresponse()
                 body = r.read().decode()
                 if conn is None:
@@ -283,8 +288,10 @@ class _Load:
                 if r.status != 200:
                     self.failures.append(f"status {r.status}: {body[:100]}")
                     continue
+                key = self.who(r, body)
                 with self._lock:
-                    self.served_by[body] = self.served_by.get(body, 0) + 1
+                    self.served_by[key] = self.served_by.get(key, 0) + 1
+                    self.last = key
             except Exception as e:  # noqa: BLE001 - counted: the test asserts there are none
                 self.failures.append(repr(e))
                 if conn is not None:
@@ -301,5 +308,5 @@ class _Load:
             t.join(120)
 
 
-def _load(port: int, new_connection_threads: int, keep_alive_threads: int) -> _Load:
-    return _Load(port, new_connection_threads, keep_alive_threads)
+def _load(port: int, new_connection_threads: int, keep_alive_threads: int, path: str = "/", who=None) -> _Load:
+    return _Load(port, new_connection_threads, keep_alive_threads, path, who)

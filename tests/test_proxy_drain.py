@@ -216,6 +216,37 @@ def test_hand_over_skips_receivers_whose_process_is_gone(tmp_path):
     sock.close()
 
 
+def test_the_controller_drains_a_proxy_with_the_minimum_period_and_shows_it_draining_until_it_exits(monkeypatch):
+    from shoal.controller.proxy_state import DRAIN_TIMEOUT_S, ProxyManager, ProxyRecord
+    from shoal.status import ProxyStatus
+
+    monkeypatch.setenv(drain.MIN_DRAINING_PERIOD_ENV, "7")
+    calls: list = []
+
+    class Process:
+        node_id, code = "n1", None
+
+        def exit_code(self):
+            return self.code
+
+    class Conn:
+        def call(self, *args):
+            calls.append(args)
+
+    controller = types.SimpleNamespace(runtime=types.SimpleNamespace(name="ray"), spawn=lambda call: None,
+                                       status_changed=lambda: None, shutting_down=False)
+    manager = ProxyManager(controller)
+    serving, leaving = (ProxyRecord(i, Process(), Conn(), ProxyStatus.HEALTHY, 8000) for i in (0, 1))
+    serving.process.node_id = "n0"
+    manager.proxies = {0: serving, 1: leaving}
+    manager._retire(1)
+    assert calls == [("drain", DRAIN_TIMEOUT_S, 7.0, True)]
+    assert manager.statuses() == {"n0:0": ProxyStatus.HEALTHY, "n1:1": ProxyStatus.DRAINING}
+    leaving.process.code = 0
+    manager._reap_retiring()
+    assert manager.statuses() == {"n0:0": ProxyStatus.HEALTHY}
+
+
 # --- helpers ------------------------------------------------------------------------------------
 def _listener(port: int) -> socket.socket:
     s = socket.socket()

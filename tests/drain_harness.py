@@ -50,7 +50,7 @@ class _StubClient:
 
 async def main(port: int, root: str) -> None:
     from shoal.http.drain import drain_server
-    from shoal.http.listener_handover import HandoverReceiver, ListenerSet
+    from shoal.http.listener_handover import HandoverReceiver, ListenerSet, handover_dir
     from shoal.http.proxy import ProxyApp, _listen_socket, uvicorn_server
     from shoal.http.routes import Route
 
@@ -66,7 +66,7 @@ async def main(port: int, root: str) -> None:
     while not server.started:
         await asyncio.sleep(0.005)
     listeners = ListenerSet(server, [sock])
-    receiver = HandoverReceiver(listeners, port, root)
+    receiver = HandoverReceiver(listeners, handover_dir(port, "", root))
     receiver.start()
     print("READY", port, os.getpid(), flush=True)
 
@@ -89,8 +89,8 @@ async def main(port: int, root: str) -> None:
                 tasks.append(loop.create_task(drain(float(line[1]), float(line[2]), line[3] == "1")))
 
     async def drain(timeout_s: float, min_period_s: float, handover: bool) -> None:
-        how = await drain_server(server, listeners, receiver, port, timeout_s=timeout_s,
-                                 min_period_s=min_period_s, handover=handover, handover_root=root)
+        how = await drain_server(server, listeners, receiver, timeout_s=timeout_s, min_period_s=min_period_s,
+                                 handover=handover)
         print("DRAINED", how, flush=True)
 
     tasks: list = []

@@ -19,7 +19,7 @@ import types
 import pytest
 
 from shoal.http import drain
-from shoal.http.listener_handover import HandoverReceiver, ListenerSet, hand_over
+from shoal.http.listener_handover import HandoverReceiver, ListenerSet, hand_over, handover_dir, instance_key
 
 from conftest import wait_for
 
@@ -188,10 +188,11 @@ def test_a_receiver_refuses_a_listener_of_another_port_and_the_sender_keeps_it(t
     async def scenario():
         mine, other = _listener(0), _listener(0)
         fake_server = types.SimpleNamespace(servers=[], config=None)
-        receiver = HandoverReceiver(ListenerSet(fake_server, [mine]), 1234, str(tmp_path))
+        directory = handover_dir(1234, "", str(tmp_path))
+        receiver = HandoverReceiver(ListenerSet(fake_server, [mine]), directory)
         receiver.start()
         leaving = ListenerSet(types.SimpleNamespace(servers=[]), [other])
-        took = await hand_over(leaving, 1234, root=str(tmp_path), timeout_s=10)
+        took = await hand_over(leaving, directory, timeout_s=10)
         receiver.close()
         return took, other, mine
 
@@ -203,15 +204,22 @@ def test_a_receiver_refuses_a_listener_of_another_port_and_the_sender_keeps_it(t
     mine.close()
 
 
+def test_proxies_of_one_instance_share_a_handover_directory_and_other_instances_do_not(tmp_path):
+    a, b = instance_key(b"secret-a", "tcp://x"), instance_key(b"secret-b", "tcp://x")
+    assert a == instance_key(b"secret-a", "tcp://y") and a != b
+    assert instance_key(None, "/tmp/shoal-1/s1/") == "s1"
+    assert handover_dir(8000, a, str(tmp_path)) != handover_dir(8000, b, str(tmp_path))
+    assert oct(os.stat(handover_dir(8000, a, str(tmp_path))).st_mode & 0o777) == "0o700"
+
+
 def test_hand_over_skips_receivers_whose_process_is_gone(tmp_path):
-    directory = os.path.join(str(tmp_path), "listeners", "1234")
-    os.makedirs(directory)
+    directory = handover_dir(1234, "", str(tmp_path))
     stale = os.path.join(directory, "1-dead.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(stale)
     s.close()  # the file stays, nobody listens: what a killed proxy leaves
     sock = _listener(0)
-    took = asyncio.run(hand_over(ListenerSet(types.SimpleNamespace(servers=[]), [sock]), 1234, root=str(tmp_path)))
+    took = asyncio.run(hand_over(ListenerSet(types.SimpleNamespace(servers=[]), [sock]), directory))
     assert took is None and not os.path.exists(stale)
     sock.close()
 

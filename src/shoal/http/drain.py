@@ -26,7 +26,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -77,8 +77,8 @@ def refuse_keep_alive(connections: Any) -> int:
     return running
 
 
-async def drain_server(server: Any, listeners: Any, receiver: Any, port: int, *, timeout_s: float,
-                       min_period_s: float, handover: bool = True, handover_root: Optional[str] = None) -> str:
+async def drain_server(server: Any, listeners: Any, receiver: Any, *, timeout_s: float, min_period_s: float,
+                       handover: bool = True) -> str:
     """Drain a started uvicorn `server` (its app already answers as draining, see `ProxyApp.start_draining`)
     and make it exit; returns what happened, for the log. The caller awaits `server.serve()` after.
 
@@ -94,7 +94,7 @@ async def drain_server(server: Any, listeners: Any, receiver: Any, port: int, *,
     if receiver is not None:
         receiver.close()  # a peer leaving now must not hand its sockets to this one
         if handover:
-            peer = await hand_over(listeners, port, exclude=receiver.path, root=handover_root)
+            peer = await hand_over(listeners, receiver.directory, exclude=receiver.path)
     if peer is not None:
         listeners.stop_accepting()
         how = f"its listening sockets went to the proxy at {peer}"

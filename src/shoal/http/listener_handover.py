@@ -8,8 +8,9 @@ connection the kernel hashes to it between the owner's last `accept` and the clo
 leaves while the port is busy loses connections, however carefully it closes.
 
 So a departing proxy does not close its listening sockets; it gives them away. Every serving proxy
-that shares its port runs a `HandoverReceiver`: a Unix socket in `<shoal root>/listeners/<port>/`
-(mode 0700, one file per proxy). A draining proxy sends its listening sockets' descriptors to one of
+of an instance that shares its port runs a `HandoverReceiver`: a Unix socket in
+`<shoal root>/listeners/<port>-<instance>/` (mode 0700, one file per proxy; the instance key keeps two
+shoal instances that share a port by mistake apart). A draining proxy sends its listening sockets' descriptors to one of
 them (`SCM_RIGHTS`, `socket.send_fds`); the survivor checks that each is a listening socket of its
 own address and port, accepts on it with its own uvicorn server, and only then answers "ok". Until
 that answer both accept from the socket; after it the departing proxy closes its descriptors, which
@@ -38,14 +39,24 @@ _MAX_FDS = 64
 _OK = b"ok"
 
 
-def handover_dir(port: int, root: Optional[str] = None) -> str:
-    """Where the receivers of proxies listening on `port` put their Unix sockets (made, mode 0700)."""
-    if root is None:
-        from shoal.sessions import session_root
+def instance_key(secret: Optional[bytes], fallback: str) -> str:
+    """A name for the shoal instance: from its secret (every process of it holds the same), else `fallback`."""
+    if secret:
+        import hashlib
 
-        root = session_root()
-    path = os.path.join(root, "listeners", str(port))
-    os.makedirs(path, mode=0o700, exist_ok=True)
+        return hashlib.sha256(b"shoal-listeners:" + secret).hexdigest()[:16]
+    return os.path.basename(fallback.rstrip("/")) or "local"
+
+
+def handover_dir(port: int, instance: str = "", root: Optional[str] = None) -> str:
+    """Where the receivers of `instance`'s proxies listening on `port` put their Unix sockets (made, 0700)."""
+    if root is None:
+        from shoal.client import _session_root
+
+        root = _session_root()  # /tmp/shoal-<uid>: made 0700 if missing, refused if not this user's
+    path = os.path.join(root, "listeners", f"{port}-{instance}" if instance else str(port))
+    for directory in (os.path.dirname(path), path):  # each level 0700 (makedirs gives parents the umask's)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     return path
 
 
@@ -104,9 +115,10 @@ class ListenerSet:
 class HandoverReceiver:
     """Takes the listening sockets of a departing peer on the same host and port (see the module doc)."""
 
-    def __init__(self, listeners: ListenerSet, port: int, root: Optional[str] = None):
+    def __init__(self, listeners: ListenerSet, directory: str):
         self.listeners = listeners
-        self.path = os.path.join(handover_dir(port, root), f"{os.getpid()}-{secrets.token_hex(4)}.sock")
+        self.directory = directory  # `handover_dir(...)`
+        self.path = os.path.join(directory, f"{os.getpid()}-{secrets.token_hex(4)}.sock")
         self._sock: Optional[socket.socket] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._tasks: set = set()
@@ -211,16 +223,14 @@ def _send(path: str, fds: list[int], timeout_s: float) -> str:
         return reply.decode(errors="replace") or "closed without an answer"
 
 
-async def hand_over(listeners: ListenerSet, port: int, exclude: str = "", root: Optional[str] = None,
-                    timeout_s: float = 5.0) -> Optional[str]:
-    """Give `listeners`' sockets to another proxy on this host and port; the path of the receiver that
-    took them, or None when none would (the caller then still holds and owns them).
+async def hand_over(listeners: ListenerSet, directory: str, exclude: str = "", timeout_s: float = 5.0) -> Optional[str]:
+    """Give `listeners`' sockets to another proxy whose receiver is in `directory` (`handover_dir`); the
+    path of the receiver that took them, or None when none would (the caller still holds them then).
 
     Receivers whose process is gone (connection refused) are removed on the way.
     """
     if not listeners.sockets:
         return None
-    directory = handover_dir(port, root)
     try:
         names = sorted(os.listdir(directory))
     except OSError:

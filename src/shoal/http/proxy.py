@@ -534,7 +534,8 @@ async def run_proxy(session_dir: str, index: int) -> None:
     from shoal.client import ServeClient, set_global_client
     from shoal.common import exit_process
     from shoal.http.drain import drain_server
-    from shoal.http.listener_handover import HandoverReceiver, ListenerSet
+    from shoal.http.listener_handover import HandoverReceiver, ListenerSet, handover_dir, instance_key
+    from shoal.transport import auth
 
     loop = asyncio.get_running_loop()
     client = ServeClient(loop, session_dir)
@@ -589,7 +590,8 @@ async def run_proxy(session_dir: str, index: int) -> None:
     receiver = None
     if reuse_port:
         try:
-            receiver = HandoverReceiver(listeners, port)
+            instance = instance_key(auth.get_secret_or_none(), session_dir)  # (on Ray: the controller's address)
+            receiver = HandoverReceiver(listeners, handover_dir(port, instance))
             receiver.start()
         except OSError as e:
             logger.warning("cannot take over the listeners of departing proxies: %s", e)
@@ -602,8 +604,8 @@ async def run_proxy(session_dir: str, index: int) -> None:
             app.start_draining()
             logger.info("draining (at least %gs unless another proxy on this host takes the listener)",
                         min_period_s)
-            how = await drain_server(server, listeners, receiver, port, timeout_s=timeout_s,
-                                     min_period_s=min_period_s, handover=handover)
+            how = await drain_server(server, listeners, receiver, timeout_s=timeout_s, min_period_s=min_period_s,
+                                     handover=handover)
             logger.info("drained: %s", how)
         await serving_task
     finally:

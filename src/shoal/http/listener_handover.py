@@ -9,10 +9,11 @@ leaves while the port is busy loses connections, however carefully it closes.
 
 So a departing proxy does not close its listening sockets; it gives them away. Every serving proxy
 of an instance that shares its port runs a `HandoverReceiver`: a Unix socket in
-`<shoal root>/listeners/<port>-<instance>/` (mode 0700, one file per proxy; the instance key keeps two
-shoal instances that share a port by mistake apart). A draining proxy sends its listening sockets' descriptors to one of
-them (`SCM_RIGHTS`, `socket.send_fds`); the survivor checks that each is a listening socket of its
-own address and port, accepts on it with its own uvicorn server, and only then answers "ok". Until
+`<shoal root>/listeners/<port>-<instance>/` (mode 0700, one file per proxy; the instance key keeps
+two shoal instances that share a port by mistake apart). A draining proxy sends its listening
+sockets' descriptors to one of them (`SCM_RIGHTS`, `socket.send_fds`); the survivor checks that each
+is a listening socket of its own address and port, accepts on it with its own uvicorn server, and
+only then answers "ok". Until
 that answer both accept from the socket; after it the departing proxy closes its descriptors, which
 closes nothing in the kernel, since the survivor holds the same socket. The survivor keeps accepting
 on it for as long as it serves, and passes it on in turn should it leave too. Closing a listener later

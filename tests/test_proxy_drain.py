@@ -255,6 +255,23 @@ def test_the_controller_drains_a_proxy_with_the_minimum_period_and_shows_it_drai
     assert manager.statuses() == {"n0:0": ProxyStatus.HEALTHY}
 
 
+def test_a_proxy_draining_through_a_controller_restart_gets_the_routes_but_no_record():
+    from shoal.controller.proxy_state import ProxyManager, ProxyRecord
+    from shoal.status import ProxyStatus
+
+    runtime = types.SimpleNamespace(name="ray", proxy_count_may_grow=lambda options: True)
+    controller = types.SimpleNamespace(runtime=runtime, spawn=lambda call: None, status_changed=lambda: None,
+                                       shutting_down=False)
+    manager = ProxyManager(controller)
+    manager.options = {}
+    new = ProxyRecord(1, None, None, ProxyStatus.STARTING)
+    manager.proxies = {1: new}  # index 1 went to a new proxy while the old one drained
+    old_conn = types.SimpleNamespace()
+    reply = manager.hello(old_conn, 1, serving_port=8000, draining=True)
+    assert "routes" in reply and new.conn is None and new.status == ProxyStatus.STARTING
+    assert getattr(old_conn, "proxy", None) is None
+
+
 # --- helpers ------------------------------------------------------------------------------------
 def _listener(port: int) -> socket.socket:
     s = socket.socket()

@@ -101,14 +101,20 @@ class ProxyManager:
         self.controller.spawn(spare.conn.call("take_over", index, self.port, self.count > 1))
         self._launch_spare()
 
-    def hello(self, conn: "Connection", index: int, serving_port: int = 0) -> dict:
-        """A proxy starts, or (`serving_port` set) one that kept serving reconnects after a controller restart."""
-        rec = self.spare if index == SPARE else self.proxies.get(index)
-        if rec is None:
+    def hello(self, conn: "Connection", index: int, serving_port: int = 0, draining: bool = False) -> dict:
+        """A proxy starts, or (`serving_port` set) one that kept serving reconnects after a controller restart.
+
+        One that was draining then goes on draining and ends by itself: it is no record's proxy any
+        more (its index may be a new proxy's), so it gets the route table and nothing else."""
+        rec = None if draining else self.spare if index == SPARE else self.proxies.get(index)
+        if draining:
+            logger.info("HTTP proxy %d reconnected while draining; it ends once drained", index)
+        elif rec is None:
             raise RayServeException(f"unknown HTTP proxy {index}")  # it exits: nobody would manage it
-        rec.conn = conn
-        conn.proxy = rec  # type: ignore[attr-defined]
-        if serving_port and rec.status != ProxyStatus.HEALTHY:
+        if rec is not None:
+            rec.conn = conn
+            conn.proxy = rec  # type: ignore[attr-defined]
+        if rec is not None and serving_port and rec.status != ProxyStatus.HEALTHY:
             rec.status, rec.port, rec.error = ProxyStatus.HEALTHY, serving_port, ""
             self._signal()
         # The route table comes with the reply: a proxy (re)started after apps were deployed must

@@ -559,7 +559,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     # A controller that dies and restarts finds this proxy still serving: it says so on reconnecting
     # and gets the current route table back. Only once nothing will restart the controller does it exit.
     serving = {"port": 0}
-    client.hello_state = lambda: {"serving_port": serving["port"]}
+    client.hello_state = lambda: {"serving_port": serving["port"], "draining": app.draining}
     client.on_reconnected = lambda reply: apply_routes(*reply["routes"])
     client.on_controller_lost = lambda: exit_process(0)
     reuse_port, port_wanted = info.get("reuse_port", info["num_proxies"] > 1), info["port"]

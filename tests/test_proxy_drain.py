@@ -179,9 +179,9 @@ def test_min_draining_period_from_the_environment(monkeypatch):
     assert drain.min_draining_period_s() == 30.0  # Ray's PROXY_MIN_DRAINING_PERIOD_S
     monkeypatch.setenv(drain.MIN_DRAINING_PERIOD_ENV, "2.5")
     assert drain.min_draining_period_s() == 2.5
-    monkeypatch.setenv(drain.MIN_DRAINING_PERIOD_ENV, "-1")
-    with pytest.raises(ValueError, match="SHOAL_PROXY_MIN_DRAINING_PERIOD_S"):
-        drain.min_draining_period_s()
+    for bad in ("-1", "soon", "nan"):  # logged; the default is used, so a drain still happens
+        monkeypatch.setenv(drain.MIN_DRAINING_PERIOD_ENV, bad)
+        assert drain.min_draining_period_s() == 30.0
 
 
 def test_a_receiver_refuses_a_listener_of_another_port_and_the_sender_keeps_it(tmp_path):

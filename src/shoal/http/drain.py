@@ -39,12 +39,19 @@ _POLL_S = 0.1
 
 
 def min_draining_period_s() -> float:
-    raw = os.environ.get(MIN_DRAINING_PERIOD_ENV, "")
+    """`SHOAL_PROXY_MIN_DRAINING_PERIOD_S` (read by the controller when it drains a proxy); a value that
+    is not a number >= 0 is logged and the default used, so a typo never stops a drain."""
+    raw = os.environ.get(MIN_DRAINING_PERIOD_ENV, "").strip()
     if not raw:
         return DEFAULT_MIN_DRAINING_PERIOD_S
-    value = float(raw)
-    if value < 0:
-        raise ValueError(f"{MIN_DRAINING_PERIOD_ENV} must be >= 0, got {raw!r}")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        logger.warning("%s must be a number of seconds >= 0, not %r; using %gs", MIN_DRAINING_PERIOD_ENV, raw,
+                       DEFAULT_MIN_DRAINING_PERIOD_S)
+        return DEFAULT_MIN_DRAINING_PERIOD_S
     return value
 
 

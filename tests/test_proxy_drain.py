@@ -145,6 +145,25 @@ def test_a_proxy_that_hands_its_listener_over_loses_no_connection_under_load(har
     assert load.served_by[staying.pid] > 0 and load.count() >= after + 300
 
 
+@pytest.mark.slow
+def test_a_proxy_passes_on_the_listeners_it_was_handed_when_it_drains_too(harnesses):
+    """Three proxies on one port; two drain one after the other under load: the last one holds all
+    three listening sockets, and no request fails."""
+    first = harnesses()
+    second, last = harnesses(first.port), harnesses(first.port)
+    with _load(first.port, new_connection_threads=4, keep_alive_threads=2) as load:
+        wait_for(lambda: {first.pid, second.pid, last.pid} <= set(load.served_by), timeout=120,
+                 what="the three proxies serving")
+        for leaving in (first, second):
+            leaving.send("drain 30 600 1")
+            assert "went to the proxy at" in leaving.expect("DRAINED")
+            leaving.expect("EXIT")
+        after = load.count()
+        wait_for(lambda: load.count() >= after + 300, timeout=120, what="300 more requests")
+    assert load.failures == [], load.failures[:5]
+    assert _listening_sockets(int(last.pid), first.port) == 3
+
+
 # --- the modules, in this process ---------------------------------------------------------------
 def test_closing_send_adds_connection_close_to_the_response_head_only():
     sent: list = []
@@ -273,6 +292,25 @@ def test_a_proxy_draining_through_a_controller_restart_gets_the_routes_but_no_re
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _listening_sockets(pid: int, port: int) -> int:
+    """How many listening TCP sockets on `port` process `pid` holds (from /proc)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    listening.add(fields[9])  # the socket's inode
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        held += target.startswith("socket:[") and target[8:-1] in listening
+    return held
+
+
 def _listener(port: int) -> socket.socket:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -4,8 +4,6 @@ head's proxy, and a steady HTTP load loses no request (issue 17)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from shoal import serve
@@ -13,7 +11,7 @@ from shoal.api import get_http_url
 
 from conftest import wait_for
 from ray_cluster import ray_cluster_fixture
-from test_proxy_drain import _load
+from test_proxy_drain import _listening_sockets, _load
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 ray_cluster = ray_cluster_fixture()
@@ -40,25 +38,6 @@ class OnW1:
 def _proxy_of(response, body: str) -> str:
     """Which proxy process answered: a request id the proxy made starts with its pid (hex)."""
     return response.getheader("x-request-id").split("-")[0]
-
-
-def _listening_sockets(pid: int, port: int) -> int:
-    """How many listening TCP sockets on `port` process `pid` holds (from /proc)."""
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in list(f)[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    listening.add(fields[9])  # the socket's inode
-    held = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        held += target.startswith("socket:[") and target[8:-1] in listening
-    return held
 
 
 def test_a_node_left_without_replicas_drains_its_proxy_without_a_failed_request(serve_app, ray_cluster):

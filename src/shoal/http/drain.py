@@ -100,6 +100,7 @@ async def drain_server(server: Any, listeners: Any, receiver: Any, *, timeout_s:
     peer = None
     if receiver is not None:
         receiver.close()  # a peer leaving now must not hand its sockets to this one
+        await receiver.settled()  # and one that just did: its sockets go on with ours
         if handover:
             peer = await hand_over(listeners, receiver.directory, exclude=receiver.path)
     if peer is not None:

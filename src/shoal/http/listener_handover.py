@@ -147,6 +147,12 @@ class HandoverReceiver:
         except FileNotFoundError:
             pass
 
+    async def settled(self) -> None:
+        """Wait for the handovers in progress (a closed receiver takes no new one): sockets adopted
+        meanwhile are in `listeners` once this returns, so a proxy that leaves now passes them on too."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def _on_accept(self) -> None:
         if self._sock is None:
             return
@@ -190,8 +196,8 @@ class HandoverReceiver:
             logger.info("took over %d listening socket(s) of a departing proxy on this port", len(received))
             received = []
             conn.sendall(_OK)
-        except (OSError, asyncio.TimeoutError) as e:
-            logger.warning("a listener handover failed: %s", e)
+        except Exception as e:  # noqa: BLE001 - the sender keeps its sockets and tries elsewhere
+            logger.warning("a listener handover failed: %r", e)
         finally:
             for sock in received:  # refused: this process's copies only; the sender still has its own
                 sock.close()

@@ -231,6 +231,21 @@ def test_proxies_of_one_instance_share_a_handover_directory_and_other_instances_
     assert oct(os.stat(handover_dir(8000, a, str(tmp_path))).st_mode & 0o777) == "0o700"
 
 
+def test_a_sweep_removes_what_killed_proxies_left_and_keeps_live_receivers(tmp_path):
+    from shoal.http.listener_handover import sweep
+
+    live_dir, dead_dir = handover_dir(1, "live", str(tmp_path)), handover_dir(2, "dead", str(tmp_path))
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(os.path.join(live_dir, "1-live.sock"))
+    live.listen(4)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(os.path.join(dead_dir, "2-dead.sock"))
+    dead.close()  # the file stays, nobody listens
+    sweep(os.path.join(str(tmp_path), "listeners"), min_age_s=0)
+    assert os.listdir(live_dir) == ["1-live.sock"] and not os.path.exists(dead_dir)
+    live.close()
+
+
 def test_hand_over_skips_receivers_whose_process_is_gone(tmp_path):
     directory = handover_dir(1234, "", str(tmp_path))
     stale = os.path.join(directory, "1-dead.sock")

@@ -58,7 +58,48 @@ def handover_dir(port: int, instance: str = "", root: Optional[str] = None) -> s
     path = os.path.join(root, "listeners", f"{port}-{instance}" if instance else str(port))
     for directory in (os.path.dirname(path), path):  # each level 0700 (makedirs gives parents the umask's)
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        if os.stat(directory).st_mode & 0o077:
+            os.chmod(directory, 0o700)
     return path
+
+
+def sweep(listeners_root: str, keep: str = "", min_age_s: float = 60.0) -> None:
+    """Remove what killed proxies left under `listeners_root`: socket files nobody listens on (a
+    connection is refused), then directories left empty for `min_age_s` (none is `keep`)."""
+    import time
+
+    try:
+        directories = [os.path.join(listeners_root, d) for d in os.listdir(listeners_root)]
+    except OSError:
+        return
+    for directory in directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".sock") and _refused(os.path.join(directory, name)):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+        try:
+            if directory != keep and time.time() - os.stat(directory).st_mtime >= min_age_s:
+                os.rmdir(directory)  # only if empty
+        except OSError:
+            pass
+
+
+def _refused(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)  # a live receiver sees a connection that sends nothing and ignores it
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 class ListenerSet:
@@ -125,9 +166,18 @@ class HandoverReceiver:
         self._tasks: set = set()
 
     def start(self) -> str:
+        """Listen; and clear what killed proxies left in the listeners directory (see `sweep`)."""
         self._loop = asyncio.get_running_loop()
+        sweep(os.path.dirname(self.directory), keep=self.directory)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
+        for attempt in range(3):
+            try:
+                sock.bind(self.path)
+                break
+            except FileNotFoundError:  # another proxy's sweep removed the directory just as it emptied
+                if attempt == 2:
+                    raise
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.path, 0o600)
         sock.listen(16)
         sock.setblocking(False)
@@ -186,6 +236,8 @@ class HandoverReceiver:
                     break
                 data += chunk
             received = [socket.socket(fileno=fd) for fd in fds]
+            if not data and not received:
+                return  # a peer's `sweep` checking that this receiver lives
             why = "" if data == _MAGIC else "not a handover message"
             for sock in received:
                 why = why or self.listeners.matches(sock)

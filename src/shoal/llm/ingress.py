@@ -193,7 +193,7 @@ class OpenAiIngress:
     def _caller(self, request: Request) -> Any:
         """The caller's key (`api_keys.Caller`), admitted under its limits; OpenAIError 401/429 if not."""
         try:
-            caller = self._keys.check(request.headers.get("authorization"))
+            caller = self._keys.check(_authorization(request.scope["headers"]))
         except OpenAIError as exc:
             self._key_metrics.rejected("", getattr(exc, "reason", "invalid_key"))
             raise
@@ -247,6 +247,15 @@ class OpenAiIngress:
                 for model_id, card in zip(missing, cards):
                     self._cards[model_id] = {**card, "id": model_id}
         return dict(self._cards)
+
+
+def _authorization(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
+    """The `Authorization` header of an ASGI scope (names are lower-case there): a scan of the raw
+    pairs, cheaper than building Starlette's `Headers` for one look-up."""
+    for name, value in headers:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
 
 
 async def _server_sent_events(first: str, rest: AsyncIterator[str], on_usage: Optional[Any] = None,

@@ -188,3 +188,18 @@ def test_llm_serve_takes_keys_from_options_env_and_file(monkeypatch, tmp_path):
     keys_file.write_text("- {name: bad name, key: cli-secret}\n")
     result = runner.invoke(cli.llm, args + ["--api-keys-file", str(keys_file)])
     assert result.exit_code != 0 and "name" in result.output and "cli-secret" not in result.output
+
+
+def test_api_keys_in_an_app_config_read_key_env_where_the_app_is_built(monkeypatch):
+    from shoal.llm import build_openai_app
+    from shoal.schema import ConfigError, call_app_builder
+
+    args = {"llm_configs": [MODEL], "api_keys": [{"name": "ops", "key_env": "SHOAL_TEST_OPS_KEY",
+                                                  "requests_per_minute": 30}]}
+    with pytest.raises(ConfigError, match="SHOAL_TEST_OPS_KEY is not set"):
+        call_app_builder(build_openai_app, args, "shoal.llm:build_openai_app")
+    monkeypatch.setenv("SHOAL_TEST_OPS_KEY", SECRET)
+    app = call_app_builder(build_openai_app, args, "shoal.llm:build_openai_app")
+    (entry,) = app.deployment.init_args[1]["keys"]
+    assert entry == {"name": "ops", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(),
+                     "requests_per_minute": 30, "tokens_per_minute": None}

@@ -6,7 +6,12 @@ Times the ingress's per-request key work outside the server, with 10 keys config
 from the body's end, two counter updates), first without limits, then with requests and tokens per
 minute on. The rest of a request (HTTP, the model) is the same with or without keys.
 
-    .venv/bin/python benchmarks/llm_api_keys_cost.py [rounds]
+With `--http`, the same through a real instance instead: two OpenAI ingresses in front of a stand-in
+model that answers at once, one open and one with the 10 keys and limits, sent 500 sequential
+`/v1/completions` requests at a time, alternated; the figure is the CPU time of all shoal processes
+per request (psutil, 10 ms ticks, so only differences of tens of µs show).
+
+    .venv/bin/python benchmarks/llm_api_keys_cost.py [rounds] [--http]
 """
 
 from __future__ import annotations
@@ -36,9 +41,7 @@ def request(key: str) -> Request:
 
 
 def per_request_us(limits: bool) -> float:
-    extra = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12} if limits else {}
-    keys = [{"name": f"team-{i}", "key": f"sk-team-{i}-0123456789abcdef", **extra} for i in range(10)]
-    table = KeyTable(ingress_auth(load_api_keys(keys)))
+    table = KeyTable(ingress_auth(load_api_keys(keys_config(limits))))
     metrics = ApiKeyMetrics()
     from shoal.llm.protocol import usage_of
 
@@ -56,8 +59,78 @@ def per_request_us(limits: bool) -> float:
     return (time.perf_counter() - start) / N * 1e6
 
 
+def keys_config(limits: bool) -> list[dict]:
+    extra = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12} if limits else {}
+    return [{"name": f"team-{i}", "key": f"sk-team-{i}-0123456789abcdef", **extra} for i in range(10)]
+
+
+class StandInServer:
+    """Answers `/v1/models` and `/v1/completions` at once, so the ingress's work is what is measured."""
+
+    def model_card(self) -> dict:
+        return {"id": "m", "object": "model", "created": 1, "owned_by": "shoal"}
+
+    async def completions(self, request: dict):
+        yield BODY
+
+
+def over_http(rounds: int) -> None:
+    import httpx
+    import psutil
+
+    from shoal import serve
+    from shoal.api import get_http_url
+    from shoal.deployment import deployment
+    from shoal.llm.ingress import OpenAiIngress
+
+    serve.start(http_options={"port": 0})
+    auth = ingress_auth(load_api_keys(keys_config(True)))
+    ingress, model = deployment(OpenAiIngress), deployment(StandInServer)
+    serve.run(ingress.options(name="open").bind({"m": model.options(name="m_open").bind()}),
+              name="open", route_prefix="/open")
+    serve.run(ingress.options(name="keyed").bind({"m": model.options(name="m_keyed").bind()}, auth),
+              name="keyed", route_prefix="/keyed")
+    base = get_http_url().rstrip("/")
+    client = httpx.Client(timeout=30)
+    body = {"model": "m", "prompt": "hi", "max_tokens": 1}
+    headers = {"open": {}, "keyed": {"Authorization": "Bearer sk-team-3-0123456789abcdef"}}
+
+    def cpu() -> float:
+        total = 0.0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def run(app: str, n: int = 500) -> float:
+        before = cpu()
+        for _ in range(n):
+            r = client.post(f"{base}/{app}/v1/completions", json=body, headers=headers[app])
+            assert r.status_code == 200, r.text
+        return (cpu() - before) / n * 1e6
+
+    try:
+        run("open", 200), run("keyed", 200)
+        got: dict[str, list[float]] = {"open": [], "keyed": []}
+        for _ in range(rounds):  # A-B-B-A, so drifting load hits both alike
+            for app in ("open", "keyed", "keyed", "open"):
+                got[app].append(run(app))
+        for app, times in got.items():
+            print(f"{app:5s}: median {statistics.median(times):.0f} us of CPU per request, all shoal processes "
+                  f"({len(times)} runs of 500)")
+    finally:
+        serve.shutdown()
+
+
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    args = [a for a in sys.argv[1:] if a != "--http"]
+    rounds = int(args[0]) if args else 5
+    if "--http" in sys.argv:
+        over_http(rounds)
+        return
     for limits in (False, True):
         times = [per_request_us(limits) for _ in range(rounds)]
         print(f"10 keys, limits {'on ' if limits else 'off'}: median {statistics.median(times):.2f} us/request "

@@ -7,7 +7,7 @@ limit/60 per second, so a key may burst up to its limit and then goes at the lim
 - Tokens: a request's tokens (prompt + completion, from the response's usage; a stream's when it
   finishes) are charged after the fact and may overdraw the bucket. A key is admitted while its
   bucket is above zero, so one large request can pass the limit, and the next ones wait until the
-  overdraft is paid back.
+  overdraft is paid back. A stream abandoned by its client or failing midway is not charged.
 
 A 429 carries `Retry-After` (whole seconds until the bucket allows the request again).
 

@@ -28,10 +28,10 @@ from .engine import (
     build_engine,
 )
 from .protocol import (
+    USAGE_EVENT_FLAG,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    USAGE_EVENT_FLAG,
     OpenAIError,
     dumps,
     model_card,

@@ -27,6 +27,7 @@ from .engines import (
 from .engines.embeddings import EmbeddingEngine
 from .metrics import LLMMetrics
 from .protocol import (
+    USAGE_EVENT_FLAG,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -69,6 +70,7 @@ class LLMServer:
 
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[str]:
         """`/v1/chat/completions`: SSE event payloads when streaming, else one response body."""
+        usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = ChatCompletionRequest.model_validate(request)
         generation = GenerationRequest(
             messages=req.messages,
@@ -96,11 +98,12 @@ class LLMServer:
             if delta.finish_reason is not None:
                 yield _event(head, req, {"index": 0, "delta": {}, "logprobs": None,
                                          "finish_reason": delta.finish_reason})
-                if req.include_usage and delta.usage is not None:
+                if (req.include_usage or usage_event) and delta.usage is not None:
                     yield _usage_event(head, delta.usage)
 
     async def completions(self, request: dict[str, Any]) -> AsyncIterator[str]:
         """`/v1/completions`: as `chat`, for a plain prompt (text or token ids)."""
+        usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = CompletionRequest.model_validate(request)
         generation = GenerationRequest(
             prompt=req.single_prompt(), sampling=SamplingParams(**req.sampling_kwargs())
@@ -116,7 +119,7 @@ class LLMServer:
             if delta.text or delta.finish_reason is not None:
                 yield _event(head, req, {"index": 0, "text": delta.text, "logprobs": None,
                                          "finish_reason": delta.finish_reason})
-            if delta.finish_reason is not None and req.include_usage and delta.usage is not None:
+            if delta.finish_reason is not None and (req.include_usage or usage_event) and delta.usage is not None:
                 yield _usage_event(head, delta.usage)
 
     async def embeddings(self, request: dict[str, Any]) -> str:

@@ -38,6 +38,9 @@ def llm() -> None:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "int8", "bfloat16", "float16", "float32"]),
               help="Weight precision of generation models (auto: int8 on CPU, bfloat16 on CUDA).")
+@click.option("--engine", default="auto", show_default=True,
+              type=click.Choice(["auto", "llama_cpp", "transformers"]),
+              help="Engine of generation models (auto: llama.cpp for .gguf files on CPU, else transformers).")
 @click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
               help="Sequences decoded together per replica (continuous batching); more wait in a queue.")
 @click.option("--max-queued-requests", default=-1, show_default=True, type=int,
@@ -47,7 +50,7 @@ def llm() -> None:
 @click.option("--port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
               help="Port the HTTP server listens on (0: any free port).")
 def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: int, dtype: str,
-                  max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int) -> None:
+                  engine: str, max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int) -> None:
     """Serve models on http://HOST:PORT/v1 until Ctrl-C or SIGTERM."""
     from shoal.llm import LLMConfig, build_openai_app
     from shoal.llm.config import load_llm_config
@@ -68,7 +71,7 @@ def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: i
             embedding[model_id] = is_embedding
             llm_configs.append(LLMConfig(
                 model_loading_config={"model_id": model_id, "model_source": source},
-                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs),
+                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs, engine),
                 deployment_config=deployment_config,
             ))
         app = build_openai_app({"llm_configs": llm_configs})
@@ -87,9 +90,11 @@ def _is_embedding(source: str) -> bool:
         return False
 
 
-def _engine_kwargs(dtype: str, max_num_seqs: Optional[int]) -> dict[str, Any]:
+def _engine_kwargs(dtype: str, max_num_seqs: Optional[int], engine: str = "auto") -> dict[str, Any]:
     """Generation-engine options (embedding models take none of them)."""
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if engine != "auto":
+        kwargs["engine"] = engine
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs
     return kwargs

@@ -155,6 +155,11 @@ class LlamaCppEngine(ThreadedEngine):
     a prompt different numbers when other prompts share its batch, so greedy output would depend on
     the load), `extra_buffers` (llama.cpp's repacked/AMX weight
     layouts; default off on CPUs with AMX, where ggml's AMX matmul crashes on batches in some VMs),
+    `kv_unified` (default True: one KV cache of `kv_cache_tokens` cells shared by all sequences,
+    which is what prefix caching needs; False: one stream of ``kv_cache_tokens // max_num_seqs``
+    cells per sequence, which caps `max_model_len` at that and turns prefix caching off, but
+    makes greedy output bit-identical whatever runs beside it: in a shared cache a sequence's cells
+    are interleaved with its batch-mates', and attention sums them in a different order),
     `warmup`. `dtype` is accepted for the CLI's sake:
     GGUF weights run in their own quantization ("auto"). `device`: "cpu" (default) or "gpu"
     (offload every layer, if llama.cpp was built with a GPU backend).
@@ -178,6 +183,7 @@ class LlamaCppEngine(ThreadedEngine):
         seed: int | None = None,
         flash_attn: bool = False,
         extra_buffers: bool | None = None,
+        kv_unified: bool = True,
         dtype: str = "auto",
         device: str | None = None,
         warmup: bool = True,
@@ -196,6 +202,7 @@ class LlamaCppEngine(ThreadedEngine):
         self.num_threads = num_threads or default_threads(replicas)
         self._prefix_entries_option = prefix_cache_entries
         self._flash_attn = flash_attn
+        self._unified = kv_unified
         self._gpu = device in ("gpu", "cuda")
         self._extra_buffers = (not _cpu_has_amx()) if extra_buffers is None else extra_buffers
         self._rng = random.Random(seed)
@@ -250,11 +257,19 @@ class LlamaCppEngine(ThreadedEngine):
         self.max_model_len = min(self._max_model_len_option or limit, limit)
         self.max_num_seqs = self._max_num_seqs_option or 16
         self.max_prefill_tokens = self._max_prefill_option or 256
-        self.kv_cache_tokens = max(self._kv_tokens_option or self.max_model_len, self.max_model_len)
         max_ids = llama.llama_max_parallel_sequences()
         self.max_num_seqs = min(self.max_num_seqs, max_ids)
-        wanted = self.max_num_seqs if self._prefix_entries_option is None else self._prefix_entries_option
-        self.prefix_cache_entries = max(0, min(wanted, max_ids - self.max_num_seqs))
+        if self._unified:
+            self.kv_cache_tokens = max(self._kv_tokens_option or self.max_model_len, self.max_model_len)
+            wanted = self.max_num_seqs if self._prefix_entries_option is None else self._prefix_entries_option
+            self.prefix_cache_entries = max(0, min(wanted, max_ids - self.max_num_seqs))
+        else:
+            # One KV stream per sequence, kv_cache_tokens / max_num_seqs cells each; no prefix cache
+            # (sharing cells needs them in one stream).
+            per_seq = (self._kv_tokens_option or 16384) // self.max_num_seqs
+            self.max_model_len = min(self.max_model_len, per_seq)
+            self.kv_cache_tokens = per_seq * self.max_num_seqs
+            self.prefix_cache_entries = 0
         n_seq = self.max_num_seqs + self.prefix_cache_entries
 
         cparams = llama.llama_context_default_params()
@@ -263,7 +278,7 @@ class LlamaCppEngine(ThreadedEngine):
         cparams.n_batch = self._batch_size
         cparams.n_ubatch = min(self._batch_size, 512)
         cparams.n_seq_max = n_seq
-        cparams.kv_unified = True
+        cparams.kv_unified = self._unified
         cparams.n_threads = cparams.n_threads_batch = self.num_threads
         cparams.flash_attn_type = (
             llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if self._flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -456,9 +471,8 @@ class LlamaCppEngine(ThreadedEngine):
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
             return chain
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))
-        top_k = getattr(params, "top_k", None)
-        if top_k is not None and top_k > 0:
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))
+        if params.top_k is not None and params.top_k > 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(params.top_k))
         if params.top_p < 1.0:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seq.seed & 0xFFFFFFFF))

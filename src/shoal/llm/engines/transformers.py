@@ -646,7 +646,8 @@ class TransformersEngine(ThreadedEngine):
                 if top_k:
                     sorted_probs[top_k:] = 0.0
                 cumulative = sorted_probs.cumsum(0)
-                sorted_probs[(cumulative - sorted_probs) >= params.top_p * cumulative[-1]] = 0.0
+                mass = params.top_p * (cumulative[-1] if top_k else 1.0)  # of what top-k kept
+                sorted_probs[(cumulative - sorted_probs) >= mass] = 0.0
                 pick = torch.multinomial(sorted_probs, 1, generator=generator)
                 chosen[i] = int(order[pick].item())
             else:

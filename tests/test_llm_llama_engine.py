@@ -230,3 +230,18 @@ def test_prompt_longer_than_the_context_is_refused_at_once(engine: LlamaCppEngin
         engine.generate(GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=8192)))
     with pytest.raises(ValueError, match="out of range"):
         engine.generate(GenerationRequest(prompt=[10**9]))
+
+
+def test_server_picks_the_engine_from_engine_kwargs_or_llm_engine() -> None:
+    from shoal.llm import LLMConfig
+    from shoal.llm.server import make_engine
+
+    def config(**kwargs: Any) -> Any:
+        return LLMConfig(model_loading_config={"model_id": "SmolLM2-135M-Instruct"}, **kwargs)
+
+    default = make_engine(config(deployment_config={"num_replicas": 2}))
+    assert isinstance(default, LlamaCppEngine)
+    assert default.num_threads == max(1, (len(os.sched_getaffinity(0)) - 1) // 2)
+    assert isinstance(make_engine(config(engine_kwargs={"engine": "transformers"})), TransformersEngine)
+    assert isinstance(make_engine(config(llm_engine="transformers")), TransformersEngine)
+    assert isinstance(make_engine(config(llm_engine="llama_cpp")), LlamaCppEngine)

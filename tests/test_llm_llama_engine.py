@@ -245,3 +245,23 @@ def test_server_picks_the_engine_from_engine_kwargs_or_llm_engine() -> None:
     assert isinstance(make_engine(config(engine_kwargs={"engine": "transformers"})), TransformersEngine)
     assert isinstance(make_engine(config(llm_engine="transformers")), TransformersEngine)
     assert isinstance(make_engine(config(llm_engine="llama_cpp")), LlamaCppEngine)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine: LlamaCppEngine) -> None:
+    real_fill = engine._fill_batch
+    calls = {"n": 0}
+
+    def flaky_fill(plan: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real_fill(plan)
+
+    engine._fill_batch = flaky_fill  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="generation failed"):
+            run(collect(engine, chat("Say hi.", max_tokens=4)))
+    finally:
+        del engine._fill_batch
+    text, _ = run(collect(engine, chat("Say hi.", max_tokens=4)))
+    assert text and engine.stats()["active"] == 0

@@ -41,7 +41,7 @@ from datetime import datetime
 from typing import Any
 
 from ..models import DEFAULT_CHAT_MODEL, ModelSourceError, ResolvedModel, resolve_model_source
-from .base import GenerationRequest, SamplingParams
+from .base import EngineShutdownError, GenerationRequest, SamplingParams
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,8 @@ class LlamaCppEngine(ThreadedEngine):
         self._chat_template: _ChatTemplate | None = None
         self._vocab_lock = threading.Lock()
         self._free_ids: list[int] = []
+        # Every live sampler chain by address (whatever is left is freed at shutdown).
+        self._samplers: dict[int, Any] = {}
         # Finished sequences whose cells are kept: seq id -> their cached tokens (oldest first).
         self._kept: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
 
@@ -321,17 +323,20 @@ class LlamaCppEngine(ThreadedEngine):
         llama = self._llama
         if llama is None:
             return
-        for seq in self._active:
-            self._free_sampler(seq)
+        for sampler in self._samplers.values():
+            llama.llama_sampler_free(sampler)
+        self._samplers.clear()
         if self._batch is not None:
             llama.llama_batch_free(self._batch)
             self._batch = None
         if self._ctx is not None:
             llama.llama_free(self._ctx)
             self._ctx = None
-        if self._model is not None:
-            llama.llama_model_free(self._model)
-            self._model = None
+        with self._vocab_lock:  # no tokenizing while the vocabulary goes away
+            self._vocab = None
+            if self._model is not None:
+                llama.llama_model_free(self._model)
+                self._model = None
         self._kept.clear()
 
     # -- public API --------------------------------------------------------------------------------
@@ -360,6 +365,8 @@ class LlamaCppEngine(ThreadedEngine):
         add = add_special and self._add_special
         capacity = len(data) + 8
         with self._vocab_lock:
+            if self._vocab is None:
+                raise EngineShutdownError("engine is shut down")
             while True:
                 buf = (llama.llama_token * capacity)()
                 n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add, True)
@@ -374,6 +381,8 @@ class LlamaCppEngine(ThreadedEngine):
         tokens = (llama.llama_token * len(ids))(*ids)
         capacity = 16 * len(ids) + 16
         with self._vocab_lock:
+            if self._vocab is None:
+                raise EngineShutdownError("engine is shut down")
             while True:
                 buf = ctypes.create_string_buffer(capacity)
                 n = llama.llama_detokenize(self._vocab, tokens, len(ids), buf, capacity, False, False)
@@ -403,8 +412,11 @@ class LlamaCppEngine(ThreadedEngine):
         if self._active:
             self._forward(outbox)
 
-    def _fail_batch(self) -> None:
-        """The failed requests are already out of `_active`: drop every cell but the kept ones."""
+    def _fail_batch(self, failed: list[Any]) -> None:
+        """Free the failed requests' samplers, and every cell but the kept ones."""
+        for seq in failed:
+            self._free_sampler(seq)
+            seq.seq_id = -1
         llama = self._llama
         mem = llama.llama_get_memory(self._ctx)
         used = set(range(self.max_num_seqs + self.prefix_cache_entries)) - set(self._free_ids) - set(self._kept)
@@ -432,10 +444,11 @@ class LlamaCppEngine(ThreadedEngine):
             seq = self._waiting.popleft()
             seq.seq_id = self._free_ids.pop()
             seq.n_cached = 0
-            self._reuse_prefix(seq)
-            seq.sampler = self._make_sampler(seq)
-            self._active.append(seq)
+            self._active.append(seq)  # from here on, a failure fails it with the batch
             self._stats["requests"] += 1
+            seq.sampler = self._make_sampler(seq)
+            self._samplers[_address(seq.sampler)] = seq.sampler
+            self._reuse_prefix(seq)
 
     def _reuse_prefix(self, seq: _LlamaSequence) -> None:
         """Share the cells of the longest cached prefix of `seq`'s tokens (kept or running)."""
@@ -480,6 +493,7 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _free_sampler(self, seq: _LlamaSequence) -> None:
         if seq.sampler is not None:
+            self._samplers.pop(_address(seq.sampler), None)
             self._llama.llama_sampler_free(seq.sampler)
             seq.sampler = None
 
@@ -620,3 +634,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
             hi = mid - 1
     return lo
 
+
+def _address(pointer: Any) -> int:
+    """A ctypes pointer's address (pointer objects themselves are not hashable)."""
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0

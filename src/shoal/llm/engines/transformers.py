@@ -501,7 +501,7 @@ class TransformersEngine(ThreadedEngine):
             self._decode_step(outbox)
             self._timed("decode_ms", started)
 
-    def _fail_batch(self) -> None:
+    def _fail_batch(self, failed: list[Any]) -> None:
         self._store = None
         self._cache = None
 

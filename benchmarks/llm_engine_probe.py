@@ -1,8 +1,8 @@
 """Probe shoal's LLM engine: tokens/s and time to first token at 1, 4 and 16 concurrent streams.
 
 Each of N clients sends chat requests back to back (`--rounds` each), every request generating
-exactly `--max-tokens` new tokens (EOS ignored), straight through `TransformersEngine.generate`
-(no HTTP). Optionally (`--baseline`) the same machine state also runs the two reference setups the
+exactly `--max-tokens` new tokens (EOS ignored), straight through the engine's `generate`
+(no HTTP; `--engine transformers|llama_cpp`, default: the one `shoal llm serve` picks). Optionally (`--baseline`) the same machine state also runs the two reference setups the
 targets are stated against, so ratios can be read even on a busy machine:
 
 - "batched": `model.generate` on batches of 16 left-padded prompts (what `@serve.batch
@@ -11,7 +11,8 @@ targets are stated against, so ratios can be read even on a busy machine:
 
 Timings on a shared machine swing with other load: compare numbers from the same run.
 
-Usage: python benchmarks/llm_engine_probe.py [--streams 1 4 16] [--rounds 2] [--dtype auto] [--baseline]
+Usage: python benchmarks/llm_engine_probe.py [--engine auto] [--streams 1 4 16] [--rounds 2] [--dtype auto]
+       [--baseline]
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def run_baselines(rounds: int, max_tokens: int) -> list[dict[str, Any]]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--engine", default="auto", help="auto | llama_cpp | transformers")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=2)
@@ -140,13 +142,14 @@ async def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also time the reference setups")
     args = parser.parse_args()
 
-    from shoal.llm.engines import TransformersEngine
+    from shoal.llm.engines import build_engine
 
     started = time.perf_counter()
-    engine = TransformersEngine(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    engine: Any = build_engine(args.model, engine=args.engine, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
     await engine.start()
     print(json.dumps({
-        "model": args.model, "precision": engine.precision, "device": engine.device,
+        "model": args.model, "engine": type(engine).__name__, "precision": getattr(engine, "precision", "gguf"),
+        "device": getattr(engine, "device", "cpu"), "threads": getattr(engine, "num_threads", None),
         "max_num_seqs": engine.max_num_seqs, "start_s": round(time.perf_counter() - started, 1),
         "cpus": os.cpu_count(), "python": sys.version.split()[0],
     }), flush=True)  # fmt: skip

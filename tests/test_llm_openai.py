@@ -78,8 +78,11 @@ def test_models_list_and_retrieve(client):
 
 
 def test_chat_completion(client):
+    # "Name the capital of France." rather than "What is ...?": on llama.cpp's kernels (the default
+    # engine for the bundled GGUF) the 135M model's greedy answer to the latter starts "L'Étoile"
+    # (llama-server's too: "L" outscores "The" by 0.2); both engines answer this one "... is Paris."
     r = client.chat.completions.create(
-        model=CHAT, messages=ask("What is the capital of France?"), max_tokens=24, temperature=0
+        model=CHAT, messages=ask("Name the capital of France."), max_tokens=24, temperature=0
     )
     choice = r.choices[0]
     assert r.object == "chat.completion" and r.model == CHAT

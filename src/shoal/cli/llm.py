@@ -38,6 +38,9 @@ def llm() -> None:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "int8", "bfloat16", "float16", "float32"]),
               help="Weight precision of generation models (auto: int8 on CPU, bfloat16 on CUDA).")
+@click.option("--engine", default="auto", show_default=True,
+              type=click.Choice(["auto", "llama_cpp", "transformers"]),
+              help="Engine of generation models (auto: llama.cpp for .gguf files on CPU, else transformers).")
 @click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
               help="Sequences decoded together per replica (continuous batching); more wait in a queue.")
 @click.option("--max-queued-requests", default=-1, show_default=True, type=int,
@@ -53,7 +56,7 @@ def llm() -> None:
               help="A YAML list of API keys with names and limits (name, key or key_env, "
                    "requests_per_minute, tokens_per_minute); added to --api-key's.")
 def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: int, dtype: str,
-                  max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int,
+                  engine: str, max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int,
                   api_keys: tuple[str, ...], api_keys_file: Optional[str]) -> None:
     """Serve models on http://HOST:PORT/v1 until Ctrl-C or SIGTERM."""
     from shoal.llm import LLMConfig, build_openai_app
@@ -76,7 +79,7 @@ def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: i
             embedding[model_id] = is_embedding
             llm_configs.append(LLMConfig(
                 model_loading_config={"model_id": model_id, "model_source": source},
-                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs),
+                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs, engine),
                 deployment_config=deployment_config,
             ))
         app = build_openai_app({"llm_configs": llm_configs, "api_keys": keys})
@@ -111,9 +114,11 @@ def _is_embedding(source: str) -> bool:
         return False
 
 
-def _engine_kwargs(dtype: str, max_num_seqs: Optional[int]) -> dict[str, Any]:
+def _engine_kwargs(dtype: str, max_num_seqs: Optional[int], engine: str = "auto") -> dict[str, Any]:
     """Generation-engine options (embedding models take none of them)."""
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if engine != "auto":
+        kwargs["engine"] = engine
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs
     return kwargs

@@ -28,8 +28,9 @@ LLM_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     # A model that fails to load (missing files, out of memory) rarely loads on the 20th try.
     "max_constructor_retry_count": 3,
 }
-#: Engine choices; "auto" picks by the model's files (sentence-transformers -> embeddings).
-EngineName = Literal["auto", "transformers", "sentence-transformers"]
+#: Engine choices; "auto" picks by the model's files (sentence-transformers -> embeddings, .gguf on
+#: CPU -> llama_cpp, else transformers). `engine_kwargs={"engine": ...}` may name one too.
+EngineName = Literal["auto", "llama_cpp", "transformers", "sentence-transformers"]
 _FOREIGN_ENGINES = {"vllm", "sglang"}
 #: Keys of `deployment_config` that the LLM layer owns (Ray Serve LLM forbids them there too).
 _FORBIDDEN_DEPLOYMENT_KEYS = ("placement_group_bundles", "placement_group_strategy", "name")

@@ -23,9 +23,12 @@ from .engines import (
     PromptTooLongError,
     SamplingParams,
     build_engine,
+    default_engine_name,
+    normalize_engine_name,
 )
 from .engines.embeddings import EmbeddingEngine
 from .metrics import LLMMetrics
+from .models import resolve_model_source
 from .protocol import (
     USAGE_EVENT_FLAG,
     ChatCompletionRequest,
@@ -43,11 +46,18 @@ logger = logging.getLogger(__name__)
 
 
 def make_engine(config: LLMConfig) -> LLMEngine:
-    """The engine `config` asks for (by `llm_engine`, else by the model's files)."""
+    """The engine `config` asks for: `engine_kwargs["engine"]`, else `llm_engine`, else by the
+    model's files (see `engines.default_engine_name`)."""
     source = config.model_loading_config.source
     kwargs = dict(config.engine_kwargs)
     kwargs.setdefault("model_id", config.model_id)
-    return build_engine(source, engine=config.llm_engine, **kwargs)
+    name = kwargs.pop("engine", None) or config.llm_engine
+    if name == "auto":
+        name = default_engine_name(resolve_model_source(source))
+    replicas = config.deployment_config.get("num_replicas")
+    if normalize_engine_name(name) == "llama_cpp" and isinstance(replicas, int):
+        kwargs.setdefault("replicas", replicas)  # its threads per replica come from the CPU count
+    return build_engine(source, engine=name, **kwargs)
 
 
 class LLMServer:

@@ -4,6 +4,8 @@
 - `detokenize`, `stopping`: shared text handling (incremental detokenizing, stop strings);
 - `threaded`: `ThreadedEngine`, the shared part of the continuous-batching engines (the decode
   thread, request intake and validation, aborts, delivering deltas, per-token stop handling);
+- `llama_cpp`: `LlamaCppEngine` (llama.cpp, continuous batching, prefix caching; the default for
+  ``.gguf`` files on CPU);
 - `transformers`: `TransformersEngine` (PyTorch, continuous batching; HF directories and CUDA);
 - `embeddings`: `EmbeddingEngine` (sentence-transformers).
 
@@ -14,6 +16,9 @@ Adding an engine is one new module plus one line in `ENGINES`. Engine modules lo
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import Any
 
 from ..models import ModelSourceError, ResolvedModel, resolve_model_source
@@ -32,6 +37,7 @@ from .stopping import find_stop, stop_holdback
 
 #: Engine name -> "module:class" (the module relative to this package).
 ENGINES: dict[str, str] = {
+    "llama_cpp": ".llama_cpp:LlamaCppEngine",
     "transformers": ".transformers:TransformersEngine",
     "sentence-transformers": ".embeddings:EmbeddingEngine",
 }
@@ -46,6 +52,7 @@ __all__ = [
     "GenerationRequest",
     "IncrementalDetokenizer",
     "LLMEngine",
+    "LlamaCppEngine",
     "ModelSourceError",
     "PromptTooLongError",
     "SamplingParams",
@@ -76,10 +83,29 @@ def engine_class(name: str) -> type:
 
 
 def default_engine_name(resolved: ResolvedModel) -> str:
-    """The engine a model's files get when none is named."""
+    """The engine a model's files get when none is named: sentence-transformers models embed; a
+    ``.gguf`` file runs on llama.cpp when there is no CUDA device (and llama-cpp-python is
+    installed); everything else runs on transformers."""
     if resolved.format == "sentence-transformers":
         return "sentence-transformers"
+    if resolved.format == "gguf" and not _cuda_present() and _llama_cpp_installed():
+        return "llama_cpp"
     return "transformers"
+
+
+def _llama_cpp_installed() -> bool:
+    return "llama_cpp" in sys.modules or importlib.util.find_spec("llama_cpp") is not None
+
+
+def _cuda_present() -> bool:
+    """Whether a CUDA device is usable, without importing torch just to ask (that alone takes
+    seconds, and the llama.cpp engine never needs torch)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version")
 
 
 def build_engine(model_source: str, *, engine: str | None = None, **kwargs: Any) -> LLMEngine:

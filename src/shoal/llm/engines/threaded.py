@@ -125,8 +125,9 @@ class ThreadedEngine:
         """One iteration of the decode thread: apply `aborts`, admit from `_waiting`, run the model."""
         raise NotImplementedError
 
-    def _fail_batch(self) -> None:
-        """After `_step` raised: forget engine-side state of the (already failed) active requests."""
+    def _fail_batch(self, failed: list[Any]) -> None:
+        """After `_step` raised: forget engine-side state of the `failed` requests (no longer in
+        `_active`; they got the error)."""
 
     def _thread_context(self) -> AbstractContextManager[Any]:
         """Entered around the decode loop (e.g. ``torch.inference_mode()``)."""
@@ -274,10 +275,10 @@ class ThreadedEngine:
                     self._step(aborts, outbox)
                 except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                     logger.exception("decode loop error; failing %d active requests", len(self._active))
-                    for seq in self._active:
+                    failed, self._active = self._active, []
+                    for seq in failed:
                         outbox.append((seq, RuntimeError(f"generation failed: {exc!r}")))
-                    self._active = []
-                    self._fail_batch()
+                    self._fail_batch(failed)
                 self._deliver(outbox)
         # Shutting down: everything still known gets an error.
         outbox = []

@@ -501,7 +501,7 @@ class TransformersEngine(ThreadedEngine):
             self._decode_step(outbox)
             self._timed("decode_ms", started)
 
-    def _fail_batch(self) -> None:
+    def _fail_batch(self, failed: list[Any]) -> None:
         self._store = None
         self._cache = None
 
@@ -629,8 +629,8 @@ class TransformersEngine(ThreadedEngine):
         self._active = [survivors[i] for i in range(len(survivors))]
 
     def _sample(self, logits: "torch.Tensor", seqs: Sequence[_Sequence]) -> list[int]:
-        """One token per row: greedy rows by argmax, others by temperature/top-p sampling with the
-        request's own generator when it has a seed."""
+        """One token per row: greedy rows by argmax, others by temperature/top-k/top-p sampling with
+        the request's own generator when it has a seed."""
         import torch
 
         chosen = logits.argmax(dim=-1).tolist()
@@ -640,10 +640,14 @@ class TransformersEngine(ThreadedEngine):
                 continue
             probs = torch.softmax(logits[i] / params.temperature, dim=-1)
             generator = seq.generator if seq.generator is not None else self._generator
-            if params.top_p < 1.0:
+            top_k = params.top_k if params.top_k is not None and params.top_k > 0 else 0
+            if params.top_p < 1.0 or top_k:
                 sorted_probs, order = probs.sort(descending=True)
+                if top_k:
+                    sorted_probs[top_k:] = 0.0
                 cumulative = sorted_probs.cumsum(0)
-                sorted_probs[(cumulative - sorted_probs) >= params.top_p] = 0.0
+                mass = params.top_p * (cumulative[-1] if top_k else 1.0)  # of what top-k kept
+                sorted_probs[(cumulative - sorted_probs) >= mass] = 0.0
                 pick = torch.multinomial(sorted_probs, 1, generator=generator)
                 chosen[i] = int(order[pick].item())
             else:

@@ -1,0 +1,640 @@
+"""`LlamaCppEngine`: GGUF models through llama.cpp (the low-level `llama_cpp` bindings), with
+continuous batching and prefix caching. The default engine for ``.gguf`` sources on CPU.
+
+In short:
+
+- The GGUF file is memory-mapped as it is (no conversion, no re-quantizing): loading takes a
+  fraction of a second, and the weights' pages are shared by every process that maps the file.
+- One decode thread owns the llama.cpp context (`ThreadedEngine`). The context has ONE KV cache
+  of `kv_cache_tokens` cells shared by all sequences (``kv_unified``); each request gets its own
+  sequence id, so its tokens occupy their own cells and attention only sees them.
+- Each step builds ONE `llama_batch` and runs ONE `llama_decode` for everything: the next token of
+  every decoding sequence, plus prompt chunks of sequences being prefilled, up to
+  `max_prefill_tokens` prompt tokens per step. A long prompt is thus prefilled over several steps
+  (chunked prefill) while the running streams keep getting one token per step; requests join and
+  leave between steps.
+- Prefix caching: a finished sequence's cells are kept (LRU, up to `prefix_cache_entries`
+  sequences) and indexed by its tokens. A new prompt that starts like a kept (or running)
+  sequence gets those cells with `llama_memory_seq_cp` -- in a unified cache that only tags the
+  cells with the new sequence id, no copy -- and is prefilled from where they end.
+- When the cache is full (`llama_decode` returns 1), kept prefixes are dropped oldest first, then
+  the newest running sequence is preempted: its cells are freed and it is prefilled again (prompt
+  plus what it generated) when there is room, as vLLM's recompute preemption does.
+- Sampling is llama.cpp's sampler chain, one per request: greedy for ``temperature == 0``, else
+  temperature, top-k, top-p and a seeded distribution sampler.
+- Chat prompts are rendered from the GGUF's ``tokenizer.chat_template`` with jinja2 the way
+  transformers renders chat templates; tokenizing and detokenizing use the model's own vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ..models import DEFAULT_CHAT_MODEL, ModelSourceError, ResolvedModel, resolve_model_source
+from .base import EngineShutdownError, GenerationRequest, SamplingParams
+from .threaded import Outbox, SequenceState, ThreadedEngine
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LlamaCppEngine", "default_threads"]
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
+
+
+def default_threads(replicas: int = 1) -> int:
+    """Threads for one replica's llama.cpp context: the CPUs this process may run on less one (for
+    the HTTP proxy, the router and this replica's own Python side), shared by the replicas on this
+    machine; at least one. llama.cpp's threads meet at a barrier after every operation, so one
+    descheduled thread stalls them all: more threads than free cores is much slower, not faster."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, (cpus - 1) // max(1, replicas))
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return " amx_tile" in line
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return False
+
+
+def _init_backend(llama: Any) -> None:
+    """`llama_backend_init` once per process, with llama.cpp's logging routed to ours."""
+    global _backend_ready, _log_callback
+    with _backend_lock:
+        if _backend_ready:
+            return
+        levels = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 3 warn, 4 error
+
+        def log(level: int, text: bytes | None, user_data: Any) -> None:
+            if text and level in levels:
+                logger.log(levels[level], "llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+        _log_callback = llama.llama_log_callback(log)
+        llama.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+class _LlamaSequence(SequenceState):
+    """A request's state plus its llama.cpp side: sequence id, all its tokens (prompt then
+    generated), how many of them are in the KV cache, and its sampler chain."""
+
+    __slots__ = ("seq_id", "tokens", "n_cached", "sampler", "seed", "reused")
+
+    def __init__(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int
+    ) -> None:
+        super().__init__(request_id, prompt_ids, params, max_tokens)
+        self.seq_id = -1
+        self.tokens: list[int] = list(prompt_ids)
+        self.n_cached = 0
+        self.sampler: Any = None
+        self.seed = 0
+        self.reused = 0  # prompt tokens taken from the prefix cache
+
+
+class _ChatTemplate:
+    """A GGUF chat template rendered with jinja2 as transformers renders chat templates (sandboxed,
+    ``trim_blocks``/``lstrip_blocks``, loop controls, `raise_exception`, `tojson`, `strftime_now`)."""
+
+    def __init__(self, source: str, bos_token: str, eos_token: str) -> None:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(f"chat template error: {message}")
+
+        def tojson(value: Any, ensure_ascii: bool = False, indent: Any = None,
+                   separators: Any = None, sort_keys: bool = False) -> str:
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(source)
+        self._specials = {"bos_token": bos_token, "eos_token": eos_token}
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **{**self._specials, **kwargs}
+        )
+
+
+class LlamaCppEngine(ThreadedEngine):
+    """A llama.cpp engine for GGUF files with continuous batching (see the module docstring).
+
+    Options: `max_num_seqs` (sequences decoded together; more requests wait in a queue),
+    `max_model_len` (context per request; default the model's), `kv_cache_tokens` (KV cells shared
+    by all sequences; default `max_model_len`, at least that), `max_prefill_tokens` (prompt tokens
+    per step), `num_threads` (default: this process's CPUs divided by `replicas`), `replicas`
+    (replicas of this model on this machine, for the thread default), `prefix_cache_entries`
+    (finished sequences whose KV is kept for reuse; 0 turns prefix caching off), `seed` (for
+    requests without their own), `flash_attn` (off by default: llama.cpp's CPU flash attention gives
+    a prompt different numbers when other prompts share its batch, so greedy output would depend on
+    the load), `extra_buffers` (llama.cpp's repacked/AMX weight
+    layouts; default off on CPUs with AMX, where ggml's AMX matmul crashes on batches in some VMs),
+    `kv_unified` (default True: one KV cache of `kv_cache_tokens` cells shared by all sequences,
+    which is what prefix caching needs; False: one stream of ``kv_cache_tokens // max_num_seqs``
+    cells per sequence, which caps `max_model_len` at that and turns prefix caching off, but
+    makes greedy output bit-identical whatever runs beside it: in a shared cache a sequence's cells
+    are interleaved with its batch-mates', and attention sums them in a different order),
+    `warmup`. `dtype` is accepted for the CLI's sake:
+    GGUF weights run in their own quantization ("auto"). `device`: "cpu" (default) or "gpu"
+    (offload every layer, if llama.cpp was built with a GPU backend).
+    """
+
+    sequence_class = _LlamaSequence
+    STAT_KEYS = ThreadedEngine.STAT_KEYS + ("prefix_hit_tokens", "preempted", "prefix_evicted")
+
+    def __init__(
+        self,
+        model_source: str = DEFAULT_CHAT_MODEL,
+        *,
+        model_id: str | None = None,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        kv_cache_tokens: int | None = None,
+        max_prefill_tokens: int | None = None,
+        num_threads: int | None = None,
+        replicas: int = 1,
+        prefix_cache_entries: int | None = None,
+        seed: int | None = None,
+        flash_attn: bool = False,
+        extra_buffers: bool | None = None,
+        kv_unified: bool = True,
+        dtype: str = "auto",
+        device: str | None = None,
+        warmup: bool = True,
+    ) -> None:
+        super().__init__(warmup=warmup)
+        if dtype not in ("auto", None):
+            logger.warning("dtype=%r is ignored by the llama.cpp engine: GGUF weights run as they are", dtype)
+        if device not in (None, "cpu", "gpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'gpu' for the llama.cpp engine (got {device!r})")
+        self.model_source = model_source
+        self.model_id = model_id or model_source
+        self._max_num_seqs_option = max_num_seqs
+        self._max_model_len_option = max_model_len
+        self._kv_tokens_option = kv_cache_tokens
+        self._max_prefill_option = max_prefill_tokens
+        self.num_threads = num_threads or default_threads(replicas)
+        self._prefix_entries_option = prefix_cache_entries
+        self._flash_attn = flash_attn
+        self._unified = kv_unified
+        self._gpu = device in ("gpu", "cuda")
+        self._extra_buffers = (not _cpu_has_amx()) if extra_buffers is None else extra_buffers
+        self._rng = random.Random(seed)
+
+        self.resolved: ResolvedModel | None = None
+        self.kv_cache_tokens = 0
+        self.max_prefill_tokens = 0
+        self.prefix_cache_entries = 0
+        self._llama: Any = None  # the llama_cpp module
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._batch: Any = None
+        self._batch_size = 0
+        self._n_vocab = 0
+        self._add_special = False
+        self._chat_template: _ChatTemplate | None = None
+        self._vocab_lock = threading.Lock()
+        self._free_ids: list[int] = []
+        # Every live sampler chain by address (whatever is left is freed at shutdown).
+        self._samplers: dict[int, Any] = {}
+        # Finished sequences whose cells are kept: seq id -> their cached tokens (oldest first).
+        self._kept: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            import llama_cpp as llama
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ModelSourceError(
+                "the llama.cpp engine needs llama-cpp-python (pip install llama-cpp-python)"
+            ) from exc
+        self._llama = llama
+        _init_backend(llama)
+        self.resolved = resolve_model_source(self.model_source)
+        if self.resolved.format != "gguf":
+            raise ModelSourceError(
+                f"{self.model_source!r} is not a GGUF file; the llama.cpp engine loads .gguf files "
+                "(use engine='transformers' for Hugging Face directories)"
+            )
+        started = time.perf_counter()
+        mparams = llama.llama_model_default_params()
+        mparams.load_mode = llama.LLAMA_LOAD_MODE_MMAP
+        mparams.n_gpu_layers = -1 if self._gpu else 0
+        mparams.use_extra_bufts = self._extra_buffers
+        model = llama.llama_model_load_from_file(str(self.resolved.path).encode(), mparams)
+        if not model:
+            raise ModelSourceError(f"llama.cpp could not load {self.resolved.path}")
+        self._model = model
+        self._vocab = llama.llama_model_get_vocab(model)
+        self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        limit = llama.llama_model_n_ctx_train(model) or 2048
+        self.max_model_len = min(self._max_model_len_option or limit, limit)
+        self.max_num_seqs = self._max_num_seqs_option or 16
+        self.max_prefill_tokens = self._max_prefill_option or 256
+        max_ids = llama.llama_max_parallel_sequences()
+        self.max_num_seqs = min(self.max_num_seqs, max_ids)
+        if self._unified:
+            self.kv_cache_tokens = max(self._kv_tokens_option or self.max_model_len, self.max_model_len)
+            wanted = self.max_num_seqs if self._prefix_entries_option is None else self._prefix_entries_option
+            self.prefix_cache_entries = max(0, min(wanted, max_ids - self.max_num_seqs))
+        else:
+            # One KV stream per sequence, kv_cache_tokens / max_num_seqs cells each; no prefix cache
+            # (sharing cells needs them in one stream).
+            per_seq = (self._kv_tokens_option or 16384) // self.max_num_seqs
+            self.max_model_len = min(self.max_model_len, per_seq)
+            self.kv_cache_tokens = per_seq * self.max_num_seqs
+            self.prefix_cache_entries = 0
+        n_seq = self.max_num_seqs + self.prefix_cache_entries
+
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = self.kv_cache_tokens
+        self._batch_size = self.max_num_seqs + self.max_prefill_tokens
+        cparams.n_batch = self._batch_size
+        cparams.n_ubatch = min(self._batch_size, 512)
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = self._unified
+        cparams.n_threads = cparams.n_threads_batch = self.num_threads
+        cparams.flash_attn_type = (
+            llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if self._flash_attn else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        ctx = llama.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {self.resolved.path}")
+        self._ctx = ctx
+        self._batch = llama.llama_batch_init(self._batch_size, 0, 1)
+        self._free_ids = list(range(n_seq - 1, -1, -1))  # pop() hands out 0 first
+        self._add_special = bool(llama.llama_vocab_get_add_bos(self._vocab))
+        self._eos_ids = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t))
+        template = llama.llama_model_chat_template(model, None)
+        if template:
+            self._chat_template = _ChatTemplate(
+                template.decode("utf-8"), self._token_text(llama.llama_vocab_bos(self._vocab)),
+                self._token_text(llama.llama_vocab_eos(self._vocab)),
+            )
+        logger.info(
+            "loaded %s (%s) with llama.cpp in %.2fs; max_num_seqs=%d max_model_len=%d kv_cache_tokens=%d "
+            "threads=%d",
+            self.model_id, self.resolved.path, time.perf_counter() - started, self.max_num_seqs,
+            self.max_model_len, self.kv_cache_tokens, self.num_threads,
+        )  # fmt: skip
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = self._llama.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", "replace") if text else ""
+
+    def _run(self) -> None:
+        try:
+            super()._run()
+        finally:
+            self._free_native()
+
+    def _free_native(self) -> None:
+        llama = self._llama
+        if llama is None:
+            return
+        for sampler in self._samplers.values():
+            llama.llama_sampler_free(sampler)
+        self._samplers.clear()
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        with self._vocab_lock:  # no tokenizing while the vocabulary goes away
+            self._vocab = None
+            if self._model is not None:
+                llama.llama_model_free(self._model)
+                self._model = None
+        self._kept.clear()
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def render_prompt(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids (chat template applied for `messages`)."""
+        if request.messages is not None:
+            if self._chat_template is None:
+                raise ValueError(f"model {self.model_id!r} has no chat template; send a plain prompt")
+            text = self._chat_template.render(
+                request.messages, request.add_generation_prompt, **(request.chat_template_kwargs or {})
+            )
+            return self.tokenize(text, add_special=False)
+        if isinstance(request.prompt, str):
+            return self.tokenize(request.prompt, add_special=True)
+        if isinstance(request.prompt, list) and all(isinstance(t, int) for t in request.prompt):
+            if any(t < 0 or t >= self._n_vocab for t in request.prompt):
+                raise ValueError("prompt token id out of range")
+            return list(request.prompt)
+        raise ValueError("request needs `messages`, a `prompt` string, or a list of token ids")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """`text` to token ids with the model's vocabulary (special tokens in the text are parsed)."""
+        llama = self._llama
+        data = text.encode("utf-8")
+        add = add_special and self._add_special
+        capacity = len(data) + 8
+        with self._vocab_lock:
+            if self._vocab is None:
+                raise EngineShutdownError("engine is shut down")
+            while True:
+                buf = (llama.llama_token * capacity)()
+                n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add, True)
+                if n >= 0:
+                    return list(buf[:n])
+                capacity = -n
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        llama = self._llama
+        tokens = (llama.llama_token * len(ids))(*ids)
+        capacity = 16 * len(ids) + 16
+        with self._vocab_lock:
+            if self._vocab is None:
+                raise EngineShutdownError("engine is shut down")
+            while True:
+                buf = ctypes.create_string_buffer(capacity)
+                n = llama.llama_detokenize(self._vocab, tokens, len(ids), buf, capacity, False, False)
+                if n >= 0:
+                    return buf.raw[:n].decode("utf-8", "replace")
+                capacity = -n
+
+    def stats(self) -> dict[str, int]:
+        out = super().stats()
+        out["kv_cache_tokens"] = sum(s.n_cached for s in list(self._active))
+        out["kv_cache_capacity_tokens"] = self.kv_cache_tokens
+        out["prefix_cache_sequences"] = len(self._kept)
+        return out
+
+    # -- request intake (event-loop side) ----------------------------------------------------------
+
+    def _init_sequence(self, seq: _LlamaSequence, request: GenerationRequest) -> None:
+        params = seq.params
+        seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+
+    # -- decode thread -----------------------------------------------------------------------------
+
+    def _step(self, aborts: set[Any], outbox: Outbox) -> None:
+        if aborts:
+            self._apply_aborts(aborts)
+        self._admit()
+        if self._active:
+            self._forward(outbox)
+
+    def _fail_batch(self, failed: list[Any]) -> None:
+        """Free the failed requests' samplers, and every cell but the kept ones."""
+        for seq in failed:
+            self._free_sampler(seq)
+            seq.seq_id = -1
+        llama = self._llama
+        mem = llama.llama_get_memory(self._ctx)
+        used = set(range(self.max_num_seqs + self.prefix_cache_entries)) - set(self._free_ids) - set(self._kept)
+        for seq_id in used:
+            llama.llama_memory_seq_rm(mem, seq_id, -1, -1)
+            self._free_ids.append(seq_id)
+
+    def _apply_aborts(self, aborts: set[_LlamaSequence]) -> None:
+        for seq in aborts:
+            seq.aborted = True
+        self._waiting = collections.deque(s for s in self._waiting if not s.aborted)
+        gone = [s for s in self._active if s.aborted]
+        if gone:
+            self._stats["aborted"] += len(gone)
+            self._active = [s for s in self._active if not s.aborted]
+            for seq in gone:
+                self._release(seq)
+
+    def _admit(self) -> None:
+        """Give waiting requests a sequence id (and any cached prefix) while there are free slots;
+        their prompts are prefilled in chunks by the following steps."""
+        while self._waiting and len(self._active) < self.max_num_seqs:
+            if not self._free_ids and not self._evict_one():
+                break  # pragma: no cover - ids are sized for max_num_seqs plus the kept ones
+            seq = self._waiting.popleft()
+            seq.seq_id = self._free_ids.pop()
+            seq.n_cached = 0
+            self._active.append(seq)  # from here on, a failure fails it with the batch
+            self._stats["requests"] += 1
+            seq.sampler = self._make_sampler(seq)
+            self._samplers[_address(seq.sampler)] = seq.sampler
+            self._reuse_prefix(seq)
+
+    def _reuse_prefix(self, seq: _LlamaSequence) -> None:
+        """Share the cells of the longest cached prefix of `seq`'s tokens (kept or running)."""
+        if not self.prefix_cache_entries:
+            return
+        tokens = seq.tokens
+        limit = len(tokens) - 1  # at least one token must run, for the logits
+        best, best_id = 0, -1
+        candidates = [(sid, toks) for sid, toks in self._kept.items()]
+        candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active if s.n_cached]
+        for seq_id, cached in candidates:
+            n = min(len(cached), limit)
+            if n <= best or cached[:best + 1] != tokens[:best + 1]:
+                continue
+            common = _common_prefix(cached, tokens, n)
+            if common > best:
+                best, best_id = common, seq_id
+        if best == 0:
+            return
+        llama = self._llama
+        llama.llama_memory_seq_cp(llama.llama_get_memory(self._ctx), best_id, seq.seq_id, 0, best)
+        if best_id in self._kept:
+            self._kept.move_to_end(best_id)
+        seq.n_cached = best
+        seq.reused = best
+        self._stats["prefix_hit_tokens"] += best
+
+    def _make_sampler(self, seq: _LlamaSequence) -> Any:
+        llama = self._llama
+        params = seq.params
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if params.temperature <= 1e-5:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+            return chain
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))
+        if params.top_k is not None and params.top_k > 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seq.seed & 0xFFFFFFFF))
+        return chain
+
+    def _free_sampler(self, seq: _LlamaSequence) -> None:
+        if seq.sampler is not None:
+            self._samplers.pop(_address(seq.sampler), None)
+            self._llama.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+
+    def _release(self, seq: _LlamaSequence) -> None:
+        """`seq` left the batch: keep its cells as a prefix for later prompts, or free them."""
+        self._free_sampler(seq)
+        if seq.seq_id < 0:
+            return
+        seq_id, seq.seq_id = seq.seq_id, -1
+        if self.prefix_cache_entries and seq.n_cached > 0:
+            while len(self._kept) >= self.prefix_cache_entries:
+                self._evict_one()
+            self._kept[seq_id] = seq.tokens[: seq.n_cached]
+            return
+        llama = self._llama
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq_id, -1, -1)
+        self._free_ids.append(seq_id)
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used kept prefix; False if none is kept."""
+        if not self._kept:
+            return False
+        seq_id, _ = self._kept.popitem(last=False)
+        llama = self._llama
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq_id, -1, -1)
+        self._free_ids.append(seq_id)
+        self._stats["prefix_evicted"] += 1
+        return True
+
+    def _preempt_newest(self) -> None:
+        """Out of KV cells with nothing kept to drop: the newest running sequence gives its cells
+        back and waits (first in line) to be prefilled again, generated tokens included."""
+        seq = self._active.pop()
+        llama = self._llama
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq.seq_id, -1, -1)
+        self._free_ids.append(seq.seq_id)
+        self._free_sampler(seq)
+        seq.seq_id, seq.n_cached = -1, 0
+        self._waiting.appendleft(seq)
+        self._stats["preempted"] += 1
+        self._stats["requests"] -= 1  # counted again when it is admitted again
+
+    def _forward(self, outbox: Outbox) -> None:
+        """One `llama_decode` for every active sequence: a token each for the decoding ones, prompt
+        chunks (up to `max_prefill_tokens`) for the ones being prefilled; then sample."""
+        llama = self._llama
+        while True:
+            plan = self._plan()
+            started = time.perf_counter()
+            rc = llama.llama_decode(self._ctx, self._fill_batch(plan))
+            if rc == 0:
+                break
+            if rc != 1:
+                raise RuntimeError(f"llama_decode failed with status {rc}")
+            # No room in the KV cache: free some and try again.
+            if not self._evict_one():
+                if len(self._active) <= 1:
+                    raise RuntimeError("the KV cache cannot hold this sequence; raise kv_cache_tokens")
+                self._preempt_newest()
+        decoding = 0
+        finished: list[_LlamaSequence] = []
+        for seq, n, out_index in plan:
+            if n > 1 or not seq.completion_tokens:
+                self._stats["prefill_tokens"] += n
+            else:
+                decoding += 1
+            seq.n_cached += n
+            if out_index is None:
+                continue
+            token = llama.llama_sampler_sample(seq.sampler, self._ctx, out_index)
+            seq.tokens.append(token)
+            if self._on_token(seq, token, outbox):
+                finished.append(seq)
+        self._timed("decode_ms" if decoding else "prefill_ms", started)
+        if decoding:
+            self._stats["decode_steps"] += 1
+            self._stats["decode_rows"] += decoding
+        if finished:
+            gone = set(map(id, finished))
+            self._active = [s for s in self._active if id(s) not in gone]
+            for seq in finished:
+                self._release(seq)
+
+    def _plan(self) -> list[tuple[_LlamaSequence, int, int | None]]:
+        """(sequence, tokens to run, batch index of its logits or None) for this step: every
+        decoding sequence's one token first, then prompt chunks within the prefill budget."""
+        plan: list[tuple[_LlamaSequence, int, int | None]] = []
+        size = 0
+        prefilling = []
+        for seq in self._active:
+            pending = len(seq.tokens) - seq.n_cached
+            if pending == 1 and seq.completion_tokens:
+                plan.append((seq, 1, size))
+                size += 1
+            else:
+                prefilling.append(seq)
+        budget = self.max_prefill_tokens
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            pending = len(seq.tokens) - seq.n_cached
+            n = min(pending, budget)
+            budget -= n
+            plan.append((seq, n, size + n - 1 if n == pending else None))
+            size += n
+        return plan
+
+    def _fill_batch(self, plan: list[tuple[_LlamaSequence, int, int | None]]) -> Any:
+        batch = self._batch
+        token, pos, n_seq, seq_ids, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        i = 0
+        for seq, n, out_index in plan:
+            start = seq.n_cached
+            sid = seq.seq_id
+            for j, tok in enumerate(seq.tokens[start : start + n]):
+                token[i] = tok
+                pos[i] = start + j
+                n_seq[i] = 1
+                seq_ids[i][0] = sid
+                logits[i] = 0
+                i += 1
+            if out_index is not None:
+                logits[out_index] = 1
+        batch.n_tokens = i
+        return batch
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`."""
+    lo, hi = 0, limit
+    if list(a[:hi]) == list(b[:hi]):
+        return hi
+    while lo < hi:  # binary search on "the first k tokens agree"
+        mid = (lo + hi + 1) // 2
+        if list(a[:mid]) == list(b[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _address(pointer: Any) -> int:
+    """A ctypes pointer's address (pointer objects themselves are not hashable)."""
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0

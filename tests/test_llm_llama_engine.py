@@ -1,0 +1,267 @@
+"""The llama.cpp engine (shoal.llm.engines.llama_cpp) on the bundled SmolLM2 GGUF: continuous
+batching, chunked prefill, prefix caching, stop strings, aborts, context limits, engine choice.
+
+Needs llama-cpp-python; the module is skipped (with the reason) when it cannot be imported.
+Nothing here uses the network or asserts on timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+from shoal.llm.engines import (  # noqa: E402
+    Delta,
+    GenerationRequest,
+    LLMEngine,
+    LlamaCppEngine,
+    PromptTooLongError,
+    SamplingParams,
+    TransformersEngine,
+    build_engine,
+    default_engine_name,
+)
+from shoal.llm.models import resolve_model_source  # noqa: E402
+
+PROMPTS = [f"Tell me a fact about the number {i}." for i in range(16)]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def chat(content: str, **sampling: Any) -> GenerationRequest:
+    sampling.setdefault("temperature", 0)
+    return GenerationRequest(messages=[{"role": "user", "content": content}], sampling=SamplingParams(**sampling))
+
+
+async def tokens_of(engine: LlamaCppEngine, request: GenerationRequest) -> list[int]:
+    return [t async for d in engine.generate(request) for t in d.token_ids]
+
+
+async def collect(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[str, list[Delta]]:
+    deltas = [d async for d in engine.generate(request)]
+    return "".join(d.text for d in deltas), deltas
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    """The default configuration: one shared KV cache with prefix caching."""
+    eng = LlamaCppEngine(max_prefill_tokens=64)
+    run(eng.start())
+    yield eng
+    run(eng.shutdown())
+
+
+@pytest.fixture(scope="module")
+def exact_engine() -> Any:
+    """One KV stream per sequence (`kv_unified=False`): bit-identical whatever the batch."""
+    eng = LlamaCppEngine(kv_unified=False, kv_cache_tokens=16 * 1024)
+    run(eng.start())
+    yield eng
+    run(eng.shutdown())
+
+
+def test_default_engine_for_gguf_on_cpu_and_explicit_choice() -> None:
+    resolved = resolve_model_source("SmolLM2-135M-Instruct")
+    assert resolved.format == "gguf"
+    assert default_engine_name(resolved) == "llama_cpp"
+    assert isinstance(build_engine("SmolLM2-135M-Instruct"), LlamaCppEngine)
+    assert isinstance(build_engine("SmolLM2-135M-Instruct", engine="transformers"), TransformersEngine)
+    assert isinstance(build_engine("SmolLM2-135M-Instruct", engine="llama.cpp"), LlamaCppEngine)
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_engine("SmolLM2-135M-Instruct", engine="vllm")
+
+
+def test_protocol_and_sensible_greedy_answer(engine: LlamaCppEngine) -> None:
+    assert isinstance(engine, LLMEngine)
+    request = chat("What is 2 + 2? Answer with one number.", max_tokens=16)
+    text, deltas = run(collect(engine, request))
+    assert "4" in text
+    last = deltas[-1]
+    assert last.finish_reason in ("stop", "length") and last.usage is not None
+    assert last.usage.prompt_tokens == len(engine.render_prompt(request))
+    assert last.usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+    assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
+    assert engine.num_threads >= 1
+
+
+def test_chat_template_comes_from_the_gguf(engine: LlamaCppEngine) -> None:
+    ids = engine.render_prompt(GenerationRequest(messages=[{"role": "user", "content": "Hi"}]))
+    text = engine._decode_text(ids)  # special tokens are skipped when decoding
+    assert text.startswith("system\n") and text.endswith("user\nHi\nassistant\n")
+    im_start = engine.tokenize("<|im_start|>", add_special=False)
+    assert len(im_start) == 1 and ids.count(im_start[0]) == 3  # parsed as one special token each
+
+
+def test_greedy_output_alone_equals_output_in_a_batch_of_16(exact_engine: LlamaCppEngine) -> None:
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        alone = [await tokens_of(exact_engine, chat(p, max_tokens=16)) for p in PROMPTS]
+        batch = await asyncio.gather(*(tokens_of(exact_engine, chat(p, max_tokens=16)) for p in PROMPTS))
+        return alone, list(batch)
+
+    alone, batch = run(scenario())
+    assert batch == alone
+    assert exact_engine.stats()["decode_rows"] > exact_engine.stats()["decode_steps"]  # really batched
+
+
+def test_sequences_joining_mid_stream_do_not_disturb_running_ones(exact_engine: LlamaCppEngine) -> None:
+    async def scenario() -> tuple[list[int], list[int], list[list[int]]]:
+        solo = await tokens_of(exact_engine, chat(PROMPTS[0], max_tokens=32))
+        got: list[int] = []
+        joiners: list[asyncio.Task[list[int]]] = []
+        async for delta in exact_engine.generate(chat(PROMPTS[0], max_tokens=32)):
+            got.extend(delta.token_ids)
+            if len(got) in (4, 12):  # others join while this stream runs
+                joiners += [asyncio.create_task(tokens_of(exact_engine, chat(p, max_tokens=8))) for p in PROMPTS[1:4]]
+        return solo, got, list(await asyncio.gather(*joiners))
+
+    solo, got, joined = run(scenario())
+    assert got == solo
+    assert all(len(j) >= 1 for j in joined)
+
+
+def test_prefix_reuse_gives_the_same_tokens_as_no_reuse(engine: LlamaCppEngine) -> None:
+    system = "You are a terse assistant. " * 20  # a long shared prefix
+    def request(question: str) -> GenerationRequest:
+        return GenerationRequest(
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            sampling=SamplingParams(max_tokens=16, temperature=0),
+        )
+
+    async def scenario() -> tuple[list[int], list[int], int]:
+        fresh = LlamaCppEngine(prefix_cache_entries=0, warmup=False)
+        await fresh.start()
+        try:
+            cold = await tokens_of(fresh, request("Name a color."))
+        finally:
+            await fresh.shutdown()
+        before = engine.stats()["prefix_hit_tokens"]
+        await tokens_of(engine, request("Name a fruit."))  # leaves the system prompt cached
+        warm = await tokens_of(engine, request("Name a color."))
+        return cold, warm, engine.stats()["prefix_hit_tokens"] - before
+
+    cold, warm, reused = run(scenario())
+    assert reused > 100  # the system prompt's tokens were not computed again
+    assert warm == cold
+
+
+def test_long_prompt_is_prefilled_in_chunks_without_stalling_running_streams(engine: LlamaCppEngine) -> None:
+    long_prompt = "Here is a long story about a dragon. " * 60  # ~600 tokens, 64 per step
+
+    async def scenario() -> tuple[int, int]:
+        events: list[str] = []
+
+        async def runner() -> None:
+            async for _ in engine.generate(chat(PROMPTS[5], max_tokens=48, ignore_eos=True)):
+                events.append("run")
+
+        async def newcomer() -> None:
+            while events.count("run") < 2:
+                await asyncio.sleep(0.01)
+            async for _ in engine.generate(GenerationRequest(prompt=long_prompt, sampling=SamplingParams(
+                    max_tokens=2, temperature=0))):
+                events.append("new")
+
+        await asyncio.gather(runner(), newcomer())
+        first_new = events.index("new")
+        started = 2
+        return first_new - started, len(engine.render_prompt(GenerationRequest(prompt=long_prompt)))
+
+    tokens_meanwhile, prompt_len = run(scenario())
+    assert prompt_len > 4 * 64
+    assert tokens_meanwhile >= 3  # the running stream kept getting tokens during the prefill
+
+
+def test_stop_strings_and_stop_reasons(engine: LlamaCppEngine) -> None:
+    text, _ = run(collect(engine, chat(PROMPTS[3], max_tokens=32, ignore_eos=True)))
+    assert len(text) > 12
+    stop = text[8:12]
+    cut, deltas = run(collect(engine, chat(PROMPTS[3], max_tokens=32, ignore_eos=True, stop=[stop])))
+    assert cut == text[: text.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+    _, deltas = run(collect(engine, chat(PROMPTS[3], max_tokens=3, ignore_eos=True)))
+    assert deltas[-1].finish_reason == "length" and deltas[-1].usage.completion_tokens == 3
+
+
+def test_seed_makes_sampling_reproducible(exact_engine: LlamaCppEngine) -> None:
+    def sampled(seed: int, **kwargs: Any) -> list[int]:
+        request = chat(PROMPTS[7], max_tokens=16, temperature=1.0, seed=seed, **kwargs)
+        return run(tokens_of(exact_engine, request))
+
+    assert sampled(11, top_p=0.95) == sampled(11, top_p=0.95)
+    assert sampled(11, top_k=5) == sampled(11, top_k=5)
+    greedy = run(tokens_of(exact_engine, chat(PROMPTS[7], max_tokens=16)))
+    assert sampled(3, top_p=1e-6) == greedy  # a tiny top_p (or top_k=1) is greedy
+    assert sampled(3, top_k=1) == greedy
+
+
+def test_abandoned_stream_is_aborted_and_leaves_the_batch(engine: LlamaCppEngine) -> None:
+    async def scenario() -> None:
+        before = engine.stats()["aborted"]
+        stream = engine.generate(chat(PROMPTS[9], max_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()  # what the server does when the client disconnects
+        for _ in range(500):
+            if engine.stats()["aborted"] > before and engine.stats()["active"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["aborted"] == before + 1
+        assert engine.stats()["active"] == 0
+        text, _ = await collect(engine, chat("Say hi.", max_tokens=4))  # the engine goes on
+        assert text
+
+    run(scenario())
+
+
+def test_prompt_longer_than_the_context_is_refused_at_once(engine: LlamaCppEngine) -> None:
+    assert engine.max_model_len == 8192  # the model's own context
+    with pytest.raises(PromptTooLongError, match="maximum context length is 8192 tokens"):
+        engine.generate(GenerationRequest(prompt=[1] * 9000))
+    with pytest.raises(PromptTooLongError):
+        engine.generate(GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=8192)))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.generate(GenerationRequest(prompt=[10**9]))
+
+
+def test_server_picks_the_engine_from_engine_kwargs_or_llm_engine() -> None:
+    from shoal.llm import LLMConfig
+    from shoal.llm.server import make_engine
+
+    def config(**kwargs: Any) -> Any:
+        return LLMConfig(model_loading_config={"model_id": "SmolLM2-135M-Instruct"}, **kwargs)
+
+    default = make_engine(config(deployment_config={"num_replicas": 2}))
+    assert isinstance(default, LlamaCppEngine)
+    assert default.num_threads == max(1, (len(os.sched_getaffinity(0)) - 1) // 2)
+    assert isinstance(make_engine(config(engine_kwargs={"engine": "transformers"})), TransformersEngine)
+    assert isinstance(make_engine(config(llm_engine="transformers")), TransformersEngine)
+    assert isinstance(make_engine(config(llm_engine="llama_cpp")), LlamaCppEngine)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine: LlamaCppEngine) -> None:
+    real_fill = engine._fill_batch
+    calls = {"n": 0}
+
+    def flaky_fill(plan: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real_fill(plan)
+
+    engine._fill_batch = flaky_fill  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="generation failed"):
+            run(collect(engine, chat("Say hi.", max_tokens=4)))
+    finally:
+        del engine._fill_batch
+    text, _ = run(collect(engine, chat("Say hi.", max_tokens=4)))
+    assert text and engine.stats()["active"] == 0

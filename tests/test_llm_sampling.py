@@ -36,12 +36,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
+def tokenizer(client):  # noqa: F811 - after the server, which has converted the bundled GGUF once
+    from shoal.llm.models import load_causal_lm, resolve_model_source
 
-    from shoal.llm.models import resolve_model_source
-
-    return AutoTokenizer.from_pretrained(str(resolve_model_source(CHAT).path))
+    _, tok = load_causal_lm(resolve_model_source(CHAT))
+    return tok
 
 
 # -- the sampling module -------------------------------------------------------------------------------

@@ -51,10 +51,14 @@ def test_penalties_follow_openai_formula_and_only_touch_their_rows():
     p = LogitsProcessor(6, "cpu", presence_penalty=0.5, frequency_penalty=1.0)
     for token in (2, 2, 4):
         p.observe(token)
-    apply_logits_processors(logits, [None, p, None])
+    assert apply_logits_processors(logits, [None, p, None]) is logits  # in place
     assert logits[0].tolist() == [0.0] * 6 and logits[2].tolist() == [0.0] * 6
     # token 2 seen twice: -(1.0 * 2 + 0.5); token 4 once: -(1.0 + 0.5)
     assert logits[1].tolist() == [0.0, 0.0, -2.5, 0.0, -1.5, 0.0]
+    both = LogitsProcessor(6, presence_penalty=1.0, logit_bias={2: 3.0})
+    both.observe(2)
+    strided = torch.zeros(2, 2, 6)[:, -1, :]  # a slice of a model's output, as engines pass it
+    assert apply_logits_processors(strided, [both, None])[0].tolist() == [0.0, 0.0, 2.0, 0.0, 0.0, 0.0]
 
 
 def test_logit_bias_is_added_and_validated():

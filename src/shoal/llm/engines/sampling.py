@@ -12,7 +12,8 @@ and any engine that can hand over its logits as a tensor). A step does, for the 
    rows whose request asked for logprobs (log-softmax of the processed logits, before temperature).
 
 A request that uses none of these costs one attribute check per row and step. Each request's state
-lives in a `LogitsProcessor` (its token counts), made by `make_logits_processor` when it needs one.
+lives in a `LogitsProcessor` (its bias and token counts, sparse), made by `make_logits_processor`
+when it needs one; an engine calls its `observe` with each chosen token.
 """
 
 from __future__ import annotations
@@ -45,38 +46,45 @@ def validate_logit_bias(logit_bias: Optional[dict[int, float]], vocab_size: int)
 
 
 class LogitsProcessor:
-    """One request's penalties and bias, and the counts of the tokens it has generated so far."""
+    """One request's penalties and bias, and the counts of the tokens it has generated so far.
 
-    __slots__ = ("presence", "frequency", "bias_ids", "bias_values", "counts")
+    Everything is kept sparse (token id -> value), so a step touches only the biased and already
+    generated tokens of the row, never the whole vocabulary."""
+
+    __slots__ = ("presence", "frequency", "bias", "counts")
 
     def __init__(
         self,
         vocab_size: int,
-        device: Any,
+        device: Any = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         logit_bias: Optional[dict[int, float]] = None,
     ) -> None:
-        import torch
-
         self.presence = float(presence_penalty)
         self.frequency = float(frequency_penalty)
-        self.bias_ids: Optional[torch.Tensor] = None
-        self.bias_values: Optional[torch.Tensor] = None
-        if logit_bias:
-            self.bias_ids = torch.tensor(list(logit_bias), dtype=torch.long, device=device)
-            self.bias_values = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=device)
-        self.counts: Optional[torch.Tensor] = None
-        if self.presence or self.frequency:
-            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        self.bias: dict[int, float] = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+        #: Generated token -> how many times (None: the request has no penalty).
+        self.counts: Optional[dict[int, int]] = {} if (self.presence or self.frequency) else None
 
     def observe(self, token: int) -> None:
         """Count a generated token (call once per token, after it is chosen)."""
-        if self.counts is not None and 0 <= token < self.counts.shape[0]:
-            self.counts[token] += 1
+        counts = self.counts
+        if counts is not None:
+            counts[token] = counts.get(token, 0) + 1
+
+    def adjustments(self) -> dict[int, float]:
+        """Token id -> what to add to its logit now (bias minus penalties)."""
+        if not self.counts:
+            return self.bias
+        out = dict(self.bias)
+        frequency, presence = self.frequency, self.presence
+        for token, count in self.counts.items():
+            out[token] = out.get(token, 0.0) - (frequency * count + presence)
+        return out
 
 
-def make_logits_processor(params: Any, vocab_size: int, device: Any) -> Optional[LogitsProcessor]:
+def make_logits_processor(params: Any, vocab_size: int, device: Any = None) -> Optional[LogitsProcessor]:
     """A processor for `params` (a `SamplingParams`), or None when it asks for no penalty or bias."""
     presence = getattr(params, "presence_penalty", 0.0) or 0.0
     frequency = getattr(params, "frequency_penalty", 0.0) or 0.0
@@ -90,21 +98,27 @@ def make_logits_processor(params: Any, vocab_size: int, device: Any) -> Optional
 def apply_logits_processors(
     logits: "torch.Tensor", processors: Sequence[Optional[LogitsProcessor]]
 ) -> "torch.Tensor":
-    """Apply each row's processor (None: untouched) to `logits` ``[rows, vocab]`` in place; returns it."""
+    """Apply each row's processor (None: untouched) to `logits` ``[rows, vocab]``, as one sparse add
+    over the whole batch; returns the result (`logits` itself, changed in place, when contiguous)."""
     import torch
 
-    penalized = [i for i, p in enumerate(processors) if p is not None and p.counts is not None]
-    if penalized:
-        rows = torch.tensor(penalized, dtype=torch.long, device=logits.device)
-        counts = torch.stack([processors[i].counts for i in penalized])  # type: ignore[union-attr]
-        frequency = torch.tensor([processors[i].frequency for i in penalized], device=logits.device)  # type: ignore[union-attr]
-        presence = torch.tensor([processors[i].presence for i in penalized], device=logits.device)  # type: ignore[union-attr]
-        penalty = frequency.view(-1, 1) * counts + presence.view(-1, 1) * (counts > 0).float()
-        width = min(logits.shape[1], penalty.shape[1])
-        logits[rows, :width] -= penalty[:, :width].to(logits.dtype)
-    for i, p in enumerate(processors):
-        if p is not None and p.bias_ids is not None:
-            logits[i].index_add_(0, p.bias_ids, p.bias_values.to(logits.dtype))  # type: ignore[union-attr]
+    if not logits.is_contiguous():
+        logits = logits.contiguous()
+    width = logits.shape[1]
+    flat: list[int] = []
+    values: list[float] = []
+    for row, processor in enumerate(processors):
+        if processor is None:
+            continue
+        base = row * width
+        for token, value in processor.adjustments().items():
+            if 0 <= token < width:
+                flat.append(base + token)
+                values.append(value)
+    if flat:
+        index = torch.tensor(flat, dtype=torch.long, device=logits.device)
+        delta = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        logits.view(-1).index_add_(0, index, delta)
     return logits
 
 

@@ -642,7 +642,7 @@ class TransformersEngine(ThreadedEngine):
         it with its logprobs when asked, and return the rows that finished."""
         processors = [s.logits_processor for s in seqs]
         if any(p is not None for p in processors):
-            apply_logits_processors(logits, processors)
+            logits = apply_logits_processors(logits, processors)
         tokens = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
         top_k = [s.params.logprobs for s in seqs]
         rows: list[Any] = [None] * len(seqs)

@@ -55,3 +55,36 @@ def test_llm_serve_bad_model_is_one_clear_line(tmp_path, procs):
     started.append(server)
     assert server.wait(60) != 0
     assert "/no/such/model.gguf" in server.output and "Traceback" not in server.output
+
+
+def test_llm_serve_with_api_keys(tmp_path, procs, monkeypatch):
+    """`shoal llm serve` with a key from SHOAL_API_KEY and a limited one from --api-keys-file: 401
+    without a key, 429 past the limit, and the keys never printed."""
+    started, _ = procs
+    monkeypatch.setenv("SHOAL_API_KEY", "sk-env-key-0123456789")
+    monkeypatch.setenv("SHOAL_TEST_LIMITED_KEY", "sk-limited-key-9876543210")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("- {name: limited, key_env: SHOAL_TEST_LIMITED_KEY, requests_per_minute: 1}\n")
+    server = _Proc(_shoal_cmd() + ["llm", "serve", "--port", "0", "--model", "SmolLM2-135M-Instruct",
+                                   "--api-keys-file", str(keys_file)], tmp_path)
+    started.append(server)
+    ready = server.wait_for_line("(OpenAI-compatible)", timeout=240)
+    base = re.search(r"at (http://\S+/v1) ", ready).group(1)
+    server.wait_for_line(f"curl {base}/models")
+    assert 'Authorization: Bearer $SHOAL_API_KEY' in server.output
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).models.list()
+    env_client = openai.OpenAI(base_url=base, api_key="sk-env-key-0123456789", max_retries=0, timeout=120)
+    reply = env_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Say hello."}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+    limited = openai.OpenAI(base_url=base, api_key="sk-limited-key-9876543210", max_retries=0, timeout=120)
+    limited.models.list()
+    with pytest.raises(openai.RateLimitError) as info:
+        limited.models.list()
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    server.popen.send_signal(signal.SIGINT)
+    assert server.wait(60) == 0, server.output
+    assert "sk-env-key" not in server.output and "sk-limited-key" not in server.output

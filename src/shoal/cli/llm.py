@@ -46,13 +46,21 @@ def llm() -> None:
               help="Address the HTTP server listens on.")
 @click.option("--port", default=8000, show_default=True, type=int, envvar="SHOAL_HTTP_PORT",
               help="Port the HTTP server listens on (0: any free port).")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on /v1/*; repeat for several keys (named key-1, "
+                   "key-2, ...). Default: the comma-separated keys in $SHOAL_API_KEY; none: the API is open.")
+@click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False),
+              help="A YAML list of API keys with names and limits (name, key or key_env, "
+                   "requests_per_minute, tokens_per_minute); added to --api-key's.")
 def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: int, dtype: str,
-                  max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int) -> None:
+                  max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int,
+                  api_keys: tuple[str, ...], api_keys_file: Optional[str]) -> None:
     """Serve models on http://HOST:PORT/v1 until Ctrl-C or SIGTERM."""
     from shoal.llm import LLMConfig, build_openai_app
     from shoal.llm.config import load_llm_config
 
     try:
+        keys = _api_keys(api_keys, api_keys_file)
         llm_configs = [load_llm_config(path) for path in configs]
         sources = models or (() if configs else (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL))
         deployment_config: dict[str, Any] = {"num_replicas": replicas}
@@ -71,11 +79,27 @@ def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: i
                 engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs),
                 deployment_config=deployment_config,
             ))
-        app = build_openai_app({"llm_configs": llm_configs})
+        app = build_openai_app({"llm_configs": llm_configs, "api_keys": keys})
     except Exception as exc:  # noqa: BLE001 - a bad option is one clear line
         raise click.ClickException(str(exc)) from None
     chat_model = next((c.model_id for c in llm_configs if not embedding[c.model_id]), None)
-    sys.exit(_serve_in_foreground(app, [c.model_id for c in llm_configs], chat_model, host, port))
+    sys.exit(_serve_in_foreground(app, [c.model_id for c in llm_configs], chat_model, host, port, bool(keys)))
+
+
+def _api_keys(given: tuple[str, ...], path: Optional[str]) -> list[Any]:
+    """`--api-key`s (else `SHOAL_API_KEY`'s), then the keys of `--api-keys-file`."""
+    from shoal.llm.api_keys import keys_from_env, load_api_keys
+
+    plain = list(given) or keys_from_env()
+    keys: list[Any] = [{"name": f"key-{i}", "key": key} for i, key in enumerate(plain, 1)]
+    if path:
+        import yaml
+
+        listed = yaml.safe_load(open(path).read())
+        if not isinstance(listed, list) or not all(isinstance(k, dict) for k in listed):
+            raise ValueError(f"{path}: an API keys file holds a list of mappings (name, key or key_env, ...)")
+        keys.extend(listed)
+    return load_api_keys(keys)
 
 
 def _is_embedding(source: str) -> bool:
@@ -104,7 +128,8 @@ def _model_id(source: str) -> str:
     return source.removeprefix("package:")
 
 
-def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[str], host: str, port: int) -> int:
+def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[str], host: str, port: int,
+                         with_keys: bool = False) -> int:
     """Deploy with progress, print how to call it, block; always shut down. Returns the exit code."""
     from shoal import api
     from shoal import client as client_mod
@@ -126,7 +151,7 @@ def _serve_in_foreground(app: Any, model_ids: list[str], chat_model: Optional[st
             signals.defer_interrupt()
             click.echo(f"Error: {error}", err=True)
             return 1
-        click.echo(_ready_message(api.get_http_url() or f"http://{host}:{port}", model_ids, chat_model))
+        click.echo(_ready_message(api.get_http_url() or f"http://{host}:{port}", model_ids, chat_model, with_keys))
         while not lost:
             time.sleep(0.2)
         signals.defer_interrupt()
@@ -169,13 +194,17 @@ def _watch_deploy(api: Any, lost: list[bool]) -> Optional[str]:
     return "the shoal controller exited unexpectedly"
 
 
-def _ready_message(url: str, model_ids: list[str], chat_model: Optional[str]) -> str:
+def _ready_message(url: str, model_ids: list[str], chat_model: Optional[str], with_keys: bool = False) -> str:
     base = url.rstrip("/") + "/v1"
     lines = [f"\nServing {', '.join(model_ids)} at {base} (OpenAI-compatible). Press Ctrl-C to stop.\n"]
+    # The key itself is never printed: the examples read it from $SHOAL_API_KEY.
+    auth = ' -H "Authorization: Bearer $SHOAL_API_KEY"' if with_keys else ""
+    if with_keys:
+        lines.append("API keys are required: send `Authorization: Bearer <key>` (below: $SHOAL_API_KEY).\n")
     if chat_model:
         body = {"model": chat_model, "messages": [{"role": "user", "content": "Say hello in five words."}],
                 "max_tokens": 32, "temperature": 0.2}
-        lines.append("Try:\n  curl " + shlex.quote(f"{base}/chat/completions")
+        lines.append("Try:\n  curl " + shlex.quote(f"{base}/chat/completions") + auth
                      + " -H 'Content-Type: application/json' \\\n    -d " + shlex.quote(json.dumps(body)))
-    lines.append(f"Models: curl {base}/models")
+    lines.append(f"Models: curl {base}/models{auth}")
     return "\n".join(lines) + "\n"

@@ -277,7 +277,8 @@ class Controller(RpcHandler):
             await self.metrics.configure(extra.get("metrics_options"))
             return {"http_options": self.proxies.options}
         if role == "proxy":
-            return self.proxies.hello(conn, extra["index"], extra.get("serving_port", 0))
+            return self.proxies.hello(conn, extra["index"], extra.get("serving_port", 0),
+                                      extra.get("draining", False))
         if role == "replica":
             rec = self.replicas_by_uid.get(unique_id)
             if rec is None:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("shoal.controller")
 RESTART_BACKOFF_S = 1.0
-# How long a proxy whose node no longer needs one may take to finish its requests before it is killed.
+# How long a draining proxy's requests may run on once it stops serving (after its minimum draining
+# period, `http/drain.py`) before it is killed.
 DRAIN_TIMEOUT_S = 30.0
 SPARE = -1  # the index a standby proxy says hello with
 
@@ -100,14 +101,20 @@ class ProxyManager:
         self.controller.spawn(spare.conn.call("take_over", index, self.port, self.count > 1))
         self._launch_spare()
 
-    def hello(self, conn: "Connection", index: int, serving_port: int = 0) -> dict:
-        """A proxy starts, or (`serving_port` set) one that kept serving reconnects after a controller restart."""
-        rec = self.spare if index == SPARE else self.proxies.get(index)
-        if rec is None:
+    def hello(self, conn: "Connection", index: int, serving_port: int = 0, draining: bool = False) -> dict:
+        """A proxy starts, or (`serving_port` set) one that kept serving reconnects after a controller restart.
+
+        One that was draining then goes on draining and ends by itself: it is no record's proxy any
+        more (its index may be a new proxy's), so it gets the route table and nothing else."""
+        rec = None if draining else self.spare if index == SPARE else self.proxies.get(index)
+        if draining:
+            logger.info("HTTP proxy %d reconnected while draining; it ends once drained", index)
+        elif rec is None:
             raise RayServeException(f"unknown HTTP proxy {index}")  # it exits: nobody would manage it
-        rec.conn = conn
-        conn.proxy = rec  # type: ignore[attr-defined]
-        if serving_port and rec.status != ProxyStatus.HEALTHY:
+        if rec is not None:
+            rec.conn = conn
+            conn.proxy = rec  # type: ignore[attr-defined]
+        if rec is not None and serving_port and rec.status != ProxyStatus.HEALTHY:
             rec.status, rec.port, rec.error = ProxyStatus.HEALTHY, serving_port, ""
             self._signal()
         # The route table comes with the reply: a proxy (re)started after apps were deployed must
@@ -245,14 +252,20 @@ class ProxyManager:
             self._launch(index)
 
     def _retire(self, index: int) -> None:
-        """Stop proxy `index` gracefully: it finishes its requests (at most DRAIN_TIMEOUT_S) and exits."""
+        """Drain proxy `index` (`http/drain.py`): it answers health checks with 503, hands its listener
+        to another proxy on its host or keeps serving for the minimum draining period, finishes its
+        requests (at most DRAIN_TIMEOUT_S more) and exits. DRAINING in the status until then."""
+        from shoal.http.drain import handover_enabled, min_draining_period_s
+
         rec = self.proxies.pop(index, None)
         if rec is None:
             return
         logger.info("HTTP proxy %d: its node no longer needs a proxy; draining it", index)
         if rec.conn is not None and rec.status == ProxyStatus.HEALTHY:
-            self.controller.spawn(rec.conn.call("drain", DRAIN_TIMEOUT_S))
-            self.retiring.append((rec, time.monotonic() + DRAIN_TIMEOUT_S + 5.0))
+            min_period = min_draining_period_s()
+            rec.status = ProxyStatus.DRAINING
+            self.controller.spawn(rec.conn.call("drain", DRAIN_TIMEOUT_S, min_period, handover_enabled()))
+            self.retiring.append((rec, time.monotonic() + min_period + DRAIN_TIMEOUT_S + 5.0))
         elif rec.process is not None:
             rec.process.kill()
             self.retiring.append((rec, time.monotonic()))
@@ -267,7 +280,9 @@ class ProxyManager:
             if now >= deadline:
                 rec.process.kill()
             left.append((rec, deadline))
-        self.retiring = left
+        if len(left) != len(self.retiring):
+            self.retiring = left
+            self._signal()  # a DRAINING proxy left the status
 
     def _left_with_its_node(self, rec: ProxyRecord) -> bool:
         """Proxy `rec` ended and the runtime wants fewer proxies now (its node left the cluster):
@@ -342,7 +357,12 @@ class ProxyManager:
         self._launch_spare()  # the old standby left with its controller
 
     def statuses(self) -> dict[str, ProxyStatus]:
-        return {f"{getattr(r.process, 'node_id', '') or 'local'}:{r.index}": r.status for r in self.proxies.values()}
+        """Serving proxies, and draining ones (DRAINING) until they exit; a serving proxy wins a key
+        both have (its node got replicas again while its old proxy drained)."""
+        draining = [rec for rec, _ in self.retiring if rec.status == ProxyStatus.DRAINING
+                    and (rec.process is None or rec.process.exit_code() is None)]
+        return {f"{getattr(r.process, 'node_id', '') or 'local'}:{r.index}": r.status
+                for r in draining + list(self.proxies.values())}
 
     def url(self) -> Optional[str]:
         if not self.enabled or not self.port:

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from shoal.common import SERVE_HTTP_REQUEST_ID_HEADER, SERVE_MULTIPLEXED_MODEL_ID, DeploymentID
 from shoal.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.http.convert import TEXT_UTF8
+from shoal.http.drain import DRAINING_MESSAGE, closing
 from shoal.http.routes import Route, RouteTable
 from shoal.http.scope import scope_to_wire
 from shoal.replica.http_adapter import HTTP_METHOD
@@ -127,6 +128,7 @@ class ProxyApp:
         self.options = options
         self.routes = RouteTable()
         self.routes_ready = False
+        self.draining = False  # see `start_draining`
         self.routers: dict[str, tuple[Route, Any]] = {}  # route prefix -> (route, its router)
         self.timeout_s: Optional[float] = options.get("request_timeout_s")
         self.max_body = options.get("max_request_body_bytes") or 0
@@ -160,6 +162,11 @@ class ProxyApp:
         if self.journal.lines is not None:
             self.journal.lines.render = proxy_render(system_log_encoding(), component)
 
+    def start_draining(self) -> None:
+        """From now on `/-/healthz` and `/-/routes` answer 503 "This node is being drained." and every
+        response closes its connection (`http/drain.py`)."""
+        self.draining = True
+
     def set_routes(self, routes: list[Route]) -> None:
         self.routes = RouteTable(routes)
         self.routes_ready = True
@@ -184,6 +191,8 @@ class ProxyApp:
     def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
         t = scope["type"]
         if t == "http":
+            if self.draining:
+                send = closing(send)
             return self.http(scope, receive, send)
         if t == "websocket":
             return self.websocket(scope, receive, send)
@@ -203,6 +212,8 @@ class ProxyApp:
     async def http(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope["path"]
         if path.startswith("/-/"):
+            if self.draining and path in ("/-/healthz", "/-/routes"):
+                return await _respond(send, 503, DRAINING_MESSAGE)
             if path == "/-/healthz":
                 if self.routes_ready:
                     return await _respond(send, 200, b"success")
@@ -474,7 +485,7 @@ def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 class _Control:
     """Control calls a proxy answers: `take_over` makes a standby proxy (index -1) proxy `index`;
-    `drain` ends a serving proxy gracefully (its node no longer needs one)."""
+    `drain` ends a serving proxy gracefully (its node no longer needs one; `http/drain.py`)."""
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
@@ -485,10 +496,11 @@ class _Control:
         if not self.order.done():
             self.order.set_result((index, port, reuse_port))
 
-    async def rpc_drain(self, conn: Any, timeout_s: float) -> None:
-        """Stop listening, finish the requests in flight (at most `timeout_s`), close, exit."""
+    async def rpc_drain(self, conn: Any, timeout_s: float, min_period_s: float = 0.0, handover: bool = True) -> None:
+        """Drain (`http/drain.py`): answer health checks with 503, hand the listener to a peer on this
+        host or keep it `min_period_s`, finish the requests in flight (at most `timeout_s` more), exit."""
         if not self.drain.done():
-            self.drain.set_result(timeout_s)
+            self.drain.set_result((timeout_s, min_period_s, handover))
 
 
 async def _bind_when_free(host: str, port: int, reuse_port: bool, timeout: float) -> socket.socket:
@@ -503,12 +515,27 @@ async def _bind_when_free(host: str, port: int, reuse_port: bool, timeout: float
             await asyncio.sleep(0.002)
 
 
-async def run_proxy(session_dir: str, index: int) -> None:
+def uvicorn_server(app: Any, options: dict) -> Any:
+    """The uvicorn server a proxy runs `app` on (not started: `serve(sockets=[...])` starts it)."""
     import uvicorn
 
+    from shoal.http.coalesce import with_header_timeout
+
+    protocol = with_header_timeout(float(options.get("request_header_timeout_s") or 30.0))
+    config = uvicorn.Config(app, loop="none", http=protocol, ws="auto", lifespan="off",
+                            interface="asgi3",
+                            access_log=False, log_level="warning", proxy_headers=False, server_header=False,
+                            timeout_keep_alive=float(options.get("keep_alive_timeout_s") or 90),  # type: ignore[arg-type]
+                            root_path=options.get("root_path") or "")
+    return uvicorn.Server(config)
+
+
+async def run_proxy(session_dir: str, index: int) -> None:
     from shoal.client import ServeClient, set_global_client
     from shoal.common import exit_process
-    from shoal.http.coalesce import with_header_timeout
+    from shoal.http.drain import drain_server
+    from shoal.http.listener_handover import HandoverReceiver, ListenerSet, handover_dir, instance_key
+    from shoal.transport import auth
 
     loop = asyncio.get_running_loop()
     client = ServeClient(loop, session_dir)
@@ -532,7 +559,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
     # A controller that dies and restarts finds this proxy still serving: it says so on reconnecting
     # and gets the current route table back. Only once nothing will restart the controller does it exit.
     serving = {"port": 0}
-    client.hello_state = lambda: {"serving_port": serving["port"]}
+    client.hello_state = lambda: {"serving_port": serving["port"], "draining": app.draining}
     client.on_reconnected = lambda reply: apply_routes(*reply["routes"])
     client.on_controller_lost = lambda: exit_process(0)
     reuse_port, port_wanted = info.get("reuse_port", info["num_proxies"] > 1), info["port"]
@@ -550,13 +577,7 @@ async def run_proxy(session_dir: str, index: int) -> None:
         await client.control_call("proxy_failed", index, f"could not listen on {options['host']}:{port_wanted}: {e}")
         exit_process(1)
     port = sock.getsockname()[1]
-    protocol = with_header_timeout(float(options.get("request_header_timeout_s") or 30.0))
-    config = uvicorn.Config(app, loop="none", http=protocol, ws="auto", lifespan="off",
-                            interface="asgi3",
-                            access_log=False, log_level="warning", proxy_headers=False, server_header=False,
-                            timeout_keep_alive=float(options.get("keep_alive_timeout_s") or 90),  # type: ignore[arg-type]
-                            root_path=options.get("root_path") or "")
-    server = uvicorn.Server(config)
+    server = uvicorn_server(app, options)
     serving_task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving_task.done():
         await asyncio.sleep(0.002)
@@ -564,13 +585,32 @@ async def run_proxy(session_dir: str, index: int) -> None:
         await client.control_call("proxy_failed", index, f"uvicorn exited: {serving_task.exception()!r}")
         exit_process(1)
     serving["port"] = port
+    # Proxies sharing the port on this host: one that leaves hands its listener to another one.
+    listeners = ListenerSet(server, [sock])
+    receiver = None
+    if reuse_port:
+        try:
+            instance = instance_key(auth.get_secret_or_none(), session_dir)  # (on Ray: the controller's address)
+            receiver = HandoverReceiver(listeners, handover_dir(port, instance))
+            receiver.start()
+        except Exception as e:  # noqa: BLE001 - it serves all the same (its peers then close their listeners)
+            logger.warning("cannot take over the listeners of departing proxies: %s", e)
+            receiver = None
     await client.control_call("proxy_ready", index, port)
-    await asyncio.wait([serving_task, control.drain], return_when=asyncio.FIRST_COMPLETED)
-    if control.drain.done() and not serving_task.done():
-        # uvicorn's graceful shutdown: listeners and idle connections close, requests in flight finish.
-        config.timeout_graceful_shutdown = max(0.0, float(control.drain.result()))  # type: ignore[assignment]
-        server.should_exit = True
-    await serving_task
+    try:
+        await asyncio.wait([serving_task, control.drain], return_when=asyncio.FIRST_COMPLETED)
+        if control.drain.done() and not serving_task.done():
+            timeout_s, min_period_s, handover = control.drain.result()
+            app.start_draining()
+            logger.info("draining (at least %gs unless another proxy on this host takes the listener)",
+                        min_period_s)
+            how = await drain_server(server, listeners, receiver, timeout_s=timeout_s, min_period_s=min_period_s,
+                                     handover=handover)
+            logger.info("drained: %s", how)
+        await serving_task
+    finally:
+        if receiver is not None:
+            receiver.close()
 
 
 def main() -> None:

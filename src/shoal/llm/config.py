@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .api_keys import ApiKeyConfig, load_api_keys
+
 logger = logging.getLogger(__name__)
 
 #: Deployment options an LLM deployment gets unless its `deployment_config` says otherwise. The engine
@@ -114,12 +116,20 @@ class LLMConfig(BaseModel):
 
 
 class LLMServingArgs(BaseModel):
-    """Arguments of `build_openai_app`: the models, and options for the ingress deployment."""
+    """Arguments of `build_openai_app`: the models, options for the ingress deployment, and the API
+    keys every `/v1/*` request must carry (none: the API is open). See `api_keys.py`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field and the reason but do not echo the input: it may hold an API key.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     llm_configs: list[Union[LLMConfig, str, dict[str, Any]]] = Field(min_length=1)
     ingress_deployment_config: dict[str, Any] = Field(default_factory=dict)
+    api_keys: list[Union[ApiKeyConfig, str, dict[str, Any]]] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _load_keys(cls, value: list[Any]) -> list[ApiKeyConfig]:
+        return load_api_keys(value)
 
     @field_validator("llm_configs")
     @classmethod
@@ -134,6 +144,9 @@ class LLMServingArgs(BaseModel):
 
     def configs(self) -> list[LLMConfig]:
         return list(self.llm_configs)  # type: ignore[arg-type] - `_load_each` made each an LLMConfig
+
+    def keys(self) -> list[ApiKeyConfig]:
+        return list(self.api_keys)  # type: ignore[arg-type] - `_load_keys` made each an ApiKeyConfig
 
 
 def load_llm_config(item: Union[LLMConfig, str, Path, dict[str, Any]]) -> LLMConfig:

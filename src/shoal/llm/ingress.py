@@ -6,6 +6,10 @@ and the call goes straight to an `LLMServer` replica as a streaming handle call.
 awaited before any response is started, so errors raised up front (prompt too long, overload) still
 get their own status code; after that, each item is written out as one server-sent event.
 
+With API keys (`auth`, see `api_keys.py`), every `/v1/*` route first checks the caller's
+`Authorization: Bearer <key>` (401) and the key's limits (429, `rate_limit.py`); the tokens of each
+answered request are charged to its key. `/metrics` and the proxy's health routes stay open.
+
 This module imports no torch: the ingress replica stays small.
 """
 
@@ -15,7 +19,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,6 +30,8 @@ from shoal.exceptions import BackPressureError
 from shoal.handle import DeploymentHandle
 
 from .protocol import (
+    USAGE_EVENT_FLAG,
+    USAGE_EVENT_MARK,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -33,6 +39,7 @@ from .protocol import (
     dumps,
     from_validation_error,
     model_not_found,
+    usage_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,7 +52,9 @@ app = FastAPI(title="shoal OpenAI-compatible API", docs_url="/docs", redoc_url=N
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:
-    headers = {"Retry-After": _RETRY_AFTER_S} if exc.status == 429 else None
+    headers = None
+    if exc.status == 429:
+        headers = {"Retry-After": str(getattr(exc, "retry_after", None) or _RETRY_AFTER_S)}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -67,7 +76,8 @@ def _as_openai_error(exc: BaseException) -> OpenAIError:
 class OpenAiIngress:
     """Routes OpenAI requests by their `model` to that model's `LLMServer` handle."""
 
-    def __init__(self, llm_deployments: Union[dict[str, DeploymentHandle], list[DeploymentHandle]]) -> None:
+    def __init__(self, llm_deployments: Union[dict[str, DeploymentHandle], list[DeploymentHandle]],
+                 auth: Optional[dict[str, Any]] = None) -> None:
         self._pending_handles: list[DeploymentHandle] = []
         self._handles: dict[str, DeploymentHandle] = {}
         if isinstance(llm_deployments, dict):
@@ -76,16 +86,37 @@ class OpenAiIngress:
             self._pending_handles = list(llm_deployments)
         self._cards: dict[str, dict[str, Any]] = {}
         self._cards_lock = asyncio.Lock()
+        # API keys: `auth` holds their names, limits and SHA-256 digests (`api_keys.ingress_auth`).
+        self._keys: Any = None
+        self._key_metrics: Any = None
+        if auth:
+            from .api_keys import KeyTable
+            from .metrics import ApiKeyMetrics
+
+            self._keys = KeyTable(auth)
+            self._key_metrics = ApiKeyMetrics()
+            names = [c.name for c in self._keys.callers.values()]
+            logger.info("API keys required on /v1/*: %d key(s): %s", len(names), ", ".join(names))
 
     # -- routes ------------------------------------------------------------------------------------
 
     @app.get("/v1/models")
-    async def list_models(self) -> JSONResponse:
+    async def list_models(self, request: Request) -> JSONResponse:
+        if self._keys is not None:
+            try:
+                self._key_metrics.admitted(self._caller(request).name, "")
+            except OpenAIError as exc:
+                return error_response(exc)
         cards = await self._model_cards()
         return JSONResponse({"object": "list", "data": list(cards.values())})
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str) -> JSONResponse:
+    async def get_model(self, model_id: str, request: Request) -> JSONResponse:
+        if self._keys is not None:
+            try:
+                self._key_metrics.admitted(self._caller(request).name, "")
+            except OpenAIError as exc:
+                return error_response(exc)
         cards = await self._model_cards()
         if model_id not in cards:
             return error_response(model_not_found(model_id, list(cards)))
@@ -111,20 +142,34 @@ class OpenAiIngress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
+        caller = None
         try:
+            if self._keys is not None:
+                caller = self._caller(request)
             body, req = await self._parse(request, EmbeddingRequest)
             handle = await self._handle_for(req.model)
+            if caller is not None:
+                self._key_metrics.admitted(caller.name, req.model)
             text = await handle.embeddings.remote(body)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
             return error_response(_as_openai_error(exc))
+        if caller is not None:
+            self._charge(caller, req.model, text)
         return Response(text, media_type="application/json")
 
     # -- the request path --------------------------------------------------------------------------
 
     async def _generate(self, request: Request, model_cls: type, method: str) -> Response:
+        caller = None
         try:
+            if self._keys is not None:
+                caller = self._caller(request)
             body, req = await self._parse(request, model_cls)
             handle = await self._handle_for(req.model)
+            if caller is not None:
+                self._key_metrics.admitted(caller.name, req.model)
+                if req.stream and not req.include_usage:
+                    body[USAGE_EVENT_FLAG] = True  # the tokens are charged from the usage event
             stream = getattr(handle.options(stream=True), method).remote(body)
             first = await stream.__anext__()
         except StopAsyncIteration:
@@ -132,12 +177,40 @@ class OpenAiIngress:
         except Exception as exc:  # noqa: BLE001
             return error_response(_as_openai_error(exc))
         if not req.stream:
+            if caller is not None:
+                self._charge(caller, req.model, first)
             return Response(first, media_type="application/json")
+        on_usage = None
+        if caller is not None:
+            def on_usage(text: str, caller: Any = caller, model: str = req.model) -> None:
+                self._charge(caller, model, text)
         return StreamingResponse(
-            _server_sent_events(first, stream),
+            _server_sent_events(first, stream, on_usage, forward_usage=bool(req.include_usage)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    def _caller(self, request: Request) -> Any:
+        """The caller's key (`api_keys.Caller`), admitted under its limits; OpenAIError 401/429 if not."""
+        try:
+            caller = self._keys.check(_authorization(request.scope["headers"]))
+        except OpenAIError as exc:
+            self._key_metrics.rejected("", getattr(exc, "reason", "invalid_key"))
+            raise
+        limits = caller.limits
+        if limits is not None:
+            refusal = limits.admit()
+            if refusal is not None:
+                self._key_metrics.rejected(caller.name, refusal.reason)  # type: ignore[attr-defined]
+                raise refusal
+        return caller
+
+    def _charge(self, caller: Any, model: str, text: str) -> None:
+        """Count the tokens of a response body or usage event against the caller's key."""
+        prompt, completion = usage_of(text)
+        self._key_metrics.used(caller.name, model, prompt, completion)
+        if caller.limits is not None:
+            caller.limits.used(prompt + completion)
 
     async def _parse(self, request: Request, model_cls: type) -> tuple[dict[str, Any], Any]:
         raw = await request.body()
@@ -176,12 +249,33 @@ class OpenAiIngress:
         return dict(self._cards)
 
 
-async def _server_sent_events(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    """`data: <json>` events, an error event if the stream fails midway, then `data: [DONE]`."""
+def _authorization(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
+    """The `Authorization` header of an ASGI scope (names are lower-case there): a scan of the raw
+    pairs, cheaper than building Starlette's `Headers` for one look-up."""
+    for name, value in headers:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
+
+
+async def _server_sent_events(first: str, rest: AsyncIterator[str], on_usage: Optional[Any] = None,
+                              forward_usage: bool = True) -> AsyncIterator[str]:
+    """`data: <json>` events, an error event if the stream fails midway, then `data: [DONE]`.
+
+    With `on_usage`, the usage event is handed to it, and passed on only if `forward_usage`.
+    """
     yield f"data: {first}\n\n"
     try:
-        async for item in rest:
-            yield f"data: {item}\n\n"
+        if on_usage is None:
+            async for item in rest:
+                yield f"data: {item}\n\n"
+        else:
+            async for item in rest:
+                if USAGE_EVENT_MARK in item:
+                    on_usage(item)
+                    if not forward_usage:
+                        continue
+                yield f"data: {item}\n\n"
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-band

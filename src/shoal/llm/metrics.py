@@ -109,3 +109,29 @@ class LLMMetrics:
         self.e2e.observe(self.labels, _monotonic() - started)
         self.prompt_tokens.inc(self.labels, float(prompt_tokens))
         self.success.inc(self.labels + ("stop",))
+
+
+class ApiKeyMetrics:
+    """Per-API-key counts of the OpenAI ingress (its replicas sum at the controller). `key` is the
+    key's name, never the key; a request without a known key is counted under ``key=""``."""
+
+    def __init__(self) -> None:
+        m = REGISTRY.metric
+        self.requests = m("shoal_llm_api_key_requests", COUNTER, "Requests admitted, by API key and model.",
+                          ("key", "model"))
+        self.tokens = m("shoal_llm_api_key_tokens", COUNTER, "Tokens used, by API key, model and kind.",
+                        ("key", "model", "kind"))
+        self.rejections = m("shoal_llm_api_key_rejections", COUNTER,
+                            "Requests refused by API key checks and limits, by reason.", ("key", "reason"))
+
+    def admitted(self, key: str, model: str) -> None:
+        self.requests.inc((key, model))
+
+    def used(self, key: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if prompt_tokens:
+            self.tokens.inc((key, model, "prompt"), float(prompt_tokens))
+        if completion_tokens:
+            self.tokens.inc((key, model, "completion"), float(completion_tokens))
+
+    def rejected(self, key: str, reason: str) -> None:
+        self.rejections.inc((key, reason))

@@ -307,6 +307,30 @@ def now() -> int:
     return int(time.time())
 
 
+#: Set by the ingress in a streaming request's dict (after validation, so clients cannot send it): the
+#: server then ends the stream with the usage event even when the client did not ask for usage.
+USAGE_EVENT_FLAG = "_shoal_usage_event"
+#: In a streamed event's JSON text only the usage event has this (compact `dumps`; inside a JSON
+#: string the quotes would be escaped, so text cannot fake it).
+USAGE_EVENT_MARK = '"choices":[]'
+
+
+def usage_of(text: str) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of a response body or usage event (`usage` is its last
+    field), without parsing the rest; (0, 0) when it has none."""
+    at = text.rfind('"usage":{')
+    if at < 0:
+        return 0, 0
+    try:
+        usage, _ = _decoder.raw_decode(text, at + 8)
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0, 0
+
+
+_decoder = json.JSONDecoder()
+
+
 def dumps(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 

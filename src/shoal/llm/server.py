@@ -30,6 +30,7 @@ from .engines.base import InvalidParameterError, TokenLogprob
 from .engines.embeddings import EmbeddingEngine
 from .metrics import LLMMetrics
 from .protocol import (
+    USAGE_EVENT_FLAG,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -77,6 +78,7 @@ class LLMServer:
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[str]:
         """`/v1/chat/completions`: SSE event payloads when streaming, else one response body. With
         `n` > 1 the request fans out into `n` sequences in the engine (each prefills the prompt)."""
+        usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = ChatCompletionRequest.model_validate(request)
         kwargs = req.sampling_kwargs()
         streams = [
@@ -114,12 +116,13 @@ class LLMServer:
                 finished[i] = delta
                 yield _event(head, req, {"index": i, "delta": {}, "logprobs": None,
                                          "finish_reason": delta.finish_reason})
-        if req.include_usage:
+        if req.include_usage or usage_event:
             yield _usage_event(head, _usage(finished, req.num_choices))
 
     async def completions(self, request: dict[str, Any]) -> AsyncIterator[str]:
         """`/v1/completions`: as `chat`, for one or several prompts (text or token ids); choice
         ``index = prompt_index * n + j``."""
+        usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = CompletionRequest.model_validate(request)
         kwargs = req.sampling_kwargs()
         n = req.num_choices
@@ -152,7 +155,7 @@ class LLMServer:
                                          "finish_reason": delta.finish_reason})
             if delta.finish_reason is not None:
                 finished[i] = delta
-        if req.include_usage:
+        if req.include_usage or usage_event:
             yield _usage_event(head, _usage(finished, n))
 
     async def embeddings(self, request: dict[str, Any]) -> str:

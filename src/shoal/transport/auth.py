@@ -42,6 +42,10 @@ def set_secret(secret: Optional[bytes]) -> None:
     _secret = secret
 
 
+def get_secret_or_none() -> Optional[bytes]:
+    return _secret
+
+
 def get_secret() -> bytes:
     if _secret is None:
         raise AuthenticationError("this process holds no shoal instance secret; it cannot use TCP connections")

@@ -88,7 +88,15 @@ def test_request_validation_errors_are_openai_shaped():
     assert _error(ChatCompletionRequest, {**base, "frobnicate": True}).message == (
         "Unrecognized request argument supplied: frobnicate")
     assert _error(ChatCompletionRequest, {"model": "m"}).param == "messages"
-    assert _error(ChatCompletionRequest, {**base, "n": 2}).param == "n"
+    assert _error(ChatCompletionRequest, {**base, "n": 17}).param == "n"
+    assert _error(ChatCompletionRequest, {**base, "n": 0}).param == "n"
+    assert _error(ChatCompletionRequest, {**base, "presence_penalty": 2.5}).param == "presence_penalty"
+    assert _error(ChatCompletionRequest, {**base, "frequency_penalty": -3}).param == "frequency_penalty"
+    assert _error(ChatCompletionRequest, {**base, "logit_bias": {"5": 101}}).param == "logit_bias"
+    assert _error(ChatCompletionRequest, {**base, "logit_bias": {"x": 1}}).param == "logit_bias"
+    assert _error(ChatCompletionRequest, {**base, "logprobs": True, "top_logprobs": 21}).param == "top_logprobs"
+    assert "logprobs must be set" in _error(ChatCompletionRequest, {**base, "top_logprobs": 2}).message
+    assert _error(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 6}).param == "logprobs"
     assert _error(ChatCompletionRequest, {**base, "stop": ["a", "b", "c", "d", "e"]}).param == "stop"
     assert _error(ChatCompletionRequest, {**base, "tools": [{"type": "function"}]}).param == "tools"
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
@@ -107,8 +115,24 @@ def test_chat_request_normalizes_messages_and_limits():
 
 
 def test_completion_prompt_forms():
-    one = CompletionRequest(model="m", prompt=["only one"])
-    assert one.single_prompt() == "only one"
-    assert CompletionRequest(model="m", prompt=[1, 2, 3]).single_prompt() == [1, 2, 3]
-    with pytest.raises(OpenAIError, match="one prompt"):
-        CompletionRequest(model="m", prompt=["a", "b"]).single_prompt()
+    assert CompletionRequest(model="m", prompt="one").prompts() == ["one"]
+    assert CompletionRequest(model="m", prompt=["only one"]).prompts() == ["only one"]
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompts() == [[1, 2, 3]]
+    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]
+    with pytest.raises(OpenAIError, match="at most 128 choices"):
+        CompletionRequest(model="m", prompt=["a"] * 9, n=16).prompts()
+
+
+def test_sampling_fields_reach_the_engine_params():
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    chat = ChatCompletionRequest.model_validate({
+        **base, "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"7": -100}, "n": 3,
+        "logprobs": True, "top_logprobs": 4,
+    }).sampling_kwargs()
+    assert (chat["presence_penalty"], chat["frequency_penalty"], chat["logit_bias"], chat["logprobs"]) == (
+        0.5, -1, {7: -100.0}, 4)
+    assert ChatCompletionRequest.model_validate({**base, "logprobs": True}).sampling_kwargs()["logprobs"] == 0
+    assert ChatCompletionRequest.model_validate(base).sampling_kwargs()["logprobs"] is None
+    text = CompletionRequest(model="m", prompt="x", logprobs=2).sampling_kwargs()
+    assert text["logprobs"] == 2

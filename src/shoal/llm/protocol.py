@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 # --------------------------------------------------------------------------------------------------
 # Errors
@@ -88,6 +88,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+#: Most choices per request (`n`), and most choices of a completions request (prompts times `n`).
+MAX_N = 16
+MAX_CHOICES = 128
+
+
 class _SamplingFields(BaseModel):
     """Fields common to chat and text completions."""
 
@@ -101,13 +106,11 @@ class _SamplingFields(BaseModel):
     seed: Optional[int] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    n: Optional[int] = Field(1, ge=1, le=MAX_N)
     user: Optional[str] = None
-    # Accepted at their neutral values only: the engine does not implement them.
-    presence_penalty: Optional[float] = Field(0, ge=0, le=0)
-    frequency_penalty: Optional[float] = Field(0, ge=0, le=0)
+    presence_penalty: Optional[float] = Field(0, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(0, ge=-2, le=2)
     logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[Union[bool, int]] = None
     metadata: Optional[dict[str, str]] = None
     store: Optional[bool] = None
     # Extension (as in vLLM): keep generating past end-of-sequence, e.g. to benchmark fixed lengths.
@@ -120,7 +123,27 @@ class _SamplingFields(BaseModel):
             raise ValueError("at most 4 stop sequences are allowed")
         return value
 
-    _unsupported = field_validator("logit_bias", "logprobs")(_refuse_when_set)
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_range(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (value or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise ValueError(f"the keys must be token ids (got {key!r})") from None
+            if token_id < 0:
+                raise ValueError(f"token id {key} is negative")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100 (got {bias})")
+        return value
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    def _logprobs_count(self) -> Optional[int]:
+        """How many alternatives to return per token, or None for no logprobs."""
+        return None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `engine.SamplingParams` (OpenAI's defaults: temperature 1, top_p 1)."""
@@ -131,6 +154,10 @@ class _SamplingFields(BaseModel):
             "stop": self.stop,
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "logit_bias": {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            "logprobs": self._logprobs_count(),
         }
 
     @property
@@ -145,7 +172,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @field_validator("messages")
@@ -159,7 +187,17 @@ class ChatCompletionRequest(_SamplingFields):
             out.append({"role": "system" if role == "developer" else role, "content": _text_of(message, i)})
         return out
 
-    _unsupported_chat = field_validator("tools", "top_logprobs")(_refuse_when_set)
+    _unsupported_chat = field_validator("tools")(_refuse_when_set)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("logprobs must be set to true when top_logprobs is used")
+        return value
+
+    def _logprobs_count(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("response_format")
     @classmethod
@@ -195,22 +233,41 @@ def _text_of(message: dict[str, Any], index: int) -> str:
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: Optional[bool] = False
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1, le=1)
 
     _unsupported_text = field_validator("echo", "suffix")(_refuse_when_set)
 
-    def single_prompt(self) -> Union[str, list[int]]:
-        """The one prompt (text or token ids); several prompts in one request are refused."""
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(
+        cls, value: Union[str, list[str], list[int], list[list[int]]]
+    ) -> Union[str, list[str], list[int], list[list[int]]]:
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt must not be empty")
+        return value
+
+    def _logprobs_count(self) -> Optional[int]:
+        return self.logprobs
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompts (text or token ids): a string or a list of token ids is one prompt, a list of
+        strings or of token-id lists is several. At most `MAX_CHOICES` choices in all (else 400)."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return prompt
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return list(prompt)  # type: ignore[arg-type]
-        if len(prompt) == 1:
-            return prompt[0]  # type: ignore[return-value]
-        raise OpenAIError(400, "only one prompt per request is supported", param="prompt")
+            prompts: list[Union[str, list[int]]] = [prompt]
+        elif all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = [p if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+        if len(prompts) * self.num_choices > MAX_CHOICES:
+            raise OpenAIError(
+                400, f"at most {MAX_CHOICES} choices per request (prompts times n); got "
+                f"{len(prompts)} prompts and n={self.num_choices}", param="prompt", code="invalid_value",
+            )  # fmt: skip
+        return prompts
 
 
 class EmbeddingRequest(BaseModel):

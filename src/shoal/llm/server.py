@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
 import logging
 import struct
 import time
@@ -26,6 +28,7 @@ from .engines import (
     default_engine_name,
     normalize_engine_name,
 )
+from .engines.base import InvalidParameterError, TokenLogprob
 from .engines.embeddings import EmbeddingEngine
 from .metrics import LLMMetrics
 from .models import resolve_model_source
@@ -73,64 +76,97 @@ class LLMServer:
         logger.info("loading model %s from %s", self.model_id, self.config.model_loading_config.source)
         await self.engine.start()
         self.kind = "embedding" if isinstance(self.engine, EmbeddingEngine) else "generate"
+        #: OpenAI's `system_fingerprint`: names the model and engine configuration that answered.
+        self.fingerprint = "fp_" + hashlib.sha256(
+            f"{self.model_id}|{type(self.engine).__name__}|{sorted(self.config.engine_kwargs.items())}".encode()
+        ).hexdigest()[:10]
         self.metrics = LLMMetrics(self.model_id, self.engine)  # vLLM's metrics, labelled by model_name
         logger.info("model %s ready", self.model_id)
 
     # -- OpenAI methods ----------------------------------------------------------------------------
 
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[str]:
-        """`/v1/chat/completions`: SSE event payloads when streaming, else one response body."""
+        """`/v1/chat/completions`: SSE event payloads when streaming, else one response body. With
+        `n` > 1 the request fans out into `n` sequences in the engine (each prefills the prompt)."""
         usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = ChatCompletionRequest.model_validate(request)
-        generation = GenerationRequest(
-            messages=req.messages,
-            sampling=SamplingParams(**req.sampling_kwargs()),
-            chat_template_kwargs=req.chat_template_kwargs,
-        )
-        stream = self._generate(generation, param="messages")
-        head = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model}
+        kwargs = req.sampling_kwargs()
+        streams = [
+            self._generate(GenerationRequest(
+                messages=req.messages, sampling=_choice_sampling(kwargs, j),
+                chat_template_kwargs=req.chat_template_kwargs,
+            ), param="messages")
+            for j in range(req.num_choices)
+        ]  # fmt: skip
+        want_logprobs = kwargs["logprobs"] is not None
+        head = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
         if not req.stream:
-            text, finish, usage = await _collect(stream)
-            message = {"role": "assistant", "content": text}
-            yield dumps({**head, "choices": [{"index": 0, "message": message, "logprobs": None,
-                                              "finish_reason": finish}], "usage": usage})
+            choices = await _collect_all(streams)
+            yield dumps({**head, "choices": [
+                {"index": i, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": {"content": _chat_logprobs(c.logprobs), "refusal": None} if want_logprobs else None,
+                 "finish_reason": c.finish}
+                for i, c in enumerate(choices)
+            ], "usage": _usage(choices, req.num_choices)})  # fmt: skip
             return
         head["object"] = "chat.completion.chunk"
-        first = True
-        async for delta in stream:
-            if first:
-                first = False
-                yield _event(head, req, {"index": 0, "delta": {"role": "assistant", "content": delta.text},
-                                         "logprobs": None, "finish_reason": None})
-            elif delta.text:
-                yield _event(head, req, {"index": 0, "delta": {"content": delta.text}, "logprobs": None,
+        started: set[int] = set()
+        finished: list[Any] = [None] * len(streams)
+        async for i, delta in _merged(streams):
+            logprobs = {"content": _chat_logprobs(delta.logprobs or [])} if want_logprobs else None
+            if i not in started:
+                started.add(i)
+                yield _event(head, req, {"index": i, "delta": {"role": "assistant", "content": delta.text},
+                                         "logprobs": logprobs, "finish_reason": None})
+            elif delta.text or delta.logprobs:
+                yield _event(head, req, {"index": i, "delta": {"content": delta.text}, "logprobs": logprobs,
                                          "finish_reason": None})
             if delta.finish_reason is not None:
-                yield _event(head, req, {"index": 0, "delta": {}, "logprobs": None,
+                finished[i] = delta
+                yield _event(head, req, {"index": i, "delta": {}, "logprobs": None,
                                          "finish_reason": delta.finish_reason})
-                if (req.include_usage or usage_event) and delta.usage is not None:
-                    yield _usage_event(head, delta.usage)
+        if req.include_usage or usage_event:
+            yield _usage_event(head, _usage(finished, req.num_choices))
 
     async def completions(self, request: dict[str, Any]) -> AsyncIterator[str]:
-        """`/v1/completions`: as `chat`, for a plain prompt (text or token ids)."""
+        """`/v1/completions`: as `chat`, for one or several prompts (text or token ids); choice
+        ``index = prompt_index * n + j``."""
         usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = CompletionRequest.model_validate(request)
-        generation = GenerationRequest(
-            prompt=req.single_prompt(), sampling=SamplingParams(**req.sampling_kwargs())
-        )
-        stream = self._generate(generation, param="prompt")
-        head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model}
+        kwargs = req.sampling_kwargs()
+        n = req.num_choices
+        streams = [
+            self._generate(GenerationRequest(prompt=prompt, sampling=_choice_sampling(kwargs, j)), param="prompt")
+            for prompt in req.prompts()
+            for j in range(n)
+        ]
+        want_logprobs = kwargs["logprobs"] is not None
+        head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
         if not req.stream:
-            text, finish, usage = await _collect(stream)
-            yield dumps({**head, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                              "finish_reason": finish}], "usage": usage})
+            choices = await _collect_all(streams)
+            yield dumps({**head, "choices": [
+                {"index": i, "text": c.text,
+                 "logprobs": _completion_logprobs(c.logprobs, 0) if want_logprobs else None,
+                 "finish_reason": c.finish}
+                for i, c in enumerate(choices)
+            ], "usage": _usage(choices, n)})  # fmt: skip
             return
-        async for delta in stream:
-            if delta.text or delta.finish_reason is not None:
-                yield _event(head, req, {"index": 0, "text": delta.text, "logprobs": None,
+        offsets = [0] * len(streams)
+        finished: list[Any] = [None] * len(streams)
+        async for i, delta in _merged(streams):
+            if delta.text or delta.finish_reason is not None or delta.logprobs:
+                logprobs = None
+                if want_logprobs:
+                    logprobs = _completion_logprobs(delta.logprobs or [], offsets[i])
+                    offsets[i] += sum(len(t.token) for t in delta.logprobs or [])
+                yield _event(head, req, {"index": i, "text": delta.text, "logprobs": logprobs,
                                          "finish_reason": delta.finish_reason})
-            if delta.finish_reason is not None and (req.include_usage or usage_event) and delta.usage is not None:
-                yield _usage_event(head, delta.usage)
+            if delta.finish_reason is not None:
+                finished[i] = delta
+        if req.include_usage or usage_event:
+            yield _usage_event(head, _usage(finished, n))
 
     async def embeddings(self, request: dict[str, Any]) -> str:
         """`/v1/embeddings`: float lists, or base64 of little-endian float32 (the openai client's default)."""
@@ -183,6 +219,8 @@ class LLMServer:
             return self.metrics.track(self.engine.generate(request))
         except PromptTooLongError as exc:
             raise OpenAIError(400, str(exc), param=param, code="context_length_exceeded") from None
+        except InvalidParameterError as exc:
+            raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param=param, code="invalid_value") from None
         except EngineShutdownError as exc:
@@ -197,19 +235,126 @@ def _event(head: dict[str, Any], req: Any, choice: dict[str, Any]) -> str:
     return dumps(body)
 
 
-def _usage_event(head: dict[str, Any], usage: Any) -> str:
+def _usage_event(head: dict[str, Any], usage: dict[str, int]) -> str:
     """The last event when `stream_options.include_usage` is set: no choices, the whole usage."""
-    return dumps({**head, "choices": [], "usage": usage_dict(usage.prompt_tokens, usage.completion_tokens)})
+    return dumps({**head, "choices": [], "usage": usage})
 
 
-async def _collect(stream: AsyncIterator[Any]) -> tuple[str, str, dict[str, int]]:
-    """Drain a stream into (text, finish_reason, usage) for a non-streaming response."""
-    parts: list[str] = []
-    finish, usage = "stop", usage_dict(0, 0)
-    async for delta in stream:
-        parts.append(delta.text)
+def _choice_sampling(kwargs: dict[str, Any], j: int) -> SamplingParams:
+    """Choice `j`'s sampling: with a seed, choice j samples with ``seed + j`` so the n choices differ
+    and each stays reproducible."""
+    params = SamplingParams(**kwargs)
+    if params.seed is not None and j:
+        params.seed = (params.seed + j) % (1 << 63)
+    if params.logit_bias is not None:
+        params.logit_bias = dict(params.logit_bias)
+    return params
+
+
+@dataclasses.dataclass
+class _Choice:
+    text: str = ""
+    finish: str = "stop"
+    usage: Any = None
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+
+
+_END = object()
+
+
+async def _merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """``(choice index, delta)`` from every stream as they come; one stream is passed through as is.
+    Closing this generator (client gone) or an error in one stream closes them all."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait((i, delta))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect_all(streams: list[AsyncIterator[Any]]) -> list[_Choice]:
+    """Drain the streams into one `_Choice` each (text, finish_reason, usage, logprobs)."""
+    choices = [_Choice() for _ in streams]
+    parts: list[list[str]] = [[] for _ in streams]
+    async for i, delta in _merged(streams):
+        parts[i].append(delta.text)
+        if delta.logprobs:
+            choices[i].logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
-            finish = delta.finish_reason
-            if delta.usage is not None:
-                usage = usage_dict(delta.usage.prompt_tokens, delta.usage.completion_tokens)
-    return "".join(parts), finish, usage
+            choices[i].finish = delta.finish_reason
+            choices[i].usage = delta.usage
+    for choice, texts in zip(choices, parts):
+        choice.text = "".join(texts)
+    return choices
+
+
+def _usage(finished: list[Any], n: int) -> dict[str, int]:
+    """Completion tokens of every choice; prompt tokens once per prompt (choices ``k*n..k*n+n-1``
+    share prompt k). `finished` holds `_Choice`s or final `Delta`s (None for a choice that never ended)."""
+    prompt = completion = 0
+    for i, item in enumerate(finished):
+        usage = getattr(item, "usage", None)
+        if usage is None:
+            continue
+        completion += usage.completion_tokens
+        if i % n == 0:
+            prompt += usage.prompt_tokens
+    return usage_dict(prompt, completion)
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` of a chat choice."""
+    return [
+        {"token": t.token, "logprob": t.logprob, "bytes": _token_bytes(t.token),
+         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": _token_bytes(a.token)} for a in t.top]}
+        for t in tokens
+    ]  # fmt: skip
+
+
+def _completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The completions API's ``logprobs``: parallel lists; `top_logprobs` maps token text to logprob
+    for the best alternatives plus the chosen token (so up to ``logprobs + 1`` entries)."""
+    text_offset = []
+    for t in tokens:
+        text_offset.append(offset)
+        offset += len(t.token)
+    top = []
+    for t in tokens:
+        alternatives = {a.token: a.logprob for a in t.top}
+        alternatives.setdefault(t.token, t.logprob)
+        top.append(alternatives)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    }

@@ -14,9 +14,11 @@ __all__ = [
     "EmbeddingOutput",
     "EngineShutdownError",
     "GenerationRequest",
+    "InvalidParameterError",
     "LLMEngine",
     "PromptTooLongError",
     "SamplingParams",
+    "TokenLogprob",
     "Usage",
 ]
 
@@ -33,6 +35,13 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    #: OpenAI's penalties over the generated tokens: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: Token id -> bias added to its logit (-100..100).
+    logit_bias: dict[int, float] | None = None
+    #: Return each token's logprob and this many alternatives (None: no logprobs).
+    logprobs: int | None = None
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -43,6 +52,19 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or more, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise InvalidParameterError(name, f"{name} must be in [-2, 2], got {value}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidParameterError("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not -100 <= bias <= 100:
+                raise InvalidParameterError("logit_bias", f"the bias of token {token_id} must be in [-100, 100]")
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -75,13 +97,26 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's text and log-probability, with the most likely alternatives (`top`)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
 class Delta:
-    """New text of one stream. The last delta has `finish_reason` ("stop" | "length") and `usage`."""
+    """New text of one stream. The last delta has `finish_reason` ("stop" | "length") and `usage`.
+    With `SamplingParams.logprobs` set, `logprobs` has one entry per token of the text (a token that
+    ends the stream, like EOS, has none)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -92,6 +127,14 @@ class EmbeddingOutput:
 
 class EngineShutdownError(RuntimeError):
     """Raised into streams still running when the engine shuts down."""
+
+
+class InvalidParameterError(ValueError):
+    """A request field the engine rejects; `param` names it (the 400's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLongError(ValueError):

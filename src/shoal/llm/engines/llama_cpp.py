@@ -41,7 +41,8 @@ from datetime import datetime
 from typing import Any
 
 from ..models import DEFAULT_CHAT_MODEL, ModelSourceError, ResolvedModel, resolve_model_source
-from .base import EngineShutdownError, GenerationRequest, SamplingParams
+from .base import EngineShutdownError, GenerationRequest, InvalidParameterError, SamplingParams
+from .sampling import token_logprobs, validate_logit_bias
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 logger = logging.getLogger(__name__)
@@ -297,8 +298,8 @@ class LlamaCppEngine(ThreadedEngine):
         template = llama.llama_model_chat_template(model, None)
         if template:
             self._chat_template = _ChatTemplate(
-                template.decode("utf-8"), self._token_text(llama.llama_vocab_bos(self._vocab)),
-                self._token_text(llama.llama_vocab_eos(self._vocab)),
+                template.decode("utf-8"), self._vocab_text(llama.llama_vocab_bos(self._vocab)),
+                self._vocab_text(llama.llama_vocab_eos(self._vocab)),
             )
         logger.info(
             "loaded %s (%s) with llama.cpp in %.2fs; max_num_seqs=%d max_model_len=%d kv_cache_tokens=%d "
@@ -307,7 +308,9 @@ class LlamaCppEngine(ThreadedEngine):
             self.max_model_len, self.kv_cache_tokens, self.num_threads,
         )  # fmt: skip
 
-    def _token_text(self, token: int) -> str:
+    def _vocab_text(self, token: int) -> str:
+        """A token's text as the vocabulary stores it (e.g. "<|im_start|>"), for the chat template;
+        not `_token_text`, its decoded text for logprobs."""
         if token < 0:
             return ""
         text = self._llama.llama_vocab_get_text(self._vocab, token)
@@ -401,6 +404,11 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _init_sequence(self, seq: _LlamaSequence, request: GenerationRequest) -> None:
         params = seq.params
+        if params.logit_bias:
+            try:
+                validate_logit_bias(params.logit_bias, self._n_vocab)
+            except ValueError as exc:
+                raise InvalidParameterError("logit_bias", str(exc)) from None
         seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
 
     # -- decode thread -----------------------------------------------------------------------------
@@ -476,10 +484,30 @@ class LlamaCppEngine(ThreadedEngine):
         seq.reused = best
         self._stats["prefix_hit_tokens"] += best
 
+    def _logprobs(self, out_index: int, token: int, k: int) -> Any:
+        """The chosen token's log-probability and the `k` best, from the step's raw logits row
+        (before logit_bias and penalties, which run inside llama.cpp's sampler chain)."""
+        import numpy as np
+        import torch
+
+        logits = self._llama.llama_get_logits_ith(self._ctx, out_index)
+        row = torch.from_numpy(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy())
+        return token_logprobs(row.view(1, -1), [token], [k])[0]
+
     def _make_sampler(self, seq: _LlamaSequence) -> Any:
+        """The request's sampler chain: its logit_bias and OpenAI's presence/frequency penalties
+        over the tokens it generated (llama.cpp's penalties sampler: the same formula), then
+        greedy, or temperature / top-k / top-p and a draw seeded per request."""
         llama = self._llama
         params = seq.params
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            biases = [llama.llama_logit_bias(int(t), float(b)) for t, b in params.logit_bias.items()]
+            array = (llama.llama_logit_bias * len(biases))(*biases)  # copied by llama.cpp
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_logit_bias(self._n_vocab, len(biases), array))
+        if params.presence_penalty or params.frequency_penalty:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
+                self._n_vocab, max(1, seq.max_tokens), 1.0, params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 1e-5:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
             return chain
@@ -565,7 +593,8 @@ class LlamaCppEngine(ThreadedEngine):
                 continue
             token = llama.llama_sampler_sample(seq.sampler, self._ctx, out_index)
             seq.tokens.append(token)
-            if self._on_token(seq, token, outbox):
+            row = None if seq.params.logprobs is None else self._logprobs(out_index, token, seq.params.logprobs)
+            if self._on_token(seq, token, outbox, row):
                 finished.append(seq)
         self._timed("decode_ms" if decoding else "prefill_ms", started)
         if decoding:

@@ -28,6 +28,7 @@ from .base import (
     GenerationRequest,
     PromptTooLongError,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 from .detokenize import IncrementalDetokenizer
@@ -45,7 +46,7 @@ class SequenceState:
     __slots__ = (
         "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
         "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token", "loop", "queue",
-        "aborted",
+        "aborted", "logits_processor", "pending_logprobs",
     )  # fmt: skip
 
     def __init__(
@@ -67,6 +68,10 @@ class SequenceState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue[Any] | None = None
         self.aborted = False
+        #: `sampling.LogitsProcessor` when the request has penalties or a logit bias (else None).
+        self.logits_processor: Any = None
+        #: `TokenLogprob`s of `pending_ids` when the request asked for logprobs (else None).
+        self.pending_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
 
 
 #: What a step hands back: (sequence, `Delta` or exception) pairs, delivered together.
@@ -106,6 +111,7 @@ class ThreadedEngine:
         self._stopping = False
         self._started = False
         self._stats: dict[str, int] = dict.fromkeys(self.STAT_KEYS, 0)
+        self._token_texts: dict[int, str] = {}
 
     # -- what an engine supplies -------------------------------------------------------------------
 
@@ -124,6 +130,13 @@ class ThreadedEngine:
     def _step(self, aborts: set[Any], outbox: Outbox) -> None:  # pragma: no cover - abstract
         """One iteration of the decode thread: apply `aborts`, admit from `_waiting`, run the model."""
         raise NotImplementedError
+
+    def _token_text(self, token_id: int) -> str:
+        """One token's own text, for logprobs (cached; decode thread)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._decode_text([token_id])
+        return text
 
     def _fail_batch(self, failed: list[Any]) -> None:
         """After `_step` raised: forget engine-side state of the `failed` requests (no longer in
@@ -304,8 +317,9 @@ class ThreadedEngine:
     def _timed(self, key: str, started: float) -> None:
         self._stats[key] += int(1000 * (time.perf_counter() - started))
 
-    def _on_token(self, seq: Any, token: int, outbox: Outbox) -> bool:
-        """Account one new token for `seq`; queue its delta; return True when it has finished."""
+    def _on_token(self, seq: Any, token: int, outbox: Outbox, logprob: Any = None) -> bool:
+        """Account one new token for `seq`; queue its delta; return True when it has finished.
+        `logprob` (a `sampling.RowLogprobs`) is the token's when the request asked for logprobs."""
         seq.completion_tokens += 1
         seq.last_token = token
         seq.pending_ids.append(token)
@@ -317,6 +331,8 @@ class ThreadedEngine:
         else:
             assert seq.detok is not None
             seq.text += seq.detok.push(token)
+            if logprob is not None and seq.pending_logprobs is not None:
+                seq.pending_logprobs.append(self._token_logprob(logprob))
             if seq.completion_tokens >= seq.max_tokens:
                 finish = "length"
         if finish is not None:
@@ -332,9 +348,18 @@ class ThreadedEngine:
         if piece or finish is not None:
             seq.sent = max(seq.sent, end)
             usage = Usage(len(seq.prompt_ids), seq.completion_tokens) if finish is not None else None
-            outbox.append((seq, Delta(piece, seq.pending_ids, finish, usage)))
+            outbox.append((seq, Delta(piece, seq.pending_ids, finish, usage, seq.pending_logprobs)))
             seq.pending_ids = []
+            if seq.pending_logprobs is not None:
+                seq.pending_logprobs = []
         if finish is not None:
             self._stats["finished_" + finish] += 1
             return True
         return False
+
+    def _token_logprob(self, row: Any) -> TokenLogprob:
+        text = self._token_text
+        return TokenLogprob(
+            row.token_id, text(row.token_id), row.logprob,
+            [TokenLogprob(t, text(t), lp) for t, lp in row.top],
+        )  # fmt: skip

@@ -45,7 +45,8 @@ from ..models import (
     prepare_weights,
     resolve_model_source,
 )
-from .base import GenerationRequest, SamplingParams
+from .base import GenerationRequest, InvalidParameterError, SamplingParams
+from .sampling import apply_logits_processors, make_logits_processor, sample_tokens, token_logprobs
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -480,6 +481,11 @@ class TransformersEngine(ThreadedEngine):
     # -- request intake (event-loop side) ----------------------------------------------------------
 
     def _init_sequence(self, seq: _Sequence, request: GenerationRequest) -> None:
+        if seq.params.needs_logits_processing:
+            try:
+                seq.logits_processor = make_logits_processor(seq.params, self._vocab_size(), self.device)
+            except ValueError as exc:
+                raise InvalidParameterError("logit_bias", str(exc)) from None
         if seq.params.seed is not None and seq.params.temperature > 0:
             import torch
 
@@ -571,8 +577,7 @@ class TransformersEngine(ThreadedEngine):
         self._active.append(seq)
         self._stats["prefill_tokens"] += length
         self._stats["requests"] += 1
-        token = self._sample(out.logits[:, -1, :].float(), [seq])[0]
-        if self._on_token(seq, token, outbox):
+        if self._sample(out.logits[:, -1, :].float(), [seq], outbox):
             self._remove_rows([row])
 
     @staticmethod
@@ -612,8 +617,7 @@ class TransformersEngine(ThreadedEngine):
             seq.position += 1
         self._stats["decode_steps"] += 1
         self._stats["decode_rows"] += b
-        tokens = self._sample(out.logits[:, -1, :].float(), active)
-        finished = [i for i, (seq, tok) in enumerate(zip(active, tokens)) if self._on_token(seq, tok, outbox)]
+        finished = self._sample(out.logits[:, -1, :].float(), active, outbox)
         if finished:
             self._remove_rows(finished)
 
@@ -628,28 +632,26 @@ class TransformersEngine(ThreadedEngine):
             survivors[dst] = survivors.pop(src)
         self._active = [survivors[i] for i in range(len(survivors))]
 
-    def _sample(self, logits: "torch.Tensor", seqs: Sequence[_Sequence]) -> list[int]:
-        """One token per row: greedy rows by argmax, others by temperature/top-k/top-p sampling with
-        the request's own generator when it has a seed."""
-        import torch
+    def _vocab_size(self) -> int:
+        embeddings = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        return int(weight.shape[0]) if weight is not None else int(self.model.config.vocab_size)
 
-        chosen = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            params = seq.params
-            if params.temperature <= 1e-5:
-                continue
-            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
-            generator = seq.generator if seq.generator is not None else self._generator
-            top_k = params.top_k if params.top_k is not None and params.top_k > 0 else 0
-            if params.top_p < 1.0 or top_k:
-                sorted_probs, order = probs.sort(descending=True)
-                if top_k:
-                    sorted_probs[top_k:] = 0.0
-                cumulative = sorted_probs.cumsum(0)
-                mass = params.top_p * (cumulative[-1] if top_k else 1.0)  # of what top-k kept
-                sorted_probs[(cumulative - sorted_probs) >= mass] = 0.0
-                pick = torch.multinomial(sorted_probs, 1, generator=generator)
-                chosen[i] = int(order[pick].item())
-            else:
-                chosen[i] = int(torch.multinomial(probs, 1, generator=generator).item())
-        return chosen
+    def _sample(self, logits: "torch.Tensor", seqs: Sequence[_Sequence], outbox: Outbox) -> list[int]:
+        """Choose one token per row (penalties and bias first, for the rows that have them), account
+        it with its logprobs when asked, and return the rows that finished."""
+        processors = [s.logits_processor for s in seqs]
+        if any(p is not None for p in processors):
+            logits = apply_logits_processors(logits, processors)
+        tokens = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
+        top_k = [s.params.logprobs for s in seqs]
+        rows: list[Any] = [None] * len(seqs)
+        if any(k is not None for k in top_k):
+            rows = token_logprobs(logits, tokens, top_k)
+        finished = []
+        for i, (seq, token, row) in enumerate(zip(seqs, tokens, rows)):
+            if seq.logits_processor is not None:
+                seq.logits_processor.observe(token)
+            if self._on_token(seq, token, outbox, row):
+                finished.append(i)
+        return finished

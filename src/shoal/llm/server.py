@@ -76,6 +76,7 @@ class LLMServer:
             messages=req.messages,
             sampling=SamplingParams(**req.sampling_kwargs()),
             chat_template_kwargs=req.chat_template_kwargs,
+            response_format=req.response_format,
         )
         stream = self._generate(generation, param="messages")
         head = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model}
@@ -106,7 +107,8 @@ class LLMServer:
         usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = CompletionRequest.model_validate(request)
         generation = GenerationRequest(
-            prompt=req.single_prompt(), sampling=SamplingParams(**req.sampling_kwargs())
+            prompt=req.single_prompt(), sampling=SamplingParams(**req.sampling_kwargs()),
+            response_format=req.response_format,
         )
         stream = self._generate(generation, param="prompt")
         head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model}

@@ -46,6 +46,7 @@ from ..models import (
     resolve_model_source,
 )
 from .base import GenerationRequest, SamplingParams
+from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -486,6 +487,12 @@ class TransformersEngine(ThreadedEngine):
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed)
 
+    def _make_structured(self) -> Any:
+        from .structured import StructuredDecoding
+
+        vocab = self.model.config.vocab_size
+        return StructuredDecoding.from_hf_tokenizer(self.tokenizer, vocab, self._eos_ids, self._tok_lock)
+
     def _decode_text(self, ids: Sequence[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -633,6 +640,7 @@ class TransformersEngine(ThreadedEngine):
         request's own generator when it has a seed."""
         import torch
 
+        mask_logits(logits, [s.grammar for s in seqs])  # response_format rows only (structured output)
         chosen = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             params = seq.params

@@ -164,6 +164,8 @@ def structured_section(a: argparse.Namespace) -> bool:
             side = run_command(name, [str(PY), str(WORKLOAD), *common, *variants[name]], SIDE_TIMEOUT_S)
             if side.error:
                 print(f"{name} run failed:\n{_tail(side.error)}", file=sys.stderr)
+            elif (lv := _level(side, c)) is not None:
+                print(f"  {name}: {lv['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
             rounds[name].append(side)
     best = {name: best_of(runs) for name, runs in rounds.items()}
     free, constrained = (_level(best[n], c) for n in variants)

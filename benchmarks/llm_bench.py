@@ -23,6 +23,10 @@ This VM's speed drifts from minute to minute, so the sides take turns over `--ro
 each keeps its best round per concurrency level (by tokens/s), as the other benchmarks here do.
 
     python benchmarks/llm_bench.py [--rounds 2] [--levels 1,4,16] [--tokens 64] [--sides shoal,llama-server]
+
+Structured output (issue 16): `--structured` runs only shoal at the last level of `--levels` (16
+streams by default), with free text and with a json_schema `response_format`, and prints both
+tokens/s figures and the cost (target: at most 15% fewer tokens/s).
 """
 
 from __future__ import annotations
@@ -136,6 +140,44 @@ def peer_table(shoal: Side, peer: Side, levels: list[int]) -> tuple[str, bool]:
     return "\n".join(rows), ok
 
 
+#: `--structured`: shoal at 16 streams with and without a json_schema (issue 16, structured output).
+#: The schema's one string must be longer than any run's output, so constrained and free-text requests
+#: generate the same number of tokens (the cost measured is the masking per token, not shorter answers).
+STRUCTURED_FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                     "story": {"type": "string", "minLength": 4000}},
+    "required": ["title", "story"], "additionalProperties": False}}}
+
+
+def structured_section(a: argparse.Namespace) -> bool:
+    """Tokens/s at the highest level with free text and with `STRUCTURED_FORMAT` (target: at most 15%
+    lower), the two taking turns over the rounds, each keeping its best round."""
+    import json
+
+    c = [int(x) for x in a.levels.split(",")][-1]
+    common = ["--side", "shoal", "--levels", str(c), "--tokens", str(a.tokens),
+              "--requests-per-client", str(a.requests_per_client)]
+    variants = {"free text": [], "json_schema": ["--response-format", json.dumps(STRUCTURED_FORMAT)]}
+    rounds: dict[str, list[Side]] = {name: [] for name in variants}
+    for r in range(a.rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            side = run_command(name, [str(PY), str(WORKLOAD), *common, *variants[name]], SIDE_TIMEOUT_S)
+            if side.error:
+                print(f"{name} run failed:\n{_tail(side.error)}", file=sys.stderr)
+            elif (lv := _level(side, c)) is not None:
+                print(f"  {name}: {lv['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+            rounds[name].append(side)
+    best = {name: best_of(runs) for name, runs in rounds.items()}
+    free, constrained = (_level(best[n], c) for n in variants)
+    if free is None or constrained is None:
+        print("structured output: a run failed")
+        return False
+    cost = 1 - constrained["tokens_per_s"] / free["tokens_per_s"]
+    print(f"structured output at {c} streams (issue 16): free text {free['tokens_per_s']:.1f} tokens/s, "
+          f"json_schema {constrained['tokens_per_s']:.1f} tokens/s, cost {100 * cost:.1f}% (target <= 15%)")
+    return cost <= 0.15
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -148,7 +190,13 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--sides", default="shoal,llama-server,naive,batched",
                     help="comma-separated subset of shoal, llama-server, naive, batched")
+    ap.add_argument("--structured", action="store_true",
+                    help="only the structured-output comparison: shoal with and without a json_schema")
     a = ap.parse_args()
+    if a.structured:
+        met = structured_section(a)
+        print("\nAll targets met." if met else "\nSome targets were not met (or a run failed).")
+        return
     levels = [int(x) for x in a.levels.split(",")]
     names = [n for n in ("shoal", "llama-server", "naive", "batched") if n in a.sides.split(",")]
     common = ["--levels", a.levels, "--tokens", str(a.tokens), "--requests-per-client", str(a.requests_per_client),

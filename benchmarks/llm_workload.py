@@ -41,9 +41,15 @@ def prompt(i: int) -> str:
     return f"Here is a short story about {TOPICS[i % len(TOPICS)]}, number {i}:"
 
 
+#: `--response-format`: sent with every shoal request (structured output; see llm_bench.py --structured).
+RESPONSE_FORMAT: dict | None = None
+
+
 async def shoal_request(client: httpx.AsyncClient, url: str, i: int, tokens: int) -> tuple[float, int]:
     body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt(i), "max_tokens": tokens, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if RESPONSE_FORMAT is not None:
+        body["response_format"] = RESPONSE_FORMAT
     start = time.perf_counter()
     ttft, completion = None, 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -143,7 +149,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--response-format", default=None, help="JSON of a response_format for the shoal side")
     a = ap.parse_args()
+    global RESPONSE_FORMAT
+    RESPONSE_FORMAT = json.loads(a.response_format) if a.response_format else None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     server = None

@@ -82,6 +82,15 @@ def _refuse_when_set(cls: type, value: Any) -> Any:
     return value
 
 
+def _check_response_format(cls: type, value: Any) -> Any:
+    """``text``, ``json_object`` or ``json_schema`` with a schema the grammar compiler accepts (so a
+    bad schema is a 400 naming `response_format`, with the compiler's message)."""
+    from .engines.structured import grammar_for_response_format
+
+    grammar_for_response_format(value)  # ValueError -> 400; cached, so the engine does not recompile
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -199,12 +208,7 @@ class ChatCompletionRequest(_SamplingFields):
     def _logprobs_count(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        if value and value.get("type", "text") != "text":
-            raise ValueError("only {'type': 'text'} is supported")
-        return value
+    _response_format = field_validator("response_format")(_check_response_format)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         kwargs = super().sampling_kwargs()
@@ -237,8 +241,11 @@ class CompletionRequest(_SamplingFields):
     echo: Optional[bool] = False
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1, le=1)
+    # Extension (as in vLLM): OpenAI has response_format on chat completions only.
+    response_format: Optional[dict[str, Any]] = None
 
     _unsupported_text = field_validator("echo", "suffix")(_refuse_when_set)
+    _response_format = field_validator("response_format")(_check_response_format)
 
     @field_validator("prompt")
     @classmethod

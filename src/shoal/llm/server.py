@@ -94,7 +94,7 @@ class LLMServer:
         streams = [
             self._generate(GenerationRequest(
                 messages=req.messages, sampling=_choice_sampling(kwargs, j),
-                chat_template_kwargs=req.chat_template_kwargs,
+                chat_template_kwargs=req.chat_template_kwargs, response_format=req.response_format,
             ), param="messages")
             for j in range(req.num_choices)
         ]  # fmt: skip
@@ -137,7 +137,8 @@ class LLMServer:
         kwargs = req.sampling_kwargs()
         n = req.num_choices
         streams = [
-            self._generate(GenerationRequest(prompt=prompt, sampling=_choice_sampling(kwargs, j)), param="prompt")
+            self._generate(GenerationRequest(prompt=prompt, sampling=_choice_sampling(kwargs, j),
+                                             response_format=req.response_format), param="prompt")
             for prompt in req.prompts()
             for j in range(n)
         ]

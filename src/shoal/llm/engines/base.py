@@ -84,6 +84,9 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    #: OpenAI's ``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", ...}``):
+    #: decoding is constrained to it (see `engines.structured`); None or type "text" is free text.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass

@@ -43,6 +43,7 @@ from typing import Any
 from ..models import DEFAULT_CHAT_MODEL, ModelSourceError, ResolvedModel, resolve_model_source
 from .base import EngineShutdownError, GenerationRequest, InvalidParameterError, SamplingParams
 from .sampling import token_logprobs, validate_logit_bias
+from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 logger = logging.getLogger(__name__)
@@ -484,15 +485,31 @@ class LlamaCppEngine(ThreadedEngine):
         seq.reused = best
         self._stats["prefix_hit_tokens"] += best
 
-    def _logprobs(self, out_index: int, token: int, k: int) -> Any:
-        """The chosen token's log-probability and the `k` best, from the step's raw logits row
-        (before logit_bias and penalties, which run inside llama.cpp's sampler chain)."""
+    def _logits_row(self, out_index: int) -> Any:
+        """The step's logits for batch index `out_index`: a writable numpy view of llama.cpp's buffer."""
         import numpy as np
+
+        return np.ctypeslib.as_array(self._llama.llama_get_logits_ith(self._ctx, out_index), shape=(self._n_vocab,))
+
+    def _logprobs(self, out_index: int, token: int, k: int) -> Any:
+        """The chosen token's log-probability and the `k` best, from the step's logits row (after
+        a response_format mask; before logit_bias and penalties, which run in the sampler chain)."""
         import torch
 
-        logits = self._llama.llama_get_logits_ith(self._ctx, out_index)
-        row = torch.from_numpy(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy())
+        row = torch.from_numpy(self._logits_row(out_index).copy())
         return token_logprobs(row.view(1, -1), [token], [k])[0]
+
+    def _make_structured(self) -> Any:
+        """Structured output over llama.cpp's own vocabulary (llguidance reads it, ~1 s, once)."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        from .structured import StructuredDecoding
+
+        with self._vocab_lock:
+            if self._vocab is None:
+                raise EngineShutdownError("engine is shut down")
+            tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self._n_vocab, eos_token=sorted(self._eos_ids))
+        return StructuredDecoding(tokenizer, self._n_vocab)
 
     def _make_sampler(self, seq: _LlamaSequence) -> Any:
         """The request's sampler chain: its logit_bias and OpenAI's presence/frequency penalties
@@ -591,6 +608,8 @@ class LlamaCppEngine(ThreadedEngine):
             seq.n_cached += n
             if out_index is None:
                 continue
+            if seq.grammar is not None:  # structured output: forbidden tokens to -inf, in llama.cpp's buffer
+                mask_logits(self._logits_row(out_index), [seq.grammar])
             token = llama.llama_sampler_sample(seq.sampler, self._ctx, out_index)
             seq.tokens.append(token)
             row = None if seq.params.logprobs is None else self._logprobs(out_index, token, seq.params.logprobs)

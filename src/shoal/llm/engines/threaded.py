@@ -33,6 +33,7 @@ from .base import (
 )
 from .detokenize import IncrementalDetokenizer
 from .stopping import find_stop, stop_holdback
+from .structured import grammar_for_response_format
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class SequenceState:
     __slots__ = (
         "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
         "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token", "loop", "queue",
-        "aborted", "logits_processor", "pending_logprobs",
+        "aborted", "logits_processor", "pending_logprobs", "grammar",
     )  # fmt: skip
 
     def __init__(
@@ -72,6 +73,7 @@ class SequenceState:
         self.logits_processor: Any = None
         #: `TokenLogprob`s of `pending_ids` when the request asked for logprobs (else None).
         self.pending_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.grammar: Any = None  # a `structured.GrammarState` when the request has a response_format
 
 
 #: What a step hands back: (sequence, `Delta` or exception) pairs, delivered together.
@@ -112,6 +114,8 @@ class ThreadedEngine:
         self._started = False
         self._stats: dict[str, int] = dict.fromkeys(self.STAT_KEYS, 0)
         self._token_texts: dict[int, str] = {}
+        self._structured: Any = None  # see `_make_structured`
+        self._structured_lock = threading.Lock()
 
     # -- what an engine supplies -------------------------------------------------------------------
 
@@ -148,6 +152,11 @@ class ThreadedEngine:
 
     def _init_sequence(self, seq: Any, request: GenerationRequest) -> None:
         """Engine-specific setup of a new sequence (event-loop side, after validation)."""
+
+    def _make_structured(self) -> Any:
+        """The engine's `structured.StructuredDecoding` (built once, on the first request with a
+        `response_format`); engines that constrain decoding override this."""
+        raise ValueError(f"engine {type(self).__name__} does not support response_format")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -239,8 +248,18 @@ class ThreadedEngine:
             )
         seq = self.sequence_class(request.request_id, prompt_ids, params, max_tokens)
         seq.detok = IncrementalDetokenizer(self._decode_text, prompt_ids)
+        grammar = grammar_for_response_format(request.response_format)
+        if grammar is not None:
+            seq.grammar = self._structured_decoding().new_state(grammar)
         self._init_sequence(seq, request)
         return seq
+
+    def _structured_decoding(self) -> Any:
+        if self._structured is None:
+            with self._structured_lock:
+                if self._structured is None:
+                    self._structured = self._make_structured()
+        return self._structured
 
     async def _stream(self, seq: Any) -> AsyncIterator[Delta]:
         seq.loop = asyncio.get_running_loop()
@@ -333,7 +352,9 @@ class ThreadedEngine:
             seq.text += seq.detok.push(token)
             if logprob is not None and seq.pending_logprobs is not None:
                 seq.pending_logprobs.append(self._token_logprob(logprob))
-            if seq.completion_tokens >= seq.max_tokens:
+            if seq.grammar is not None and seq.grammar.advance(token):
+                finish = "stop"  # the structured output is complete
+            elif seq.completion_tokens >= seq.max_tokens:
                 finish = "length"
         if finish is not None:
             assert seq.detok is not None

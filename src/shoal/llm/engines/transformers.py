@@ -47,6 +47,7 @@ from ..models import (
 )
 from .base import GenerationRequest, InvalidParameterError, SamplingParams
 from .sampling import apply_logits_processors, make_logits_processor, sample_tokens, token_logprobs
+from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -492,6 +493,12 @@ class TransformersEngine(ThreadedEngine):
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed)
 
+    def _make_structured(self) -> Any:
+        from .structured import StructuredDecoding
+
+        vocab = self.model.config.vocab_size
+        return StructuredDecoding.from_hf_tokenizer(self.tokenizer, vocab, self._eos_ids, self._tok_lock)
+
     def _decode_text(self, ids: Sequence[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -643,6 +650,7 @@ class TransformersEngine(ThreadedEngine):
         processors = [s.logits_processor for s in seqs]
         if any(p is not None for p in processors):
             logits = apply_logits_processors(logits, processors)
+        mask_logits(logits, [s.grammar for s in seqs])  # response_format rows only (structured output)
         tokens = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
         top_k = [s.params.logprobs for s in seqs]
         rows: list[Any] = [None] * len(seqs)

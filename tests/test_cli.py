@@ -424,7 +424,8 @@ def _start_driver(tmp_path, mode: str) -> tuple[_Proc, list[psutil.Process]]:
     except BaseException:
         driver.kill()
         raise
-    pids = json.loads(line[line.index('{"controller"'):])  # another process's output may precede it
+    # Another process's output may precede it on the line, or follow it before its newline.
+    pids, _ = json.JSONDecoder().raw_decode(line[line.index('{"controller"'):])
     assert len(pids["replicas"]) == 1 and len(pids["proxies"]) == 2, line  # the proxy and its standby
     processes = []
     for pid in [pids["controller"], *pids["replicas"], *pids["proxies"]]:

@@ -125,6 +125,14 @@ def test_an_idle_proxy_ends_after_its_request_in_flight_finishes(harnesses):
     assert proxy.proc.wait(60) == 0
 
 
+def _drain_to_a_peer(proxy) -> None:
+    """Drain `proxy` (30 s minimum period, 600 s timeout, handover on); it hands its listeners to a
+    peer and exits."""
+    proxy.send("drain 30 600 1")
+    assert "went to the proxy at" in proxy.expect("DRAINED")
+    proxy.expect("EXIT")
+
+
 @pytest.mark.slow
 def test_a_proxy_that_hands_its_listener_over_loses_no_connection_under_load(harnesses):
     """Two proxies share a port (SO_REUSEPORT); one drains under a steady load of new connections and
@@ -135,9 +143,7 @@ def test_a_proxy_that_hands_its_listener_over_loses_no_connection_under_load(har
     with _load(leaving.port, new_connection_threads=4, keep_alive_threads=2) as load:
         wait_for(lambda: {leaving.pid, staying.pid} <= set(load.served_by), timeout=120,
                  what="both proxies serving")
-        leaving.send("drain 30 600 1")
-        assert "went to the proxy at" in leaving.expect("DRAINED")
-        leaving.expect("EXIT")
+        _drain_to_a_peer(leaving)
         after = load.count()
         wait_for(lambda: load.count() >= after + 300, timeout=120, what="300 more requests")
     assert load.failures == [], load.failures[:5]
@@ -155,9 +161,7 @@ def test_a_proxy_passes_on_the_listeners_it_was_handed_when_it_drains_too(harnes
         wait_for(lambda: {first.pid, second.pid, last.pid} <= set(load.served_by), timeout=120,
                  what="the three proxies serving")
         for leaving in (first, second):
-            leaving.send("drain 30 600 1")
-            assert "went to the proxy at" in leaving.expect("DRAINED")
-            leaving.expect("EXIT")
+            _drain_to_a_peer(leaving)
         after = load.count()
         wait_for(lambda: load.count() >= after + 300, timeout=120, what="300 more requests")
     assert load.failures == [], load.failures[:5]

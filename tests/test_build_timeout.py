@@ -185,9 +185,12 @@ def test_a_hung_import_or_builder_fails_the_deploy_and_leaves_nothing_running(in
 
 def _deploy_in_background(inst: Instance, config: str) -> subprocess.Popen:
     """`shoal deploy CONFIG` of a hung config with a limit it never reaches; returns once it hangs."""
+    # SIGINT back to its default in the CLI (so Python turns it into KeyboardInterrupt, as at a
+    # terminal): a test run started in the background of a non-interactive shell inherits it ignored.
     proc = subprocess.Popen(_shoal_cmd() + ["deploy", config, "--build-timeout", "3600"], cwd=str(inst.workdir),
                             env=inst.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: (inst.workdir / "hang_mod.pids").exists() or proc.poll() is not None, timeout=60,
              what="the builder to hang in the import")
     assert proc.poll() is None, proc.communicate()

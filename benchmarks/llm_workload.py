@@ -122,7 +122,7 @@ def start_llama_server(port: int = 18777) -> subprocess.Popen:
     """llama.cpp's server on the bundled GGUF: every core, 16 slots of 512 tokens, the model's name,
     and the llama.cpp engine's defaults where they differ from the server's: flash attention off, and
     no repacked (AMX) weight layouts on CPUs with AMX (ggml's AMX path hangs or crashes there)."""
-    from shoal.llm.engines.llama_cpp import _cpu_has_amx
+    from shoal.llm.engines.llama_cpp import cpu_has_amx
     from shoal.llm.models import resolve_model_source
 
     binary = subprocess.run(["bash", str(HERE / "ensure_llama_server.sh")], check=True, capture_output=True,
@@ -132,7 +132,7 @@ def start_llama_server(port: int = 18777) -> subprocess.Popen:
     return subprocess.Popen([binary, "-m", str(gguf), "-a", LLM_ID, "--host", "127.0.0.1", "--port", str(port),
                              "-t", threads, "-tb", threads, "--parallel", "16", "-c", str(16 * 512),
                              "--no-webui", "--log-disable", "--flash-attn", "off",
-                             *(["--no-repack"] if _cpu_has_amx() else [])],
+                             *(["--no-repack"] if cpu_has_amx() else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -48,7 +48,7 @@ from .threaded import Outbox, SequenceState, ThreadedEngine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LlamaCppEngine", "default_threads"]
+__all__ = ["LlamaCppEngine", "cpu_has_amx", "default_threads"]
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -69,7 +69,7 @@ def default_threads(replicas: int = 1) -> int:
     return max(1, cpus // max(1, replicas))
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -208,7 +208,7 @@ class LlamaCppEngine(ThreadedEngine):
         self._flash_attn = flash_attn
         self._unified = kv_unified
         self._gpu = device in ("gpu", "cuda")
-        self._extra_buffers = (not _cpu_has_amx()) if extra_buffers is None else extra_buffers
+        self._extra_buffers = (not cpu_has_amx()) if extra_buffers is None else extra_buffers
         self._rng = random.Random(seed)
 
         self.resolved: ResolvedModel | None = None

@@ -139,6 +139,75 @@ def test_seed_makes_sampling_repeatable_and_tiny_top_p_is_greedy(client):
     assert nucleus.choices[0].message.content == greedy
 
 
+# -- tools -------------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_forced_tool_call_parses_into_the_functions_arguments(client):
+    import jsonschema
+
+    for question in ("What is the weather in Paris?", "Is it raining in Oslo today?", "Weather for Tokyo, please."):
+        reply = client.chat.completions.create(
+            model=CHAT, messages=ask(question), tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=60,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_required_tool_call_picks_one_of_the_tools(client):
+    import jsonschema
+
+    reply = client.chat.completions.create(model=CHAT, messages=ask("What time is it in UTC?"),
+                                           tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", max_tokens=60)
+    (call,) = reply.choices[0].message.tool_calls
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
+    jsonschema.validate(json.loads(call.function.arguments), schema[call.function.name])
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_forced_tool_call_streams_as_deltas(client):
+    chunks = list(client.chat.completions.create(
+        model=CHAT, messages=ask("Weather in Rome?"), tools=[WEATHER_TOOL], max_tokens=60, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    ))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    head = next(tc for tc in calls if tc.id)
+    assert head.function.name == "get_weather" and head.index == 0
+    arguments = "".join(tc.function.arguments or "" for tc in calls)
+    assert len([tc for tc in calls if tc.function.arguments]) > 1  # streamed in pieces, as generated
+    assert set(json.loads(arguments)) == {"city", "unit"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_tool_choice_none_and_a_tool_result_turn_give_text(client):
+    reply = client.chat.completions.create(model=CHAT, messages=ask("Say hello."), tools=[WEATHER_TOOL],
+                                           tool_choice="none", max_tokens=12, temperature=0)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content
+    history = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees and sunny"},
+    ]
+    reply = client.chat.completions.create(model=CHAT, messages=history, tools=[WEATHER_TOOL], max_tokens=24,
+                                           temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
+
+
 # -- completions -------------------------------------------------------------------------------------
 
 

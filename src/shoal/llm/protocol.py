@@ -193,10 +193,44 @@ class ChatCompletionRequest(_SamplingFields):
             role = message.get("role")
             if role not in ("system", "developer", "user", "assistant", "tool"):
                 raise ValueError(f"messages[{i}].role must be system, user, assistant or tool (got {role!r})")
-            out.append({"role": "system" if role == "developer" else role, "content": _text_of(message, i)})
+            m: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": _text_of(message, i)}
+            calls = message.get("tool_calls")
+            if role == "assistant" and calls:
+                if not isinstance(calls, list) or not all(
+                        isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+                    raise ValueError(f"messages[{i}].tool_calls must be a list of "
+                                     '{"id", "type": "function", "function": {"name", "arguments"}}')
+                m["tool_calls"] = calls
+            if role == "tool" and message.get("tool_call_id") is not None:
+                m["tool_call_id"] = str(message["tool_call_id"])
+            if message.get("name") is not None:
+                m["name"] = str(message["name"])
+            out.append(m)
         return out
 
-    _unsupported_chat = field_validator("tools")(_refuse_when_set)
+    @field_validator("tools")
+    @classmethod
+    def _function_tools(cls, value: Optional[list[Any]]) -> Optional[list[Any]]:
+        from .tools import check_tools
+
+        return check_tools(value) if value is not None else None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _known_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        from .tools import check_tool_choice
+
+        check_tool_choice(value, info.data.get("tools") or [])
+        return value
+
+    def tool_mode(self) -> tuple[list[dict[str, Any]], str, Optional[str]]:
+        """``(tools, mode, function name)``; mode ``none``, ``auto``, ``required`` or ``named``
+        (see `tools.py`)."""
+        from .tools import check_tool_choice
+
+        tools = self.tools or []
+        mode, name = check_tool_choice(self.tool_choice, tools)
+        return tools, mode, name
 
     @field_validator("top_logprobs")
     @classmethod

@@ -32,6 +32,7 @@ from .engines.base import InvalidParameterError, TokenLogprob
 from .engines.embeddings import EmbeddingEngine
 from .metrics import LLMMetrics
 from .models import resolve_model_source
+from .tools import ToolCallStream, forced_response_format, parse_reply, render_messages
 from .protocol import (
     USAGE_EVENT_FLAG,
     ChatCompletionRequest,
@@ -87,14 +88,22 @@ class LLMServer:
 
     async def chat(self, request: dict[str, Any]) -> AsyncIterator[str]:
         """`/v1/chat/completions`: SSE event payloads when streaming, else one response body. With
-        `n` > 1 the request fans out into `n` sequences in the engine (each prefills the prompt)."""
+        `n` > 1 the request fans out into `n` sequences in the engine (each prefills the prompt).
+        With `tools`, replies become `tool_calls` as `tools.py` describes."""
         usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = ChatCompletionRequest.model_validate(request)
         kwargs = req.sampling_kwargs()
+        tools, mode, function = req.tool_mode()
+        messages, template_vars = req.messages, dict(req.chat_template_kwargs or {})
+        response_format = req.response_format
+        if tools:
+            messages, extra = render_messages(req.messages, tools, mode, self._chat_template_text())
+            template_vars = {**extra, **template_vars}
+            response_format = forced_response_format(tools, mode, function) or response_format
         streams = [
             self._generate(GenerationRequest(
-                messages=req.messages, sampling=_choice_sampling(kwargs, j),
-                chat_template_kwargs=req.chat_template_kwargs, response_format=req.response_format,
+                messages=messages, sampling=_choice_sampling(kwargs, j),
+                chat_template_kwargs=template_vars or None, response_format=response_format,
             ), param="messages")
             for j in range(req.num_choices)
         ]  # fmt: skip
@@ -104,28 +113,47 @@ class LLMServer:
         if not req.stream:
             choices = await _collect_all(streams)
             yield dumps({**head, "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c.text},
+                {"index": i, "message": _message(c, tools, mode, function),
                  "logprobs": {"content": _chat_logprobs(c.logprobs), "refusal": None} if want_logprobs else None,
-                 "finish_reason": c.finish}
+                 "finish_reason": _finish(c.finish, _message(c, tools, mode, function))}
                 for i, c in enumerate(choices)
             ], "usage": _usage(choices, req.num_choices)})  # fmt: skip
             return
         head["object"] = "chat.completion.chunk"
         started: set[int] = set()
         finished: list[Any] = [None] * len(streams)
+        calls = [ToolCallStream(tools, mode, function) for _ in streams]
+        pending: list[list[TokenLogprob]] = [[] for _ in streams]  # logprobs not sent yet
+
+        def events(i: int, deltas: list[dict[str, Any]]) -> list[str]:
+            out = []
+            for delta in deltas:
+                if i not in started:
+                    started.add(i)
+                    delta = {"role": "assistant", **delta}
+                logprobs = None
+                if want_logprobs:
+                    logprobs = {"content": _chat_logprobs(pending[i])}
+                    pending[i] = []
+                out.append(_event(head, req, {"index": i, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": None}))
+            return out
+
         async for i, delta in _merged(streams):
-            logprobs = {"content": _chat_logprobs(delta.logprobs or [])} if want_logprobs else None
-            if i not in started:
-                started.add(i)
-                yield _event(head, req, {"index": i, "delta": {"role": "assistant", "content": delta.text},
-                                         "logprobs": logprobs, "finish_reason": None})
-            elif delta.text or delta.logprobs:
-                yield _event(head, req, {"index": i, "delta": {"content": delta.text}, "logprobs": logprobs,
-                                         "finish_reason": None})
+            if delta.logprobs:
+                pending[i].extend(delta.logprobs)
+            deltas = calls[i].feed(delta.text) if delta.text else []
+            if not deltas and (i not in started or (pending[i] and not tools)):
+                deltas = [{"content": ""}]  # the role goes first; or logprobs of tokens with no text yet
+            for event in events(i, deltas):
+                yield event
             if delta.finish_reason is not None:
                 finished[i] = delta
-                yield _event(head, req, {"index": i, "delta": {}, "logprobs": None,
-                                         "finish_reason": delta.finish_reason})
+                last, called = calls[i].finish()
+                for event in events(i, last):
+                    yield event
+                reason = "tool_calls" if called and delta.finish_reason == "stop" else delta.finish_reason
+                yield _event(head, req, {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason})
         if req.include_usage or usage_event:
             yield _usage_event(head, _usage(finished, req.num_choices))
 
@@ -192,6 +220,10 @@ class LLMServer:
             "usage": {"prompt_tokens": output.prompt_tokens, "total_tokens": output.prompt_tokens},
         })
 
+    def _chat_template_text(self) -> Any:
+        """The engine's chat template (tools go into it natively when it speaks them)."""
+        return getattr(self.engine, "chat_template_text", None)
+
     def model_card(self) -> dict[str, Any]:
         """This model's entry for `/v1/models`."""
         return model_card(self.model_id, self.created, kind=self.kind)
@@ -236,6 +268,23 @@ def _event(head: dict[str, Any], req: Any, choice: dict[str, Any]) -> str:
     return dumps(body)
 
 
+def _message(choice: "_Choice", tools: list[dict[str, Any]], mode: str, function: Any) -> dict[str, Any]:
+    """A finished choice's ``message``: its text, or its tool calls (`tools.parse_reply`)."""
+    if not tools:
+        return {"role": "assistant", "content": choice.text}
+    if choice.message is None:
+        content, calls = parse_reply(choice.text, tools, mode, function)
+        choice.message = {"role": "assistant", "content": content}
+        if calls:
+            choice.message["tool_calls"] = calls
+    return choice.message
+
+
+def _finish(reason: str, message: dict[str, Any]) -> str:
+    """OpenAI's ``tool_calls`` finish reason for a reply that made calls (a cut-off one keeps ``length``)."""
+    return "tool_calls" if message.get("tool_calls") and reason == "stop" else reason
+
+
 def _usage_event(head: dict[str, Any], usage: dict[str, int]) -> str:
     """The last event when `stream_options.include_usage` is set: no choices, the whole usage."""
     return dumps({**head, "choices": [], "usage": usage})
@@ -258,6 +307,7 @@ class _Choice:
     finish: str = "stop"
     usage: Any = None
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    message: Any = None  # the parsed message, once built (`_message`)
 
 
 _END = object()

@@ -138,6 +138,7 @@ class _ChatTemplate:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(source)
+        self.source = source
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
@@ -346,6 +347,11 @@ class LlamaCppEngine(ThreadedEngine):
         self._kept.clear()
 
     # -- public API --------------------------------------------------------------------------------
+
+    @property
+    def chat_template_text(self) -> str | None:
+        """The GGUF's chat template (`llm/tools.py` reads whether it renders tools itself)."""
+        return self._chat_template.source if self._chat_template is not None else None
 
     def render_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for `messages`)."""

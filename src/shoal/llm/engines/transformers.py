@@ -446,6 +446,12 @@ class TransformersEngine(ThreadedEngine):
 
     # -- public API --------------------------------------------------------------------------------
 
+    @property
+    def chat_template_text(self) -> str | None:
+        """The tokenizer's chat template (`llm/tools.py` reads whether it renders tools itself)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
     def render_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for `messages`)."""
         tokenizer = self.tokenizer

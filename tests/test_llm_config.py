@@ -30,7 +30,10 @@ def test_deployment_name_and_options_follow_ray_serve_llm():
     ({"deployment_config": {"num_replica": 2}}, "num_replica"),
     ({"deployment_config": {"placement_group_bundles": [{"CPU": 1}]}}, "placement_group_bundles"),
     ({"llm_engine": "tensorrt"}, "llm_engine must be one of"),
-    ({"lora_config": {"max_num_adapters_per_replica": 2}}, "LoRA"),
+    ({"lora_config": {"max_num_adapters_per_replica": 2}}, "dynamic_lora_loading_path"),
+    ({"lora_config": {"dynamic_lora_loading_path": "s3://bucket/loras"}}, "local directory"),
+    ({"lora_config": {"dynamic_lora_loading_path": "/x", "max_num_adapters_per_replica": 0}},
+     "max_num_adapters_per_replica"),
 ])
 def test_bad_configs_name_the_field(extra, fragment):
     with pytest.raises(ValidationError) as info:

@@ -265,3 +265,33 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine: LlamaC
         del engine._fill_batch
     text, _ = run(collect(engine, chat("Say hi.", max_tokens=4)))
     assert text and engine.stats()["active"] == 0
+
+
+def test_lora_adapters_in_one_batch_match_their_solo_runs_and_are_freed_when_unloaded(
+        exact_engine: LlamaCppEngine, tmp_path: Any) -> None:
+    from lora_adapters import write_lora
+
+    paths = [str(tmp_path / f"a{i}.gguf") for i in range(2)]
+    for i, path in enumerate(paths):
+        write_lora(path, seed=i)
+    adapters = [exact_engine.load_adapter(f"a{i}", path) for i, path in enumerate(paths)]
+
+    def request(adapter: Any, prompt: str) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt, adapter=adapter, sampling=SamplingParams(max_tokens=12, temperature=0))
+
+    cases = [(a, p) for a in (None, *adapters) for p in PROMPTS[:2]]
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        alone = [await tokens_of(exact_engine, request(a, p)) for a, p in cases]
+        together = await asyncio.gather(*(tokens_of(exact_engine, request(a, p)) for a, p in cases))
+        return alone, list(together)
+
+    alone, together = run(scenario())
+    assert together == alone  # one decode per adapter in each step, none mixes into another's
+    assert alone[0] != alone[2] and alone[2] != alone[4]  # each adapter changes the output
+    exact_engine.unload_adapter(adapters[0])
+    with pytest.raises(ValueError, match="not loaded"):
+        run(tokens_of(exact_engine, request(adapters[0], "Hi")))
+    run(tokens_of(exact_engine, request(None, "Hi")))  # a step frees the retired adapter
+    assert adapters[0].pointer is None and adapters[1].pointer is not None
+    exact_engine.unload_adapter(adapters[1])

@@ -103,6 +103,12 @@ class DeploymentHandle:
             self._routers[loop] = router
         return router
 
+    def multiplexed_model_ids(self) -> set[str]:
+        """The multiplexed model ids the deployment's replicas hold (or are loading), as this
+        process's router for the running loop knows them (a shoal extension; Ray has no such call)."""
+        router = self._router(_running_loop())
+        return set().union(*(entry.models for entry in list(getattr(router, "entries", {}).values())))
+
     def shutdown(self) -> None:
         """Let go of this handle's routers (shared with its `.options()` copies) and their connections
         to replicas: each closes once the requests sent through it are done. A later call through the

@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "LLMConfig": ".config",
     "LLMServingArgs": ".config",
+    "LoraConfig": ".config",
     "ModelLoadingConfig": ".config",
     "LLMServer": ".server",
     "OpenAIError": ".protocol",

@@ -49,6 +49,30 @@ class ModelLoadingConfig(BaseModel):
         return self.model_source or self.model_id
 
 
+class LoraConfig(BaseModel):
+    """LoRA adapters served through model multiplexing (Ray Serve LLM's `LoraConfig`): a request for
+    model ``"<base>:<adapter>"`` runs the base model with the adapter found at
+    ``<dynamic_lora_loading_path>/<adapter>`` (a directory holding one GGUF LoRA file, or that
+    file with a ``.gguf`` suffix), loaded on first use and kept in a per-replica LRU cache of
+    `max_num_adapters_per_replica`. Requests for an adapter go to replicas that already hold it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dynamic_lora_loading_path: str = Field(min_length=1)
+    max_num_adapters_per_replica: int = Field(16, ge=1)
+    # Ray's download settings: accepted; adapters are read from a local directory here.
+    download_timeout_s: Optional[float] = None
+    max_download_tries: Optional[int] = None
+
+    @field_validator("dynamic_lora_loading_path")
+    @classmethod
+    def _local_directory(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError(f"must be a local directory (got {value!r}): shoal loads adapters from this "
+                             "machine's files, never over the network")
+        return str(Path(value).expanduser())
+
+
 class LLMConfig(BaseModel):
     """One served model: its files, its engine options and its deployment options."""
 
@@ -63,7 +87,7 @@ class LLMConfig(BaseModel):
     runtime_env: Optional[dict[str, Any]] = None
     placement_group_config: Optional[dict[str, Any]] = None
     log_engine_metrics: bool = False
-    lora_config: Optional[dict[str, Any]] = None
+    lora_config: Optional[LoraConfig] = None
     experimental_configs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("llm_engine")
@@ -93,8 +117,6 @@ class LLMConfig(BaseModel):
 
     @model_validator(mode="after")
     def _warn_ignored(self) -> "LLMConfig":
-        if self.lora_config:
-            raise ValueError("lora_config: LoRA adapters are not supported by shoal's engines yet")
         for name in ("accelerator_type", "runtime_env", "placement_group_config"):
             if getattr(self, name) is not None:
                 logger.warning("LLMConfig.%s is accepted for Ray Serve compatibility and ignored", name)

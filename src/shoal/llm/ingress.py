@@ -85,6 +85,7 @@ class OpenAiIngress:
         else:
             self._pending_handles = list(llm_deployments)
         self._cards: dict[str, dict[str, Any]] = {}
+        self._adapter_handles: dict[str, DeploymentHandle] = {}  # "<base>:<adapter>" -> its handle
         self._cards_lock = asyncio.Lock()
         # API keys: `auth` holds their names, limits and SHA-256 digests (`api_keys.ingress_auth`).
         self._keys: Any = None
@@ -108,7 +109,7 @@ class OpenAiIngress:
             except OpenAIError as exc:
                 return error_response(exc)
         cards = await self._model_cards()
-        return JSONResponse({"object": "list", "data": list(cards.values())})
+        return JSONResponse({"object": "list", "data": list(cards.values()) + self._adapter_cards(cards)})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> JSONResponse:
@@ -118,9 +119,10 @@ class OpenAiIngress:
             except OpenAIError as exc:
                 return error_response(exc)
         cards = await self._model_cards()
-        if model_id not in cards:
+        card = cards.get(model_id) or next((c for c in self._adapter_cards(cards) if c["id"] == model_id), None)
+        if card is None:
             return error_response(model_not_found(model_id, list(cards)))
-        return JSONResponse(cards[model_id])
+        return JSONResponse(card)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -190,6 +192,16 @@ class OpenAiIngress:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    def _adapter_cards(self, cards: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """A card per LoRA adapter loaded (or loading) on a replica of a model, as the routers know
+        from the replicas' multiplexed model ids: ``"<base>:<adapter>"``, `parent` the base."""
+        out = []
+        for model_id, card in cards.items():
+            if card.get("lora"):
+                for adapter in sorted(self._handles[model_id].multiplexed_model_ids()):
+                    out.append({**card, "id": f"{model_id}:{adapter}", "parent": model_id, "lora": False})
+        return out
+
     def _caller(self, request: Request) -> Any:
         """The caller's key (`api_keys.Caller`), admitted under its limits; OpenAIError 401/429 if not."""
         try:
@@ -229,9 +241,18 @@ class OpenAiIngress:
         if self._pending_handles:
             await self._model_cards()
         handle = self._handles.get(model)
-        if handle is None:
-            raise model_not_found(model, sorted(self._handles))
-        return handle
+        if handle is not None:
+            return handle
+        base, _, adapter = model.partition(":")
+        if adapter and base in self._handles and (await self._model_cards())[base].get("lora"):
+            # A LoRA adapter of `base` (`lora.py`): routed to replicas that hold it.
+            handle = self._adapter_handles.get(model)
+            if handle is None:
+                if len(self._adapter_handles) >= 1024:
+                    self._adapter_handles.clear()
+                handle = self._adapter_handles[model] = self._handles[base].options(multiplexed_model_id=adapter)
+            return handle
+        raise model_not_found(model, sorted(self._handles))
 
     async def _model_cards(self) -> dict[str, dict[str, Any]]:
         """Each model's card, asked once from its server (which also learns unnamed handles' ids)."""

@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import os
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,10 @@ from .engines.base import InvalidParameterError, TokenLogprob
 from .engines.embeddings import EmbeddingEngine
 from .metrics import LLMMetrics
 from .models import resolve_model_source
+from shoal.context import get_multiplexed_model_id, get_replica_context
+from shoal.multiplex import model_ids_of, multiplexed
+
+from .lora import LoadedAdapter, adapter_path
 from .tools import ToolCallStream, forced_response_format, parse_reply, render_messages
 from .protocol import (
     USAGE_EVENT_FLAG,
@@ -41,6 +46,7 @@ from .protocol import (
     OpenAIError,
     dumps,
     model_card,
+    model_not_found,
     new_id,
     now,
     usage_dict,
@@ -82,7 +88,48 @@ class LLMServer:
             f"{self.model_id}|{type(self.engine).__name__}|{sorted(self.config.engine_kwargs.items())}".encode()
         ).hexdigest()[:10]
         self.metrics = LLMMetrics(self.model_id, self.engine)  # vLLM's metrics, labelled by model_name
+        self._adapter_loads = 0
+        self._adapters = self._adapter_cache(self.config.lora_config)
         logger.info("model %s ready", self.model_id)
+
+    # -- LoRA adapters (`lora.py`) -------------------------------------------------------------------
+
+    def _adapter_cache(self, lora: Any) -> Any:
+        """The replica's LRU cache of loaded adapters (`serve.multiplexed`, so the routers send an
+        adapter's requests to replicas that hold it), or None without a `lora_config`."""
+        if lora is None:
+            return None
+        if not callable(getattr(self.engine, "load_adapter", None)):
+            raise ValueError(f"lora_config: the {type(self.engine).__name__} of {self.model_id} does not load "
+                             "LoRA adapters; serve a GGUF model on the llama_cpp engine")
+        if not os.path.isdir(lora.dynamic_lora_loading_path):
+            raise ValueError(f"lora_config.dynamic_lora_loading_path: {lora.dynamic_lora_loading_path} is not "
+                             "a directory on this machine")
+        return multiplexed(max_num_models_per_replica=lora.max_num_adapters_per_replica)(self._load_adapter)
+
+    async def _load_adapter(self, adapter_id: str) -> LoadedAdapter:
+        path = adapter_path(self.config.lora_config.dynamic_lora_loading_path, self.model_id, adapter_id)
+        try:
+            adapter = await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
+        except (ValueError, OSError) as exc:
+            raise OpenAIError(400, str(exc), param="model", code="invalid_value") from None
+        self._adapter_loads += 1
+        return LoadedAdapter(self.engine, adapter)
+
+    async def _request_adapter(self) -> Any:
+        """The adapter this request names (``model: "<base>:<adapter>"``, sent as its multiplexed
+        model id by the ingress), loaded; None for the base model."""
+        adapter_id = get_multiplexed_model_id()
+        if not adapter_id:
+            return None
+        if self._adapters is None:
+            raise model_not_found(f"{self.model_id}:{adapter_id}", [self.model_id])
+        for _ in range(3):  # an adapter evicted between the lookup and its use is loaded again
+            loaded = await self._adapters(adapter_id)
+            if not loaded.adapter.retired:
+                return loaded.adapter
+        raise OpenAIError(503, f"LoRA adapter {adapter_id!r} keeps being evicted; raise "
+                               "max_num_adapters_per_replica", type="server_error", code="adapter_evicted")
 
     # -- OpenAI methods ----------------------------------------------------------------------------
 
@@ -93,6 +140,7 @@ class LLMServer:
         usage_event = bool(request.pop(USAGE_EVENT_FLAG, False))
         req = ChatCompletionRequest.model_validate(request)
         kwargs = req.sampling_kwargs()
+        adapter = await self._request_adapter()
         tools, mode, function = req.tool_mode()
         messages, template_vars = req.messages, dict(req.chat_template_kwargs or {})
         response_format = req.response_format
@@ -103,7 +151,7 @@ class LLMServer:
         streams = [
             self._generate(GenerationRequest(
                 messages=messages, sampling=_choice_sampling(kwargs, j),
-                chat_template_kwargs=template_vars or None, response_format=response_format,
+                chat_template_kwargs=template_vars or None, response_format=response_format, adapter=adapter,
             ), param="messages")
             for j in range(req.num_choices)
         ]  # fmt: skip
@@ -164,9 +212,10 @@ class LLMServer:
         req = CompletionRequest.model_validate(request)
         kwargs = req.sampling_kwargs()
         n = req.num_choices
+        adapter = await self._request_adapter()
         streams = [
             self._generate(GenerationRequest(prompt=prompt, sampling=_choice_sampling(kwargs, j),
-                                             response_format=req.response_format), param="prompt")
+                                             response_format=req.response_format, adapter=adapter), param="prompt")
             for prompt in req.prompts()
             for j in range(n)
         ]
@@ -225,12 +274,18 @@ class LLMServer:
         return getattr(self.engine, "chat_template_text", None)
 
     def model_card(self) -> dict[str, Any]:
-        """This model's entry for `/v1/models`."""
-        return model_card(self.model_id, self.created, kind=self.kind)
+        """This model's entry for `/v1/models` (`lora`: whether ``"<model>:<adapter>"`` ids are served)."""
+        return model_card(self.model_id, self.created, kind=self.kind, lora=self._adapters is not None)
 
     def engine_stats(self) -> dict[str, Any]:
+        """The engine's counters, plus this replica's id and, with LoRA, the adapters it loaded."""
         stats = getattr(self.engine, "stats", None)
-        return stats() if callable(stats) else {}
+        out = dict(stats()) if callable(stats) else {}
+        out["replica"] = get_replica_context().replica_id.unique_id
+        if self._adapters is not None:
+            out["lora_adapter_loads"] = self._adapter_loads
+            out["lora_adapters"] = sorted(model_ids_of(self._adapters))
+        return out
 
     async def check_health(self) -> None:
         is_alive = getattr(self.engine, "is_alive", None)  # engines with a decode thread have it

@@ -87,6 +87,8 @@ class GenerationRequest:
     #: OpenAI's ``response_format`` (``{"type": "json_object"}``, ``{"type": "json_schema", ...}``):
     #: decoding is constrained to it (see `engines.structured`); None or type "text" is free text.
     response_format: dict[str, Any] | None = None
+    #: A LoRA adapter the engine loaded (`load_adapter`), or None for the base model.
+    adapter: Any = None
 
 
 @dataclass

@@ -24,6 +24,10 @@ In short:
   temperature, top-k, top-p and a seeded distribution sampler.
 - Chat prompts are rendered from the GGUF's ``tokenizer.chat_template`` with jinja2 the way
   transformers renders chat templates; tokenizing and detokenizing use the model's own vocabulary.
+- LoRA adapters (GGUF LoRA files, `load_adapter`): llama.cpp applies adapters to a whole context,
+  not per sequence, so a step whose sequences use different adapters runs one `llama_decode` per
+  adapter (sequences without one form their own group); a step where all agree, the usual case,
+  stays one call. Prefixes are only shared between sequences of the same adapter (their KV differs).
 """
 
 from __future__ import annotations
@@ -98,11 +102,27 @@ def _init_backend(llama: Any) -> None:
         _backend_ready = True
 
 
+class LoraAdapter:
+    """A LoRA adapter loaded into the model (`LlamaCppEngine.load_adapter`). `unload_adapter` retires
+    it; the decode thread frees it once no sequence uses it."""
+
+    __slots__ = ("name", "path", "pointer", "retired")
+
+    def __init__(self, name: str, path: str, pointer: Any) -> None:
+        self.name = name
+        self.path = path
+        self.pointer = pointer
+        self.retired = False
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({self.name!r}, {self.path!r})"
+
+
 class _LlamaSequence(SequenceState):
     """A request's state plus its llama.cpp side: sequence id, all its tokens (prompt then
-    generated), how many of them are in the KV cache, and its sampler chain."""
+    generated), how many of them are in the KV cache, its sampler chain and its LoRA adapter."""
 
-    __slots__ = ("seq_id", "tokens", "n_cached", "sampler", "seed", "reused")
+    __slots__ = ("seq_id", "tokens", "n_cached", "sampler", "seed", "reused", "adapter")
 
     def __init__(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int
@@ -114,6 +134,7 @@ class _LlamaSequence(SequenceState):
         self.sampler: Any = None
         self.seed = 0
         self.reused = 0  # prompt tokens taken from the prefix cache
+        self.adapter: LoraAdapter | None = None
 
 
 class _ChatTemplate:
@@ -229,8 +250,12 @@ class LlamaCppEngine(ThreadedEngine):
         self._free_ids: list[int] = []
         # Every live sampler chain by address (whatever is left is freed at shutdown).
         self._samplers: dict[int, Any] = {}
-        # Finished sequences whose cells are kept: seq id -> their cached tokens (oldest first).
+        # Finished sequences whose cells are kept: seq id -> their cached tokens (oldest first), and
+        # the adapter their KV was computed with (only for kept sequences that had one).
         self._kept: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._kept_adapter: dict[int, LoraAdapter] = {}
+        self._adapter_now: LoraAdapter | None = None  # the adapter set on the context
+        self._retired: list[LoraAdapter] = []  # unloaded, freed by the decode thread once unused
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -345,6 +370,7 @@ class LlamaCppEngine(ThreadedEngine):
                 llama.llama_model_free(self._model)
                 self._model = None
         self._kept.clear()
+        self._kept_adapter.clear()
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -419,12 +445,19 @@ class LlamaCppEngine(ThreadedEngine):
             except ValueError as exc:
                 raise InvalidParameterError("logit_bias", str(exc)) from None
         seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        adapter = request.adapter
+        if adapter is not None:
+            if not isinstance(adapter, LoraAdapter) or adapter.retired:
+                raise InvalidParameterError("model", f"LoRA adapter {adapter!r} is not loaded")
+            seq.adapter = adapter
 
     # -- decode thread -----------------------------------------------------------------------------
 
     def _step(self, aborts: set[Any], outbox: Outbox) -> None:
         if aborts:
             self._apply_aborts(aborts)
+        if self._retired:
+            self._free_retired()
         self._admit()
         if self._active:
             self._forward(outbox)
@@ -474,8 +507,9 @@ class LlamaCppEngine(ThreadedEngine):
         tokens = seq.tokens
         limit = len(tokens) - 1  # at least one token must run, for the logits
         best, best_id = 0, -1
-        candidates = [(sid, toks) for sid, toks in self._kept.items()]
-        candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active if s.n_cached]
+        adapter = seq.adapter
+        candidates = [(sid, toks) for sid, toks in self._kept.items() if self._kept_adapter.get(sid) is adapter]
+        candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active if s.n_cached and s.adapter is adapter]
         for seq_id, cached in candidates:
             n = min(len(cached), limit)
             if n <= best or cached[:best + 1] != tokens[:best + 1]:
@@ -560,6 +594,8 @@ class LlamaCppEngine(ThreadedEngine):
             while len(self._kept) >= self.prefix_cache_entries:
                 self._evict_one()
             self._kept[seq_id] = seq.tokens[: seq.n_cached]
+            if seq.adapter is not None:
+                self._kept_adapter[seq_id] = seq.adapter
             return
         llama = self._llama
         llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq_id, -1, -1)
@@ -570,16 +606,19 @@ class LlamaCppEngine(ThreadedEngine):
         if not self._kept:
             return False
         seq_id, _ = self._kept.popitem(last=False)
+        self._kept_adapter.pop(seq_id, None)
         llama = self._llama
         llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq_id, -1, -1)
         self._free_ids.append(seq_id)
         self._stats["prefix_evicted"] += 1
         return True
 
-    def _preempt_newest(self) -> None:
-        """Out of KV cells with nothing kept to drop: the newest running sequence gives its cells
-        back and waits (first in line) to be prefilled again, generated tokens included."""
-        seq = self._active.pop()
+    def _preempt_newest(self, adapter: LoraAdapter | None = None) -> None:
+        """Out of KV cells with nothing kept to drop: the newest running sequence (on `adapter`, the
+        one whose decode needs the room) gives its cells back and waits (first in line) to be
+        prefilled again, generated tokens included."""
+        at = max(i for i, s in enumerate(self._active) if s.adapter is adapter)
+        seq = self._active.pop(at)
         llama = self._llama
         llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq.seq_id, -1, -1)
         self._free_ids.append(seq.seq_id)
@@ -591,10 +630,31 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _forward(self, outbox: Outbox) -> None:
         """One `llama_decode` for every active sequence: a token each for the decoding ones, prompt
-        chunks (up to `max_prefill_tokens`) for the ones being prefilled; then sample."""
+        chunks (up to `max_prefill_tokens`) for the ones being prefilled; then sample. Sequences on
+        different LoRA adapters take one `llama_decode` per adapter (see the module docstring)."""
+        finished: list[_LlamaSequence] = []
+        if self._adapter_now is None and all(s.adapter is None for s in self._active):
+            self._sample(self._decode(None), outbox, finished)
+        else:
+            for adapter in dict.fromkeys(s.adapter for s in self._active):
+                self._sample(self._decode(adapter), outbox, finished)  # before the next decode overwrites the logits
+        if finished:
+            gone = set(map(id, finished))
+            self._active = [s for s in self._active if id(s) not in gone]
+            for seq in finished:
+                self._release(seq)
+
+    def _decode(self, adapter: LoraAdapter | None) -> list[tuple[_LlamaSequence, int, int | None]]:
+        """Plan and run one `llama_decode` for the active sequences on `adapter` (all of them when no
+        sequence has one); frees cells (kept prefixes, then the newest sequence) while the KV cache is
+        full. Returns the plan that ran; its logits must be read before the next decode."""
         llama = self._llama
+        if adapter is not self._adapter_now:
+            self._set_adapter(adapter)
         while True:
-            plan = self._plan()
+            plan = self._plan(adapter)
+            if not plan:
+                return plan
             started = time.perf_counter()
             rc = llama.llama_decode(self._ctx, self._fill_batch(plan))
             if rc == 0:
@@ -605,14 +665,24 @@ class LlamaCppEngine(ThreadedEngine):
             if not self._evict_one():
                 if len(self._active) <= 1:
                     raise RuntimeError("the KV cache cannot hold this sequence; raise kv_cache_tokens")
-                self._preempt_newest()
+                self._preempt_newest(adapter)
         decoding = 0
-        finished: list[_LlamaSequence] = []
-        for seq, n, out_index in plan:
+        for seq, n, _ in plan:
             if n > 1 or not seq.completion_tokens:
                 self._stats["prefill_tokens"] += n
             else:
                 decoding += 1
+        self._timed("decode_ms" if decoding else "prefill_ms", started)
+        if decoding:
+            self._stats["decode_steps"] += 1
+            self._stats["decode_rows"] += decoding
+        return plan
+
+    def _sample(self, plan: list[tuple[_LlamaSequence, int, int | None]], outbox: Outbox,
+                finished: list[_LlamaSequence]) -> None:
+        """Advance each planned sequence and sample the ones whose logits the decode produced."""
+        llama = self._llama
+        for seq, n, out_index in plan:
             seq.n_cached += n
             if out_index is None:
                 continue
@@ -623,23 +693,82 @@ class LlamaCppEngine(ThreadedEngine):
             row = None if seq.params.logprobs is None else self._logprobs(out_index, token, seq.params.logprobs)
             if self._on_token(seq, token, outbox, row):
                 finished.append(seq)
-        self._timed("decode_ms" if decoding else "prefill_ms", started)
-        if decoding:
-            self._stats["decode_steps"] += 1
-            self._stats["decode_rows"] += decoding
-        if finished:
-            gone = set(map(id, finished))
-            self._active = [s for s in self._active if id(s) not in gone]
-            for seq in finished:
-                self._release(seq)
 
-    def _plan(self) -> list[tuple[_LlamaSequence, int, int | None]]:
-        """(sequence, tokens to run, batch index of its logits or None) for this step: every
-        decoding sequence's one token first, then prompt chunks within the prefill budget."""
+    # -- LoRA adapters -------------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> LoraAdapter:
+        """Load the GGUF LoRA adapter at `path` (a ``.gguf`` file, or a directory holding one) for
+        requests that name it (`GenerationRequest.adapter`). Blocking: call it off the event loop."""
+        from pathlib import Path
+
+        target = Path(path)
+        if target.is_dir():
+            files = sorted(target.glob("*.gguf"))
+            if len(files) != 1:
+                raise ValueError(f"LoRA adapter {name!r}: {target} must hold exactly one .gguf file "
+                                 f"(found {len(files)}); the llama.cpp engine loads GGUF LoRA adapters")
+            target = files[0]
+        if not target.is_file():
+            raise FileNotFoundError(f"LoRA adapter {name!r}: {target} does not exist")
+        with self._vocab_lock:
+            if self._model is None:
+                raise EngineShutdownError("engine is shut down")
+            pointer = self._llama.llama_adapter_lora_init(self._model, str(target).encode())
+        if not pointer:
+            raise ValueError(f"LoRA adapter {name!r}: llama.cpp could not load {target} (not a LoRA adapter "
+                             "for this model's architecture and shapes; see the replica's log)")
+        logger.info("loaded LoRA adapter %s from %s", name, target)
+        return LoraAdapter(name, str(target), pointer)
+
+    def unload_adapter(self, adapter: LoraAdapter) -> None:
+        """Retire `adapter`: new requests may no longer use it; it is freed at the next step that
+        finds no sequence (running, waiting or kept as a prefix) on it."""
+        with self._cv:
+            if not adapter.retired:
+                adapter.retired = True
+                self._retired.append(adapter)
+                self._cv.notify()
+
+    def _free_retired(self) -> None:
+        in_use = {id(s.adapter) for s in (*self._active, *self._waiting) if s.adapter is not None}
+        keep = []
+        for adapter in self._retired:
+            if id(adapter) in in_use:
+                keep.append(adapter)
+                continue
+            for seq_id in [sid for sid, a in self._kept_adapter.items() if a is adapter]:
+                del self._kept[seq_id]
+                del self._kept_adapter[seq_id]
+                llama = self._llama
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq_id, -1, -1)
+                self._free_ids.append(seq_id)
+            if self._adapter_now is adapter:
+                self._set_adapter(None)
+            self._llama.llama_adapter_lora_free(adapter.pointer)
+            adapter.pointer = None
+            logger.info("freed LoRA adapter %s", adapter.name)
+        self._retired = keep
+
+    def _set_adapter(self, adapter: LoraAdapter | None) -> None:
+        llama = self._llama
+        if adapter is None:
+            llama.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter.pointer)
+            scales = (ctypes.c_float * 1)(1.0)
+            llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
+        self._adapter_now = adapter
+
+    def _plan(self, adapter: LoraAdapter | None = None) -> list[tuple[_LlamaSequence, int, int | None]]:
+        """(sequence, tokens to run, batch index of its logits or None) for this step's sequences on
+        `adapter`: every decoding sequence's one token first, then prompt chunks within the prefill
+        budget."""
         plan: list[tuple[_LlamaSequence, int, int | None]] = []
         size = 0
         prefilling = []
         for seq in self._active:
+            if seq.adapter is not adapter:
+                continue
             pending = len(seq.tokens) - seq.n_cached
             if pending == 1 and seq.completion_tokens:
                 plan.append((seq, 1, size))

@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--response-format", default=None, help="JSON of a response_format for the shoal side")
+    ap.add_argument("--engine", default=None, help="the shoal side's engine (llama_cpp, transformers); default: auto")
     a = ap.parse_args()
     global RESPONSE_FORMAT
     RESPONSE_FORMAT = json.loads(a.response_format) if a.response_format else None
@@ -164,7 +165,10 @@ def main() -> None:
         if a.side == "shoal":
             from shoal.llm import build_openai_app
 
-            serve.run(build_openai_app({"llm_configs": [{"model_loading_config": {"model_id": LLM_ID}}]}))
+            config = {"model_loading_config": {"model_id": LLM_ID}}
+            if a.engine:
+                config["engine_kwargs"] = {"engine": a.engine}
+            serve.run(build_openai_app({"llm_configs": [config]}))
             send = shoal_request
         else:
             import llm_baselines

@@ -377,3 +377,34 @@ def test_embeddings_dimension_and_similarity() -> None:
     assert all(abs(cos(v, v) - 1) < 1e-4 for v in out.embeddings)
     a, b, c = out.embeddings
     assert cos(a, b) > cos(a, c) + 0.2
+
+
+def test_peft_lora_adapters_per_row_and_retired(engine: TransformersEngine, tmp_path: Any) -> None:
+    from lora_adapters import write_peft_lora
+
+    for i in range(2):
+        write_peft_lora(str(tmp_path / f"a{i}"), seed=i)
+    adapters = [engine.load_adapter(f"a{i}", str(tmp_path / f"a{i}")) for i in range(2)]
+
+    def request(adapter: Any, prompt: str) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt, adapter=adapter,
+                                 sampling=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+
+    cases = [(a, p) for a in (None, *adapters) for p in ("The sea is", "My dog likes")]
+
+    async def tokens(adapter: Any, prompt: str) -> list[int]:
+        return [t async for d in engine.generate(request(adapter, prompt)) for t in d.token_ids]
+
+    async def scenario() -> tuple[list[list[int]], list[list[int]]]:
+        alone = [await tokens(a, p) for a, p in cases]
+        together = await asyncio.gather(*(tokens(a, p) for a, p in cases))
+        return alone, list(together)
+
+    alone, together = run(scenario())
+    assert alone[0] != alone[2] and alone[2] != alone[4]  # each adapter changes the output
+    assert together == alone  # rows of other adapters (or none) in the batch change nothing
+    engine.unload_adapter(adapters[0])
+    with pytest.raises(ValueError, match="not loaded"):
+        run(tokens(adapters[0], "Hi"))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        engine.load_adapter("empty", str(tmp_path))

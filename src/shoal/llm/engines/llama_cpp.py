@@ -122,7 +122,7 @@ class _LlamaSequence(SequenceState):
     """A request's state plus its llama.cpp side: sequence id, all its tokens (prompt then
     generated), how many of them are in the KV cache, its sampler chain and its LoRA adapter."""
 
-    __slots__ = ("seq_id", "tokens", "n_cached", "sampler", "seed", "reused", "adapter")
+    __slots__ = ("seq_id", "tokens", "n_cached", "sampler", "seed", "reused")
 
     def __init__(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int
@@ -134,7 +134,6 @@ class _LlamaSequence(SequenceState):
         self.sampler: Any = None
         self.seed = 0
         self.reused = 0  # prompt tokens taken from the prefix cache
-        self.adapter: LoraAdapter | None = None
 
 
 class _ChatTemplate:

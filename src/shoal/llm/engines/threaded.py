@@ -47,7 +47,7 @@ class SequenceState:
     __slots__ = (
         "request_id", "prompt_ids", "params", "max_tokens", "stops", "max_stop_len", "stop_ids",
         "detok", "text", "sent", "pending_ids", "completion_tokens", "last_token", "loop", "queue",
-        "aborted", "logits_processor", "pending_logprobs", "grammar",
+        "aborted", "logits_processor", "pending_logprobs", "grammar", "adapter",
     )  # fmt: skip
 
     def __init__(
@@ -74,6 +74,7 @@ class SequenceState:
         #: `TokenLogprob`s of `pending_ids` when the request asked for logprobs (else None).
         self.pending_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.grammar: Any = None  # a `structured.GrammarState` when the request has a response_format
+        self.adapter: Any = None  # the engine's LoRA adapter object when the request names one
 
 
 #: What a step hands back: (sequence, `Delta` or exception) pairs, delivered together.

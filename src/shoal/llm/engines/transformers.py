@@ -45,7 +45,7 @@ from ..models import (
     prepare_weights,
     resolve_model_source,
 )
-from .base import GenerationRequest, InvalidParameterError, SamplingParams
+from .base import EngineShutdownError, GenerationRequest, InvalidParameterError, SamplingParams
 from .sampling import apply_logits_processors, make_logits_processor, sample_tokens, token_logprobs
 from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
@@ -366,6 +366,8 @@ class TransformersEngine(ThreadedEngine):
         self._store: _KVStore | None = None
         self._cache: Any = None
         self._generator: Any = None
+        self._lora_rows: Any = None  # `lora_torch.LoraRows` once an adapter was loaded
+        self._lora_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -488,6 +490,12 @@ class TransformersEngine(ThreadedEngine):
     # -- request intake (event-loop side) ----------------------------------------------------------
 
     def _init_sequence(self, seq: _Sequence, request: GenerationRequest) -> None:
+        if request.adapter is not None:
+            from .lora_torch import TorchLoraAdapter
+
+            if not isinstance(request.adapter, TorchLoraAdapter) or request.adapter.retired:
+                raise InvalidParameterError("model", f"LoRA adapter {request.adapter!r} is not loaded")
+            seq.adapter = request.adapter
         if seq.params.needs_logits_processing:
             try:
                 seq.logits_processor = make_logits_processor(seq.params, self._vocab_size(), self.device)
@@ -498,6 +506,37 @@ class TransformersEngine(ThreadedEngine):
 
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed)
+
+    # -- LoRA adapters (`lora_torch.py`) -----------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> Any:
+        """Load the PEFT LoRA adapter in directory `path` for requests that name it
+        (`GenerationRequest.adapter`). Blocking: call it off the event loop."""
+        import torch
+
+        from .lora_torch import LoraRows, load_peft_adapter, wrap_targets
+
+        model = self.model
+        if model is None:
+            raise EngineShutdownError("engine is shut down")
+        dtype = torch.float32 if self.precision in ("int8", "float32") else getattr(torch, str(self.precision))
+        adapter = load_peft_adapter(model, name, path, self.device, dtype)
+        with self._lora_lock:
+            if self._lora_rows is None:
+                self._lora_rows = LoraRows()
+            wrap_targets(model, list(adapter.weights), self._lora_rows)
+        logger.info("loaded LoRA adapter %s from %s (%d modules)", name, path, len(adapter.weights))
+        return adapter
+
+    def unload_adapter(self, adapter: Any) -> None:
+        """Retire `adapter`: new requests may no longer use it; its weights go when the last
+        sequence on it ends."""
+        adapter.retired = True
+
+    def _lora_for(self, seqs: Sequence[_Sequence]) -> None:
+        """Tell the wrapped modules which rows of the next forward use which adapter."""
+        if self._lora_rows is not None:
+            self._lora_rows.set([s.adapter for s in seqs], self.device)
 
     def _make_structured(self) -> Any:
         from .structured import StructuredDecoding
@@ -572,6 +611,7 @@ class TransformersEngine(ThreadedEngine):
         device = self.device
         length = len(seq.prompt_ids)
         cache = DynamicCache()
+        self._lora_for([seq])
         out = self._forward(
             input_ids=torch.tensor([seq.prompt_ids], dtype=torch.long, device=device),
             position_ids=torch.arange(length, device=device).view(1, length),
@@ -619,6 +659,7 @@ class TransformersEngine(ThreadedEngine):
         # Row r sees columns [0, position_r]; later columns are padding or a longer row's data.
         mask = torch.arange(width, device=device).view(1, width) <= positions.view(b, 1)
         ids = torch.tensor([[s.last_token] for s in active], dtype=torch.long, device=device)
+        self._lora_for(active)
         out = self._forward(
             input_ids=ids,
             attention_mask=mask.view(b, 1, 1, width),

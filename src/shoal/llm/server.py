@@ -101,7 +101,7 @@ class LLMServer:
             return None
         if not callable(getattr(self.engine, "load_adapter", None)):
             raise ValueError(f"lora_config: the {type(self.engine).__name__} of {self.model_id} does not load "
-                             "LoRA adapters; serve a GGUF model on the llama_cpp engine")
+                             "LoRA adapters (the llama_cpp and transformers engines do)")
         if not os.path.isdir(lora.dynamic_lora_loading_path):
             raise ValueError(f"lora_config.dynamic_lora_loading_path: {lora.dynamic_lora_loading_path} is not "
                              "a directory on this machine")

@@ -6,7 +6,9 @@ mostly the prompt's prefill. Sides, in rotating rounds, best round of each:
 
 - `shoal`: the default (llama.cpp engine, prefix caching on: the shared block's KV is reused);
 - `shoal-no-prefix-cache`: the same with `prefix_cache_entries=0` (every prompt prefilled whole);
-- `llama-server`: llama.cpp's server (its prompt cache is on by default), as in `llm_bench.py`.
+- `llama-server`: llama.cpp's server (its prompt cache is on by default), as in `llm_bench.py`;
+- `shoal-transformers` / `shoal-transformers-no-prefix-cache` (pick them with `--sides`): the
+  transformers engine with its opt-in prefix cache on and off.
 
     .venv/bin/python benchmarks/llm_prefix_bench.py --rounds 2
 
@@ -107,7 +109,10 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # run one side here, print its JSON
     a = ap.parse_args()
     sides = {"shoal": shoal_side({}), "shoal-no-prefix-cache": shoal_side({"prefix_cache_entries": 0}),
-             "llama-server": llama_server_side}
+             "llama-server": llama_server_side,
+             # the transformers engine, its (opt-in) prefix cache on and off
+             "shoal-transformers": shoal_side({"engine": "transformers", "prefix_cache_tokens": 4096}),
+             "shoal-transformers-no-prefix-cache": shoal_side({"engine": "transformers"})}
     if a.one:
         print("RESULT " + json.dumps(sides[a.one]()), flush=True)
         return
@@ -138,6 +143,9 @@ def main() -> None:
     if "shoal" in best and "shoal-no-prefix-cache" in best:
         gain = best["shoal-no-prefix-cache"]["p50_s"] / best["shoal"]["p50_s"]
         print(f"\nprefix caching: TTFT p50 {gain:.2f}x lower with the cache")
+    if "shoal-transformers" in best and "shoal-transformers-no-prefix-cache" in best:
+        gain = best["shoal-transformers-no-prefix-cache"]["p50_s"] / best["shoal-transformers"]["p50_s"]
+        print(f"prefix caching, transformers engine: TTFT p50 {gain:.2f}x lower with the cache")
     if "shoal" in best and "llama-server" in best:
         ratio = best["shoal"]["p50_s"] / best["llama-server"]["p50_s"]
         print(f"shoal / llama-server TTFT p50: {ratio:.2f}")

@@ -408,3 +408,30 @@ def test_peft_lora_adapters_per_row_and_retired(engine: TransformersEngine, tmp_
         run(tokens(adapters[0], "Hi"))
     with pytest.raises(ValueError, match="adapter_config.json"):
         engine.load_adapter("empty", str(tmp_path))
+
+
+def test_prefix_reuse_gives_the_same_tokens_as_no_reuse(engine: TransformersEngine) -> None:
+    system = "You are a terse assistant who answers in one short sentence. " * 12  # a long shared prefix
+
+    def request(question: str) -> GenerationRequest:
+        return GenerationRequest(
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            sampling=SamplingParams(max_tokens=12, temperature=0),
+        )
+
+    async def tokens(question: str) -> list[int]:
+        return [t async for d in engine.generate(request(question)) for t in d.token_ids]
+
+    assert engine.prefix_cache_tokens == 0  # opt-in (see the engine's docstring)
+    cold = run(tokens("Name a color."))
+    engine.prefix_cache_tokens = 4096
+    try:
+        before = engine.stats()["prefix_hit_tokens"]
+        run(tokens("Name a fruit."))  # leaves the system prompt cached
+        warm = run(tokens("Name a color."))
+        assert engine.stats()["prefix_hit_tokens"] - before > 100  # the system prompt was not computed again
+    finally:
+        engine.prefix_cache_tokens = 0
+        engine._kept.clear()
+        engine._kept_tokens = 0
+    assert warm == cold

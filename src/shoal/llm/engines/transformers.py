@@ -20,6 +20,12 @@ In short:
 - Batch invariance (CPU): with the int8 weights (exact integer matmuls), prompts prefilled alone
   and the chunked decode attention (`_chunked_decode_attention`), a request's tokens are
   bit-identical whatever else is in the batch: greedy output does not change under load.
+- Prefix caching (opt-in, `prefix_cache_tokens`): each prompt's K/V from its prefill is kept (LRU,
+  up to that many tokens in all). A new prompt that starts like a kept one (at least
+  `MIN_PREFIX_TOKENS` tokens, same LoRA adapter) starts from those K/V and prefills only the rest.
+  Off by default because it is not bit-exact: the rest's attention runs over fewer queries than a
+  whole prefill would, so its K/V can differ in the last bits, and a seeded sampled reply can then
+  differ from a cold run's (greedy replies matched in the tests).
 - The asyncio side never runs model code: `generate()` tokenizes, validates (raising `ValueError` at
   once for over-long prompts) and hands the request to the thread; deltas come back through
   ``call_soon_threadsafe``, one call per event loop per step.
@@ -322,8 +328,14 @@ class TransformersEngine(ThreadedEngine):
     requests wait in a queue), `max_model_len` (context; default the model's), `max_prefill_tokens`
     (prompt tokens prefilled per iteration, at least one request), `seed` (for requests without
     their own seed), `num_threads` (torch intra-op threads), `cache_converted` (keep converted GGUF
-    checkpoints, see `models`), `warmup` (run one tiny request in `start()`).
+    checkpoints, see `models`), `prefix_cache_tokens` (prompt K/V kept for prefix reuse, in tokens;
+    0, the default, turns prefix caching off: see the module docstring), `warmup` (run one tiny
+    request in `start()`).
     """
+
+    #: A kept prompt is reused only for a common prefix at least this long (shorter saves little).
+    MIN_PREFIX_TOKENS = 16
+    STAT_KEYS = ThreadedEngine.STAT_KEYS + ("prefix_hit_tokens",)
 
     sequence_class = _Sequence
 
@@ -340,9 +352,16 @@ class TransformersEngine(ThreadedEngine):
         seed: int | None = None,
         num_threads: int | None = None,
         cache_converted: bool = True,
+        prefix_cache_tokens: int = 0,
         warmup: bool = True,
     ) -> None:
         super().__init__(warmup=warmup)
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0 (got {prefix_cache_tokens})")
+        self.prefix_cache_tokens = prefix_cache_tokens
+        # Kept prompts: (LoRA adapter or None, token tuple) -> per-layer (K, V) ``[1, heads, len, dim]``.
+        self._kept: collections.OrderedDict[tuple, list[tuple[Any, Any]]] = collections.OrderedDict()
+        self._kept_tokens = 0
         self.model_source = model_source
         self.model_id = model_id or model_source
         self._dtype_option = dtype
@@ -604,17 +623,19 @@ class TransformersEngine(ThreadedEngine):
 
     def _prefill(self, seq: _Sequence, outbox: Outbox) -> None:
         """Run one prompt (alone: no padding, so exactly as it would run by itself) and copy its
-        K/V into a new batch row; the prompt's last logits give the first token."""
+        K/V into a new batch row; the prompt's last logits give the first token. A kept prompt with
+        a common prefix supplies that prefix's K/V (prefix caching)."""
         import torch
         from transformers import DynamicCache
 
         device = self.device
         length = len(seq.prompt_ids)
         cache = DynamicCache()
+        reused = self._reuse_prefix(seq, cache)
         self._lora_for([seq])
         out = self._forward(
-            input_ids=torch.tensor([seq.prompt_ids], dtype=torch.long, device=device),
-            position_ids=torch.arange(length, device=device).view(1, length),
+            input_ids=torch.tensor([seq.prompt_ids[reused:]], dtype=torch.long, device=device),
+            position_ids=torch.arange(reused, length, device=device).view(1, length - reused),
             cache=cache,
             logits_to_keep=1,
         )
@@ -626,12 +647,59 @@ class TransformersEngine(ThreadedEngine):
             )
             self._cache = _make_store_cache(self._store)
         row = self._store.append_rows(kv, length)
+        self._keep_prefix(seq, kv)
         seq.position = length
         self._active.append(seq)
-        self._stats["prefill_tokens"] += length
+        self._stats["prefill_tokens"] += length - reused
         self._stats["requests"] += 1
         if self._sample(out.logits[:, -1, :].float(), [seq], outbox):
             self._remove_rows([row])
+
+    def _reuse_prefix(self, seq: _Sequence, cache: Any) -> int:
+        """Fill `cache` with the K/V of the longest kept prefix of `seq`'s prompt (on the same
+        adapter); returns its length (0: none). At least one prompt token is left to run."""
+        if not self._kept:
+            return 0
+        for key in [k for k in self._kept if k[0] is not None and k[0].retired]:  # unloaded adapters' prompts
+            self._kept_tokens -= len(key[1])
+            del self._kept[key]
+        prompt = seq.prompt_ids
+        limit = len(prompt) - 1
+        best, best_key = 0, None
+        for key in self._kept:
+            if key[0] is not seq.adapter:
+                continue
+            tokens = key[1]
+            n = min(len(tokens), limit)
+            if n < max(best + 1, self.MIN_PREFIX_TOKENS) or tokens[0] != prompt[0]:
+                continue
+            common = 0
+            while common < n and tokens[common] == prompt[common]:
+                common += 1
+            if common > best:
+                best, best_key = common, key
+        if best < self.MIN_PREFIX_TOKENS or best_key is None:
+            return 0
+        self._kept.move_to_end(best_key)
+        for layer, (k, v) in enumerate(self._kept[best_key]):
+            cache.update(k[:, :, :best], v[:, :, :best], layer)
+        self._stats["prefix_hit_tokens"] += best
+        return best
+
+    def _keep_prefix(self, seq: _Sequence, kv: list[tuple[Any, Any]]) -> None:
+        """Keep this prompt's K/V for later prompts (LRU within `prefix_cache_tokens`)."""
+        n = len(seq.prompt_ids)
+        if not self.prefix_cache_tokens or n < self.MIN_PREFIX_TOKENS or n > self.prefix_cache_tokens:
+            return
+        key = (seq.adapter, tuple(seq.prompt_ids))
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return
+        while self._kept and self._kept_tokens + n > self.prefix_cache_tokens:
+            _, old = self._kept.popitem(last=False)
+            self._kept_tokens -= old[0][0].shape[2]
+        self._kept[key] = [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
+        self._kept_tokens += n
 
     @staticmethod
     def _cache_tensors(cache: Any) -> list[tuple[Any, Any]]:

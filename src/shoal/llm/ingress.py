@@ -243,14 +243,15 @@ class OpenAiIngress:
         handle = self._handles.get(model)
         if handle is not None:
             return handle
+        handle = self._adapter_handles.get(model)
+        if handle is not None:
+            return handle
         base, _, adapter = model.partition(":")
         if adapter and base in self._handles and (await self._model_cards())[base].get("lora"):
             # A LoRA adapter of `base` (`lora.py`): routed to replicas that hold it.
-            handle = self._adapter_handles.get(model)
-            if handle is None:
-                if len(self._adapter_handles) >= 1024:
-                    self._adapter_handles.clear()
-                handle = self._adapter_handles[model] = self._handles[base].options(multiplexed_model_id=adapter)
+            if len(self._adapter_handles) >= 1024:
+                self._adapter_handles.clear()
+            handle = self._adapter_handles[model] = self._handles[base].options(multiplexed_model_id=adapter)
             return handle
         raise model_not_found(model, sorted(self._handles))
 

@@ -160,11 +160,12 @@ class LLMServer:
                 "system_fingerprint": self.fingerprint}  # fmt: skip
         if not req.stream:
             choices = await _collect_all(streams)
+            messages = [_message(c.text, tools, mode, function) for c in choices]
             yield dumps({**head, "choices": [
-                {"index": i, "message": _message(c, tools, mode, function),
+                {"index": i, "message": m,
                  "logprobs": {"content": _chat_logprobs(c.logprobs), "refusal": None} if want_logprobs else None,
-                 "finish_reason": _finish(c.finish, _message(c, tools, mode, function))}
-                for i, c in enumerate(choices)
+                 "finish_reason": _finish(c.finish, m)}
+                for i, (c, m) in enumerate(zip(choices, messages))
             ], "usage": _usage(choices, req.num_choices)})  # fmt: skip
             return
         head["object"] = "chat.completion.chunk"
@@ -323,16 +324,15 @@ def _event(head: dict[str, Any], req: Any, choice: dict[str, Any]) -> str:
     return dumps(body)
 
 
-def _message(choice: "_Choice", tools: list[dict[str, Any]], mode: str, function: Any) -> dict[str, Any]:
+def _message(text: str, tools: list[dict[str, Any]], mode: str, function: Any) -> dict[str, Any]:
     """A finished choice's ``message``: its text, or its tool calls (`tools.parse_reply`)."""
     if not tools:
-        return {"role": "assistant", "content": choice.text}
-    if choice.message is None:
-        content, calls = parse_reply(choice.text, tools, mode, function)
-        choice.message = {"role": "assistant", "content": content}
-        if calls:
-            choice.message["tool_calls"] = calls
-    return choice.message
+        return {"role": "assistant", "content": text}
+    content, calls = parse_reply(text, tools, mode, function)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _finish(reason: str, message: dict[str, Any]) -> str:
@@ -362,7 +362,6 @@ class _Choice:
     finish: str = "stop"
     usage: Any = None
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    message: Any = None  # the parsed message, once built (`_message`)
 
 
 _END = object()

@@ -293,8 +293,7 @@ class ToolCallStream:
         if self.mode == "required" or self._holding:
             return []
         held = "".join(self._held)
-        sent = "".join(self._streamed)
-        if not sent and held.lstrip().startswith("{"):
+        if not self._streamed and held.lstrip().startswith("{"):
             self._holding = True  # a whole-reply JSON call, perhaps
             return []
         # Send what cannot be part of a call opener; hold from a "<" that may start one.

@@ -74,6 +74,33 @@ class SamplingParams:
         return [s for s in stops if s]
 
 
+class LoraAdapterBase:
+    """A LoRA adapter an engine loaded (`load_adapter`); `unload_adapter` retires it, after which no
+    new request may use it. Each engine's subclass holds the adapter's weights its own way."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+        self.retired = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.path!r})"
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of token lists `a` and `b`, at most `limit` (prefix caching)."""
+    lo, hi = 0, limit
+    if list(a[:hi]) == list(b[:hi]):
+        return hi
+    while lo < hi:  # binary search on "the first k tokens agree"
+        mid = (lo + hi + 1) // 2
+        if list(a[:mid]) == list(b[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclass
 class GenerationRequest:
     """A completion (`prompt`: text or token ids) or chat (`messages`) request."""

@@ -45,7 +45,14 @@ from datetime import datetime
 from typing import Any
 
 from ..models import DEFAULT_CHAT_MODEL, ModelSourceError, ResolvedModel, resolve_model_source
-from .base import EngineShutdownError, GenerationRequest, InvalidParameterError, SamplingParams
+from .base import (
+    EngineShutdownError,
+    GenerationRequest,
+    InvalidParameterError,
+    LoraAdapterBase,
+    SamplingParams,
+    common_prefix,
+)
 from .sampling import token_logprobs, validate_logit_bias
 from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
@@ -102,20 +109,13 @@ def _init_backend(llama: Any) -> None:
         _backend_ready = True
 
 
-class LoraAdapter:
-    """A LoRA adapter loaded into the model (`LlamaCppEngine.load_adapter`). `unload_adapter` retires
-    it; the decode thread frees it once no sequence uses it."""
-
-    __slots__ = ("name", "path", "pointer", "retired")
+class LoraAdapter(LoraAdapterBase):
+    """A GGUF LoRA adapter loaded into the model (`LlamaCppEngine.load_adapter`); the decode thread
+    frees its `pointer` once it is retired and no sequence uses it."""
 
     def __init__(self, name: str, path: str, pointer: Any) -> None:
-        self.name = name
-        self.path = path
+        super().__init__(name, path)
         self.pointer = pointer
-        self.retired = False
-
-    def __repr__(self) -> str:
-        return f"LoraAdapter({self.name!r}, {self.path!r})"
 
 
 class _LlamaSequence(SequenceState):
@@ -444,11 +444,6 @@ class LlamaCppEngine(ThreadedEngine):
             except ValueError as exc:
                 raise InvalidParameterError("logit_bias", str(exc)) from None
         seq.seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        adapter = request.adapter
-        if adapter is not None:
-            if not isinstance(adapter, LoraAdapter) or adapter.retired:
-                raise InvalidParameterError("model", f"LoRA adapter {adapter!r} is not loaded")
-            seq.adapter = adapter
 
     # -- decode thread -----------------------------------------------------------------------------
 
@@ -513,7 +508,7 @@ class LlamaCppEngine(ThreadedEngine):
             n = min(len(cached), limit)
             if n <= best or cached[:best + 1] != tokens[:best + 1]:
                 continue
-            common = _common_prefix(cached, tokens, n)
+            common = common_prefix(cached, tokens, n)
             if common > best:
                 best, best_id = common, seq_id
         if best == 0:
@@ -632,11 +627,8 @@ class LlamaCppEngine(ThreadedEngine):
         chunks (up to `max_prefill_tokens`) for the ones being prefilled; then sample. Sequences on
         different LoRA adapters take one `llama_decode` per adapter (see the module docstring)."""
         finished: list[_LlamaSequence] = []
-        if self._adapter_now is None and all(s.adapter is None for s in self._active):
-            self._sample(self._decode(None), outbox, finished)
-        else:
-            for adapter in dict.fromkeys(s.adapter for s in self._active):
-                self._sample(self._decode(adapter), outbox, finished)  # before the next decode overwrites the logits
+        for adapter in dict.fromkeys(s.adapter for s in self._active):  # usually one: None
+            self._sample(self._decode(adapter), outbox, finished)  # before the next decode overwrites the logits
         if finished:
             gone = set(map(id, finished))
             self._active = [s for s in self._active if id(s) not in gone]
@@ -803,20 +795,6 @@ class LlamaCppEngine(ThreadedEngine):
                 logits[out_index] = 1
         batch.n_tokens = i
         return batch
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """Length of the common prefix of `a` and `b`, at most `limit`."""
-    lo, hi = 0, limit
-    if list(a[:hi]) == list(b[:hi]):
-        return hi
-    while lo < hi:  # binary search on "the first k tokens agree"
-        mid = (lo + hi + 1) // 2
-        if list(a[:mid]) == list(b[:mid]):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _address(pointer: Any) -> int:

@@ -15,21 +15,18 @@ import json
 import os
 from typing import Any, Sequence
 
+from .base import LoraAdapterBase
+
 __all__ = ["LoraRows", "TorchLoraAdapter", "load_peft_adapter", "wrap_targets"]
 
 
-class TorchLoraAdapter:
+class TorchLoraAdapter(LoraAdapterBase):
     """One loaded adapter: module name -> (A [r, in], B [out, r]) and its scale (alpha / r)."""
 
     def __init__(self, name: str, path: str, weights: dict[str, tuple[Any, Any]], scale: float) -> None:
-        self.name = name
-        self.path = path
+        super().__init__(name, path)
         self.weights = weights
         self.scale = scale
-        self.retired = False
-
-    def __repr__(self) -> str:
-        return f"TorchLoraAdapter({self.name!r}, {self.path!r})"
 
 
 class LoraRows:

@@ -26,6 +26,8 @@ from .base import (
     EmbeddingOutput,
     EngineShutdownError,
     GenerationRequest,
+    InvalidParameterError,
+    LoraAdapterBase,
     PromptTooLongError,
     SamplingParams,
     TokenLogprob,
@@ -252,6 +254,10 @@ class ThreadedEngine:
         grammar = grammar_for_response_format(request.response_format)
         if grammar is not None:
             seq.grammar = self._structured_decoding().new_state(grammar)
+        if request.adapter is not None:
+            if not isinstance(request.adapter, LoraAdapterBase) or request.adapter.retired:
+                raise InvalidParameterError("model", f"LoRA adapter {request.adapter!r} is not loaded")
+            seq.adapter = request.adapter
         self._init_sequence(seq, request)
         return seq
 

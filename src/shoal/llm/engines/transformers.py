@@ -51,7 +51,7 @@ from ..models import (
     prepare_weights,
     resolve_model_source,
 )
-from .base import EngineShutdownError, GenerationRequest, InvalidParameterError, SamplingParams
+from .base import EngineShutdownError, GenerationRequest, InvalidParameterError, SamplingParams, common_prefix
 from .sampling import apply_logits_processors, make_logits_processor, sample_tokens, token_logprobs
 from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
@@ -509,12 +509,6 @@ class TransformersEngine(ThreadedEngine):
     # -- request intake (event-loop side) ----------------------------------------------------------
 
     def _init_sequence(self, seq: _Sequence, request: GenerationRequest) -> None:
-        if request.adapter is not None:
-            from .lora_torch import TorchLoraAdapter
-
-            if not isinstance(request.adapter, TorchLoraAdapter) or request.adapter.retired:
-                raise InvalidParameterError("model", f"LoRA adapter {request.adapter!r} is not loaded")
-            seq.adapter = request.adapter
         if seq.params.needs_logits_processing:
             try:
                 seq.logits_processor = make_logits_processor(seq.params, self._vocab_size(), self.device)
@@ -673,9 +667,7 @@ class TransformersEngine(ThreadedEngine):
             n = min(len(tokens), limit)
             if n < max(best + 1, self.MIN_PREFIX_TOKENS) or tokens[0] != prompt[0]:
                 continue
-            common = 0
-            while common < n and tokens[common] == prompt[common]:
-                common += 1
+            common = common_prefix(tokens, prompt, n)
             if common > best:
                 best, best_key = common, key
         if best < self.MIN_PREFIX_TOKENS or best_key is None:

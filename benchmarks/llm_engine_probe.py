@@ -140,12 +140,14 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--baseline", action="store_true", help="also time the reference setups")
+    parser.add_argument("--engine-kwargs", default="{}", help="JSON of more engine options, e.g. '{\"kv_unified\": false}'")
     args = parser.parse_args()
 
     from shoal.llm.engines import build_engine
 
     started = time.perf_counter()
-    engine: Any = build_engine(args.model, engine=args.engine, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    engine: Any = build_engine(args.model, engine=args.engine, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                                     **json.loads(args.engine_kwargs))
     await engine.start()
     print(json.dumps({
         "model": args.model, "engine": type(engine).__name__, "precision": getattr(engine, "precision", "gguf"),

@@ -53,7 +53,7 @@ async def collect(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[s
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    """The default configuration: one shared KV cache with prefix caching."""
+    """The default configuration: a split KV cache (one slot per sequence) with prefix caching."""
     eng = LlamaCppEngine(max_prefill_tokens=64)
     run(eng.start())
     yield eng
@@ -62,8 +62,8 @@ def engine() -> Any:
 
 @pytest.fixture(scope="module")
 def exact_engine() -> Any:
-    """One KV stream per sequence (`kv_unified=False`): bit-identical whatever the batch."""
-    eng = LlamaCppEngine(kv_unified=False, kv_cache_tokens=16 * 1024)
+    """The default split cache (one KV stream per sequence): bit-identical whatever the batch."""
+    eng = LlamaCppEngine()
     run(eng.start())
     yield eng
     run(eng.shutdown())
@@ -142,29 +142,88 @@ def test_sequences_joining_mid_stream_do_not_disturb_running_ones(exact_engine: 
     assert all(len(j) >= 1 for j in joined)
 
 
-def test_prefix_reuse_gives_the_same_tokens_as_no_reuse(engine: LlamaCppEngine) -> None:
-    system = "You are a terse assistant. " * 20  # a long shared prefix
-    def request(question: str) -> GenerationRequest:
-        return GenerationRequest(
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-            sampling=SamplingParams(max_tokens=16, temperature=0),
-        )
+SYSTEM = "You are a terse assistant. " * 20  # a long shared prefix
 
-    async def scenario() -> tuple[list[int], list[int], int]:
+
+def with_system(question: str, max_tokens: int = 16, **sampling: Any) -> GenerationRequest:
+    return GenerationRequest(
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0, **sampling),
+    )
+
+
+@pytest.fixture(scope="module")
+def cold_color() -> list[int]:
+    """"Name a color." after the shared system prompt, computed without any prefix cache."""
+    async def scenario() -> list[int]:
         fresh = LlamaCppEngine(prefix_cache_entries=0, warmup=False)
         await fresh.start()
         try:
-            cold = await tokens_of(fresh, request("Name a color."))
+            return await tokens_of(fresh, with_system("Name a color."))
         finally:
             await fresh.shutdown()
-        before = engine.stats()["prefix_hit_tokens"]
-        await tokens_of(engine, request("Name a fruit."))  # leaves the system prompt cached
-        warm = await tokens_of(engine, request("Name a color."))
-        return cold, warm, engine.stats()["prefix_hit_tokens"] - before
 
-    cold, warm, reused = run(scenario())
+    return run(scenario())
+
+
+def test_prefix_reuse_gives_the_same_tokens_as_no_reuse(engine: LlamaCppEngine, cold_color: list[int]) -> None:
+    """A finished request's slot keeps its cells; the next prompt sharing the prefix reuses them."""
+    async def scenario() -> tuple[list[int], int]:
+        before = engine.stats()["prefix_hit_tokens"]
+        await tokens_of(engine, with_system("Name a fruit."))  # leaves the system prompt cached
+        warm = await tokens_of(engine, with_system("Name a color."))
+        return warm, engine.stats()["prefix_hit_tokens"] - before
+
+    warm, reused = run(scenario())
     assert reused > 100  # the system prompt's tokens were not computed again
-    assert warm == cold
+    assert warm == cold_color
+
+
+def test_prefix_reuse_stays_within_a_slot(engine: LlamaCppEngine, cold_color: list[int]) -> None:
+    """While one request runs, a second with the same system prompt takes another slot and
+    computes its prompt itself (no copy between slots); its output is the cold one's."""
+    async def scenario() -> list[int]:
+        seen: list[int] = []
+        warm: list[int] = []
+        async for delta in engine.generate(with_system("Tell me a long story.", max_tokens=48, ignore_eos=True)):
+            seen.extend(delta.token_ids)
+            if len(seen) >= 4 and not warm:
+                warm = await tokens_of(engine, with_system("Name a color."))
+        return warm
+
+    assert run(scenario()) == cold_color
+
+
+def test_a_repeated_prompt_reuses_all_but_its_last_tokens(engine: LlamaCppEngine) -> None:
+    """The same prompt again: its slot's cells are reused up to two tokens from the end, and the
+    greedy output is the same as the first time (n > 1 and retries rely on it)."""
+    request = chat("Name a colour.", max_tokens=8)
+    first = run(tokens_of(engine, request))
+    before = engine.stats()["prefix_hit_tokens"]
+    async def three() -> list[list[int]]:
+        return list(await asyncio.gather(*[tokens_of(engine, request) for _ in range(3)]))
+
+    again = run(three())
+    assert engine.stats()["prefix_hit_tokens"] - before >= len(engine.render_prompt(request)) - 2
+    assert again == [first] * 3
+
+
+def test_unified_cache_serves_and_reuses_prefixes(cold_color: list[int]) -> None:
+    """`kv_unified=True`: one cache for all sequences (a request may use the model's whole context)."""
+    async def scenario() -> tuple[list[int], int, int]:
+        eng = LlamaCppEngine(kv_unified=True, warmup=False)
+        await eng.start()
+        try:
+            await tokens_of(eng, with_system("Name a fruit."))
+            warm = await tokens_of(eng, with_system("Name a color."))
+            return warm, eng.stats()["prefix_hit_tokens"], eng.max_model_len
+        finally:
+            await eng.shutdown()
+
+    warm, reused, max_model_len = run(scenario())
+    assert max_model_len == 8192  # the model's own context
+    assert reused > 100
+    assert warm == cold_color
 
 
 def test_long_prompt_is_prefilled_in_chunks_without_stalling_running_streams(engine: LlamaCppEngine) -> None:
@@ -237,11 +296,11 @@ def test_abandoned_stream_is_aborted_and_leaves_the_batch(engine: LlamaCppEngine
 
 
 def test_prompt_longer_than_the_context_is_refused_at_once(engine: LlamaCppEngine) -> None:
-    assert engine.max_model_len == 8192  # the model's own context
-    with pytest.raises(PromptTooLongError, match="maximum context length is 8192 tokens"):
-        engine.generate(GenerationRequest(prompt=[1] * 9000))
+    assert engine.max_model_len == 768  # DEFAULT_SLOT_TOKENS: one slot of the split KV cache
+    with pytest.raises(PromptTooLongError, match="maximum context length is 768 tokens"):
+        engine.generate(GenerationRequest(prompt=[1] * 900))
     with pytest.raises(PromptTooLongError):
-        engine.generate(GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=8192)))
+        engine.generate(GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=768)))
     with pytest.raises(ValueError, match="out of range"):
         engine.generate(GenerationRequest(prompt=[10**9]))
 

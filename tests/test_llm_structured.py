@@ -198,7 +198,7 @@ def test_json_object_parses(client):
     `max_tokens` ("length", a cut object, as with OpenAI). Every answer that ends must parse as an
     object, every answer starts one, and at least one of these short-answer prompts ends."""
     ended = 0
-    for thing in ("a cat", "a dog", "a car", "a city"):
+    for thing in ("a cat", "a dog", "a colour", "a number", "a fruit"):
         r = client.chat.completions.create(
             model=CHAT, messages=[{"role": "user", "content": f"Give a short JSON object (two keys) about {thing}."}],
             max_tokens=200, temperature=0, response_format={"type": "json_object"},

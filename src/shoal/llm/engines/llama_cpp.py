@@ -5,21 +5,28 @@ In short:
 
 - The GGUF file is memory-mapped as it is (no conversion, no re-quantizing): loading takes a
   fraction of a second, and the weights' pages are shared by every process that maps the file.
-- One decode thread owns the llama.cpp context (`ThreadedEngine`). The context has ONE KV cache
-  of `kv_cache_tokens` cells shared by all sequences (``kv_unified``); each request gets its own
-  sequence id, so its tokens occupy their own cells and attention only sees them.
-- Each step builds ONE `llama_batch` and runs ONE `llama_decode` for everything: the next token of
-  every decoding sequence, plus prompt chunks of sequences being prefilled, up to
-  `max_prefill_tokens` prompt tokens per step. A long prompt is thus prefilled over several steps
-  (chunked prefill) while the running streams keep getting one token per step; requests join and
-  leave between steps.
-- Prefix caching: a finished sequence's cells are kept (LRU, up to `prefix_cache_entries`
-  sequences) and indexed by its tokens. A new prompt that starts like a kept (or running)
-  sequence gets those cells with `llama_memory_seq_cp` -- in a unified cache that only tags the
-  cells with the new sequence id, no copy -- and is prefilled from where they end.
-- When the cache is full (`llama_decode` returns 1), kept prefixes are dropped oldest first, then
-  the newest running sequence is preempted: its cells are freed and it is prefilled again (prompt
-  plus what it generated) when there is room, as vLLM's recompute preemption does.
+- One decode thread owns the llama.cpp context (`ThreadedEngine`). By default the KV cache is
+  split into one stream ("slot") of `max_model_len` cells per sequence id (`max_num_seqs` slots):
+  llama.cpp computes each token's attention over the cells of its own slot only. In one shared
+  (``kv_unified``) cache every token's attention runs over all used cells, its batch-mates' and
+  the kept prefixes' included, masked: measured here, 16 kept prefixes of ~94 tokens cut 1-stream
+  decoding from 82 to 56 tokens/s and 16-stream from 181 to 140. Slots also make a sequence's
+  output independent of what runs beside it (bit-identical greedy output alone or in a batch).
+- Each step builds ONE `llama_batch` for everything: the next token of every decoding sequence,
+  plus prompt chunks of sequences being prefilled, up to `max_prefill_tokens` prompt tokens per
+  step, in slot order: llama.cpp splits a split cache's batch into micro-batches of consecutive
+  slot ids with equal token counts, so the decoding tokens of slots 0..n-1 run as one, and busy
+  slots are kept low (a request takes the lowest free slot). A long prompt is prefilled over
+  several steps (chunked prefill) while the running streams keep getting one token per step;
+  requests join and leave between steps.
+- Prefix caching: a finished sequence's slot keeps its cells (up to `prefix_cache_entries` kept
+  slots, LRU) indexed by its tokens. A new prompt that starts like a kept (or running) sequence
+  reuses those cells: in its own slot by dropping what follows the common prefix, from another
+  slot by copying that slot's buffers (`llama_memory_seq_cp` across streams, a few MB), then it is
+  prefilled from where they end. In a unified cache the copy only tags shared cells.
+- Unified cache only: when it is full (`llama_decode` returns 1), kept prefixes are dropped oldest
+  first, then the newest running sequence is preempted: its cells are freed and it is prefilled
+  again (prompt plus what it generated) when there is room, as vLLM's recompute preemption does.
 - Sampling is llama.cpp's sampler chain, one per request: greedy for ``temperature == 0``, else
   temperature, top-k, top-p and a seeded distribution sampler.
 - Chat prompts are rendered from the GGUF's ``tokenizer.chat_template`` with jinja2 the way
@@ -58,6 +65,11 @@ from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
 logger = logging.getLogger(__name__)
+
+# Cells per slot (a request's context) when neither `max_model_len` nor `kv_cache_tokens` is given
+# (split cache): with 16 slots, 12,288 cells in all, ~280 MB of f16 KV for SmolLM2-135M, which keeps
+# the whole server within llama-server's memory plus 300 MB (issue 15); 1,024 measured 733 MiB.
+DEFAULT_SLOT_TOKENS = 768
 
 __all__ = ["LlamaCppEngine", "cpu_has_amx", "default_threads"]
 
@@ -180,11 +192,12 @@ class LlamaCppEngine(ThreadedEngine):
     a prompt different numbers when other prompts share its batch, so greedy output would depend on
     the load), `extra_buffers` (llama.cpp's repacked/AMX weight
     layouts; default off on CPUs with AMX, where ggml's AMX matmul crashes on batches in some VMs),
-    `kv_unified` (default True: one KV cache of `kv_cache_tokens` cells shared by all sequences,
-    which is what prefix caching needs; False: one stream of ``kv_cache_tokens // max_num_seqs``
-    cells per sequence, which caps `max_model_len` at that and turns prefix caching off, but
-    makes greedy output bit-identical whatever runs beside it: in a shared cache a sequence's cells
-    are interleaved with its batch-mates', and attention sums them in a different order),
+    `kv_unified` (default False: one KV stream ("slot") per sequence id, each of `max_model_len`
+    cells, `DEFAULT_SLOT_TOKENS` unless given (or ``kv_cache_tokens // max_num_seqs``); attention
+    runs over a sequence's own cells only, and greedy output is bit-identical whatever runs beside
+    it. True: one cache of `kv_cache_tokens` cells (default: the model's context) shared by all
+    sequences, so one request may use the model's whole context, but every token's attention runs
+    over all used cells and a batch changes a sequence's sums),
     `warmup`. `dtype` is accepted for the CLI's sake:
     GGUF weights run in their own quantization ("auto"). `device`: "cpu" (default) or "gpu"
     (offload every layer, if llama.cpp was built with a GPU backend).
@@ -208,7 +221,7 @@ class LlamaCppEngine(ThreadedEngine):
         seed: int | None = None,
         flash_attn: bool = False,
         extra_buffers: bool | None = None,
-        kv_unified: bool = True,
+        kv_unified: bool = False,
         dtype: str = "auto",
         device: str | None = None,
         warmup: bool = True,
@@ -290,18 +303,23 @@ class LlamaCppEngine(ThreadedEngine):
         self.max_prefill_tokens = self._max_prefill_option or 256
         max_ids = llama.llama_max_parallel_sequences()
         self.max_num_seqs = min(self.max_num_seqs, max_ids)
+        wanted = self.max_num_seqs if self._prefix_entries_option is None else self._prefix_entries_option
         if self._unified:
             self.kv_cache_tokens = max(self._kv_tokens_option or self.max_model_len, self.max_model_len)
-            wanted = self.max_num_seqs if self._prefix_entries_option is None else self._prefix_entries_option
+            # Kept prefixes hold sequence ids of their own beyond the running ones.
             self.prefix_cache_entries = max(0, min(wanted, max_ids - self.max_num_seqs))
+            n_seq = self.max_num_seqs + self.prefix_cache_entries
         else:
-            # One KV stream per sequence, kv_cache_tokens / max_num_seqs cells each; no prefix cache
-            # (sharing cells needs them in one stream).
-            per_seq = (self._kv_tokens_option or 16384) // self.max_num_seqs
+            # One slot per sequence id; a kept prefix is a free slot that still holds its cells.
+            if self._kv_tokens_option:
+                per_seq = self._kv_tokens_option // self.max_num_seqs
+            else:
+                per_seq = self._max_model_len_option or DEFAULT_SLOT_TOKENS
             self.max_model_len = min(self.max_model_len, per_seq)
-            self.kv_cache_tokens = per_seq * self.max_num_seqs
-            self.prefix_cache_entries = 0
-        n_seq = self.max_num_seqs + self.prefix_cache_entries
+            self.kv_cache_tokens = self.max_model_len * self.max_num_seqs
+            self.prefix_cache_entries = max(0, min(wanted, self.max_num_seqs))
+            n_seq = self.max_num_seqs
+        self._n_seq = n_seq
 
         cparams = llama.llama_context_default_params()
         cparams.n_ctx = self.kv_cache_tokens
@@ -463,7 +481,7 @@ class LlamaCppEngine(ThreadedEngine):
             seq.seq_id = -1
         llama = self._llama
         mem = llama.llama_get_memory(self._ctx)
-        used = set(range(self.max_num_seqs + self.prefix_cache_entries)) - set(self._free_ids) - set(self._kept)
+        used = set(range(self._n_seq)) - set(self._free_ids) - set(self._kept)
         for seq_id in used:
             llama.llama_memory_seq_rm(mem, seq_id, -1, -1)
             self._free_ids.append(seq_id)
@@ -483,10 +501,14 @@ class LlamaCppEngine(ThreadedEngine):
         """Give waiting requests a sequence id (and any cached prefix) while there are free slots;
         their prompts are prefilled in chunks by the following steps."""
         while self._waiting and len(self._active) < self.max_num_seqs:
-            if not self._free_ids and not self._evict_one():
-                break  # pragma: no cover - ids are sized for max_num_seqs plus the kept ones
+            if self._unified:
+                if not self._free_ids and not self._evict_one():
+                    break  # pragma: no cover - ids are sized for max_num_seqs plus the kept ones
+                seq_id = self._free_ids.pop()
+            else:
+                seq_id = self._pick_slot(self._waiting[0])
             seq = self._waiting.popleft()
-            seq.seq_id = self._free_ids.pop()
+            seq.seq_id = seq_id
             seq.n_cached = 0
             self._active.append(seq)  # from here on, a failure fails it with the batch
             self._stats["requests"] += 1
@@ -496,21 +518,12 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _reuse_prefix(self, seq: _LlamaSequence) -> None:
         """Share the cells of the longest cached prefix of `seq`'s tokens (kept or running)."""
+        if not self._unified:
+            self._take_slot(seq)
+            return
         if not self.prefix_cache_entries:
             return
-        tokens = seq.tokens
-        limit = len(tokens) - 1  # at least one token must run, for the logits
-        best, best_id = 0, -1
-        adapter = seq.adapter
-        candidates = [(sid, toks) for sid, toks in self._kept.items() if self._kept_adapter.get(sid) is adapter]
-        candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active if s.n_cached and s.adapter is adapter]
-        for seq_id, cached in candidates:
-            n = min(len(cached), limit)
-            if n <= best or cached[:best + 1] != tokens[:best + 1]:
-                continue
-            common = common_prefix(cached, tokens, n)
-            if common > best:
-                best, best_id = common, seq_id
+        best, best_id = self._best_prefix(seq)
         if best == 0:
             return
         llama = self._llama
@@ -520,6 +533,56 @@ class LlamaCppEngine(ThreadedEngine):
         seq.n_cached = best
         seq.reused = best
         self._stats["prefix_hit_tokens"] += best
+
+    def _pick_slot(self, seq: _LlamaSequence) -> int:
+        """Split cache: the free slot that holds the longest prefix of `seq`'s prompt, else the
+        lowest free one (busy slots stay consecutive, one micro-batch)."""
+        best, best_id = self._best_prefix(seq, kept_only=True) if self.prefix_cache_entries else (0, -1)
+        return best_id if best else min(self._free_ids + list(self._kept))
+
+    def _take_slot(self, seq: _LlamaSequence) -> None:
+        """Split cache: `seq` takes its slot, keeping the cells of the prefix it shares with what
+        the slot held and dropping the rest. Prefixes are not copied between slots: llama.cpp can
+        (a whole stream's buffers), but a prompt continued from a copied stream gave different
+        greedy output here from a cold one, so reuse stays within a slot, as in llama-server."""
+        llama = self._llama
+        slot = seq.seq_id
+        best = 0
+        if slot in self._kept:
+            held = self._kept.pop(slot)
+            adapter = self._kept_adapter.pop(slot, None)
+            if adapter is seq.adapter:
+                limit = len(seq.tokens) - 2
+                best = common_prefix(held, seq.tokens, min(len(held), limit)) if limit > 0 else 0
+        else:
+            self._free_ids.remove(slot)
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), slot, best if best else -1, -1)
+        seq.n_cached = best
+        seq.reused = best
+        self._stats["prefix_hit_tokens"] += best
+
+    def _best_prefix(self, seq: _LlamaSequence, kept_only: bool = False) -> tuple[int, int]:
+        """(length, sequence id) of the longest cached prefix of `seq`'s tokens, kept (or running,
+        unless `kept_only`), computed with `seq`'s LoRA adapter; (0, -1) if none."""
+        tokens = seq.tokens
+        # At least one token must run, for the logits; in a split cache two: a prompt's last token
+        # run alone (a one-token micro-batch) came out different in the last bits from a whole
+        # prefill, and greedy output diverged a few tokens later.
+        limit = len(tokens) - (1 if self._unified else 2)
+        best, best_id = 0, -1
+        adapter = seq.adapter
+        candidates = [(sid, toks) for sid, toks in self._kept.items() if self._kept_adapter.get(sid) is adapter]
+        if not kept_only:
+            candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active
+                           if s.n_cached and s.adapter is adapter]
+        for seq_id, cached in candidates:
+            n = min(len(cached), limit)
+            if n <= best or cached[:best + 1] != tokens[:best + 1]:
+                continue
+            common = common_prefix(cached, tokens, n)
+            if common > best:
+                best, best_id = common, seq_id
+        return best, best_id
 
     def _logits_row(self, out_index: int) -> Any:
         """The step's logits for batch index `out_index`: a writable numpy view of llama.cpp's buffer."""
@@ -775,6 +838,12 @@ class LlamaCppEngine(ThreadedEngine):
             budget -= n
             plan.append((seq, n, size + n - 1 if n == pending else None))
             size += n
+        if not self._unified:  # slot order, so consecutive slots form one micro-batch
+            plan.sort(key=lambda entry: entry[0].seq_id)
+            size = 0
+            for i, (seq, n, out_index) in enumerate(plan):
+                plan[i] = (seq, n, None if out_index is None else size + n - 1)
+                size += n
         return plan
 
     def _fill_batch(self, plan: list[tuple[_LlamaSequence, int, int | None]]) -> Any:

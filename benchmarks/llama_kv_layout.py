@@ -72,9 +72,10 @@ def main() -> None:
 
     import llama_cpp as llama
 
+    from shoal.llm.engines.llama_cpp import _init_backend  # llama.cpp's log: warnings and errors only
     from shoal.llm.models import resolve_model_source
 
-    llama.llama_backend_init()
+    _init_backend(llama)
     mparams = llama.llama_model_default_params()
     mparams.use_extra_bufts = False  # as the engine on AMX machines (see docs/architecture.md)
     path = str(resolve_model_source("SmolLM2-135M-Instruct").path).encode()

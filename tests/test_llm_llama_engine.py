@@ -206,6 +206,7 @@ def test_a_repeated_prompt_reuses_all_but_its_last_tokens(engine: LlamaCppEngine
     again = run(three())
     assert engine.stats()["prefix_hit_tokens"] - before >= len(engine.render_prompt(request)) - 2
     assert again == [first] * 3
+    assert run(three()) == [first] * 3  # now three slots hold the prompt: each reuses its own
 
 
 def test_unified_cache_serves_and_reuses_prefixes(cold_color: list[int]) -> None:

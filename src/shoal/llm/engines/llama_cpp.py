@@ -12,11 +12,14 @@ In short:
   the kept prefixes' included, masked: measured here, 16 kept prefixes of ~94 tokens cut 1-stream
   decoding from 82 to 56 tokens/s and 16-stream from 181 to 140. Slots also make a sequence's
   output independent of what runs beside it (bit-identical greedy output alone or in a batch).
-- Each step builds ONE `llama_batch` for everything: the next token of every decoding sequence,
-  plus prompt chunks of sequences being prefilled, up to `max_prefill_tokens` prompt tokens per
-  step, in slot order: llama.cpp splits a split cache's batch into micro-batches of consecutive
-  slot ids with equal token counts, so the decoding tokens of slots 0..n-1 run as one, and busy
-  slots are kept low (a request takes the lowest free slot). A long prompt is prefilled over
+- Each step runs prompt chunks of sequences being prefilled (up to `max_prefill_tokens` prompt
+  tokens per step), then the next token of every decoding sequence, in slot order. llama.cpp cuts a
+  split cache's batch into micro-batches of consecutive slot ids with equal token counts, so the
+  decoding tokens of slots 0..n-1 run as one and a prompt's chunk as another, each a pass over the
+  weights; busy slots are kept low (a request takes the lowest free slot). Split cache: the two run
+  as two `llama_decode` calls, prompts first, and the first tokens they produce go out before the
+  decode pass (a new request's time to first token saves that pass; the passes are the same). In a
+  unified cache everything is ONE `llama_decode` (one micro-batch). A long prompt is prefilled over
   several steps (chunked prefill) while the running streams keep getting one token per step;
   requests join and leave between steps.
 - Prefix caching: a finished sequence's slot keeps its cells (up to `prefix_cache_entries` kept
@@ -691,22 +694,43 @@ class LlamaCppEngine(ThreadedEngine):
         different LoRA adapters take one `llama_decode` per adapter (see the module docstring)."""
         finished: list[_LlamaSequence] = []
         for adapter in dict.fromkeys(s.adapter for s in self._active):  # usually one: None
-            self._sample(self._decode(adapter), outbox, finished)  # before the next decode overwrites the logits
+            if self._unified:
+                self._sample(self._decode(adapter), outbox, finished)  # before the next decode overwrites the logits
+                continue
+            # Split cache: prompts first, on their own, and their first tokens out at once; then the
+            # running sequences' tokens (the newcomers' second ones included). llama.cpp would cut a
+            # mixed batch into the same two micro-batches (a prompt's tokens are not one per slot),
+            # so this costs no extra pass over the weights and saves a new request the decode pass
+            # in its time to first token.
+            prefill = self._decode(adapter, "prefill")
+            self._sample(prefill, outbox, finished)
+            if prefill and outbox:
+                self._deliver(outbox)
+                outbox.clear()
+            self._retire(finished)
+            self._sample(self._decode(adapter, "decode"), outbox, finished)
+        self._retire(finished)
+
+    def _retire(self, finished: list[_LlamaSequence]) -> None:
+        """Take the finished sequences out of the batch (and empty `finished`)."""
         if finished:
             gone = set(map(id, finished))
             self._active = [s for s in self._active if id(s) not in gone]
             for seq in finished:
                 self._release(seq)
+            finished.clear()
 
-    def _decode(self, adapter: LoraAdapter | None) -> list[tuple[_LlamaSequence, int, int | None]]:
+    def _decode(self, adapter: LoraAdapter | None, phase: str | None = None,
+                ) -> list[tuple[_LlamaSequence, int, int | None]]:
         """Plan and run one `llama_decode` for the active sequences on `adapter` (all of them when no
         sequence has one); frees cells (kept prefixes, then the newest sequence) while the KV cache is
-        full. Returns the plan that ran; its logits must be read before the next decode."""
+        full. `phase` ("prefill", "decode" or None: both) picks the sequences (see `_plan`).
+        Returns the plan that ran; its logits must be read before the next decode."""
         llama = self._llama
         if adapter is not self._adapter_now:
             self._set_adapter(adapter)
         while True:
-            plan = self._plan(adapter)
+            plan = self._plan(adapter, phase)
             if not plan:
                 return plan
             started = time.perf_counter()
@@ -813,10 +837,11 @@ class LlamaCppEngine(ThreadedEngine):
             llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
         self._adapter_now = adapter
 
-    def _plan(self, adapter: LoraAdapter | None = None) -> list[tuple[_LlamaSequence, int, int | None]]:
+    def _plan(self, adapter: LoraAdapter | None = None, phase: str | None = None,
+              ) -> list[tuple[_LlamaSequence, int, int | None]]:
         """(sequence, tokens to run, batch index of its logits or None) for this step's sequences on
         `adapter`: every decoding sequence's one token first, then prompt chunks within the prefill
-        budget."""
+        budget; only the decoding ones for `phase` "decode", only the prompt chunks for "prefill"."""
         plan: list[tuple[_LlamaSequence, int, int | None]] = []
         size = 0
         prefilling = []
@@ -825,9 +850,10 @@ class LlamaCppEngine(ThreadedEngine):
                 continue
             pending = len(seq.tokens) - seq.n_cached
             if pending == 1 and seq.completion_tokens:
-                plan.append((seq, 1, size))
-                size += 1
-            else:
+                if phase != "prefill":
+                    plan.append((seq, 1, size))
+                    size += 1
+            elif phase != "decode":
                 prefilling.append(seq)
         budget = self.max_prefill_tokens
         for seq in prefilling:

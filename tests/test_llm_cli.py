@@ -59,14 +59,15 @@ def test_llm_serve_bad_model_is_one_clear_line(tmp_path, procs):
 
 def test_llm_serve_with_api_keys(tmp_path, procs, monkeypatch):
     """`shoal llm serve` with a key from SHOAL_API_KEY and a limited one from --api-keys-file: 401
-    without a key, 429 past the limit, and the keys never printed."""
+    without a key, 429 past the limit, and the keys never printed. (Also `--max-model-len`, to save
+    starting another server: the context it sets is the one a too-long prompt is refused with.)"""
     started, _ = procs
     monkeypatch.setenv("SHOAL_API_KEY", "sk-env-key-0123456789")
     monkeypatch.setenv("SHOAL_TEST_LIMITED_KEY", "sk-limited-key-9876543210")
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("- {name: limited, key_env: SHOAL_TEST_LIMITED_KEY, requests_per_minute: 1}\n")
     server = _Proc(_shoal_cmd() + ["llm", "serve", "--port", "0", "--model", "SmolLM2-135M-Instruct",
-                                   "--api-keys-file", str(keys_file)], tmp_path)
+                                   "--api-keys-file", str(keys_file), "--max-model-len", "2048"], tmp_path)
     started.append(server)
     ready = server.wait_for_line("(OpenAI-compatible)", timeout=240)
     base = re.search(r"at (http://\S+/v1) ", ready).group(1)
@@ -80,6 +81,9 @@ def test_llm_serve_with_api_keys(tmp_path, procs, monkeypatch):
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Say hello."}], max_tokens=4
     )
     assert reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as too_long:
+        env_client.completions.create(model="SmolLM2-135M-Instruct", prompt="word " * 3000, max_tokens=4)
+    assert "maximum context length is 2048 tokens" in too_long.value.message
     limited = openai.OpenAI(base_url=base, api_key="sk-limited-key-9876543210", max_retries=0, timeout=120)
     limited.models.list()
     with pytest.raises(openai.RateLimitError) as info:

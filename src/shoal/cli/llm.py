@@ -43,6 +43,10 @@ def llm() -> None:
               help="Engine of generation models (auto: llama.cpp for .gguf files on CPU, else transformers).")
 @click.option("--max-num-seqs", default=None, type=click.IntRange(min=1),
               help="Sequences decoded together per replica (continuous batching); more wait in a queue.")
+@click.option("--max-model-len", default=None, type=click.IntRange(min=16),
+              help="Context per request, prompt plus completion, in tokens (default: the llama.cpp "
+                   "engine's 768-token KV slot; the model's own context for transformers). The llama.cpp "
+                   "engine keeps a slot of this many tokens per sequence, so memory grows with it.")
 @click.option("--max-queued-requests", default=-1, show_default=True, type=int,
               help="Requests a caller may queue per model before answering 429 (-1: no limit).")
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="SHOAL_HTTP_HOST",
@@ -56,7 +60,8 @@ def llm() -> None:
               help="A YAML list of API keys with names and limits (name, key or key_env, "
                    "requests_per_minute, tokens_per_minute); added to --api-key's.")
 def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: int, dtype: str,
-                  engine: str, max_num_seqs: Optional[int], max_queued_requests: int, host: str, port: int,
+                  engine: str, max_num_seqs: Optional[int], max_model_len: Optional[int],
+                  max_queued_requests: int, host: str, port: int,
                   api_keys: tuple[str, ...], api_keys_file: Optional[str]) -> None:
     """Serve models on http://HOST:PORT/v1 until Ctrl-C or SIGTERM."""
     from shoal.llm import LLMConfig, build_openai_app
@@ -79,7 +84,7 @@ def serve_command(models: tuple[str, ...], configs: tuple[str, ...], replicas: i
             embedding[model_id] = is_embedding
             llm_configs.append(LLMConfig(
                 model_loading_config={"model_id": model_id, "model_source": source},
-                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs, engine),
+                engine_kwargs={} if is_embedding else _engine_kwargs(dtype, max_num_seqs, engine, max_model_len),
                 deployment_config=deployment_config,
             ))
         app = build_openai_app({"llm_configs": llm_configs, "api_keys": keys})
@@ -114,13 +119,16 @@ def _is_embedding(source: str) -> bool:
         return False
 
 
-def _engine_kwargs(dtype: str, max_num_seqs: Optional[int], engine: str = "auto") -> dict[str, Any]:
+def _engine_kwargs(dtype: str, max_num_seqs: Optional[int], engine: str = "auto",
+                   max_model_len: Optional[int] = None) -> dict[str, Any]:
     """Generation-engine options (embedding models take none of them)."""
     kwargs: dict[str, Any] = {"dtype": dtype}
     if engine != "auto":
         kwargs["engine"] = engine
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
     return kwargs
 
 

@@ -179,19 +179,26 @@ def test_prefix_reuse_gives_the_same_tokens_as_no_reuse(engine: LlamaCppEngine, 
     assert warm == cold_color
 
 
-def test_prefix_reuse_stays_within_a_slot(engine: LlamaCppEngine, cold_color: list[int]) -> None:
-    """While one request runs, a second with the same system prompt takes another slot and
-    computes its prompt itself (no copy between slots); its output is the cold one's."""
-    async def scenario() -> list[int]:
+def test_prefix_is_copied_from_a_running_sequence_in_another_slot(
+    engine: LlamaCppEngine, cold_color: list[int]
+) -> None:
+    """While one request runs, a second with the same system prompt takes another slot and gets
+    the prefix's cells copied from the running one's slot (a cross-stream copy in llama.cpp); its
+    output is the cold one's."""
+    async def scenario() -> tuple[list[int], int]:
         seen: list[int] = []
         warm: list[int] = []
+        before = 0
         async for delta in engine.generate(with_system("Tell me a long story.", max_tokens=48, ignore_eos=True)):
             seen.extend(delta.token_ids)
             if len(seen) >= 4 and not warm:
+                before = engine.stats()["prefix_hit_tokens"]
                 warm = await tokens_of(engine, with_system("Name a color."))
-        return warm
+        return warm, engine.stats()["prefix_hit_tokens"] - before
 
-    assert run(scenario()) == cold_color
+    warm, reused = run(scenario())
+    assert reused > 100
+    assert warm == cold_color
 
 
 def test_a_repeated_prompt_reuses_all_but_its_last_tokens(engine: LlamaCppEngine) -> None:

@@ -545,21 +545,31 @@ class LlamaCppEngine(ThreadedEngine):
 
     def _take_slot(self, seq: _LlamaSequence) -> None:
         """Split cache: `seq` takes its slot, keeping the cells of the prefix it shares with what
-        the slot held and dropping the rest. Prefixes are not copied between slots: llama.cpp can
-        (a whole stream's buffers), but a prompt continued from a copied stream gave different
-        greedy output here from a cold one, so reuse stays within a slot, as in llama-server."""
+        the slot held, or, when another slot (kept or running) holds a longer prefix, a copy of
+        that slot's buffers (llama.cpp copies a whole stream, a few MB, before the next decode); the
+        rest is dropped."""
         llama = self._llama
         slot = seq.seq_id
-        best = 0
+        best, source = 0, -1
         if slot in self._kept:
             held = self._kept.pop(slot)
             adapter = self._kept_adapter.pop(slot, None)
-            if adapter is seq.adapter:
-                limit = len(seq.tokens) - 2
-                best = common_prefix(held, seq.tokens, min(len(held), limit)) if limit > 0 else 0
+            limit = len(seq.tokens) - 2
+            if adapter is seq.adapter and limit > 0:
+                best = common_prefix(held, seq.tokens, min(len(held), limit))
+                source = slot if best else -1
         else:
             self._free_ids.remove(slot)
-        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), slot, best if best else -1, -1)
+        if self.prefix_cache_entries:
+            elsewhere, other = self._best_prefix(seq)
+            if elsewhere > best:
+                best, source = elsewhere, other
+        mem = llama.llama_get_memory(self._ctx)
+        if source not in (-1, slot):
+            llama.llama_memory_seq_cp(mem, source, slot, -1, -1)
+            if source in self._kept:
+                self._kept.move_to_end(source)
+        llama.llama_memory_seq_rm(mem, slot, best if best else -1, -1)
         seq.n_cached = best
         seq.reused = best
         self._stats["prefix_hit_tokens"] += best

@@ -712,14 +712,25 @@ class LlamaCppEngine(ThreadedEngine):
             # mixed batch into the same two micro-batches (a prompt's tokens are not one per slot),
             # so this costs no extra pass over the weights and saves a new request the decode pass
             # in its time to first token.
-            prefill = self._decode(adapter, "prefill")
-            self._sample(prefill, outbox, finished)
-            if prefill and outbox:
+            for group in self._prompt_groups(self._plan(adapter, "prefill")):
+                self._sample(self._decode(adapter, plan=group), outbox, finished)
+            if outbox:
                 self._deliver(outbox)
                 outbox.clear()
             self._retire(finished)
             self._sample(self._decode(adapter, "decode"), outbox, finished)
         self._retire(finished)
+
+    def _prompt_groups(self, plan: list[tuple[_LlamaSequence, int, int | None]],
+                       ) -> list[list[tuple[_LlamaSequence, int, int | None]]]:
+        """Split cache: the prompt chunks of a step, one `llama_decode` per chunk length. In one call,
+        llama.cpp would cut chunks of different lengths into equal parts per slot, and a one-token
+        part takes another kernel path than a whole chunk: a prompt's numbers, and so its greedy
+        output, would depend on its batch-mates' prompt lengths."""
+        by_length: dict[int, list[tuple[_LlamaSequence, int, int | None]]] = {}
+        for entry in plan:
+            by_length.setdefault(entry[1], []).append(entry)
+        return [self._in_slot_order(group) for group in by_length.values()]
 
     def _retire(self, finished: list[_LlamaSequence]) -> None:
         """Take the finished sequences out of the batch (and empty `finished`)."""
@@ -731,23 +742,27 @@ class LlamaCppEngine(ThreadedEngine):
             finished.clear()
 
     def _decode(self, adapter: LoraAdapter | None, phase: str | None = None,
+                plan: list[tuple[_LlamaSequence, int, int | None]] | None = None,
                 ) -> list[tuple[_LlamaSequence, int, int | None]]:
         """Plan and run one `llama_decode` for the active sequences on `adapter` (all of them when no
         sequence has one); frees cells (kept prefixes, then the newest sequence) while the KV cache is
-        full. `phase` ("prefill", "decode" or None: both) picks the sequences (see `_plan`).
+        full. `phase` ("prefill", "decode" or None: both) picks the sequences (see `_plan`); a
+        given `plan` runs as it is (split cache: its cells are there, no retry).
         Returns the plan that ran; its logits must be read before the next decode."""
         llama = self._llama
         if adapter is not self._adapter_now:
             self._set_adapter(adapter)
         while True:
-            plan = self._plan(adapter, phase)
+            fixed = plan is not None
+            if not fixed:
+                plan = self._plan(adapter, phase)
             if not plan:
                 return plan
             started = time.perf_counter()
             rc = llama.llama_decode(self._ctx, self._fill_batch(plan))
             if rc == 0:
                 break
-            if rc != 1:
+            if rc != 1 or fixed:
                 raise RuntimeError(f"llama_decode failed with status {rc}")
             # No room in the KV cache: free some and try again.
             if not self._evict_one():
@@ -871,15 +886,26 @@ class LlamaCppEngine(ThreadedEngine):
                 break
             pending = len(seq.tokens) - seq.n_cached
             n = min(pending, budget)
+            if n < pending and not self._unified:
+                # Never a one-token piece of a prompt (see `_prompt_groups`): leave two or more.
+                n = min(n, pending - 2)
+                if n < 2:
+                    continue
             budget -= n
             plan.append((seq, n, size + n - 1 if n == pending else None))
             size += n
-        if not self._unified:  # slot order, so consecutive slots form one micro-batch
-            plan.sort(key=lambda entry: entry[0].seq_id)
-            size = 0
-            for i, (seq, n, out_index) in enumerate(plan):
-                plan[i] = (seq, n, None if out_index is None else size + n - 1)
-                size += n
+        return plan if self._unified else self._in_slot_order(plan)
+
+    @staticmethod
+    def _in_slot_order(plan: list[tuple[_LlamaSequence, int, int | None]],
+                       ) -> list[tuple[_LlamaSequence, int, int | None]]:
+        """`plan` sorted by slot, batch indices of the logits recomputed: consecutive slots with
+        equal token counts form one micro-batch in a split cache."""
+        plan = sorted(plan, key=lambda entry: entry[0].seq_id)
+        size = 0
+        for i, (seq, n, out_index) in enumerate(plan):
+            plan[i] = (seq, n, None if out_index is None else size + n - 1)
+            size += n
         return plan
 
     def _fill_batch(self, plan: list[tuple[_LlamaSequence, int, int | None]]) -> Any:

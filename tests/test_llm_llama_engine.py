@@ -368,3 +368,26 @@ def test_lora_adapters_in_one_batch_match_their_solo_runs_and_are_freed_when_unl
     run(tokens_of(exact_engine, request(None, "Hi")))  # a step frees the retired adapter
     assert adapters[0].pointer is None and adapters[1].pointer is not None
     exact_engine.unload_adapter(adapters[1])
+
+
+def test_structured_machinery_is_built_off_the_event_loop_before_first_use() -> None:
+    """`prepare_structured` (what the server runs in a worker thread before the first
+    `response_format` request) builds the grammar machinery once; requests then start at once."""
+    async def scenario() -> tuple[bool, bool, str]:
+        eng = LlamaCppEngine(warmup=False)
+        await eng.start()
+        try:
+            before = eng.structured_ready
+            await asyncio.to_thread(eng.prepare_structured)
+            request = GenerationRequest(
+                messages=[{"role": "user", "content": "Give a JSON object about a colour."}],
+                sampling=SamplingParams(max_tokens=24, temperature=0), response_format={"type": "json_object"},
+            )
+            text, _ = await collect(eng, request)
+            return before, eng.structured_ready, text
+        finally:
+            await eng.shutdown()
+
+    before, after, text = run(scenario())
+    assert not before and after
+    assert text.startswith("{")

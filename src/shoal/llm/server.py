@@ -31,6 +31,7 @@ from .engines import (
 )
 from .engines.base import InvalidParameterError, TokenLogprob
 from .engines.embeddings import EmbeddingEngine
+from .engines.structured import response_format_kind
 from .metrics import LLMMetrics
 from .models import resolve_model_source
 from shoal.context import get_multiplexed_model_id, get_replica_context
@@ -148,6 +149,7 @@ class LLMServer:
             messages, extra = render_messages(req.messages, tools, mode, self._chat_template_text())
             template_vars = {**extra, **template_vars}
             response_format = forced_response_format(tools, mode, function) or response_format
+        await self._prepare(response_format)
         streams = [
             self._generate(GenerationRequest(
                 messages=messages, sampling=_choice_sampling(kwargs, j),
@@ -214,6 +216,7 @@ class LLMServer:
         kwargs = req.sampling_kwargs()
         n = req.num_choices
         adapter = await self._request_adapter()
+        await self._prepare(req.response_format)
         streams = [
             self._generate(GenerationRequest(prompt=prompt, sampling=_choice_sampling(kwargs, j),
                                              response_format=req.response_format, adapter=adapter), param="prompt")
@@ -297,6 +300,13 @@ class LLMServer:
         await self.engine.shutdown()
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    async def _prepare(self, response_format: Any) -> None:
+        """Before the first structured request: build the engine's grammar machinery in a worker
+        thread, not on this event loop where it would stall every stream for about a second."""
+        if getattr(self.engine, "structured_ready", True) or response_format_kind(response_format) == "text":
+            return
+        await asyncio.to_thread(self.engine.prepare_structured)
 
     def _generate(self, request: GenerationRequest, param: str) -> AsyncIterator[Any]:
         if self.kind != "generate":

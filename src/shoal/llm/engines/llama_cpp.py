@@ -50,6 +50,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -620,7 +621,9 @@ class LlamaCppEngine(ThreadedEngine):
         with self._vocab_lock:
             if self._vocab is None:
                 raise EngineShutdownError("engine is shut down")
-            tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self._n_vocab, eos_token=sorted(self._eos_ids))
+            with warnings.catch_warnings():  # it calls a deprecated binding once per token (49k warnings)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self._n_vocab, eos_token=sorted(self._eos_ids))
         return StructuredDecoding(tokenizer, self._n_vocab)
 
     def _make_sampler(self, seq: _LlamaSequence) -> Any:

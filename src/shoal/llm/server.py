@@ -303,7 +303,7 @@ class LLMServer:
 
     async def _prepare(self, response_format: Any) -> None:
         """Before the first structured request: build the engine's grammar machinery in a worker
-        thread, not on this event loop where it would stall every stream for about a second."""
+        thread, not on this event loop where it would stall every stream meanwhile."""
         if getattr(self.engine, "structured_ready", True) or response_format_kind(response_format) == "text":
             return
         await asyncio.to_thread(self.engine.prepare_structured)

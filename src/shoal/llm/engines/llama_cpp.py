@@ -505,79 +505,49 @@ class LlamaCppEngine(ThreadedEngine):
         """Give waiting requests a sequence id (and any cached prefix) while there are free slots;
         their prompts are prefilled in chunks by the following steps."""
         while self._waiting and len(self._active) < self.max_num_seqs:
-            if self._unified:
-                if not self._free_ids and not self._evict_one():
-                    break  # pragma: no cover - ids are sized for max_num_seqs plus the kept ones
-                seq_id = self._free_ids.pop()
-            else:
-                seq_id = self._pick_slot(self._waiting[0])
+            if self._unified and not self._free_ids and not self._evict_one():
+                break  # pragma: no cover - ids are sized for max_num_seqs plus the kept ones
             seq = self._waiting.popleft()
-            seq.seq_id = seq_id
             seq.n_cached = 0
             self._active.append(seq)  # from here on, a failure fails it with the batch
             self._stats["requests"] += 1
             seq.sampler = self._make_sampler(seq)
             self._samplers[_address(seq.sampler)] = seq.sampler
-            self._reuse_prefix(seq)
+            self._place(seq)
 
-    def _reuse_prefix(self, seq: _LlamaSequence) -> None:
-        """Share the cells of the longest cached prefix of `seq`'s tokens (kept or running)."""
-        if not self._unified:
-            self._take_slot(seq)
-            return
-        if not self.prefix_cache_entries:
-            return
-        best, best_id = self._best_prefix(seq)
-        if best == 0:
-            return
+    def _place(self, seq: _LlamaSequence) -> None:
+        """Give `seq` a sequence id holding the cells of the longest cached prefix of its tokens
+        (kept or running). Unified cache: a free id, the shared cells tagged with it. Split cache:
+        the kept slot holding that prefix, else the lowest free slot (busy slots stay consecutive:
+        one micro-batch) with a copy of the prefix's slot (llama.cpp copies the whole stream, a few
+        MB, before the next decode); what follows the prefix is dropped."""
+        best, source = self._best_prefix(seq) if self.prefix_cache_entries else (0, -1)
         llama = self._llama
-        llama.llama_memory_seq_cp(llama.llama_get_memory(self._ctx), best_id, seq.seq_id, 0, best)
-        if best_id in self._kept:
-            self._kept.move_to_end(best_id)
-        seq.n_cached = best
-        seq.reused = best
-        self._stats["prefix_hit_tokens"] += best
-
-    def _pick_slot(self, seq: _LlamaSequence) -> int:
-        """Split cache: the free slot that holds the longest prefix of `seq`'s prompt, else the
-        lowest free one (busy slots stay consecutive, one micro-batch)."""
-        best, best_id = self._best_prefix(seq, kept_only=True) if self.prefix_cache_entries else (0, -1)
-        return best_id if best else min(self._free_ids + list(self._kept))
-
-    def _take_slot(self, seq: _LlamaSequence) -> None:
-        """Split cache: `seq` takes its slot, keeping the cells of the prefix it shares with what
-        the slot held, or, when another slot (kept or running) holds a longer prefix, a copy of
-        that slot's buffers (llama.cpp copies a whole stream, a few MB, before the next decode); the
-        rest is dropped."""
-        llama = self._llama
-        slot = seq.seq_id
-        best, source = 0, -1
-        if slot in self._kept:
-            held = self._kept.pop(slot)
-            adapter = self._kept_adapter.pop(slot, None)
-            limit = len(seq.tokens) - 2
-            if adapter is seq.adapter and limit > 0:
-                best = common_prefix(held, seq.tokens, min(len(held), limit))
-                source = slot if best else -1
-        else:
-            self._free_ids.remove(slot)
-        if self.prefix_cache_entries:
-            elsewhere, other = self._best_prefix(seq)
-            if elsewhere > best:
-                best, source = elsewhere, other
         mem = llama.llama_get_memory(self._ctx)
-        if source not in (-1, slot):
-            llama.llama_memory_seq_cp(mem, source, slot, -1, -1)
-            if source in self._kept:
-                self._kept.move_to_end(source)
-        llama.llama_memory_seq_rm(mem, slot, best if best else -1, -1)
+        if self._unified:
+            seq.seq_id = self._free_ids.pop()
+            if best:
+                llama.llama_memory_seq_cp(mem, source, seq.seq_id, 0, best)
+        else:
+            slot = source if source in self._kept else min(self._free_ids + list(self._kept))
+            if slot in self._kept:
+                del self._kept[slot]
+                self._kept_adapter.pop(slot, None)
+            else:
+                self._free_ids.remove(slot)
+            seq.seq_id = slot
+            if best and source != slot:
+                llama.llama_memory_seq_cp(mem, source, slot, -1, -1)
+            llama.llama_memory_seq_rm(mem, slot, best if best else -1, -1)
+        if source in self._kept:
+            self._kept.move_to_end(source)
         seq.n_cached = best
         seq.reused = best
         self._stats["prefix_hit_tokens"] += best
 
-    def _best_prefix(self, seq: _LlamaSequence, kept_only: bool = False) -> tuple[int, int]:
-        """(length, sequence id) of the longest cached prefix of `seq`'s tokens, kept (or running,
-        unless `kept_only`), computed with `seq`'s LoRA adapter; (0, -1) if none."""
+    def _best_prefix(self, seq: _LlamaSequence) -> tuple[int, int]:
+        """(length, sequence id) of the longest cached prefix of `seq`'s tokens, kept or running
+        (kept first: on a tie, no copy), computed with `seq`'s LoRA adapter; (0, -1) if none."""
         tokens = seq.tokens
         # At least one token must run, for the logits; in a split cache two: a prompt's last token
         # run alone (a one-token micro-batch) came out different in the last bits from a whole
@@ -586,9 +556,7 @@ class LlamaCppEngine(ThreadedEngine):
         best, best_id = 0, -1
         adapter = seq.adapter
         candidates = [(sid, toks) for sid, toks in self._kept.items() if self._kept_adapter.get(sid) is adapter]
-        if not kept_only:
-            candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active
-                           if s.n_cached and s.adapter is adapter]
+        candidates += [(s.seq_id, s.tokens[: s.n_cached]) for s in self._active if s.n_cached and s.adapter is adapter]
         for seq_id, cached in candidates:
             n = min(len(cached), limit)
             if n <= best or cached[:best + 1] != tokens[:best + 1]:
@@ -715,13 +683,14 @@ class LlamaCppEngine(ThreadedEngine):
             # mixed batch into the same two micro-batches (a prompt's tokens are not one per slot),
             # so this costs no extra pass over the weights and saves a new request the decode pass
             # in its time to first token.
-            for group in self._prompt_groups(self._plan(adapter, "prefill")):
-                self._sample(self._decode(adapter, plan=group), outbox, finished)
+            for group in self._prompt_groups(self._plan(adapter)[1]):
+                self._sample(self._decode(adapter, group), outbox, finished)
             if outbox:
                 self._deliver(outbox)
                 outbox.clear()
             self._retire(finished)
-            self._sample(self._decode(adapter, "decode"), outbox, finished)
+            decoding = [(seq, 1, 0) for seq in self._decoding(adapter)]  # indexed by `_in_slot_order`
+            self._sample(self._decode(adapter, self._in_slot_order(decoding)), outbox, finished)
         self._retire(finished)
 
     def _prompt_groups(self, plan: list[tuple[_LlamaSequence, int, int | None]],
@@ -744,13 +713,12 @@ class LlamaCppEngine(ThreadedEngine):
                 self._release(seq)
             finished.clear()
 
-    def _decode(self, adapter: LoraAdapter | None, phase: str | None = None,
+    def _decode(self, adapter: LoraAdapter | None,
                 plan: list[tuple[_LlamaSequence, int, int | None]] | None = None,
                 ) -> list[tuple[_LlamaSequence, int, int | None]]:
-        """Plan and run one `llama_decode` for the active sequences on `adapter` (all of them when no
-        sequence has one); frees cells (kept prefixes, then the newest sequence) while the KV cache is
-        full. `phase` ("prefill", "decode" or None: both) picks the sequences (see `_plan`); a
-        given `plan` runs as it is (split cache: its cells are there, no retry).
+        """Run one `llama_decode` of `plan` (split cache: its cells are there, no retry), or plan one
+        for the active sequences on `adapter` (all of them when no sequence has one) and run it,
+        freeing cells (kept prefixes, then the newest sequence) while the KV cache is full.
         Returns the plan that ran; its logits must be read before the next decode."""
         llama = self._llama
         if adapter is not self._adapter_now:
@@ -758,7 +726,8 @@ class LlamaCppEngine(ThreadedEngine):
         while True:
             fixed = plan is not None
             if not fixed:
-                plan = self._plan(adapter, phase)
+                decoding, prompts = self._plan(adapter)
+                plan = decoding + prompts
             if not plan:
                 return plan
             started = time.perf_counter()
@@ -865,24 +834,16 @@ class LlamaCppEngine(ThreadedEngine):
             llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
         self._adapter_now = adapter
 
-    def _plan(self, adapter: LoraAdapter | None = None, phase: str | None = None,
-              ) -> list[tuple[_LlamaSequence, int, int | None]]:
-        """(sequence, tokens to run, batch index of its logits or None) for this step's sequences on
-        `adapter`: every decoding sequence's one token first, then prompt chunks within the prefill
-        budget; only the decoding ones for `phase` "decode", only the prompt chunks for "prefill"."""
-        plan: list[tuple[_LlamaSequence, int, int | None]] = []
-        size = 0
-        prefilling = []
-        for seq in self._active:
-            if seq.adapter is not adapter:
-                continue
-            pending = len(seq.tokens) - seq.n_cached
-            if pending == 1 and seq.completion_tokens:
-                if phase != "prefill":
-                    plan.append((seq, 1, size))
-                    size += 1
-            elif phase != "decode":
-                prefilling.append(seq)
+    def _plan(self, adapter: LoraAdapter | None = None) -> tuple[list[tuple[_LlamaSequence, int, int | None]],
+                                                                list[tuple[_LlamaSequence, int, int | None]]]:
+        """This step's work for the sequences on `adapter`: every decoding sequence's one token, and
+        prompt chunks within the prefill budget. Entries are (sequence, tokens to run, batch index
+        of its logits or None), indexed for one batch of the decoding tokens then the chunks."""
+        running = self._decoding(adapter)
+        decoding: list[tuple[_LlamaSequence, int, int | None]] = [(seq, 1, i) for i, seq in enumerate(running)]
+        prompts: list[tuple[_LlamaSequence, int, int | None]] = []
+        prefilling = [seq for seq in self._active if seq.adapter is adapter and seq not in running]
+        size = len(decoding)
         budget = self.max_prefill_tokens
         for seq in prefilling:
             if budget <= 0:
@@ -895,9 +856,14 @@ class LlamaCppEngine(ThreadedEngine):
                 if n < 2:
                     continue
             budget -= n
-            plan.append((seq, n, size + n - 1 if n == pending else None))
+            prompts.append((seq, n, size + n - 1 if n == pending else None))
             size += n
-        return plan if self._unified else self._in_slot_order(plan)
+        return decoding, prompts
+
+    def _decoding(self, adapter: LoraAdapter | None) -> list[_LlamaSequence]:
+        """The active sequences on `adapter` with one token to run: their last sampled one."""
+        return [seq for seq in self._active
+                if seq.adapter is adapter and seq.completion_tokens and len(seq.tokens) - seq.n_cached == 1]
 
     @staticmethod
     def _in_slot_order(plan: list[tuple[_LlamaSequence, int, int | None]],

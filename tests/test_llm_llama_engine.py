@@ -118,6 +118,30 @@ def test_greedy_output_alone_equals_output_in_a_batch_of_16(exact_engine: LlamaC
     assert exact_engine.stats()["decode_rows"] > exact_engine.stats()["decode_steps"]  # really batched
 
 
+def test_a_burst_of_prompts_is_prefilled_in_small_calls_shortest_first(exact_engine: LlamaCppEngine) -> None:
+    """Prompts of one step run as several `llama_decode` calls (each call's first tokens go out as it
+    ends): one chunk length per call (bit-exactness), shortest first, a few short prompts per call."""
+    from types import SimpleNamespace
+
+    from shoal.llm.engines.llama_cpp import PROMPT_CALL_TOKENS
+
+    lengths = [12, 3, 3, 3, 3, 3, 3, 12, 40]
+    plan = [(SimpleNamespace(seq_id=slot), n, None if slot % 2 else 0) for slot, n in enumerate(lengths)]
+    calls = exact_engine._prompt_groups(plan)
+
+    assert sorted(id(seq) for call in calls for seq, _, _ in call) == sorted(id(seq) for seq, _, _ in plan)
+    sizes = [call[0][1] for call in calls]
+    assert all(len({n for _, n, _ in call}) == 1 for call in calls)
+    assert sizes == sorted(sizes) == [3, 3, 12, 12, 40]
+    assert all(sum(n for _, n, _ in call) <= PROMPT_CALL_TOKENS or len(call) == 1 for call in calls)
+    for call in calls:  # slot order inside a call; logits indices are those of the call's own batch
+        assert [seq.seq_id for seq, _, _ in call] == sorted(seq.seq_id for seq, _, _ in call)
+        ends = [sum(n for _, n, _ in call[: i + 1]) - 1 for i in range(len(call))]
+        assert [out for _, _, out in call] == [
+            end if out is not None else None for (_, _, out), end in zip(call, ends)
+        ]
+
+
 def test_sequences_joining_mid_stream_do_not_disturb_running_ones(exact_engine: LlamaCppEngine) -> None:
     async def scenario() -> tuple[list[int], list[int], list[list[int]]]:
         solo = await tokens_of(exact_engine, chat(PROMPTS[0], max_tokens=32))

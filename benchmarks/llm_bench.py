@@ -206,6 +206,9 @@ def main() -> None:
     for r in range(a.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):  # alternated: drift hits every side alike
             side = run_command(name, [str(PY), str(WORKLOAD), "--side", name, *common], SIDE_TIMEOUT_S)
+            if side.error:  # once more, so that both sides keep the same number of rounds
+                print(f"{name} side failed, running it again:\n{_tail(side.error)}", file=sys.stderr)
+                side = run_command(name, [str(PY), str(WORKLOAD), "--side", name, *common], SIDE_TIMEOUT_S)
             if side.error:
                 print(f"{name} side failed:\n{_tail(side.error)}", file=sys.stderr)
             rounds[name].append(side)

@@ -51,17 +51,27 @@ async def shoal_request(client: httpx.AsyncClient, url: str, i: int, tokens: int
     if RESPONSE_FORMAT is not None:
         body["response_format"] = RESPONSE_FORMAT
     start = time.perf_counter()
-    ttft, completion = None, 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event["choices"] and event["choices"][0]["text"]:
-                ttft = time.perf_counter() - start
-            if event.get("usage"):
-                completion = event["usage"]["completion_tokens"]
+    for attempt in (1, 2):
+        ttft, completion = None, 0
+        try:
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if ttft is None and event["choices"] and event["choices"][0]["text"]:
+                        ttft = time.perf_counter() - start
+                    if event.get("usage"):
+                        completion = event["usage"]["completion_tokens"]
+        except httpx.RemoteProtocolError:
+            # A kept-alive connection the server had closed (llama-server's HTTP library closes one
+            # after a few requests without saying so): sent again once on a new connection, as
+            # browsers do. The time lost counts against the request.
+            if attempt == 2 or ttft is not None:
+                raise
+            continue
+        break
     return (ttft if ttft is not None else time.perf_counter() - start), completion
 
 

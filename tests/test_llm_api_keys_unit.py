@@ -81,8 +81,9 @@ def test_build_openai_app_binds_digests_and_divides_limits_by_ingress_replicas()
     assert _ingress_replicas({"num_replicas": 3}) == 3
     assert _ingress_replicas({"autoscaling_config": {"min_replicas": 2, "max_replicas": 5}}) == 2
     assert _ingress_replicas({}) == 1
-    # No keys: the ingress is bound as before (the API is open).
-    assert len(build_openai_app({"llm_configs": [MODEL]}).deployment.init_args) == 1
+    # No keys: the ingress gets no auth (the API is open).
+    two = build_openai_app({"llm_configs": [MODEL, {"model_loading_config": {"model_id": "n"}}]})
+    assert len(two.deployment.init_args) == 1
 
 
 # -- the ingress's check -------------------------------------------------------------------------------

@@ -78,6 +78,29 @@ def test_build_openai_app_accepts_a_plain_list():
     assert {d.name for d in graph_deployments(app)} == {"OpenAiIngress", "LLMServer:a", "LLMServer:org--My_Model"}
 
 
+def test_one_model_serves_the_api_itself_unless_something_needs_the_ingress(tmp_path):
+    """One model: a single deployment, named like its `LLMServer`, that serves HTTP (no ingress hop).
+    Keys, LoRA, ingress options, a queue limit (the ingress answers its overflow with a 429) or
+    scaling to zero keep the `OpenAiIngress` in front."""
+    from shoal.http.ingress import is_ingress
+
+    [alone] = graph_deployments(build_openai_app([config(deployment_config={"num_replicas": 2})]))
+    assert alone.name == "LLMServer:org--My_Model" and is_ingress(alone)
+    assert alone.config.num_replicas == 2 and alone.config.max_ongoing_requests == 256
+
+    (tmp_path / "m").mkdir()
+    needs_ingress = [
+        {"llm_configs": [config()], "api_keys": ["sk-test-1234567890"]},
+        {"llm_configs": [config(lora_config={"dynamic_lora_loading_path": str(tmp_path)})]},
+        {"llm_configs": [config()], "ingress_deployment_config": {"num_replicas": 2}},
+        {"llm_configs": [config(deployment_config={"max_queued_requests": 4})]},
+        {"llm_configs": [config(deployment_config={"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}})]},
+    ]
+    for args in needs_ingress:
+        names = {d.name for d in graph_deployments(build_openai_app(args))}
+        assert names == {"OpenAiIngress", "LLMServer:org--My_Model"}, args
+
+
 def _error(model_cls, body) -> OpenAIError:
     with pytest.raises(ValidationError) as info:
         model_cls.model_validate(body)

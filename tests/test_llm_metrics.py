@@ -1,7 +1,9 @@
 """vLLM's metrics from `shoal.llm`: they move after a chat completion, and `GET /metrics` on the
 OpenAI server's port answers as `vllm serve` does (docs/observability.md).
 
-One small application (the bundled SmolLM2 chat model), a few tokens per request.
+One small application (the bundled SmolLM2 chat model), a few tokens per request. With one model,
+`build_openai_app` deploys a `StandaloneLLMServer` (no ingress hop), so this module also checks that
+path: one deployment, handles to it, and a client that goes away aborting its request.
 """
 
 from __future__ import annotations
@@ -91,3 +93,26 @@ def test_vllm_metrics_move_after_a_chat_completion(base_url):
     # The same text carries shoal's own metrics for the app (the proxy pushes on its own tick).
     wait_for(lambda: (value(scrape(), "ray_serve_num_http_requests_total", application=APP, method="POST",
                             status_code="200") or 0) >= 2, timeout=60, what="the proxy's count of the two requests")
+
+
+def test_one_model_is_one_deployment_that_serves_http_and_aborts_on_disconnect(base_url):
+    deployments = serve.status().applications[APP].deployments
+    assert set(deployments) == {f"LLMServer:{CHAT.replace('.', '_')}"}
+    handle = serve.get_deployment_handle(f"LLMServer:{CHAT.replace('.', '_')}", APP)
+    aborted = handle.engine_stats.remote().result()["aborted"]
+
+    body = {"model": CHAT, "prompt": "Once upon a time", "max_tokens": 700, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    # The client hung up long before 700 tokens: the engine drops the request.
+    wait_for(lambda: handle.engine_stats.remote().result()["aborted"] > aborted, timeout=60, what="an abort")
+    stats = handle.engine_stats.remote().result()
+    assert stats["active"] == 0 and stats["waiting"] == 0
+
+    # Handle callers get the server's methods, as from an `LLMServer` deployment.
+    events = list(handle.options(stream=True).completions.remote(
+        {"model": CHAT, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "stream": True}))
+    assert events and all('"text_completion"' in e for e in events)
+    assert handle.model_card.remote().result()["id"] == CHAT

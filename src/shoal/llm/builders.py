@@ -10,6 +10,7 @@ from .api_keys import ingress_auth
 from .config import LLMConfig, LLMServingArgs, load_llm_config
 from .ingress import INGRESS_DEPLOYMENT_DEFAULTS, OpenAiIngress
 from .server import LLMServer
+from .standalone import StandaloneLLMServer, serves_itself
 
 
 def build_llm_deployment(
@@ -21,7 +22,9 @@ def build_llm_deployment(
 
 
 def build_openai_app(llm_serving_args: Union[LLMServingArgs, dict[str, Any], list[Any]]) -> Application:
-    """The OpenAI-compatible app: an `OpenAiIngress` in front of one `LLMServer` per model.
+    """The OpenAI-compatible app: an `OpenAiIngress` in front of one `LLMServer` per model, or for
+    a single model without keys, LoRA or ingress options, one `StandaloneLLMServer` deployment
+    (named like the `LLMServer` one) whose replicas serve the API themselves.
 
     Accepts `LLMServingArgs`, its dict form (``{"llm_configs": [...]}``, as a config file's `args`
     give it), or a plain list of configs. Its `api_keys` are resolved here (`key_env` read from this
@@ -31,6 +34,10 @@ def build_openai_app(llm_serving_args: Union[LLMServingArgs, dict[str, Any], lis
         llm_serving_args = {"llm_configs": llm_serving_args}
     args = (llm_serving_args if isinstance(llm_serving_args, LLMServingArgs)
             else LLMServingArgs.model_validate(llm_serving_args))
+    if serves_itself(args):
+        # One model: its replicas serve the API themselves (`standalone.py`), no ingress hop.
+        config = args.configs()[0]
+        return deployment(StandaloneLLMServer).options(**config.deployment_options()).bind(config.model_dump())
     servers = {config.model_id: build_llm_deployment(config) for config in args.configs()}
     options = {**INGRESS_DEPLOYMENT_DEFAULTS, **args.ingress_deployment_config}
     auth = ingress_auth(args.keys(), _ingress_replicas(options))

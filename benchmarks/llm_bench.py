@@ -205,12 +205,12 @@ def main() -> None:
     rounds: dict[str, list[Side]] = {name: [] for name in names}
     for r in range(a.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):  # alternated: drift hits every side alike
-            side = run_command(name, [str(PY), str(WORKLOAD), "--side", name, *common], SIDE_TIMEOUT_S)
-            if side.error:  # once more, so that both sides keep the same number of rounds
-                print(f"{name} side failed, running it again:\n{_tail(side.error)}", file=sys.stderr)
+            for attempt in (1, 2):  # a failed round runs once more: both sides keep the same number
                 side = run_command(name, [str(PY), str(WORKLOAD), "--side", name, *common], SIDE_TIMEOUT_S)
-            if side.error:
-                print(f"{name} side failed:\n{_tail(side.error)}", file=sys.stderr)
+                if not side.error:
+                    break
+                again = ", running it again" if attempt == 1 else ""
+                print(f"{name} side failed{again}:\n{_tail(side.error)}", file=sys.stderr)
             rounds[name].append(side)
     sides = {name: best_of(runs) for name, runs in rounds.items()}
     missing = Side("n/a", error="not run")

@@ -10,7 +10,7 @@ from .api_keys import ingress_auth
 from .config import LLMConfig, LLMServingArgs, load_llm_config
 from .ingress import INGRESS_DEPLOYMENT_DEFAULTS, OpenAiIngress
 from .server import LLMServer
-from .standalone import StandaloneLLMServer, serves_itself
+from .standalone import standalone_app
 
 
 def build_llm_deployment(
@@ -34,10 +34,9 @@ def build_openai_app(llm_serving_args: Union[LLMServingArgs, dict[str, Any], lis
         llm_serving_args = {"llm_configs": llm_serving_args}
     args = (llm_serving_args if isinstance(llm_serving_args, LLMServingArgs)
             else LLMServingArgs.model_validate(llm_serving_args))
-    if serves_itself(args):
-        # One model: its replicas serve the API themselves (`standalone.py`), no ingress hop.
-        config = args.configs()[0]
-        return deployment(StandaloneLLMServer).options(**config.deployment_options()).bind(config.model_dump())
+    alone = standalone_app(args)  # one model: its replicas serve the API themselves, no ingress hop
+    if alone is not None:
+        return alone
     servers = {config.model_id: build_llm_deployment(config) for config in args.configs()}
     options = {**INGRESS_DEPLOYMENT_DEFAULTS, **args.ingress_deployment_config}
     auth = ingress_auth(args.keys(), _ingress_replicas(options))

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator
-from typing import Any, Union
+from typing import Any, Optional, Union
+
+from shoal.deployment import Application, deployment
 
 from .config import LLMConfig, LLMServingArgs
 from .ingress import OpenAiIngress
@@ -98,21 +100,18 @@ class StandaloneLLMServer(OpenAiIngress):
         await self.server.__del__()
 
 
-def serves_itself(args: LLMServingArgs) -> bool:
-    """Whether `args` can be served by one `StandaloneLLMServer` deployment: one model, and nothing
-    that needs the ingress (API keys, LoRA adapters routed by name, ingress options, a queue limit,
-    whose overflow the ingress answers with OpenAI's 429, or scaling to zero replicas)."""
+def standalone_app(args: LLMServingArgs) -> Optional[Application]:
+    """`args` as one `StandaloneLLMServer` deployment, or None when something needs the ingress: more
+    than one model, API keys, LoRA adapters (routed by name), ingress options, a queue limit (the
+    ingress answers its overflow with OpenAI's 429), or scaling to zero replicas. The last two are
+    read from the deployment's own validated config, not from the raw options."""
     configs = args.configs()
-    if len(configs) != 1 or args.keys() or args.ingress_deployment_config:
-        return False
+    if len(configs) != 1 or args.keys() or args.ingress_deployment_config or configs[0].lora_config is not None:
+        return None
     config = configs[0]
-    options = config.deployment_config
-    if config.lora_config is not None or options.get("max_queued_requests", -1) != -1:
-        return False
-    autoscaling = options.get("autoscaling_config")
-    if autoscaling is not None:
-        if not isinstance(autoscaling, dict):
-            autoscaling = getattr(autoscaling, "__dict__", {})
-        if int(autoscaling.get("min_replicas") or 0) < 1:
-            return False
-    return options.get("num_replicas", 1) != 0
+    app = deployment(StandaloneLLMServer).options(**config.deployment_options()).bind(config.model_dump())
+    options = app.deployment.config
+    scales_to_zero = options.autoscaling_config is not None and options.autoscaling_config.min_replicas == 0
+    if options.max_queued_requests != -1 or scales_to_zero:
+        return None
+    return app

@@ -682,11 +682,11 @@ class LlamaCppEngine(ThreadedEngine):
             if self._unified:
                 self._sample(self._decode(adapter), outbox, finished)  # before the next decode overwrites the logits
                 continue
-            # Split cache: prompts first, on their own, and their first tokens out at once; then the
-            # running sequences' tokens (the newcomers' second ones included). llama.cpp would cut a
-            # mixed batch into the same two micro-batches (a prompt's tokens are not one per slot),
-            # so this costs no extra pass over the weights and saves a new request the decode pass
-            # in its time to first token.
+            # Split cache: prompts first, in small calls (`_prompt_groups`), each call's first tokens
+            # out as it ends; then the running sequences' tokens (the newcomers' second ones
+            # included). llama.cpp would cut a mixed batch into separate micro-batches anyway (a
+            # prompt's tokens are not one per slot); the extra calls of a burst of prompts cost a
+            # few ms each and save new requests the decode pass and each other's prefill.
             for group in self._prompt_groups(self._plan(adapter)[1]):
                 self._sample(self._decode(adapter, group), outbox, finished)
                 if outbox:  # this call's first tokens go out before the next call runs

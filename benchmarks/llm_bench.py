@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = Path(__file__).resolve().parent / "llm_workload.py"
 PY = ROOT / ".venv" / "bin" / "python"
 SIDE_TIMEOUT_S = 1500
+#: `--sides` choices. llama-server-amx-fix: llama-server built with the C++ flags shoal's `make install`
+#: gives llama.cpp, so its AMX kernels run too (the default build faults in them on CPUs with AMX).
+SIDES = ("shoal", "llama-server", "llama-server-amx-fix", "naive", "batched")
 
 
 def best_of(rounds: list[Side]) -> Side:
@@ -106,9 +109,9 @@ def table(shoal: Side, naive: Side, batched: Side, levels: list[int]) -> tuple[s
     return "\n".join(rows), ok
 
 
-def peer_table(shoal: Side, peer: Side, levels: list[int]) -> tuple[str, bool]:
+def peer_table(shoal: Side, peer: Side, levels: list[int], peer_name: str = "llama-server") -> tuple[str, bool]:
     """shoal against llama-server, with issue 15's targets."""
-    rows = ["| streams | metric | shoal | llama-server | ratio | target |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [f"| streams | metric | shoal | {peer_name} | ratio | target |", "| --- | --- | --- | --- | --- | --- |"]
     ok = True
     for c in levels:
         s, p = _level(shoal, c), _level(peer, c)
@@ -189,7 +192,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--sides", default="shoal,llama-server,naive,batched",
-                    help="comma-separated subset of shoal, llama-server, naive, batched")
+                    help="comma-separated subset of " + ", ".join(SIDES))
     ap.add_argument("--engine", default=None, help="--structured: the shoal engine to measure (default: auto)")
     ap.add_argument("--structured", action="store_true",
                     help="only the structured-output comparison: shoal with and without a json_schema")
@@ -199,7 +202,7 @@ def main() -> None:
         print("\nAll targets met." if met else "\nSome targets were not met (or a run failed).")
         return
     levels = [int(x) for x in a.levels.split(",")]
-    names = [n for n in ("shoal", "llama-server", "naive", "batched") if n in a.sides.split(",")]
+    names = [n for n in SIDES if n in a.sides.split(",")]
     common = ["--levels", a.levels, "--tokens", str(a.tokens), "--requests-per-client", str(a.requests_per_client),
               "--memory"]
     rounds: dict[str, list[Side]] = {name: [] for name in names}
@@ -219,6 +222,11 @@ def main() -> None:
         text, met = peer_table(sides.get("shoal", missing), sides["llama-server"], levels)
         print("shoal against llama.cpp's llama-server (issue 15):\n" + text + "\n")
         ok = ok and met
+    if "llama-server-amx-fix" in sides:  # for reference: the targets are stated against the default build
+        text, _ = peer_table(sides.get("shoal", missing), sides["llama-server-amx-fix"], levels,
+                             "llama-server, AMX fix")
+        print("shoal against llama-server built with the same AMX fix as shoal's llama.cpp (reference):\n"
+              + text + "\n")
     if "naive" in sides or "batched" in sides:
         text, met = table(sides.get("shoal", missing), sides.get("naive", missing), sides.get("batched", missing),
                           levels)

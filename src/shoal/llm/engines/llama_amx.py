@@ -83,9 +83,9 @@ def amx_kernels_work(model_path: Path) -> bool:
     works = probe_in_child(model_path)
     if not works:
         logger.warning(
-            "llama.cpp's AMX kernels fault in this build (GCC 12 drops the tile configuration's stores; "
-            "`make install` builds llama.cpp with -fno-tree-dse -fno-dse); running without repacked "
-            "weights, about half the tokens/s"
+            "llama.cpp's AMX kernels failed their check in a child process (most likely a llama.cpp built "
+            "by GCC 12 without -fno-tree-dse -fno-dse, as `make install` builds it: its tile configuration "
+            "faults); running without repacked weights, about half the tokens/s"
         )
     known[key] = works
     try:
@@ -107,7 +107,7 @@ def probe_in_child(model_path: Path, code: str = PROBE_CODE) -> bool:
     except subprocess.TimeoutExpired:
         return False
     if done.returncode != 0:
-        logger.info("AMX probe exited with %s: %s", done.returncode, done.stderr[-500:])
+        logger.info("the AMX check exited with status %s: %s", done.returncode, done.stderr[-500:])
     return done.returncode == 0 and done.stdout.strip().endswith("ok")
 
 

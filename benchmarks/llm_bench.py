@@ -17,7 +17,9 @@ from the llama.cpp source vendored in the same `llama-cpp-python` version shoal'
 uses, serving the same GGUF file with every core and 16 slots, under the same requests. Targets
 (2 cores): tokens/s at 1 stream >= 1.0x llama-server, at 16 streams >= 1.3x, TTFT p50 at 16 streams
 no worse, start to first answer <= 3 s, memory of the whole server (LLM only) below llama-server's
-plus 300 MB.
+plus 300 MB. Built that way (GCC 12), ggml's AMX matmul faults on CPUs with AMX, so there the peer runs
+with `--no-repack`; the side `llama-server-amx-fix` is llama-server built with the flags shoal's
+`make install` gives llama.cpp, repacking on, printed as a reference table next to the targets.
 
 This VM's speed drifts from minute to minute, so the sides take turns over `--rounds` rounds and
 each keeps its best round per concurrency level (by tokens/s), as the other benchmarks here do.

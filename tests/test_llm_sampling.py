@@ -27,6 +27,7 @@ from shoal.llm.engines.sampling import (  # noqa: E402
     apply_logits_processors,
     make_logits_processor,
     sample_tokens,
+    row_logprobs,
     token_logprobs,
     validate_logit_bias,
 )
@@ -83,6 +84,28 @@ def test_sample_tokens_greedy_and_seeded():
     assert draws[0] == draws[1]  # the same seed draws the same token
     tiny_top_p = SamplingParams(temperature=1.0, top_p=1e-6)
     assert sample_tokens(logits, [tiny_top_p, tiny_top_p], [None, None], torch.Generator()) == [1, 0]
+
+
+def test_row_logprobs_in_numpy_match_token_logprobs_in_torch():
+    """The llama.cpp engine's numpy path gives the torch path's values and order, masked tokens included."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 5000, generator=generator) * 4
+    logits[1, ::3] = float("-inf")  # a response_format mask
+    logits[2, 10:20] = logits[2].max() + 1  # ties at the top: broken by token id
+    for r in range(3):
+        row = logits[r].numpy().copy()
+        chosen = int(logits[r].argmax())
+        ours = row_logprobs(row, chosen, 5)
+        theirs = token_logprobs(logits[r : r + 1], [chosen], [5])[0]
+        assert theirs is not None and ours.token_id == chosen
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-5)
+        assert [lp for _, lp in ours.top] == pytest.approx([lp for _, lp in theirs.top], abs=1e-5)
+        if r < 2:
+            assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+        assert (row == logits[r].numpy()).all()  # the row is left as it was
+    tied = row_logprobs(logits[2].numpy().copy(), 10, 4)
+    assert [t for t, _ in tied.top] == [10, 11, 12, 13]
+    assert row_logprobs(logits[0].numpy().copy(), 3, 0).top == []
 
 
 def test_token_logprobs_shape_and_values():

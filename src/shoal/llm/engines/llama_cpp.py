@@ -68,7 +68,7 @@ from .base import (
     common_prefix,
 )
 from .llama_amx import amx_kernels_work, cpu_has_amx, release_file_pages
-from .sampling import token_logprobs, validate_logit_bias
+from .sampling import row_logprobs, validate_logit_bias
 from .structured import mask_logits
 from .threaded import Outbox, SequenceState, ThreadedEngine
 
@@ -586,10 +586,7 @@ class LlamaCppEngine(ThreadedEngine):
     def _logprobs(self, out_index: int, token: int, k: int) -> Any:
         """The chosen token's log-probability and the `k` best, from the step's logits row (after
         a response_format mask; before logit_bias and penalties, which run in the sampler chain)."""
-        import torch
-
-        row = torch.from_numpy(self._logits_row(out_index).copy())
-        return token_logprobs(row.view(1, -1), [token], [k])[0]
+        return row_logprobs(self._logits_row(out_index), token, k)
 
     def _make_structured(self) -> Any:
         """Structured output over llama.cpp's own vocabulary (llguidance reads it, ~1 s, once)."""

@@ -10,6 +10,7 @@ and any engine that can hand over its logits as a tensor). A step does, for the 
    generator (a seeded request) or the engine's;
 3. `token_logprobs`: the chosen token's log-probability and the `k` most likely alternatives, for the
    rows whose request asked for logprobs (log-softmax of the processed logits, before temperature).
+   `row_logprobs` is the same for one row in numpy, for the llama.cpp engine, which has no torch.
 
 A request that uses none of these costs one attribute check per row and step. Each request's state
 lives in a `LogitsProcessor` (its bias and token counts, sparse), made by `make_logits_processor`
@@ -30,6 +31,7 @@ __all__ = [
     "RowLogprobs",
     "apply_logits_processors",
     "make_logits_processor",
+    "row_logprobs",
     "sample_tokens",
     "token_logprobs",
     "validate_logit_bias",
@@ -189,3 +191,21 @@ def token_logprobs(
         k = int(top_k[i] or 0)
         out[i] = RowLogprobs(chosen[i], chosen_lp[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
     return out
+
+
+def row_logprobs(logits: Any, chosen: int, k: int) -> RowLogprobs:
+    """`token_logprobs` for one row of logits in numpy (a 1-D float32 array, left unchanged): the
+    llama.cpp engine's replicas never import torch (hundreds of MB and seconds at a first logprobs
+    request)."""
+    import numpy as np
+
+    shifted = logits - logits.max()
+    lp = shifted - np.log(np.exp(shifted).sum(dtype=np.float32))
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        k = min(k, lp.shape[0])
+        kth = -np.partition(-lp, k - 1)[k - 1]  # the k-th best value
+        ids = np.flatnonzero(lp >= kth)  # every token that good (ties included)
+        ids = ids[np.lexsort((ids, -lp[ids]))][:k]  # best first; equal values by id
+        top = [(int(i), float(lp[i])) for i in ids]
+    return RowLogprobs(int(chosen), float(lp[chosen]), top)

@@ -3,15 +3,16 @@
 # the `llama-cpp-python` sdist vendors (the same version as shoal's llama.cpp engine, so both sides run
 # the same kernels), and cache it under ~/.cache/shoal-bench. Prints the binary's path.
 # Idempotent: a cached binary of that version is reused (a build takes ~10-20 min on 2 cores).
-# `--amx-fix`: build it with the C++ flags shoal's `make install` gives llama.cpp (see the Makefile's
-# LLAMA_CMAKE_ARGS: GCC 12 drops the AMX tile configuration's stores without them), cached apart.
+# `--amx-fix`: build it with the C++ flags shoal's `make install` gives llama.cpp (read from the
+# Makefile's LLAMA_CMAKE_ARGS: GCC 12 drops the AMX tile configuration's stores without them), cached apart.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 ROOT="${SHOAL_BENCH_CACHE:-$HOME/.cache/shoal-bench}"
 CXX_FLAGS=""
 SUFFIX=""
 if [ "${1:-}" = "--amx-fix" ]; then
-    CXX_FLAGS="-fno-tree-dse -fno-dse"
+    CXX_FLAGS="$(sed -n "s/^LLAMA_CMAKE_ARGS.*CMAKE_CXX_FLAGS='\([^']*\)'.*/\1/p" "$(dirname "$0")/../Makefile")"
+    [ -n "$CXX_FLAGS" ] || { echo "ensure_llama_server.sh: no CMAKE_CXX_FLAGS in the Makefile's LLAMA_CMAKE_ARGS" >&2; exit 1; }
     SUFFIX="-amx-fix"
 fi
 DEST="$ROOT/llama-server-$VERSION$SUFFIX"

@@ -222,9 +222,15 @@ def cache_root() -> Path:
     return Path(base) / "shoal"
 
 
+def file_identity(path: Path) -> str:
+    """A file's resolved path, size and mtime: a key for what was derived from it (a changed or
+    replaced file gives another key)."""
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _gguf_cache_dir(gguf: Path, root: Path) -> Path:
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    key = file_identity(gguf).encode()
     return root / "gguf" / f"{gguf.stem}-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
@@ -319,14 +325,18 @@ def local_model_dir(source: str) -> Path:
 _INT8_BACKEND: str | None = None
 
 
-def _cpu_has_vnni() -> bool:
-    """AVX512-VNNI / AVX-VNNI / AMX: int8 dot products accumulate in int32 without saturating."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:  # pragma: no cover - not Linux
+        return frozenset()
+
+
+def _cpu_has_vnni() -> bool:
+    """AVX512-VNNI / AVX-VNNI / AMX: int8 dot products accumulate in int32 without saturating."""
+    return not cpu_flags().isdisjoint(("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _fbgemm_self_test() -> bool:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..models import cache_root
+from ..models import cache_root, cpu_flags, file_identity
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,8 @@ print("ok", flush=True)
 
 
 def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tiles (Linux's /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return " amx_tile" in line
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return False
+    """Whether the CPU has AMX tiles."""
+    return "amx_tile" in cpu_flags()
 
 
 def amx_kernels_work(model_path: Path) -> bool:
@@ -112,8 +105,7 @@ def probe_in_child(model_path: Path, code: str = PROBE_CODE) -> bool:
 
 
 def _build_key(model_path: Path) -> str:
-    """The llama.cpp libraries' identity (path, size, mtime) and the model file's."""
-    parts = []
+    """The llama.cpp libraries' identity and the model file's (`file_identity`)."""
     try:
         import llama_cpp
 
@@ -121,12 +113,12 @@ def _build_key(model_path: Path) -> str:
         libraries = sorted(lib_dir.glob("lib*.so*")) or [Path(llama_cpp.__file__).resolve()]
     except ImportError:  # pragma: no cover - the engine imports it first
         libraries = []
+    parts = []
     for path in [*libraries, Path(model_path)]:
         try:
-            stat = path.resolve().stat()
+            parts.append(file_identity(path))
         except OSError:
             continue
-        parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

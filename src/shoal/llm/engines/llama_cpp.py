@@ -293,11 +293,12 @@ class LlamaCppEngine(ThreadedEngine):
         mparams = llama.llama_model_default_params()
         mparams.load_mode = llama.LLAMA_LOAD_MODE_MMAP
         mparams.n_gpu_layers = -1 if self._gpu else 0
-        self.extra_buffers = mparams.use_extra_bufts = self._use_extra_buffers()
+        amx = not self._gpu and cpu_has_amx()
+        self.extra_buffers = mparams.use_extra_bufts = self._use_extra_buffers(amx)
         model = llama.llama_model_load_from_file(str(self.resolved.path).encode(), mparams)
         if not model:
             raise ModelSourceError(f"llama.cpp could not load {self.resolved.path}")
-        if self.extra_buffers:  # repacked weights are copies: their file pages are not read again
+        if amx and self.extra_buffers:  # the weights were repacked into copies: their pages are not read again
             release_file_pages(self.resolved.path)
         self._model = model
         self._vocab = llama.llama_model_get_vocab(model)
@@ -359,12 +360,12 @@ class LlamaCppEngine(ThreadedEngine):
             self.max_model_len, self.kv_cache_tokens, self.num_threads,
         )  # fmt: skip
 
-    def _use_extra_buffers(self) -> bool:
-        """llama.cpp's repacked weight layouts (AMX tiles on CPUs with AMX): the option if given,
-        else on, except on an AMX CPU whose llama.cpp build faults in the AMX kernels (`llama_amx`)."""
+    def _use_extra_buffers(self, amx: bool) -> bool:
+        """llama.cpp's repacked weight layouts (AMX tiles when `amx`, a CPU run on a CPU with AMX):
+        the option if given, else on, except where this build faults in the AMX kernels (`llama_amx`)."""
         if self._extra_buffers_option is not None:
             return self._extra_buffers_option
-        if self._gpu or not cpu_has_amx():
+        if not amx:
             return True
         assert self.resolved is not None
         return amx_kernels_work(self.resolved.path)
